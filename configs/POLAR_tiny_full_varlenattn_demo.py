@@ -1,0 +1,180 @@
+# A tiny random POLAR model trained on the demo data, for 2 CPU cores: the
+# same structure as the POLAR-1.8B/7B configs at toy sizes (`make demo` runs it).
+#
+# Launch (from the repository root, after `python tools/make_tiny_model.py work_dirs/tiny_polar`):
+#   xtuner train configs/POLAR_tiny_full_varlenattn_demo.py --deepspeed configs/deepspeed/polar_zero2_cpu.json
+# Data: data/demo/*.jsonl, one prompt/reference/chosen/rejected record per line
+# (see configs/POLAR_7B_full_varlenattn_custom_dataset.py for the format).
+from mmengine.dataset import DefaultSampler
+from mmengine.hooks import (
+    CheckpointHook,
+    DistSamplerSeedHook,
+    IterTimerHook,
+    LoggerHook,
+    ParamSchedulerHook,
+)
+from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
+from mmengine.visualization import TensorboardVisBackend, Visualizer
+from torch.optim import AdamW
+from transformers import AutoModel, AutoTokenizer
+from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
+from xtuner.engine.hooks import VarlenAttnArgsToMessageHubHook
+from xtuner.engine.runner import TrainLoop
+from xtuner.parallel.sequence import SequenceParallelSampler
+
+from polar_xtuner.dataset import build_polar_dataset
+from polar_xtuner.model import PolarRewardModel
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+# Model
+pretrained_model_name_or_path = "work_dirs/tiny_polar"
+# Off until varlen attention has a backend without flash-attn: xtuner would
+# otherwise let packed samples attend to each other (PolarRewardModel refuses).
+use_varlen_attn = False
+reward_token_id = 4  # [UNUSED_TOKEN_130] in the tiny tokenizer; checked against it
+loss_type = "ranking"
+penalty_type = "none"
+
+# Data
+data_files = "data/demo/train.jsonl"
+max_length = 512
+max_response_length = 128
+max_packed_length = max_length * 2
+pack_seed = 0
+
+# Parallel
+sequence_parallel_size = 1
+
+# Scheduler & Optimizer
+batch_size = 16  # pairs per step (one packed row with varlen attention)
+accumulative_counts = 1
+accumulative_counts *= sequence_parallel_size
+dataloader_num_workers = 0
+max_epochs = 3
+optim_type = AdamW
+lr = 5e-3  # a tiny model from scratch needs a far larger lr than POLAR's 1e-5
+betas = (0.9, 0.95)
+weight_decay = 0
+max_norm = 1
+warmup_ratio = 0.03
+
+# Save
+save_steps = 500
+save_total_limit = 2
+
+#######################################################################
+#                      PART 2  Model & Tokenizer                      #
+#######################################################################
+tokenizer = dict(
+    type=AutoTokenizer.from_pretrained,
+    pretrained_model_name_or_path=pretrained_model_name_or_path,
+    trust_remote_code=True,
+    padding_side="left",
+)
+
+model = dict(
+    type=PolarRewardModel,
+    use_varlen_attn=use_varlen_attn,
+    loss_type=loss_type,
+    penalty_type=penalty_type,
+    # Activation checkpointing saves GPU memory; on a tiny CPU model it only costs time.
+    use_activation_checkpointing=False,
+    llm=dict(
+        type=AutoModel.from_pretrained,
+        pretrained_model_name_or_path=pretrained_model_name_or_path,
+        trust_remote_code=True,
+    ),
+)
+
+#######################################################################
+#                      PART 3  Dataset & Dataloader                   #
+#######################################################################
+sampler = SequenceParallelSampler if sequence_parallel_size > 1 else DefaultSampler
+
+train_dataset = dict(
+    type=build_polar_dataset,
+    data_files=data_files,
+    tokenizer=tokenizer,
+    max_length=max_length,
+    max_response_length=max_response_length,
+    reward_token_id=reward_token_id,
+    use_varlen_attn=use_varlen_attn,
+    max_packed_length=max_packed_length,
+    shuffle_before_pack=True,
+    seed=pack_seed,
+)
+
+train_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=dataloader_num_workers,
+    dataset=train_dataset,
+    sampler=dict(type=sampler, shuffle=True),
+    collate_fn=dict(type=preference_collate_fn, use_varlen_attn=use_varlen_attn),
+)
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+# fp32 on CPU (AmpOptimWrapper needs a GPU); --deepspeed replaces this wrapper.
+optim_wrapper = dict(
+    type=OptimWrapper,
+    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay),
+    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
+    accumulative_counts=accumulative_counts,
+)
+
+param_scheduler = [
+    dict(
+        type=LinearLR,
+        start_factor=lr * 0.1,
+        by_epoch=True,
+        begin=0,
+        end=warmup_ratio * max_epochs,
+        convert_to_iter_based=True,
+    ),
+    dict(
+        type=CosineAnnealingLR,
+        eta_min=lr * 0.1,
+        by_epoch=True,
+        begin=warmup_ratio * max_epochs,
+        end=max_epochs,
+        convert_to_iter_based=True,
+    ),
+]
+
+train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+custom_hooks = []
+if use_varlen_attn:
+    custom_hooks += [dict(type=VarlenAttnArgsToMessageHubHook)]
+
+default_hooks = dict(
+    timer=dict(type=IterTimerHook),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=50),
+    param_scheduler=dict(type=ParamSchedulerHook),
+    checkpoint=dict(
+        type=CheckpointHook,
+        by_epoch=False,
+        interval=save_steps,
+        max_keep_ckpts=save_total_limit,
+    ),
+    sampler_seed=dict(type=DistSamplerSeedHook),
+)
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+    dist_cfg=dict(backend="gloo"),  # CPU ranks talk over gloo
+)
+
+visualizer = dict(type=Visualizer, vis_backends=[dict(type=TensorboardVisBackend)])
+log_level = "INFO"
+load_from = None
+resume = False
+randomness = dict(seed=0, deterministic=False)  # a reproducible demo
+log_processor = dict(by_epoch=False)

@@ -1,0 +1,25 @@
+"""Names and numbers that configs, tools and tests share."""
+
+# The string that separates the reference part from the candidate part.
+REWARD_SEP = "<|reward|>"
+# The token whose hidden state the value head reads; id 92527 in POLAR's
+# real tokenizer (vocabulary 92544, BOS 1, EOS 2).
+REWARD_TOKEN = "[UNUSED_TOKEN_130]"
+POLAR_REWARD_TOKEN_ID = 92527
+
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+UNK_TOKEN = "<unk>"
+
+# The four fields of a POLAR preference record.
+RECORD_FIELDS = ("prompt", "reference", "chosen", "rejected")
+
+# Labels at the reward token: 0 for chosen, 1 for rejected, ignored elsewhere
+# (xtuner's RewardModel.compute_loss reads them this way).
+CHOSEN_LABEL = 0
+REJECTED_LABEL = 1
+IGNORE_INDEX = -100
+
+# Tokens that the template adds around the parts: BOS, two separators and the
+# reward token. xtuner's tokenize_ref reserves the same budget.
+TEMPLATE_RESERVED_TOKENS = 4

@@ -1,0 +1,339 @@
+"""Convert a trained checkpoint into a verified Hugging Face POLAR model.
+
+Usage:
+    python -m polar_xtuner.convert CONFIG CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32]
+        [--max-shard-size 5GB] [--force] [--no-verify]
+
+CHECKPOINT is a ``.pth`` file (training without DeepSpeed), a DeepSpeed
+checkpoint directory (``iter_N.pth/`` from ZeRO-1/2/3, any number of ranks),
+or a work dir (its ``last_checkpoint`` is used).
+
+The conversion is strict: every tensor of the model must come from the
+checkpoint, and a missing, unexpected or mis-shaped key is an error naming the
+keys. Weights are assigned into a model built on the meta device, so the
+process never holds two full copies. After saving, the output is loaded fresh
+and scored on a few pairs; the largest difference from the trained weights'
+scores is printed and must stay within the dtype's tolerance.
+
+Exit codes: 0 success, 2 bad input (paths, config, checkpoint), 3 the
+verification failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Largest allowed |score difference| / max(1, |score|) after a save/load round trip.
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+VERIFY_PAIRS = 8
+
+
+class ConvertError(Exception):
+    """A user mistake: bad path, config or checkpoint. Exit code 2."""
+
+
+@dataclass
+class Checkpoint:
+    """Where the weights are and in what format ("pth" or "deepspeed")."""
+
+    path: str
+    kind: str
+
+
+def resolve_checkpoint(path: str) -> Checkpoint:
+    """Find the checkpoint behind a .pth file, DeepSpeed dir or work dir."""
+    if not os.path.exists(path):
+        raise ConvertError(f"checkpoint {path}: no such file or directory")
+    if os.path.isfile(path):
+        if os.path.getsize(path) == 0:
+            raise ConvertError(f"checkpoint {path}: empty file")
+        return Checkpoint(path, "pth")
+    last = os.path.join(path, "last_checkpoint")
+    if os.path.isfile(last):  # an xtuner/mmengine work dir
+        with open(last) as f:
+            target = f.read().strip()
+        if not os.path.isabs(target) and not os.path.exists(target):
+            target = os.path.join(path, os.path.basename(target))
+        if not os.path.exists(target):
+            raise ConvertError(f"{last} names {target}, which does not exist")
+        return resolve_checkpoint(target)
+    names = os.listdir(path)
+    if any(n.endswith("model_states.pt") for n in names):
+        return Checkpoint(path, "deepspeed")
+    if not names:
+        raise ConvertError(f"checkpoint {path}: empty directory")
+    raise ConvertError(
+        f"checkpoint {path}: neither a DeepSpeed checkpoint (no *model_states.pt) "
+        "nor a work dir (no last_checkpoint)"
+    )
+
+
+def load_training_state_dict(ckpt: Checkpoint) -> dict:
+    """The training model's fp32 state dict (keys as in PolarRewardModel)."""
+    import torch
+
+    if ckpt.kind == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        parent, tag = os.path.split(os.path.abspath(ckpt.path))
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise ConvertError(f"checkpoint {ckpt.path}: cannot read the DeepSpeed states ({e})") from None
+    try:
+        # mmap: tensors stay on disk until they are assigned into the model.
+        obj = torch.load(ckpt.path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ConvertError(f"checkpoint {ckpt.path}: not a PyTorch checkpoint ({e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise ConvertError(f"checkpoint {ckpt.path}: holds no state dict")
+    return obj
+
+
+def to_hf_keys(state_dict: dict) -> dict:
+    """Map PolarRewardModel keys (``llm.*``, ``v_head.*``) to the HF model's."""
+    if any("lora_" in k for k in state_dict):
+        raise ConvertError("the checkpoint holds LoRA adapters; merging them is not supported yet")
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("llm."):
+            out["model." + k[4:]] = v
+        else:
+            out[k] = v
+    return out
+
+
+def training_dtype_name(cfg) -> str:
+    """The dtype the config trained in: bf16/fp16 from AMP, else fp32."""
+    dtype = str(cfg.get("optim_wrapper", {}).get("dtype", "") or "")
+    if "bfloat16" in dtype or dtype == "bf16":
+        return "bf16"
+    if "float16" in dtype or dtype == "fp16":
+        return "fp16"
+    return "fp32"
+
+
+def build_empty_model(model_dir: str, dtype):
+    """An InternLM2ForRewardModel with parameters on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=dtype)
+    return model
+
+
+def assign_state_dict(model, state_dict: dict, dtype) -> None:
+    """Load strictly, casting tensor by tensor, without a second full copy."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+    if shapes:
+        problems.append(f"mis-shaped: {'; '.join(shapes[:10])}")
+    if problems:
+        raise ConvertError(
+            "the checkpoint does not match the config's model (wrong config?): " + " | ".join(problems)
+        )
+    for k in list(state_dict):
+        state_dict[k] = state_dict[k].to(dtype)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    state_dict.clear()
+
+
+def verify_records(cfg, n: int = VERIFY_PAIRS) -> list[dict]:
+    """A few pairs to compare scores on: the config's own data, if readable."""
+    from .schema import iter_jsonl
+
+    files = cfg.get("train_dataloader", {}).get("dataset", {}).get("data_files")
+    for path in [files] if isinstance(files, str) else list(files or []):
+        try:
+            recs = []
+            for item in iter_jsonl(path):
+                if item.record is not None:
+                    recs.append(item.record)
+                if len(recs) == n:
+                    break
+            if recs:
+                return recs
+        except Exception:  # noqa: BLE001 - fall back to built-in pairs
+            pass
+    return [
+        {"prompt": "What is the capital of China?", "reference": "Beijing.",
+         "chosen": "Beijing.", "rejected": "Shanghai."},
+        {"prompt": "How many r's are in 'strawberry'?", "reference": "3.",
+         "chosen": "There are three.", "rejected": "There are two."},
+    ]
+
+
+def write_model_card(out_dir: str, config_path: str, ckpt: Checkpoint, dtype: str, max_diff: float | None, cfg):
+    data = cfg.get("train_dataloader", {}).get("dataset", {}).get("data_files")
+    diff = "not run (--no-verify)" if max_diff is None else f"largest score difference {max_diff:.3g}"
+    text = f"""---
+library_name: transformers
+license: apache-2.0
+tags: [reward-model, POLAR, xtuner]
+---
+# POLAR reward model (fine-tuned)
+
+Converted by `tools/convert.sh` from an xtuner training run.
+
+| | |
+|---|---|
+| config | `{config_path}` |
+| checkpoint | `{ckpt.path}` ({ckpt.kind}) |
+| base model | `{cfg.get('pretrained_model_name_or_path', '?')}` |
+| training data | `{data}` |
+| dtype | {dtype} |
+| verification | {diff} |
+
+Load with `AutoModel.from_pretrained(path, trust_remote_code=True)`. Inputs are
+built as `prompt + "\\n" + reference + "<|reward|>" + prompt + "\\n" + candidate`
+followed by `[UNUSED_TOKEN_130]`; the score is the value head at that token
+(see `polar_xtuner.encoding` in the recipe repository).
+"""
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def clean_config(out_dir: str, reward_token_id: int, dtype_name: str) -> None:
+    """Drop training-only settings and point auto_map at the copied code."""
+    from .tiny import AUTO_MAP
+
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        c = json.load(f)
+    for k in ("attn_implementation", "_attn_implementation_autoset", "_name_or_path"):
+        c.pop(k, None)
+    c["auto_map"] = dict(AUTO_MAP)
+    c["architectures"] = ["InternLM2ForRewardModel"]
+    c["reward_token_id"] = reward_token_id
+    c["torch_dtype"] = DTYPES[dtype_name]
+    c["use_cache"] = True
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
+def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None = None,
+            max_shard_size: str = "5GB", force: bool = False, verify: bool = True) -> float | None:
+    """Convert and (by default) verify. Returns the largest score difference.
+
+    Raises:
+        ConvertError: Bad paths, config or checkpoint.
+        VerificationError: The saved model scores differently beyond tolerance.
+    """
+    import torch
+    from mmengine.config import Config
+    from xtuner.registry import BUILDER
+
+    from .evaluate import load_model, score_records
+    from .tiny import copy_remote_code
+
+    if not os.path.isfile(config_path):
+        raise ConvertError(f"config {config_path}: no such file")
+    try:
+        cfg = Config.fromfile(config_path)
+        model_dir = cfg.model.llm.pretrained_model_name_or_path
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad config
+        raise ConvertError(f"config {config_path}: cannot read it ({e})") from None
+    ckpt = resolve_checkpoint(checkpoint)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise ConvertError(f"output {out_dir} is not empty; pass --force to overwrite it")
+    dtype = dtype or training_dtype_name(cfg)
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    torch_dtype = getattr(torch, DTYPES[dtype])
+
+    print(f"Loading {ckpt.kind} checkpoint {ckpt.path}", flush=True)
+    state_dict = to_hf_keys(load_training_state_dict(ckpt))
+    try:
+        model = build_empty_model(model_dir, torch.float32)
+    except OSError as e:
+        raise ConvertError(f"cannot load the config's model {model_dir} ({e})") from None
+    assign_state_dict(model, state_dict, torch.float32)
+    del state_dict
+    gc.collect()
+    model.eval()
+
+    tokenizer = BUILDER.build(cfg.tokenizer)
+    reward_token_id = cfg.get("reward_token_id", None) or model.config.reward_token_id
+    enc_kwargs = dict(max_length=cfg.get("max_length", 16384),
+                      max_response_length=cfg.get("max_response_length", 4096))
+    records = verify_records(cfg) if verify else []
+    before = score_records(model, tokenizer, records, **enc_kwargs) if verify else None
+
+    os.makedirs(out_dir, exist_ok=True)
+    model.to(torch_dtype)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
+    del model
+    gc.collect()
+    tokenizer.save_pretrained(out_dir)
+    copy_remote_code(out_dir)
+    clean_config(out_dir, reward_token_id, dtype)
+    print(f"Saved {dtype} model to {out_dir}", flush=True)
+
+    max_diff = None
+    if verify:
+        fresh, fresh_tok = load_model(out_dir)
+        after = score_records(fresh, fresh_tok, records, **enc_kwargs)
+        diffs = [abs(a - b) / max(1.0, abs(b)) for pa, pb in zip(after, before) for a, b in zip(pa, pb)]
+        max_diff = max(diffs)
+        print(f"Verify: {len(records)} pairs, largest relative score difference {max_diff:.3g} "
+              f"(tolerance {TOLERANCE[dtype]:g} for {dtype})", flush=True)
+        if max_diff > TOLERANCE[dtype]:
+            raise VerificationError(
+                f"{out_dir} scores differ from the checkpoint by {max_diff:.3g} "
+                f"(> {TOLERANCE[dtype]:g} for {dtype})"
+            )
+    write_model_card(out_dir, config_path, ckpt, dtype, max_diff, cfg)
+    return max_diff
+
+
+class VerificationError(Exception):
+    """The converted model does not score like the checkpoint. Exit code 3."""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="tools/convert.sh", description="Convert a trained POLAR checkpoint to a verified HF model.")
+    p.add_argument("config", help="the xtuner config used for training")
+    p.add_argument("checkpoint", help=".pth file, DeepSpeed checkpoint dir, or work dir")
+    p.add_argument("out_dir", help="output directory (HF model layout)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights dtype (default: the training dtype, fp32 without AMP)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
+    p.add_argument("--no-verify", action="store_true", help="skip scoring the output")
+    args = p.parse_args(argv)
+    try:
+        convert(args.config, args.checkpoint, args.out_dir, args.dtype,
+                args.max_shard_size, args.force, not args.no_verify)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except VerificationError as e:
+        print(f"error: verification failed: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Synthetic preference data that a tiny POLAR model can learn on a CPU.
+
+The task is the one POLAR is built for, reduced to its core: a candidate is
+preferred when its final answer agrees with the reference's. Answers are drawn
+at random for every record, so nothing but the reference tells which candidate
+is right. Phrasings vary between reference, chosen and rejected (either answer
+may copy the reference's wording, equally often),
+so surface similarity is no shortcut. Half the topics are in Chinese.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Iterator
+
+# topic -> (answers, questions, reference templates, candidate templates)
+_EN_REF = [
+    "The answer is {a}.",
+    "It is {a}.",
+    "After checking the description carefully, the answer is {a}.",
+    "{a}. That is the only option that fits.",
+    "Based on the text, I would say {a}.",
+]
+_EN_CAND = [
+    "{a}.",
+    "The answer is {a}.",
+    "I think it is {a}.",
+    "It should be {a}.",
+    "Definitely {a}.",
+    "My answer: {a}.",
+    "Let me think. The answer is {a}.",
+]
+_ZH_REF = ["答案是{a}。", "是{a}。", "仔细看描述，答案是{a}。", "{a}，只有这个选项符合。"]
+_ZH_CAND = ["{a}。", "答案是{a}。", "我认为是{a}。", "应该是{a}。", "肯定是{a}。", "我的答案：{a}。"]
+
+TOPICS = {
+    "color_en": (
+        ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"],
+        ["What color is the car in the story?", "Which color did Tom paint the door?",
+         "What is the color of the new logo?", "Name the color of Anna's umbrella."],
+        _EN_REF, _EN_CAND,
+    ),
+    "animal_en": (
+        ["cat", "dog", "horse", "tiger", "rabbit", "eagle", "whale", "snake", "sheep", "monkey"],
+        ["Which animal did the children see first?", "What animal lives in the old barn?",
+         "Which pet does Maria own?", "What animal is on the flag of the club?"],
+        _EN_REF, _EN_CAND,
+    ),
+    "city_en": (
+        ["Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Rome", "Delhi", "Seoul", "Berlin", "Madrid"],
+        ["Which city did the team visit last summer?", "Where was the letter sent from?",
+         "In which city was the meeting held?", "What is the home city of the author?"],
+        _EN_REF, _EN_CAND,
+    ),
+    "color_zh": (
+        ["红色", "蓝色", "绿色", "黄色", "紫色", "黑色", "白色", "灰色"],
+        ["那辆车是什么颜色？", "小明把门刷成了什么颜色？", "新标志是什么颜色的？"],
+        _ZH_REF, _ZH_CAND,
+    ),
+    "city_zh": (
+        ["北京", "上海", "广州", "深圳", "杭州", "南京", "成都", "西安"],
+        ["代表团去年去了哪个城市？", "这封信是从哪里寄出的？", "会议在哪个城市举行？"],
+        _ZH_REF, _ZH_CAND,
+    ),
+    "animal_zh": (
+        ["猫", "狗", "马", "老虎", "兔子", "熊猫", "大象", "狮子"],
+        ["孩子们最先看到了什么动物？", "旧谷仓里住着什么动物？", "小红养的宠物是什么？"],
+        _ZH_REF, _ZH_CAND,
+    ),
+}
+
+_SYSTEMS = ["You are a helpful assistant.", "你是一个乐于助人的助手。"]
+
+
+def make_record(rng: random.Random, idx: int) -> dict:
+    """One prompt/reference/chosen/rejected record with a random answer."""
+    topic = rng.choice(sorted(TOPICS))
+    answers, questions, ref_tpls, cand_tpls = TOPICS[topic]
+    right, wrong = rng.sample(answers, 2)
+    question = rng.choice(questions)
+    ref_tpl = rng.choice(ref_tpls)
+    # A quarter of the time the right answer copies the reference's wording,
+    # a quarter of the time the wrong one does, so wording carries no signal.
+    chosen_tpl, rejected_tpl = rng.sample(cand_tpls, 2)
+    u = rng.random()
+    if u < 0.25:
+        chosen_tpl = ref_tpl
+    elif u < 0.5:
+        rejected_tpl = ref_tpl
+    prompt = [{"role": "user", "content": question}]
+    if rng.random() < 0.2:  # some multi-message prompts
+        prompt.insert(0, {"role": "system", "content": rng.choice(_SYSTEMS)})
+    return {
+        "prompt": prompt,
+        "reference": [{"role": "assistant", "content": ref_tpl.format(a=right)}],
+        "chosen": [{"role": "assistant", "content": chosen_tpl.format(a=right)}],
+        "rejected": [{"role": "assistant", "content": rejected_tpl.format(a=wrong)}],
+        "category": topic,
+        "source": "demo",
+        "id": f"demo-{idx}",
+    }
+
+
+def generate(n: int, seed: int) -> Iterator[dict]:
+    """Yield n records, reproducibly for a given seed."""
+    rng = random.Random(seed)
+    for i in range(n):
+        yield make_record(rng, i)
+
+
+def write_jsonl(path: str, records) -> int:
+    """Write records as UTF-8 JSON lines; return how many were written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_demo_data(out_dir: str, n_train: int = 2000, n_val: int = 200, seed: int = 0) -> dict:
+    """Write train.jsonl and val.jsonl (different seeds, so val is held out)."""
+    return {
+        "train": write_jsonl(os.path.join(out_dir, "train.jsonl"), generate(n_train, seed)),
+        "val": write_jsonl(os.path.join(out_dir, "val.jsonl"), generate(n_val, seed + 1)),
+    }
+
+
+def corpus_for_tokenizer(n: int = 3000, seed: int = 1234) -> list[str]:
+    """Texts the tiny tokenizer learns its merges from (the demo's language)."""
+    texts = []
+    for rec in generate(n, seed):
+        for field in ("prompt", "reference", "chosen", "rejected"):
+            texts.append("\n".join(m["content"] for m in rec[field]))
+    return texts

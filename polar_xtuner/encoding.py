@@ -1,0 +1,201 @@
+"""The one POLAR input encoding, shared by training, evaluation and serving.
+
+POLAR scores a candidate against a reference. For a prompt ``p``, reference
+``r`` and candidate ``c`` the model reads::
+
+    p + "\\n" + r + "<|reward|>" + p + "\\n" + c
+
+followed by the reward token ``[UNUSED_TOKEN_130]``, and the score is the value
+head's output there. Before the text is built:
+
+* each field's message contents are joined with "\\n" (a string is kept);
+* ``r`` and ``c`` are encoded with special tokens and cut to
+  ``max_response_length`` tokens (``cut_side="right"`` keeps the head, as in
+  xtuner training; POLAR's client defaults to ``"left"``);
+* the prompt keeps its last ``budget`` tokens, where
+  ``budget = (max_length - 4 - len(r) - max(len(c))) // 2`` over the candidates
+  scored together (so chosen and rejected share one prompt, as in training);
+* each part is decoded with ``skip_special_tokens=True``.
+
+Where xtuner differs, the rules here are the defined behaviour:
+
+* Empty part: the "\\n" is dropped before an empty reference or candidate (as
+  in xtuner training; POLAR's client tests ``len(x) == ""``, which is never
+  true, and keeps it). The ``pretrain`` wrapper never adds the "\\n".
+* ``budget <= 0``: the prompt is dropped. xtuner computes ``ids[-budget:]``,
+  which keeps the *whole* prompt at 0 and drops the prompt's *head* below 0,
+  both making the text longer than ``max_length``. With the published settings
+  (16384 / 4096) the budget is never below 4094, so the two agree there.
+
+Training appends the reward token *id* to the encoded text; serving appends the
+token *string* and tokenizes the whole. Both give the same ids with POLAR's
+tokenizer, where the reward token is an atomic special token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .constants import (
+    CHOSEN_LABEL,
+    IGNORE_INDEX,
+    REJECTED_LABEL,
+    REWARD_SEP,
+    REWARD_TOKEN,
+    TEMPLATE_RESERVED_TOKENS,
+)
+from .schema import join_contents
+
+
+def resolve_reward_token_id(tokenizer, reward_token_id: int | None = None) -> int:
+    """Return the reward token id, checking it against the tokenizer.
+
+    Args:
+        tokenizer: A HF tokenizer with ``[UNUSED_TOKEN_130]`` in its vocabulary.
+        reward_token_id: The id a config asks for, or None to look it up.
+
+    Raises:
+        ValueError: The tokenizer lacks the token, or the config's id names a
+            different token (a config/tokenizer mismatch would train on the
+            wrong position silently).
+    """
+    tid = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
+    if tid is None or tid == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no reward token {REWARD_TOKEN!r}")
+    if reward_token_id is not None and reward_token_id != tid:
+        raise ValueError(
+            f"reward_token_id={reward_token_id} but the tokenizer maps {REWARD_TOKEN!r} to {tid}; "
+            f"set reward_token_id = {tid} in the config"
+        )
+    return tid
+
+
+def _decode(tokenizer, ids_batch: list[list[int]]) -> list[str]:
+    return tokenizer.batch_decode(ids_batch, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@dataclass
+class PolarEncoder:
+    """Builds POLAR's input text and token ids from records.
+
+    Args:
+        tokenizer: The model's tokenizer (BOS added on encode).
+        max_length: Token budget of one sequence, reward token included.
+        max_response_length: Cap for the reference and each candidate.
+        reward_token_id: Checked against the tokenizer; None looks it up.
+        cut_side: "right" keeps the head of an over-long response (training's
+            rule), "left" keeps its tail (POLAR client's default).
+    """
+
+    tokenizer: Any
+    max_length: int = 16384
+    max_response_length: int = 4096
+    reward_token_id: int | None = None
+    cut_side: str = "right"
+
+    def __post_init__(self):
+        if self.cut_side not in ("left", "right"):
+            raise ValueError(f"cut_side must be 'left' or 'right', got {self.cut_side!r}")
+        if self.max_length <= TEMPLATE_RESERVED_TOKENS:
+            raise ValueError(f"max_length must be > {TEMPLATE_RESERVED_TOKENS}, got {self.max_length}")
+        if self.max_response_length < 1:
+            raise ValueError(f"max_response_length must be >= 1, got {self.max_response_length}")
+        self.reward_token_id = resolve_reward_token_id(self.tokenizer, self.reward_token_id)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        n = self.max_response_length
+        if len(ids) <= n:
+            return ids
+        return ids[:n] if self.cut_side == "right" else ids[-n:]
+
+    def texts(
+        self,
+        items: Sequence[tuple[Any, Any, Sequence[Any]]],
+        wrappers: Sequence[str] | None = None,
+    ) -> list[list[str]]:
+        """Build the texts (without the reward token) for many items at once.
+
+        Args:
+            items: ``(prompt, reference, candidates)`` per item; each field a
+                message list or a string. Candidates of one item share the
+                prompt budget.
+            wrappers: "sft" (default) or "pretrain" per item.
+
+        Returns:
+            For each item, one text per candidate.
+        """
+        prompts = [join_contents(p) for p, _, _ in items]
+        refs = [join_contents(r) for _, r, _ in items]
+        cands = [[join_contents(c) for c in cs] for _, _, cs in items]
+        flat_cands = [c for cs in cands for c in cs]
+        # Batch through the fast tokenizer: one call per kind of field.
+        p_ids = self._encode(prompts)
+        r_ids = [self._cut(x) for x in self._encode(refs)]
+        c_ids = [self._cut(x) for x in self._encode(flat_cands)]
+
+        budget_total = self.max_length - TEMPLATE_RESERVED_TOKENS
+        cut_prompts, k = [], 0
+        for i, (_, _, cs) in enumerate(items):
+            longest = max(len(c_ids[k + j]) for j in range(len(cs)))
+            k += len(cs)
+            budget = (budget_total - len(r_ids[i]) - longest) // 2
+            ids = p_ids[i]
+            if len(ids) > budget:
+                ids = ids[len(ids) - budget:] if budget > 0 else []
+            cut_prompts.append(ids)
+
+        p_txt = _decode(self.tokenizer, cut_prompts)
+        r_txt = _decode(self.tokenizer, r_ids)
+        c_txt = _decode(self.tokenizer, c_ids)
+
+        out, k = [], 0
+        for i, (_, _, cs) in enumerate(items):
+            pretrain = wrappers is not None and wrappers[i] == "pretrain"
+            ref_part = _join(p_txt[i], r_txt[i], pretrain)
+            texts = []
+            for _ in cs:
+                texts.append(ref_part + REWARD_SEP + _join(p_txt[i], c_txt[k], pretrain))
+                k += 1
+            out.append(texts)
+        return out
+
+    def serving_texts(self, items, wrappers=None) -> list[str]:
+        """Texts for a served POLAR model: the reward token string appended."""
+        return [t + REWARD_TOKEN for texts in self.texts(items, wrappers) for t in texts]
+
+    def input_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of built texts, reward token id appended (training's way)."""
+        return [ids + [self.reward_token_id] for ids in self._encode(texts)]
+
+    def encode_pairs(self, records: Sequence[dict]) -> list[dict]:
+        """Training features for validated records.
+
+        Returns:
+            Per record: ``chosen_ids``, ``rejected_ids`` and their labels
+            (0 / 1 at the reward token, -100 elsewhere), the format of
+            xtuner's preference datasets.
+        """
+        items = [(r["prompt"], r["reference"], (r["chosen"], r["rejected"])) for r in records]
+        wrappers = [r.get("wrapper", "sft") for r in records]
+        texts = self.texts(items, wrappers)
+        ids = self.input_ids([t for pair in texts for t in pair])
+        out = []
+        for i in range(len(records)):
+            chosen, rejected = ids[2 * i], ids[2 * i + 1]
+            out.append({
+                "chosen_ids": chosen,
+                "rejected_ids": rejected,
+                "chosen_labels": [IGNORE_INDEX] * (len(chosen) - 1) + [CHOSEN_LABEL],
+                "rejected_labels": [IGNORE_INDEX] * (len(rejected) - 1) + [REJECTED_LABEL],
+            })
+        return out
+
+
+def _join(prompt: str, part: str, pretrain: bool) -> str:
+    if pretrain or part == "":
+        return prompt + part
+    return prompt + "\n" + part

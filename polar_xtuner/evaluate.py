@@ -1,0 +1,164 @@
+"""Scoring and preference accuracy with a local POLAR model.
+
+Pairs are encoded with :class:`polar_xtuner.encoding.PolarEncoder` (the same
+text as training and serving), sorted by length and scored in batches. The
+score is read at the last attended token, found from the attention mask, and
+position ids count real tokens only, so left and right padding give the same
+scores.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from .encoding import PolarEncoder
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load a POLAR model directory: bf16 on GPU, float32 on CPU.
+
+    Returns:
+        (model, tokenizer)
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    device = device or default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    model = AutoModel.from_pretrained(
+        path, trust_remote_code=True, torch_dtype=dtype, attn_implementation="sdpa"
+    ).to(device).eval()
+    return model, tokenizer
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def score_ids(model, ids_list: Sequence[list[int]], pad_id: int, padding_side: str = "left",
+              batch_size: int = 16, progress: bool = False) -> list[float]:
+    """Score token-id sequences (each ending with the reward token).
+
+    Sequences are sorted by length so each batch pads little; results come
+    back in input order.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))
+    scores = [0.0] * len(ids_list)
+    backbone = model.model if hasattr(model, "model") else model
+    for start in tqdm(range(0, len(order), batch_size), desc="Scoring", disable=not progress,
+                      unit="batch"):
+        idx = order[start:start + batch_size]
+        seqs = [ids_list[i] for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            if padding_side == "left":
+                ids[row, width - len(s):] = torch.tensor(s)
+                mask[row, width - len(s):] = 1
+            else:
+                ids[row, :len(s)] = torch.tensor(s)
+                mask[row, :len(s)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids)[0]
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # last attended position
+        values = model.v_head(hidden[torch.arange(len(seqs), device=device), last]).squeeze(-1)
+        for i, v in zip(idx, values.float().tolist()):
+            scores[i] = v
+    return scores
+
+
+def score_records(model, tokenizer, records: Sequence[dict], max_length: int = 16384,
+                  max_response_length: int = 4096, batch_size: int = 16,
+                  padding_side: str | None = None, progress: bool = False) -> list[tuple[float, float]]:
+    """(chosen score, rejected score) for each validated record."""
+    if not records:
+        return []
+    enc = PolarEncoder(tokenizer, max_length=max_length, max_response_length=max_response_length,
+                       reward_token_id=getattr(model.config, "reward_token_id", None))
+    feats = enc.encode_pairs(records)
+    ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
+    flat = score_ids(model, ids, _pad_id(tokenizer), padding_side or tokenizer.padding_side,
+                     batch_size, progress)
+    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(records))]
+
+
+def _quantile(sorted_vals: list[float], q: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    pos = q * (len(sorted_vals) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def _accuracy_block(pairs: list[tuple[float, float]]) -> dict:
+    n = len(pairs)
+    wins = sum(c > r for c, r in pairs)
+    ties = sum(c == r for c, r in pairs)
+    return {"accuracy": wins / n if n else float("nan"), "n": n, "ties": ties}
+
+
+def preference_report(scores: Sequence[tuple[float, float]], records: Sequence[dict] | None = None,
+                      n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Accuracy (chosen > rejected), ties, margins and a 95% bootstrap interval.
+
+    Args:
+        scores: (chosen, rejected) per pair.
+        records: The pairs' records; ``source``/``category`` give breakdowns.
+        n_bootstrap: Resamples for the interval (0 to skip).
+        seed: Seed of the resampling.
+    """
+    pairs = list(scores)
+    report = _accuracy_block(pairs)
+    margins = sorted(c - r for c, r in pairs)
+    report["margin"] = {
+        "mean": sum(margins) / len(margins) if margins else float("nan"),
+        **{f"q{int(q * 100):02d}": _quantile(margins, q) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+    }
+    if n_bootstrap and pairs:
+        rng = random.Random(seed)
+        wins = [1.0 if c > r else 0.0 for c, r in pairs]
+        n = len(wins)
+        accs = sorted(sum(wins[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_bootstrap))
+        report["accuracy_ci95"] = [_quantile(accs, 0.025), _quantile(accs, 0.975)]
+    if records:
+        for key in ("source", "category"):
+            groups = defaultdict(list)
+            for rec, pair in zip(records, pairs):
+                if key in rec:
+                    groups[str(rec[key])].append(pair)
+            if len(groups) > 1 or (groups and len(next(iter(groups.values()))) < len(pairs)):
+                report[f"by_{key}"] = {k: _accuracy_block(v) for k, v in sorted(groups.items())}
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A small plain-text table of the report."""
+    lines = [
+        f"{'pairs':<12}{report['n']}",
+        f"{'accuracy':<12}{report['accuracy']:.4f}"
+        + (f"  (95% CI {report['accuracy_ci95'][0]:.4f}-{report['accuracy_ci95'][1]:.4f})"
+           if "accuracy_ci95" in report else ""),
+        f"{'ties':<12}{report['ties']}",
+        f"{'margin':<12}mean {report['margin']['mean']:.4f}  median {report['margin']['q50']:.4f}",
+    ]
+    for key in ("by_source", "by_category"):
+        if key in report:
+            lines.append(f"{key.replace('_', ' ')}:")
+            for name, block in report[key].items():
+                lines.append(f"  {name:<18}{block['accuracy']:.4f}  (n={block['n']}, ties={block['ties']})")
+    return "\n".join(lines)

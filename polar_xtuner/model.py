@@ -1,0 +1,108 @@
+"""The reward model class every config uses: xtuner's RewardModel, made safe.
+
+:class:`PolarRewardModel` subclasses ``xtuner.model.reward.RewardModel`` and
+changes only what breaks or misleads:
+
+* xtuner 0.2.0 picks the dtype with ``torch.<device>.is_bf16_supported()``,
+  which does not exist for CPU, so building any reward model on a CPU machine
+  crashes. Here the attention implementation and dtype are chosen per device:
+  flash_attention_2 in bf16 (fp16 where bf16 is missing) on a GPU with
+  flash-attn, PyTorch SDPA otherwise, float32 on CPU.
+* A config that names ``attn_implementation="flash_attention_2"`` where
+  flash-attn cannot be imported is refused with a message that says what to
+  install or set, instead of failing deep inside transformers.
+* ``use_varlen_attn=True`` packs several sequences in one row. xtuner only
+  honours it through flash-attn and silently skips it otherwise, so packed
+  samples would attend to each other. Without a backend that honours the
+  sample boundaries this class refuses to build.
+* Every weight must come from the checkpoint: a model without ``v_head`` (a
+  plain language model) or with weights missing is refused, where xtuner would
+  give it a fresh zero head or leave uninitialised memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from mmengine.logging import print_log
+from xtuner.model.reward import RewardModel
+
+
+def flash_attn_available() -> bool:
+    """flash-attn is importable and a CUDA device is present."""
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def training_dtype() -> torch.dtype:
+    """The dtype to train in on this machine: bf16 where the GPU has it."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class PolarRewardModel(RewardModel):
+    """xtuner's RewardModel with device-aware attention and loud refusals.
+
+    Takes the same arguments as ``xtuner.model.reward.RewardModel``.
+
+    Raises:
+        ValueError: ``use_varlen_attn=True`` without a varlen backend, or the
+            loaded model has no value head or misses weights.
+        ImportError: flash_attention_2 requested without flash-attn.
+    """
+
+    def __init__(self, llm, *args, use_varlen_attn: bool = False, **kwargs):
+        if use_varlen_attn and not flash_attn_available():
+            raise ValueError(
+                "use_varlen_attn=True needs a varlen attention backend, and none is available "
+                "(flash-attn is not installed or there is no GPU). Without one, packed samples "
+                "would attend to each other. Install flash-attn on a GPU machine, or set "
+                "use_varlen_attn = False in the config (or --cfg-options use_varlen_attn=False "
+                "model.use_varlen_attn=False ...)."
+            )
+        super().__init__(llm, *args, use_varlen_attn=use_varlen_attn, **kwargs)
+
+    def _build_from_cfg_or_module(self, cfg_or_mod):
+        # Load with loading info: xtuner builds under LoadWoInit, so a weight
+        # missing from the checkpoint would stay uninitialised memory, and a
+        # model without v_head would get a fresh zero head, both silently.
+        if isinstance(cfg_or_mod, dict) and getattr(cfg_or_mod.get("type"), "__name__", "") == "from_pretrained":
+            cfg_or_mod = dict(cfg_or_mod, output_loading_info=True)
+            model, info = super()._build_from_cfg_or_module(cfg_or_mod)
+            missing = list(info.get("missing_keys", []))
+            if missing:
+                raise ValueError(
+                    f"{cfg_or_mod.get('pretrained_model_name_or_path')}: weights missing from the "
+                    f"checkpoint: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+                )
+        else:
+            model = super()._build_from_cfg_or_module(cfg_or_mod)
+        if not hasattr(model, "v_head"):
+            raise ValueError(
+                f"{type(model).__name__} has no value head (v_head): pretrained_model_name_or_path "
+                "must point to a POLAR reward model (InternLM2ForRewardModel), not a language model"
+            )
+        return model
+
+    @staticmethod
+    def _prepare_for_flash_attn(cfg, llm_cfg):
+        requested = getattr(cfg, "attn_implementation", None)
+        if requested == "flash_attention_2" and not flash_attn_available():
+            raise ImportError(
+                "the config asks for attn_implementation='flash_attention_2' but flash-attn is not "
+                "importable on this machine; install flash-attn on a GPU, or remove "
+                "attn_implementation from model.llm to use PyTorch SDPA"
+            )
+        if requested is None:
+            cfg.attn_implementation = "flash_attention_2" if flash_attn_available() else "sdpa"
+        if cfg.attn_implementation == "flash_attention_2":
+            cfg.torch_dtype = training_dtype()
+        elif not torch.cuda.is_available():
+            cfg.torch_dtype = torch.float32
+        print_log(
+            f"PolarRewardModel: attn_implementation={cfg.attn_implementation}, "
+            f"dtype={getattr(cfg, 'torch_dtype', 'from checkpoint')}",
+            "current",
+        )
+        return cfg
