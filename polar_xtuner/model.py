@@ -52,7 +52,20 @@ class PolarRewardModel(RewardModel):
         ImportError: flash_attention_2 requested without flash-attn.
     """
 
-    def __init__(self, llm, *args, use_varlen_attn: bool = False, **kwargs):
+    def __init__(
+        self,
+        llm,
+        lora=None,
+        peft_model=None,
+        use_activation_checkpointing=True,
+        use_varlen_attn=False,
+        tokenizer=None,
+        max_position_embeddings=None,
+        reward_token_id=None,
+        loss_type="ranking",
+        penalty_type="log_barrier",
+        penalty_weight=0.01,
+    ):
         if use_varlen_attn and not flash_attn_available():
             raise ValueError(
                 "use_varlen_attn=True needs a varlen attention backend, and none is available "
@@ -61,7 +74,13 @@ class PolarRewardModel(RewardModel):
                 "use_varlen_attn = False in the config (or --cfg-options use_varlen_attn=False "
                 "model.use_varlen_attn=False ...)."
             )
-        super().__init__(llm, *args, use_varlen_attn=use_varlen_attn, **kwargs)
+        super().__init__(
+            llm, lora=lora, peft_model=peft_model,
+            use_activation_checkpointing=use_activation_checkpointing,
+            use_varlen_attn=use_varlen_attn, tokenizer=tokenizer,
+            max_position_embeddings=max_position_embeddings, reward_token_id=reward_token_id,
+            loss_type=loss_type, penalty_type=penalty_type, penalty_weight=penalty_weight,
+        )
 
     def _build_from_cfg_or_module(self, cfg_or_mod):
         # Load with loading info: xtuner builds under LoadWoInit, so a weight

@@ -139,27 +139,25 @@ def iter_jsonl(path: str) -> Iterator[Located]:
     Invalid lines are yielded with ``error`` set, never skipped silently.
 
     Raises:
-        DataError: The file is missing or unreadable, or is not UTF-8.
+        DataError: The file is missing or unreadable.
     """
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, expected a .jsonl file")
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # bytes, so a bad byte sequence is pinned to its line
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        lineno = 0
-        while True:
+        for lineno, bline in enumerate(f, 1):
             try:
-                line = f.readline()
+                raw = bline.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
-            if not line:
-                break
-            lineno += 1
-            raw = line.rstrip("\n")
+                item = Located(path, lineno, bline.decode("utf-8", "replace").rstrip("\r\n"))
+                item.error = RecordError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, "not_utf8")
+                yield item
+                continue
             if not raw.strip():
                 continue
             item = Located(path, lineno, raw)

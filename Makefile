@@ -1,0 +1,33 @@
+# The two commands of this repository: `make demo` and `make test`.
+# Each creates the project-local .venv from requirements.txt (plus this
+# package, editable) when it is missing, then runs.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# xtuner's CLI starts `python` from PATH, so the venv must come first.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -r requirements.txt
+	$(VENV)/bin/pip install --no-deps -e .
+	@# DeepSpeed JIT-compiles its CPU communication op on first use (about a
+	@# minute); build it once here rather than inside the first training run.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
+	touch $@
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -v -rs
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration"
+
+clean:
+	rm -rf work_dirs

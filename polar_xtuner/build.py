@@ -1,0 +1,167 @@
+"""Check raw preference files and write clean training data.
+
+The logic behind ``tools/build_dataset.py``: stream every input record, keep
+the valid ones (normalised), and write every rejected one with its file, line,
+reason and raw text, so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from tqdm import tqdm
+
+from .schema import DataError, Located, RecordError, iter_jsonl, validate_record
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    """Files from files and directories (*.jsonl / *.json inside, sorted)."""
+    files = []
+    for src in sources:
+        if os.path.isdir(src):
+            found = sorted(
+                os.path.join(src, n) for n in os.listdir(src) if n.endswith((".jsonl", ".json"))
+            )
+            if not found:
+                raise DataError(f"{src}: directory has no .jsonl or .json files")
+            files.extend(found)
+        elif os.path.exists(src):
+            files.append(src)
+        else:
+            raise DataError(f"{src}: no such file or directory")
+    return files
+
+
+def iter_json_array(path: str) -> Iterator[Located]:
+    """Records of a .json file holding one array; the line is the array index + 1."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json source must hold an array of records")
+    for i, obj in enumerate(data, 1):
+        item = Located(path, i, json.dumps(obj, ensure_ascii=False))
+        try:
+            item.record = validate_record(obj)
+        except RecordError as e:
+            item.error = e
+        yield item
+
+
+def iter_source(path: str) -> Iterator[Located]:
+    return iter_json_array(path) if path.endswith(".json") else iter_jsonl(path)
+
+
+@dataclass
+class BuildResult:
+    kept: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    val: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    files: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "sources": self.files,
+            "kept": self.kept,
+            "train": self.kept - self.val,
+            "val": self.val,
+            "rejected": self.rejected,
+            "duplicates_removed": self.duplicates,
+            "rejected_by_reason": dict(self.reasons.most_common()),
+        }
+
+
+def _record_key(rec: dict) -> str:
+    core = {k: rec[k] for k in ("prompt", "reference", "chosen", "rejected")}
+    return hashlib.sha1(json.dumps(core, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _is_val(rec: dict, seed: int, ratio: float) -> bool:
+    # A hash of the content decides, so the split is stable across runs and
+    # independent of file order.
+    h = hashlib.sha1(f"{seed}:{_record_key(rec)}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < ratio
+
+
+def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: int = 0,
+          seed: int = 0, dedupe: bool = False, progress: bool = True) -> BuildResult:
+    """Validate sources; write train.jsonl, val.jsonl, rejected.jsonl, report.json.
+
+    Args:
+        sources: Files or directories.
+        out_dir: Output directory (created).
+        val_ratio: Share of kept records for val.jsonl (hash-based, stable).
+        val_size: Exact number of val records (seeded sample); exclusive with val_ratio.
+        seed: Seed of the split.
+        dedupe: Drop exact duplicates of the four fields.
+        progress: Show a progress bar.
+
+    Raises:
+        DataError: Missing/unreadable input, conflicting options.
+    """
+    if val_ratio and val_size:
+        raise DataError("--val-ratio and --val-size are mutually exclusive")
+    if not 0.0 <= val_ratio < 1.0:
+        raise DataError(f"--val-ratio must be in [0, 1), got {val_ratio}")
+    files = expand_sources(sources)
+    os.makedirs(out_dir, exist_ok=True)
+    res = BuildResult(files=files)
+    seen: set[str] = set()
+    train_path = os.path.join(out_dir, "train.jsonl")
+    val_path = os.path.join(out_dir, "val.jsonl")
+    kept_lines = [] if val_size else None
+    with open(train_path, "w", encoding="utf-8") as train_f, \
+            open(os.path.join(out_dir, "rejected.jsonl"), "w", encoding="utf-8") as rej_f, \
+            open(val_path, "w", encoding="utf-8") as val_f, \
+            tqdm(desc="Checking records", unit=" rec", disable=not progress) as bar:
+        for path in files:
+            for item in iter_source(path):
+                bar.update(1)
+                if item.error is not None:
+                    res.rejected += 1
+                    res.reasons[item.error.code] += 1
+                    rej_f.write(json.dumps({
+                        "source": item.source, "line": item.line, "field": item.error.field,
+                        "reason": item.error.reason, "raw": item.raw,
+                    }, ensure_ascii=False) + "\n")
+                    continue
+                rec = item.record
+                if dedupe:
+                    key = _record_key(rec)
+                    if key in seen:
+                        res.duplicates += 1
+                        continue
+                    seen.add(key)
+                res.kept += 1
+                line = json.dumps(rec, ensure_ascii=False) + "\n"
+                if kept_lines is not None:
+                    kept_lines.append(line)
+                elif val_ratio and _is_val(rec, seed, val_ratio):
+                    res.val += 1
+                    val_f.write(line)
+                else:
+                    train_f.write(line)
+        if kept_lines is not None:
+            if val_size >= len(kept_lines):
+                raise DataError(f"--val-size {val_size} leaves no training record (kept {len(kept_lines)})")
+            val_idx = set(random.Random(seed).sample(range(len(kept_lines)), val_size))
+            for i, line in enumerate(kept_lines):
+                (val_f if i in val_idx else train_f).write(line)
+            res.val = val_size
+    if not (val_ratio or val_size):
+        os.remove(val_path)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(res.to_json(), f, indent=2)
+    return res

@@ -1,0 +1,41 @@
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(REPO, "tests", "assets")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random POLAR model + tokenizer, built once per test session."""
+    from polar_xtuner.tiny import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_polar")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from polar_xtuner.evaluate import load_model
+
+    return load_model(tiny_dir, device="cpu")[0]
+
+
+def run_tool(*args, cwd=REPO, env=None, timeout=900):
+    """Run a repository tool with this interpreter; return the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ)
+    # xtuner's CLI starts `python` from PATH: make it this interpreter.
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
+    full_env.update(env or {})
+    return subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)

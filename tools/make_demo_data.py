@@ -1,0 +1,30 @@
+"""Regenerate the demo data (data/demo/train.jsonl and val.jsonl).
+
+Usage:
+    python tools/make_demo_data.py [OUT_DIR] [--train N] [--val N] [--seed S]
+
+Records ask which color/city/animal a text names, in English and Chinese; the
+chosen answer agrees with the reference's final answer, the rejected one does
+not. Answers are random per record, so only the reference tells them apart.
+"""
+
+import argparse
+import sys
+
+from polar_xtuner.demo_data import write_demo_data
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", nargs="?", default="data/demo")
+    p.add_argument("--train", type=int, default=8000, help="training pairs")
+    p.add_argument("--val", type=int, default=200, help="held-out pairs")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    counts = write_demo_data(args.out_dir, args.train, args.val, args.seed)
+    print(f"wrote {counts['train']} train and {counts['val']} val pairs to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
