@@ -15,16 +15,18 @@ import os
 import random
 from typing import Iterator
 
-# topic -> (answers, questions, reference templates, candidate templates)
+# topic -> (answers, questions, reference templates, candidate templates).
+# English answers always follow a space, so each is one token in every template
+# (a word at the start of a text tokenizes differently, as with real tokenizers).
 _EN_REF = [
     "The answer is {a}.",
     "It is {a}.",
     "After checking the description carefully, the answer is {a}.",
-    "{a}. That is the only option that fits.",
+    "Only one option fits: {a}.",
     "Based on the text, I would say {a}.",
 ]
 _EN_CAND = [
-    "{a}.",
+    "Answer: {a}.",
     "The answer is {a}.",
     "I think it is {a}.",
     "It should be {a}.",

@@ -36,8 +36,8 @@ TINY_MODEL_SIZES = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # GQA, like the real models
+    num_attention_heads=8,
+    num_key_value_heads=4,  # GQA, like the real models
     max_position_embeddings=2048,
 )
 

@@ -1,0 +1,144 @@
+"""The real pipeline on the tiny model: `xtuner train` -> tools/convert.sh -> tools/eval_pref.py."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from conftest import REPO, run_tool
+
+pytestmark = pytest.mark.integration
+
+TINY_CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
+VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
+
+
+def copy_config(dst_dir, name, model_dir, data_file, **settings):
+    """A copy of the demo config pointing at test paths (the README's 'copied config' way)."""
+    text = open(TINY_CONFIG, encoding="utf-8").read()
+    settings = {"pretrained_model_name_or_path": model_dir, "data_files": data_file, **settings}
+    for key, value in settings.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
+        assert n == 1, key
+    path = os.path.join(dst_dir, name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def train(tmp_path, cfg, deepspeed):
+    work = str(tmp_path / "work")
+    args = ["xtuner", "train", cfg, "--work-dir", work]
+    if deepspeed:
+        args += ["--deepspeed", os.path.join(REPO, "configs", "deepspeed", f"polar_{deepspeed}_cpu.json")]
+    proc = run_tool(*args)
+    # xtuner's CLI exits 0 even when training fails: judge by the checkpoint.
+    assert os.path.isfile(os.path.join(work, "last_checkpoint")), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, proc
+
+
+@pytest.fixture(scope="module", params=["zero2", "zero3", None], ids=["zero2", "zero3", "no-deepspeed"])
+def trained(request, tmp_path_factory, tiny_dir):
+    tmp = tmp_path_factory.mktemp(f"run_{request.param}")
+    cfg = copy_config(str(tmp), f"polar_it_{request.param}.py", tiny_dir, VAL,
+                      max_epochs=1, batch_size=4, save_steps=20)
+    work, proc = train(tmp, cfg, request.param)
+    return {"tmp": tmp, "cfg": cfg, "work": work, "log": proc.stdout + proc.stderr, "ds": request.param}
+
+
+def test_training_ran_and_logged_the_ranking_loss(trained):
+    losses = [float(x) for x in re.findall(r"\bloss: ([0-9.]+)", trained["log"])]
+    assert losses and all(l == l for l in losses)  # finite, logged
+    assert "attn_implementation=sdpa" in trained["log"]
+    ckpt = open(os.path.join(trained["work"], "last_checkpoint")).read().strip()
+    assert ckpt.endswith("iter_50.pth")  # 200 pairs / 4 per step
+    assert os.path.isdir(os.path.join(trained["work"], re.sub(r"^.*/", "", ckpt))) == bool(trained["ds"])
+
+
+def _training_weights(work, ds):
+    ckpt = open(os.path.join(work, "last_checkpoint")).read().strip()
+    if ds:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        parent, tag = os.path.split(ckpt)
+        sd = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    else:
+        sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return {("model." + k[4:] if k.startswith("llm.") else k): v.float() for k, v in sd.items()}
+
+
+def test_convert_verify_and_evaluate(trained):
+    from safetensors.torch import load_file
+
+    out = str(trained["tmp"] / "hf")
+    proc = run_tool("bash", "tools/convert.sh", trained["cfg"], trained["work"], out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"largest relative score difference ([0-9.e+-]+)", proc.stdout)
+    assert m and float(m.group(1)) <= 1e-4
+
+    # the weights are exactly DeepSpeed's own zero_to_fp32 reconstruction (or the .pth)
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    want = _training_weights(trained["work"], trained["ds"])
+    assert saved.keys() == want.keys()
+    for k in want:
+        assert torch.equal(saved[k], want[k]), k
+
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert "attn_implementation" not in cfg and cfg["torch_dtype"] == "float32"
+    assert os.path.isfile(os.path.join(out, "modeling_internlm2.py"))
+    assert "config" in open(os.path.join(out, "README.md")).read()
+
+    report_path = str(trained["tmp"] / "eval.json")
+    scores_path = str(trained["tmp"] / "scores.jsonl")
+    proc = run_tool("python", "tools/eval_pref.py", "--model", out, "--data", VAL,
+                    "--out", report_path, "--save-scores", scores_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(report_path))
+    assert report["n"] == 200 and {"accuracy", "ties", "margin", "accuracy_ci95"} <= set(report)
+    rows = [json.loads(line) for line in open(scores_path)]
+    assert len(rows) == 200
+    acc = sum(r["chosen"] > r["rejected"] for r in rows) / len(rows)
+    assert acc == pytest.approx(report["accuracy"])
+    assert "accuracy" in proc.stdout
+
+
+def test_convert_refuses_bad_input(trained, tmp_path, tiny_dir):
+    if trained["ds"] != "zero2":
+        pytest.skip("once is enough")
+    cfg, work = trained["cfg"], trained["work"]
+    cases = [
+        ((cfg, str(tmp_path / "missing"), str(tmp_path / "o1")), "no such file"),
+        ((cfg, str(tmp_path), str(tmp_path / "o2")), "neither a DeepSpeed checkpoint"),
+        ((str(tmp_path / "nope.py"), work, str(tmp_path / "o3")), "config"),
+    ]
+    (tmp_path / "empty").mkdir()
+    cases.append(((cfg, str(tmp_path / "empty"), str(tmp_path / "o4")), "empty directory"))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("keep me")
+    cases.append(((cfg, work, str(busy)), "--force"))
+    for args, message in cases:
+        proc = run_tool("bash", "tools/convert.sh", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (busy / "x").read_text() == "keep me"
+
+    # a config whose model has other shapes: refused, naming the keys
+    from polar_xtuner.tiny import make_tiny_model
+
+    other = make_tiny_model(str(tmp_path / "wider"), hidden_size=96, intermediate_size=192)
+    wrong_cfg = copy_config(str(tmp_path), "polar_it_wrong.py", other, VAL)
+    proc = run_tool("bash", "tools/convert.sh", wrong_cfg, work, str(tmp_path / "o5"))
+    assert proc.returncode == 2
+    assert "does not match" in proc.stderr and "mis-shaped: model.layers.0.attention.wo.weight" in proc.stderr
+
+
+def test_bad_training_data_stops_with_file_and_line(tmp_path, tiny_dir):
+    bad = os.path.join(REPO, "tests", "assets", "bad_records.jsonl")
+    cfg = copy_config(str(tmp_path), "polar_it_bad.py", tiny_dir, bad, max_epochs=1)
+    work = str(tmp_path / "work")
+    proc = run_tool("xtuner", "train", cfg, "--work-dir", work, timeout=300)
+    assert not os.path.exists(os.path.join(work, "last_checkpoint"))
+    assert f"{bad}:2: invalid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
