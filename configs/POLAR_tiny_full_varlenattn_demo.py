@@ -30,16 +30,15 @@ from polar_xtuner.model import PolarRewardModel
 #######################################################################
 # Model
 pretrained_model_name_or_path = "work_dirs/tiny_polar"
-# Off until varlen attention has a backend without flash-attn: xtuner would
-# otherwise let packed samples attend to each other (PolarRewardModel refuses).
-use_varlen_attn = False
+# Packed rows; on CPU PolarRewardModel keeps samples apart with per-sample SDPA.
+use_varlen_attn = True
 reward_token_id = 4  # [UNUSED_TOKEN_130] in the tiny tokenizer; checked against it
 loss_type = "ranking"
 penalty_type = "none"
 
 # Data
 data_files = "data/demo/train.jsonl"
-max_length = 512
+max_length = 1024
 max_response_length = 128
 max_packed_length = max_length * 2
 pack_seed = 0
@@ -48,7 +47,7 @@ pack_seed = 0
 sequence_parallel_size = 1
 
 # Scheduler & Optimizer
-batch_size = 16  # pairs per step (one packed row with varlen attention)
+batch_size = 1  # one packed row of up to max_packed_length tokens (~16 pairs)
 accumulative_counts = 1
 accumulative_counts *= sequence_parallel_size
 dataloader_num_workers = 0

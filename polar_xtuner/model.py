@@ -13,8 +13,9 @@ changes only what breaks or misleads:
   install or set, instead of failing deep inside transformers.
 * ``use_varlen_attn=True`` packs several sequences in one row. xtuner only
   honours it through flash-attn and silently skips it otherwise, so packed
-  samples would attend to each other. Without a backend that honours the
-  sample boundaries this class refuses to build.
+  samples would attend to each other. Here every backend of
+  :mod:`polar_xtuner.attention` (flash-attn, PyTorch varlen, per-sample SDPA)
+  keeps samples apart; ``varlen_attn_backend`` forces one.
 * Every weight must come from the checkpoint: a model without ``v_head`` (a
   plain language model) or with weights missing is refused, where xtuner would
   give it a fresh zero head or leave uninitialised memory.
@@ -22,16 +23,16 @@ changes only what breaks or misleads:
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from mmengine.logging import print_log
 from xtuner.model.reward import RewardModel
 
+from .attention import available_backends, dispatch_varlen_attention, select_backend
+
 
 def flash_attn_available() -> bool:
     """flash-attn is importable and a CUDA device is present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return "flash_attn" in available_backends()
 
 
 def training_dtype() -> torch.dtype:
@@ -44,11 +45,14 @@ def training_dtype() -> torch.dtype:
 class PolarRewardModel(RewardModel):
     """xtuner's RewardModel with device-aware attention and loud refusals.
 
-    Takes the same arguments as ``xtuner.model.reward.RewardModel``.
+    Takes the arguments of ``xtuner.model.reward.RewardModel``, plus
+    ``varlen_attn_backend`` ("flash_attn", "torch_varlen", "sdpa" or None for
+    the best available).
 
     Raises:
-        ValueError: ``use_varlen_attn=True`` without a varlen backend, or the
-            loaded model has no value head or misses weights.
+        ValueError: An unavailable varlen backend or sequence parallel with
+            varlen attention, or the loaded model has no value head or
+            misses weights.
         ImportError: flash_attention_2 requested without flash-attn.
     """
 
@@ -65,22 +69,31 @@ class PolarRewardModel(RewardModel):
         loss_type="ranking",
         penalty_type="log_barrier",
         penalty_weight=0.01,
+        varlen_attn_backend=None,
     ):
-        if use_varlen_attn and not flash_attn_available():
-            raise ValueError(
-                "use_varlen_attn=True needs a varlen attention backend, and none is available "
-                "(flash-attn is not installed or there is no GPU). Without one, packed samples "
-                "would attend to each other. Install flash-attn on a GPU machine, or set "
-                "use_varlen_attn = False in the config (or --cfg-options use_varlen_attn=False "
-                "model.use_varlen_attn=False ...)."
-            )
+        backend = None
+        if use_varlen_attn:
+            from xtuner.parallel.sequence import get_sequence_parallel_world_size
+
+            if get_sequence_parallel_world_size() > 1:
+                raise ValueError(
+                    "sequence parallel (sequence_parallel_size > 1) is not supported with "
+                    "PolarRewardModel's varlen attention; set sequence_parallel_size = 1"
+                )
+            backend = select_backend(varlen_attn_backend)
         super().__init__(
             llm, lora=lora, peft_model=peft_model,
             use_activation_checkpointing=use_activation_checkpointing,
-            use_varlen_attn=use_varlen_attn, tokenizer=tokenizer,
+            # xtuner's own varlen dispatch is skipped: ours covers every backend.
+            use_varlen_attn=False, tokenizer=tokenizer,
             max_position_embeddings=max_position_embeddings, reward_token_id=reward_token_id,
             loss_type=loss_type, penalty_type=penalty_type, penalty_weight=penalty_weight,
         )
+        self.use_varlen_attn = use_varlen_attn
+        self.varlen_attn_backend = backend
+        if use_varlen_attn:
+            n = dispatch_varlen_attention(self.llm, backend)
+            print_log(f"PolarRewardModel: varlen attention backend '{backend}' on {n} layers", "current")
 
     def _build_from_cfg_or_module(self, cfg_or_mod):
         # Load with loading info: xtuner builds under LoadWoInit, so a weight

@@ -1,0 +1,180 @@
+"""Varlen (packed) attention for InternLM2 that is correct without flash-attn.
+
+With ``use_varlen_attn=True`` xtuner packs several chosen/rejected sequences
+into one row and publishes the sample boundaries through mmengine's
+``MessageHub.get_instance("varlen_attn_args")`` under
+``cumulative_len_rank_{rank}`` and ``max_seqlen_rank_{rank}``. Attention must
+then stay inside each sample. xtuner 0.2.0 only does this through flash-attn
+and silently skips it otherwise, so samples attend to the ones packed before
+them. This module installs an attention forward that honours the boundaries
+with one of three backends:
+
+* ``flash_attn``: ``flash_attn_varlen_func`` (GPU, flash-attn installed);
+* ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, PyTorch
+  2.10+, no flash-attn build needed; called with a causal window and GQA on);
+* ``sdpa``: PyTorch SDPA once per sample, exact on any device (CPU, tests).
+
+The backend is chosen automatically (in that order), logged once, and can be
+forced with ``varlen_attn_backend`` in the model config. When a row carries no
+boundaries (evaluation, or ``use_varlen_attn=False``) the module's original
+forward runs unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+
+
+def _has_torch_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    """Backends that can run on this machine, best first."""
+    found = []
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        found.append("flash_attn")
+    if torch.cuda.is_available() and _has_torch_varlen():
+        found.append("torch_varlen")
+    found.append("sdpa")
+    return found
+
+
+def select_backend(requested: str | None = None) -> str:
+    """Pick a varlen backend, or refuse one that cannot run here.
+
+    Raises:
+        ValueError: An unknown or unavailable backend was requested.
+    """
+    avail = available_backends()
+    if requested is None:
+        return avail[0]
+    if requested not in BACKENDS:
+        raise ValueError(f"varlen_attn_backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    if requested not in avail:
+        how = {"flash_attn": "install flash-attn on a CUDA machine",
+               "torch_varlen": "use a CUDA machine with PyTorch >= 2.10"}[requested]
+        raise ValueError(
+            f"varlen_attn_backend={requested!r} is not available here ({how}); "
+            f"available: {', '.join(avail)}"
+        )
+    return requested
+
+
+def varlen_args():
+    """(cumulative_len, max_seqlen) published by xtuner's hook for this rank, or (None, None)."""
+    from mmengine import MessageHub
+    from mmengine.dist import get_rank
+
+    hub = MessageHub.get_instance("varlen_attn_args")
+    rank = get_rank()
+    return hub.get_info(f"cumulative_len_rank_{rank}"), hub.get_info(f"max_seqlen_rank_{rank}")
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str):
+    """Causal attention within each packed sample.
+
+    Args:
+        q: (T, Hq, D) queries of one packed row.
+        k, v: (T, Hkv, D) keys and values (Hq a multiple of Hkv: GQA).
+        cu_seqlens: (N+1,) int32 sample boundaries, starting at 0, ending at T.
+        max_seqlen: Longest sample.
+        backend: One of :data:`BACKENDS`.
+
+    Returns:
+        (T, Hq, D) attention output.
+    """
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+    if backend == "torch_varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        # The default window (-1, -1) is *bidirectional*; (-1, 0) is causal.
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                           window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1])
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e <= s:
+            continue
+        # (1, H, L, D) per sample; enable_gqa repeats the shared kv heads.
+        qs, ks, vs = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=ks.shape[1] != qs.shape[1])
+        out[s:e] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def _modeling_module(attn):
+    return sys.modules[type(attn).__module__]
+
+
+def make_internlm2_varlen_forward(original_forward, backend: str):
+    """An InternLM2 attention forward that honours packed sample boundaries."""
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
+                output_attentions=False, use_cache=False, cache_position=None, **kwargs):
+        cu_seqlens, max_seqlen = varlen_args()
+        if cu_seqlens is None:
+            return original_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                    past_key_value=past_key_value, output_attentions=output_attentions,
+                                    use_cache=use_cache, cache_position=cache_position, **kwargs)
+        bsz, q_len, _ = hidden_states.shape
+        if bsz != 1:
+            raise ValueError(f"varlen attention takes one packed row per step, got a batch of {bsz}")
+        if int(cu_seqlens[-1]) != q_len:
+            raise ValueError(f"cumulative_len ends at {int(cu_seqlens[-1])} but the row has {q_len} tokens")
+        mod = _modeling_module(self)
+        groups = self.num_key_value_groups
+        # wqkv packs, per kv head, `groups` query heads then one key and one value.
+        qkv = self.wqkv(hidden_states).view(bsz, q_len, self.num_key_value_heads, groups + 2, self.head_dim)
+        q = qkv[..., :groups, :].reshape(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = qkv[..., -2, :].transpose(1, 2)
+        v = qkv[..., -1, :].transpose(1, 2)
+        cos, sin = self.rotary_emb(v, position_ids)
+        q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
+        # (1, H, T, D) -> (T, H, D)
+        q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))
+        if q.dtype == torch.float32 and backend != "sdpa":
+            # flash kernels take half precision only (fp32 master weights under autocast)
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            q, k, v = (x.to(dtype) for x in (q, k, v))
+        out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), backend)
+        out = out.to(hidden_states.dtype).reshape(bsz, q_len, self.hidden_size)
+        return self.wo(out), None, past_key_value
+
+    return forward
+
+
+def dispatch_varlen_attention(model, backend: str) -> int:
+    """Install the varlen forward on every InternLM2 attention module.
+
+    Returns:
+        How many modules were patched.
+
+    Raises:
+        ValueError: No InternLM2 attention module was found, or the model uses
+            tensor-parallel weight slicing (``pretraining_tp > 1``).
+    """
+    if getattr(getattr(model, "config", None), "pretraining_tp", 1) > 1:
+        raise ValueError("varlen attention does not support pretraining_tp > 1")
+    n = 0
+    for module in model.modules():
+        if type(module).__name__.startswith("InternLM2") and hasattr(module, "wqkv"):
+            module.forward = types.MethodType(make_internlm2_varlen_forward(module.forward, backend), module)
+            n += 1
+    if n == 0:
+        raise ValueError(f"no InternLM2 attention module found in {type(model).__name__} for varlen attention")
+    return n
