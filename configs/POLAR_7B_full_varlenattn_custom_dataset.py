@@ -187,3 +187,9 @@ load_from = None
 resume = False
 randomness = dict(seed=None, deterministic=False)
 log_processor = dict(by_epoch=False)
+
+# xtuner's CLI refuses a top-level `use_varlen_attn = True` unless flash-attn is
+# installed, although PolarRewardModel keeps packed samples apart without it
+# (PyTorch varlen on CUDA, per-sample SDPA on CPU). The flag lives on in
+# `model`, `train_dataset` and `collate_fn` above; only the name is dropped.
+del use_varlen_attn

@@ -12,7 +12,8 @@ with one of three backends:
 * ``flash_attn``: ``flash_attn_varlen_func`` (GPU, flash-attn installed);
 * ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, PyTorch
   2.10+, no flash-attn build needed; called with a causal window and GQA on);
-* ``sdpa``: PyTorch SDPA once per sample, exact on any device (CPU, tests).
+* ``sdpa``: PyTorch SDPA over the samples laid out as padded rows, exact on
+  any device (CPU, tests).
 
 The backend is chosen automatically (in that order), logged once, and can be
 forced with ``varlen_attn_backend`` in the model config. When a row carries no
@@ -105,16 +106,31 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str):
         # The default window (-1, -1) is *bidirectional*; (-1, 0) is causal.
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                            window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1])
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e <= s:
-            continue
-        # (1, H, L, D) per sample; enable_gqa repeats the shared kv heads.
-        qs, ks, vs = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=ks.shape[1] != qs.shape[1])
-        out[s:e] = o.squeeze(0).transpose(0, 1)
-    return out
+    return _padded_sdpa(q, k, v, cu_seqlens)
+
+
+def _padded_sdpa(q, k, v, cu_seqlens):
+    """Exact varlen attention with one SDPA call: samples become padded rows.
+
+    Each sample of the packed row is scattered into its own row of an
+    (N, max_len) batch; a causal mask that also hides the padding keeps every
+    query inside its sample. Cost is N x max_len^2, not (sum of lengths)^2.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    n, max_len = len(lengths), int(lengths.max())
+    sample = torch.repeat_interleave(torch.arange(n, device=q.device), lengths)
+    offset = torch.arange(q.shape[0], device=q.device) - cu_seqlens[:-1].long()[sample]
+
+    def to_rows(x):
+        rows = x.new_zeros((n, max_len) + x.shape[1:])
+        rows[sample, offset] = x
+        return rows.transpose(1, 2)  # (N, H, L, D)
+
+    pos = torch.arange(max_len, device=q.device)
+    mask = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] < lengths[:, None, None])
+    o = F.scaled_dot_product_attention(to_rows(q), to_rows(k), to_rows(v), attn_mask=mask[:, None],
+                                       enable_gqa=k.shape[1] != q.shape[1])
+    return o.transpose(1, 2)[sample, offset]
 
 
 def _modeling_module(attn):

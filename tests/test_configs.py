@@ -66,8 +66,13 @@ def test_config_keeps_polar_settings(path):
     assert cfg.betas == (0.9, 0.95) and cfg.weight_decay == 0 and cfg.max_norm == 1
     assert cfg.warmup_ratio == 0.03
     assert cfg.param_scheduler[1]["eta_min"] == pytest.approx(cfg.lr * 0.1)
-    assert cfg.model.use_varlen_attn == cfg.use_varlen_attn
-    assert cfg.train_dataloader.collate_fn.use_varlen_attn == cfg.use_varlen_attn
+    # the top-level name is dropped (xtuner's CLI would demand flash-attn); the flag must agree everywhere
+    assert "use_varlen_attn" not in cfg
+    varlen = cfg.model.use_varlen_attn
+    assert varlen is True
+    assert cfg.train_dataloader.collate_fn.use_varlen_attn is varlen
+    assert cfg.train_dataloader.dataset.use_varlen_attn is varlen
+    assert [h["type"].__name__ for h in cfg.custom_hooks] == ["VarlenAttnArgsToMessageHubHook"]
     assert cfg.visualizer.vis_backends[0]["type"].__name__ == "TensorboardVisBackend"
     assert os.path.isfile(os.path.join(REPO, cfg.data_files))
 
@@ -79,7 +84,7 @@ def test_config_keeps_polar_settings(path):
 def test_gpu_configs_keep_published_values(name, model, lr):
     cfg = Config.fromfile(os.path.join(REPO, "configs", name))
     assert cfg.pretrained_model_name_or_path == model and cfg.lr == lr
-    assert cfg.use_varlen_attn is True and cfg.reward_token_id == 92527
+    assert cfg.model.use_varlen_attn is True and cfg.reward_token_id == 92527
     assert (cfg.max_length, cfg.max_response_length) == (16384, 4096)
     assert (cfg.batch_size, cfg.accumulative_counts, cfg.max_epochs) == (1, 2, 1)
     assert (cfg.save_steps, cfg.save_total_limit) == (500, 2)
