@@ -31,6 +31,7 @@ from xtuner.engine.runner import TrainLoop
 from xtuner.parallel.sequence import SequenceParallelSampler
 
 from polar_xtuner.dataset import build_polar_dataset
+from polar_xtuner.hooks import PolarEvalHook
 from polar_xtuner.model import PolarRewardModel
 
 #######################################################################
@@ -70,6 +71,10 @@ amp_dtype = "bfloat16"  # without --deepspeed; fp16 is prone to NaN in reward tr
 # Save
 save_steps = 500
 save_total_limit = 2  # checkpoints kept (-1: all)
+
+# Evaluate preference accuracy on held-out pairs during training (None: off)
+val_files = None  # e.g. "data/mine/val.jsonl" from tools/build_dataset.py --val-ratio
+evaluation_freq = 500
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
@@ -159,6 +164,17 @@ train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
 #                           PART 5  Runtime                           #
 #######################################################################
 custom_hooks = []
+if val_files:
+    custom_hooks += [
+        dict(
+            type=PolarEvalHook,
+            data_files=val_files,
+            tokenizer=tokenizer,
+            interval=evaluation_freq,
+            max_length=max_length,
+            max_response_length=max_response_length,
+        ),
+    ]
 if use_varlen_attn:
     custom_hooks += [dict(type=VarlenAttnArgsToMessageHubHook)]
 

@@ -23,6 +23,7 @@ from xtuner.engine.runner import TrainLoop
 from xtuner.parallel.sequence import SequenceParallelSampler
 
 from polar_xtuner.dataset import build_polar_dataset
+from polar_xtuner.hooks import PolarEvalHook
 from polar_xtuner.model import PolarRewardModel
 
 #######################################################################
@@ -62,6 +63,10 @@ warmup_ratio = 0.03
 # Save
 save_steps = 500
 save_total_limit = 2
+
+# Evaluate preference accuracy on held-out pairs during training
+val_files = "data/demo/val.jsonl"
+evaluation_freq = 200
 
 #######################################################################
 #                      PART 2  Model & Tokenizer                      #
@@ -148,7 +153,16 @@ train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
 #######################################################################
 #                           PART 5  Runtime                           #
 #######################################################################
-custom_hooks = []
+custom_hooks = [
+    dict(
+        type=PolarEvalHook,
+        data_files=val_files,
+        tokenizer=tokenizer,
+        interval=evaluation_freq,
+        max_length=max_length,
+        max_response_length=max_response_length,
+    ),
+]
 if use_varlen_attn:
     custom_hooks += [dict(type=VarlenAttnArgsToMessageHubHook)]
 

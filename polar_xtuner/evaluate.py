@@ -51,13 +51,17 @@ def score_ids(model, ids_list: Sequence[list[int]], pad_id: int, padding_side: s
               batch_size: int = 16, progress: bool = False) -> list[float]:
     """Score token-id sequences (each ending with the reward token).
 
+    ``model`` is a HF ``InternLM2ForRewardModel`` or the training
+    ``PolarRewardModel``; both have a backbone and a ``v_head``.
+
     Sequences are sorted by length so each batch pads little; results come
     back in input order.
     """
     device = next(model.parameters()).device
     order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))
     scores = [0.0] * len(ids_list)
-    backbone = model.model if hasattr(model, "model") else model
+    # PolarRewardModel (training) keeps the backbone in .llm, the HF class in .model.
+    backbone = model.llm if hasattr(model, "llm") else model.model
     for start in tqdm(range(0, len(order), batch_size), desc="Scoring", disable=not progress,
                       unit="batch"):
         idx = order[start:start + batch_size]
@@ -162,3 +166,30 @@ def format_report(report: dict) -> str:
             for name, block in report[key].items():
                 lines.append(f"  {name:<18}{block['accuracy']:.4f}  (n={block['n']}, ties={block['ties']})")
     return "\n".join(lines)
+
+
+def plot_scores(scores: Sequence[tuple[float, float]], path: str) -> None:
+    """Chosen vs rejected score distributions and the margin histogram, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [c for c, _ in scores]
+    rejected = [r for _, r in scores]
+    margins = [c - r for c, r in scores]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    bins = 30
+    a.hist(chosen, bins=bins, alpha=0.6, label="chosen")
+    a.hist(rejected, bins=bins, alpha=0.6, label="rejected")
+    a.set_title("scores")
+    a.set_xlabel("reward")
+    a.legend()
+    b.hist(margins, bins=bins, color="gray")
+    b.axvline(0, color="red", linestyle="--")
+    acc = sum(m > 0 for m in margins) / len(margins) if margins else float("nan")
+    b.set_title(f"chosen - rejected (accuracy {acc:.3f}, n={len(margins)})")
+    b.set_xlabel("margin")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

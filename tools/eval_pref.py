@@ -3,11 +3,15 @@
 Usage:
     python tools/eval_pref.py --model PATH --data FILE.jsonl [--out report.json]
         [--save-scores scores.jsonl] [--batch-size N]
-        [--max-length N --max-response-length N]
+        [--max-length N --max-response-length N] [--plot FILE.png]
+        [--server-type sglang|vllm|lmdeploy --server-address HOST:PORT]
 
 A pair counts as correct when the chosen answer outscores the rejected one
 under the same reference. Invalid records are reported (file:line: reason) and
-skipped. Exit codes: 0 done, 2 bad input (missing model or data, no valid pair).
+skipped. With --server-type the scores come from a served model and --model
+only provides the tokenizer (the encoding needs it).
+Exit codes: 0 done, 2 bad input (missing model or data, no valid pair),
+3 the server failed (after bounded retries).
 """
 
 import argparse
@@ -27,16 +31,24 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--max-length", type=int, default=16384, help="token budget per sequence")
     p.add_argument("--max-response-length", type=int, default=4096, help="cap for reference and answers")
+    p.add_argument("--plot", help="draw score distributions and the margin histogram to this PNG")
+    p.add_argument("--server-type", choices=["sglang", "vllm", "lmdeploy"], help="score on a served model")
+    p.add_argument("--server-address", default="127.0.0.1:30000", help="HOST:PORT of the server")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per server request")
+    p.add_argument("--max-retries", type=int, default=3, help="attempts per server request")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.max_retries < 1:
+        p.error("--max-retries must be >= 1")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        print(f"error: --model {args.model}: not a model directory (no config.json)", file=sys.stderr)
+    needed = "tokenizer_config.json" if args.server_type else "config.json"
+    if not os.path.isfile(os.path.join(args.model, needed)):
+        print(f"error: --model {args.model}: not a model directory (no {needed})", file=sys.stderr)
         return 2
     try:
         items = list(iter_jsonl(args.data))
@@ -51,17 +63,34 @@ def main(argv=None) -> int:
         print(f"error: --data {args.data}: no valid pair to evaluate", file=sys.stderr)
         return 2
 
-    from polar_xtuner.evaluate import format_report, load_model, preference_report, score_records
+    from polar_xtuner.evaluate import format_report, load_model, plot_scores, preference_report, score_records
 
-    model, tokenizer = load_model(args.model)
     records = [it.record for it in good]
-    scores = score_records(model, tokenizer, records, args.max_length, args.max_response_length,
-                           args.batch_size, progress=True)
+    if args.server_type:
+        from transformers import AutoTokenizer
+
+        from polar_xtuner.client import RemoteScorer, RemoteScoringError, score_records_remote
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+        scorer = RemoteScorer(args.server_type, args.server_address, os.path.basename(args.model.rstrip("/")),
+                              timeout=args.timeout, max_retries=args.max_retries, batch_size=args.batch_size)
+        try:
+            scores = score_records_remote(scorer, tokenizer, records, args.max_length, args.max_response_length)
+        except RemoteScoringError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+    else:
+        model, tokenizer = load_model(args.model)
+        scores = score_records(model, tokenizer, records, args.max_length, args.max_response_length,
+                               args.batch_size, progress=True)
     report = preference_report(scores, records)
     report["skipped"] = len(bad)
     report["model"] = args.model
     report["data"] = args.data
+    report["backend"] = args.server_type or "local"
     print(format_report(report))
+    if args.plot:
+        plot_scores(scores, args.plot)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

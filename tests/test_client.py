@@ -1,0 +1,166 @@
+"""The remote path: a loopback server that answers like sglang, vllm and lmdeploy."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from conftest import REPO, run_tool
+from polar_xtuner.client import RemoteScorer, RemoteScoringError, parse_scores, score_records_remote
+from polar_xtuner.demo_data import generate
+from polar_xtuner.evaluate import score_records
+
+VAL = f"{REPO}/data/demo/val.jsonl"
+
+
+class FakePolarServer:
+    """Scores texts with the tiny model, tokenizing the whole text as a server does."""
+
+    def __init__(self, mode, model=None, tokenizer=None, fail_first=0):
+        self.mode, self.model, self.tokenizer = mode, model, tokenizer
+        self.fail_first, self.requests = fail_first, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((self.path, body))
+                if server.mode == "fail" or len(server.requests) <= server.fail_first:
+                    return self._send(500, {"error": "overloaded"})
+                texts = body["text"] if self.path == "/classify" else body["input"]
+                scores = server.score(texts)
+                if server.mode == "sglang":
+                    out = [{"embedding": [s]} for s in scores]
+                elif server.mode == "vllm":  # per-token scores; the last one is the reward
+                    out = {"data": [{"data": [[0.0], [s]]} for s in scores]}
+                elif server.mode == "lmdeploy":
+                    out = {"data": [{"data": s} for s in scores]}
+                else:  # a wrong shape
+                    out = {"unexpected": True}
+                self._send(200, out)
+
+            def _send(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def score(self, texts):
+        if self.model is None:
+            return [float(len(t)) for t in texts]
+        out = []
+        with torch.no_grad():
+            for t in texts:
+                ids = torch.tensor([self.tokenizer(t)["input_ids"]])
+                out.append(self.model(input_ids=ids, attention_mask=torch.ones_like(ids))[0].item())
+        return out
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("mode", ["sglang", "vllm", "lmdeploy"])
+def test_remote_scores_equal_local_scores(mode, tiny_model, tokenizer):
+    recs = list(generate(10, 9))
+    server = FakePolarServer(mode, tiny_model, tokenizer)
+    try:
+        scorer = RemoteScorer(mode, server.address, batch_size=6)
+        remote = score_records_remote(scorer, tokenizer, recs, 512, 128)
+    finally:
+        server.close()
+    local = score_records(tiny_model, tokenizer, recs, 512, 128)
+    assert torch.allclose(torch.tensor(remote), torch.tensor(local), atol=1e-5)
+    path, body = server.requests[0]
+    assert path == ("/classify" if mode == "sglang" else "/pooling")
+    texts = body["text"] if mode == "sglang" else body["input"]
+    assert len(texts) == 6 and all(t.endswith("[UNUSED_TOKEN_130]") for t in texts)
+    assert len(server.requests) == 4  # 20 texts in batches of 6
+
+
+def test_retries_then_succeeds():
+    server = FakePolarServer("lmdeploy", fail_first=2)
+    try:
+        scores = RemoteScorer("lmdeploy", server.address, max_retries=3, backoff=0.01).score(["ab", "abc"])
+    finally:
+        server.close()
+    assert scores == [2.0, 3.0] and len(server.requests) == 3
+
+
+def test_failure_is_an_error_not_none():
+    server = FakePolarServer("fail")
+    try:
+        with pytest.raises(RemoteScoringError, match="failed after 2 attempt.*HTTP 500"):
+            RemoteScorer("sglang", server.address, max_retries=2, backoff=0.01).score(["x"])
+    finally:
+        server.close()
+    assert len(server.requests) == 2  # bounded
+
+
+def test_wrong_shape_and_unreachable_are_errors():
+    server = FakePolarServer("bogus")
+    try:
+        with pytest.raises(RemoteScoringError, match="unexpected shape"):
+            RemoteScorer("vllm", server.address).score(["x"])
+    finally:
+        server.close()
+    with pytest.raises(RemoteScoringError, match="ConnectionError"):
+        RemoteScorer("vllm", "127.0.0.1:9", max_retries=1, timeout=2).score(["x"])
+    with pytest.raises(RemoteScoringError, match="returned 1 scores for 2 texts"):
+        parse_scores("lmdeploy", {"data": [{"data": 1.0}]}, 2)
+
+
+def test_eval_cli_against_servers(tiny_dir, tmp_path):
+    from polar_xtuner.evaluate import load_model
+
+    model, tok = load_model(tiny_dir, device="cpu")
+    server = FakePolarServer("vllm", model, tok)
+    try:
+        out = tmp_path / "remote.json"
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL,
+                        "--server-type", "vllm", "--server-address", server.address, "--out", str(out),
+                        "--plot", str(tmp_path / "scores.png"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        local = tmp_path / "local.json"
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL, "--out", str(local))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    finally:
+        server.close()
+    remote_r, local_r = json.load(open(out)), json.load(open(local))
+    assert remote_r["n"] == local_r["n"] == 200 and remote_r["backend"] == "vllm"
+    assert remote_r["accuracy"] == local_r["accuracy"]
+    assert (tmp_path / "scores.png").stat().st_size > 1000
+
+    dead = FakePolarServer("fail")
+    try:
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL, "--server-type",
+                        "sglang", "--server-address", dead.address, "--max-retries", "2")
+    finally:
+        dead.close()
+    assert proc.returncode == 3 and "failed after 2 attempt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path):
+    bad = f"{REPO}/tests/assets/bad_records.jsonl"
+    scores = tmp_path / "s.jsonl"
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", bad,
+                    "--save-scores", str(scores))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"skipped {bad}:2: invalid JSON" in proc.stderr
+    rows = [json.loads(line) for line in open(scores)]
+    assert [r["line"] for r in rows if r["chosen"] is not None] == [1, 12, 15]
+    assert len(rows) == 14  # every non-blank input line, in order
+    proc = run_tool("python", "tools/eval_pref.py", "--model", str(tmp_path), "--data", bad)
+    assert proc.returncode == 2 and "not a model directory" in proc.stderr
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(tmp_path / "no.jsonl"))
+    assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
