@@ -29,6 +29,14 @@ def tiny_model(tiny_dir):
     return load_model(tiny_dir, device="cpu")[0]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_tool(*args, cwd=REPO, env=None, timeout=900):
     """Run a repository tool with this interpreter; return the CompletedProcess."""
     import subprocess
@@ -36,6 +44,9 @@ def run_tool(*args, cwd=REPO, env=None, timeout=900):
     full_env = dict(os.environ)
     # xtuner's CLI starts `python` from PATH: make it this interpreter.
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
+    # A single-process DeepSpeed run still opens a rendezvous port (29500 by
+    # default); a free one lets test runs and other jobs coexist.
+    full_env.setdefault("MASTER_PORT", str(free_port()))
     full_env.update(env or {})
     return subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)

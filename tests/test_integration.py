@@ -41,8 +41,9 @@ def train(tmp_path, cfg, deepspeed):
 @pytest.fixture(scope="module", params=["zero2", "zero3", None], ids=["zero2", "zero3", "no-deepspeed"])
 def trained(request, tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp(f"run_{request.param}")
+    # rows of 512 tokens hold ~4 pairs: ~50 packed steps (the 3% warm-up needs >= 34)
     cfg = copy_config(str(tmp), f"polar_it_{request.param}.py", tiny_dir, VAL,
-                      max_epochs=1, batch_size=4, save_steps=20)
+                      max_epochs=1, max_length=256, save_steps=20, evaluation_freq=20)
     work, proc = train(tmp, cfg, request.param)
     return {"tmp": tmp, "cfg": cfg, "work": work, "log": proc.stdout + proc.stderr, "ds": request.param}
 
@@ -52,7 +53,9 @@ def test_training_ran_and_logged_the_ranking_loss(trained):
     assert losses and all(l == l for l in losses)  # finite, logged
     assert "attn_implementation=sdpa" in trained["log"]
     ckpt = open(os.path.join(trained["work"], "last_checkpoint")).read().strip()
-    assert ckpt.endswith("iter_50.pth")  # 200 pairs / 4 per step
+    total = int(re.findall(r"Iter\(train\) \[\s*\d+/(\d+)\]", trained["log"])[-1])
+    assert total >= 34 and ckpt.endswith(f"iter_{total}.pth")
+    assert "varlen attention backend 'sdpa'" in trained["log"]
     assert os.path.isdir(os.path.join(trained["work"], re.sub(r"^.*/", "", ckpt))) == bool(trained["ds"])
 
 
@@ -101,6 +104,12 @@ def test_convert_verify_and_evaluate(trained):
     acc = sum(r["chosen"] > r["rejected"] for r in rows) / len(rows)
     assert acc == pytest.approx(report["accuracy"])
     assert "accuracy" in proc.stdout
+
+    # the same accuracy as PolarEvalHook measured on the val file at the end of training
+    during = re.findall(r"PolarEvalHook: iter (\d+) val/pref_accuracy ([0-9.]+)", trained["log"])
+    total = re.findall(r"Iter\(train\) \[\s*\d+/(\d+)\]", trained["log"])[-1]
+    assert len(during) >= 2 and during[-1][0] == total
+    assert float(during[-1][1]) == pytest.approx(report["accuracy"], abs=1e-4)
 
 
 def test_convert_refuses_bad_input(trained, tmp_path, tiny_dir):
