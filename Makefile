@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # xtuner's CLI starts `python` from PATH, so the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
+
+bench: setup
+	$(PY) bench/bench.py --out bench/results.json
 
 clean:
 	rm -rf work_dirs

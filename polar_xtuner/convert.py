@@ -121,6 +121,26 @@ def training_dtype_name(cfg) -> str:
     return "fp32"
 
 
+def deepspeed_dtype_name(ckpt: Checkpoint) -> str | None:
+    """The dtype a DeepSpeed run trained in, from the config saved with it."""
+    import glob
+
+    import torch
+
+    files = sorted(glob.glob(os.path.join(ckpt.path, "*model_states.pt")))
+    if ckpt.kind != "deepspeed" or not files:
+        return None
+    try:
+        # mmap: only the small ds_config entry is actually read.
+        ds = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False).get("ds_config") or {}
+    except Exception:  # noqa: BLE001 - fall back to the config's optimizer dtype
+        return None
+    for key, name in (("bf16", "bf16"), ("fp16", "fp16")):
+        if (ds.get(key) or {}).get("enabled") is True:
+            return name
+    return "fp32"
+
+
 def build_empty_model(model_dir: str, dtype):
     """An InternLM2ForRewardModel with parameters on the meta device."""
     from accelerate import init_empty_weights
@@ -257,7 +277,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     ckpt = resolve_checkpoint(checkpoint)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise ConvertError(f"output {out_dir} is not empty; pass --force to overwrite it")
-    dtype = dtype or training_dtype_name(cfg)
+    dtype = dtype or deepspeed_dtype_name(ckpt) or training_dtype_name(cfg)
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     torch_dtype = getattr(torch, DTYPES[dtype])
@@ -318,7 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help=".pth file, DeepSpeed checkpoint dir, or work dir")
     p.add_argument("out_dir", help="output directory (HF model layout)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weights dtype (default: the training dtype, fp32 without AMP)")
+                   help="weights dtype (default: the training dtype: DeepSpeed's, else the config's AMP dtype, "
+                        "else fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
     p.add_argument("--no-verify", action="store_true", help="skip scoring the output")

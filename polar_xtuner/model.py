@@ -117,6 +117,22 @@ class PolarRewardModel(RewardModel):
             )
         return model
 
+    def compute_loss(self, data, labels=None):
+        """xtuner's ranking loss, stopping at the first non-finite value.
+
+        Reward training in fp16 is prone to overflow; training on after a NaN
+        silently ruins the model, so the run stops with a message instead.
+        """
+        out = super().compute_loss(data, labels)
+        if not torch.isfinite(out["loss"].detach()).all():
+            raise FloatingPointError(
+                f"non-finite reward loss ({out['loss'].item()}); chosen score mean "
+                f"{out['chosen_score_mean'].item()}, rejected {out['rejected_score_mean'].item()}. "
+                "Under fp16 this is usually an overflow: train in bf16 (configs/deepspeed/polar_zero*.json "
+                "pick it where the GPU has it) or lower the learning rate."
+            )
+        return out
+
     @staticmethod
     def _prepare_for_flash_attn(cfg, llm_cfg):
         requested = getattr(cfg, "attn_implementation", None)

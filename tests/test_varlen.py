@@ -7,20 +7,7 @@ from polar_xtuner.attention import available_backends, select_backend
 from polar_xtuner.demo_data import generate
 from polar_xtuner.encoding import PolarEncoder
 
-
-def build_model(tiny_dir, use_varlen_attn=True, **kw):
-    from mmengine.config import ConfigDict
-    from transformers import AutoModel
-
-    from polar_xtuner.model import PolarRewardModel
-
-    torch.manual_seed(0)
-    return PolarRewardModel(
-        llm=ConfigDict(type=AutoModel.from_pretrained, pretrained_model_name_or_path=tiny_dir,
-                       trust_remote_code=True),
-        use_varlen_attn=use_varlen_attn, use_activation_checkpointing=False,
-        loss_type="ranking", penalty_type="none", **kw,
-    ).eval()
+from conftest import build_reward_model as build_model
 
 
 def publish(cu=None, max_seqlen=None):
@@ -130,3 +117,4 @@ def test_padded_model_is_untouched(tiny_dir, tokenizer):
     assert model.varlen_attn_backend is None and model.use_varlen_attn is False
     ids = _pairs(tokenizer, 1)[0]["chosen_ids"]
     assert isinstance(_score_alone(model, ids), float)
+
