@@ -9,7 +9,8 @@ interleaved (A, B, A, B ...) so that machine noise hits both sides alike:
 * padding vs packing: the share of real (non-pad) tokens per batch on a
   long-tailed, chat-like length distribution (lognormal, clipped);
 * training tokens/s of the tiny model on CPU, packed rows (varlen attention,
-  per-sample-exact SDPA) vs padded batches of the same pairs;
+  the exact SDPA backend) vs padded batches of the same pairs, with lengths
+  from the same distribution scaled to the tiny model's 1024 tokens;
 * evaluation pairs/s of tools/eval_pref.py's scorer, batched and length-sorted
   vs one pair at a time.
 
@@ -80,15 +81,31 @@ def _model(tiny_dir, varlen):
     ).train()
 
 
-def train_throughput(tiny_dir, tokenizer, steps: int, pairs_per_step: int = 16) -> dict:
-    """Real tokens/s of forward+backward+AdamW, packed vs padded, same pairs."""
+def synthetic_pairs(lengths, vocab_size: int, reward_token_id: int, seed: int = 0) -> list[dict]:
+    """Pair features with the given token lengths (random ids, reward token last)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c, r in lengths:
+        ids = [rng.integers(5, vocab_size, n - 1).tolist() + [reward_token_id] for n in (c, r)]
+        out.append({"chosen_ids": ids[0], "rejected_ids": ids[1],
+                    "chosen_labels": [-100] * (c - 1) + [0], "rejected_labels": [-100] * (r - 1) + [1]})
+    return out
+
+
+def train_throughput(tiny_dir, steps: int, pairs_per_step: int = 8, max_length: int = 1024) -> dict:
+    """Real tokens/s of forward+backward+AdamW, packed vs padded, the same pairs.
+
+    Lengths follow the chat-like distribution, scaled to the tiny model's
+    max_length, so padding wastes what it wastes on real data.
+    """
     from mmengine import MessageHub
+    from transformers import AutoConfig
     from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
     from xtuner.dataset.preference_dataset import PackedDatasetWrapper
 
-    from polar_xtuner.encoding import PolarEncoder
-
-    feats = PolarEncoder(tokenizer, 1024, 128).encode_pairs(list(generate(pairs_per_step * steps, 7)))
+    cfg = AutoConfig.from_pretrained(tiny_dir, trust_remote_code=True)
+    feats = synthetic_pairs(chat_like_lengths(pairs_per_step * steps, max_length, seed=1),
+                            cfg.vocab_size, cfg.reward_token_id)
     hub = MessageHub.get_instance("varlen_attn_args")
     models = {"packed": _model(tiny_dir, True), "padded": _model(tiny_dir, False)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
@@ -145,8 +162,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="training steps per side")
     args = p.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
     from polar_xtuner.tiny import make_tiny_model
 
     results = {}
@@ -155,8 +170,7 @@ def main(argv=None) -> int:
     results["packing_real_token_fraction"], results["packing_row_fill"] = packing_stats(lengths, 32768)
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_tiny_model(os.path.join(tmp, "tiny"))
-        tok = AutoTokenizer.from_pretrained(tiny)
-        results.update(train_throughput(tiny, tok, args.steps))
+        results.update(train_throughput(tiny, args.steps))
         results.update(eval_throughput(tiny))
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     results["date"] = time.strftime("%Y-%m-%d")
