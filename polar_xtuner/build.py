@@ -70,6 +70,7 @@ class BuildResult:
     val: int = 0
     reasons: Counter = field(default_factory=Counter)
     files: list = field(default_factory=list)
+    report: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -95,9 +96,87 @@ def _is_val(rec: dict, seed: int, ratio: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < ratio
 
 
+CHUNK = 1000  # records tokenized per batch
+
+
+class LengthMeter:
+    """Token lengths per field and what truncation/packing will do to them.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        max_length, max_response_length, max_packed_length: Training settings.
+    """
+
+    FIELDS = ("prompt", "reference", "chosen", "rejected")
+
+    def __init__(self, tokenizer, max_length: int, max_response_length: int, max_packed_length: int):
+        from array import array
+
+        from .encoding import PolarEncoder
+
+        self.tok = tokenizer
+        self.enc = PolarEncoder(tokenizer, max_length, max_response_length)
+        self.max_length, self.max_response_length = max_length, max_response_length
+        self.max_packed_length = max_packed_length
+        self.lengths = {f: array("I") for f in self.FIELDS + ("pair",)}
+        self.truncated = Counter()
+        self.over_packed = 0
+
+    def measure(self, records: list[dict]) -> list[str | None]:
+        """Record lengths; return per record why it is overlong (or None)."""
+        from .constants import TEMPLATE_RESERVED_TOKENS
+        from .schema import join_contents
+
+        lens = {f: [len(x) for x in self.tok([join_contents(r[f]) for r in records])["input_ids"]]
+                for f in self.FIELDS}
+        pairs = [len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in self.enc.encode_pairs(records)]
+        reasons = []
+        for i in range(len(records)):
+            why = []
+            for f in ("reference", "chosen", "rejected"):
+                if lens[f][i] > self.max_response_length:
+                    self.truncated[f] += 1
+                    why.append(f"{f} {lens[f][i]} tokens > max_response_length {self.max_response_length}")
+            cut = [min(lens[f][i], self.max_response_length) for f in ("reference", "chosen", "rejected")]
+            budget = (self.max_length - TEMPLATE_RESERVED_TOKENS - cut[0] - max(cut[1:])) // 2
+            if lens["prompt"][i] > budget:
+                self.truncated["prompt"] += 1
+                why.append(f"prompt {lens['prompt'][i]} tokens > its budget {max(budget, 0)}")
+            if pairs[i] > self.max_packed_length:
+                self.over_packed += 1
+                why.append(f"pair {pairs[i]} tokens > max_packed_length {self.max_packed_length}")
+            for f in self.FIELDS:
+                self.lengths[f].append(lens[f][i])
+            self.lengths["pair"].append(pairs[i])
+            reasons.append("overlong: " + "; ".join(why) if why else None)
+        return reasons
+
+    def report(self) -> dict:
+        def stats(a):
+            if not a:
+                return {}
+            v = sorted(a)
+            pick = lambda q: v[min(len(v) - 1, int(q * (len(v) - 1) + 0.5))]  # noqa: E731
+            return {"min": v[0], "mean": round(sum(v) / len(v), 1), "p50": pick(0.5), "p95": pick(0.95),
+                    "p99": pick(0.99), "max": v[-1]}
+
+        return {
+            "settings": {"max_length": self.max_length, "max_response_length": self.max_response_length,
+                         "max_packed_length": self.max_packed_length},
+            "tokens": {f: stats(a) for f, a in self.lengths.items()},
+            "truncated": {f: self.truncated[f] for f in self.FIELDS},
+            "over_max_packed_length": self.over_packed,
+        }
+
+
 def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: int = 0,
-          seed: int = 0, dedupe: bool = False, progress: bool = True) -> BuildResult:
+          seed: int = 0, dedupe: bool = False, progress: bool = True, meter: LengthMeter | None = None,
+          drop_overlong: bool = False) -> BuildResult:
     """Validate sources; write train.jsonl, val.jsonl, rejected.jsonl, report.json.
+
+    Records stream through in chunks, so memory does not grow with the input
+    (except for ``val_size``, which samples from all kept records, and
+    ``dedupe``, which keeps one hash per record).
 
     Args:
         sources: Files or directories.
@@ -107,6 +186,9 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
         seed: Seed of the split.
         dedupe: Drop exact duplicates of the four fields.
         progress: Show a progress bar.
+        meter: With a tokenizer: token-length statistics in the report.
+        drop_overlong: With a meter: reject records that would be truncated
+            or exceed max_packed_length (otherwise they are only counted).
 
     Raises:
         DataError: Missing/unreadable input, conflicting options.
@@ -115,6 +197,8 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
         raise DataError("--val-ratio and --val-size are mutually exclusive")
     if not 0.0 <= val_ratio < 1.0:
         raise DataError(f"--val-ratio must be in [0, 1), got {val_ratio}")
+    if drop_overlong and meter is None:
+        raise DataError("--drop-overlong needs --tokenizer")
     files = expand_sources(sources)
     os.makedirs(out_dir, exist_ok=True)
     res = BuildResult(files=files)
@@ -126,33 +210,47 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
             open(os.path.join(out_dir, "rejected.jsonl"), "w", encoding="utf-8") as rej_f, \
             open(val_path, "w", encoding="utf-8") as val_f, \
             tqdm(desc="Checking records", unit=" rec", disable=not progress) as bar:
-        for path in files:
-            for item in iter_source(path):
-                bar.update(1)
-                if item.error is not None:
-                    res.rejected += 1
-                    res.reasons[item.error.code] += 1
-                    rej_f.write(json.dumps({
-                        "source": item.source, "line": item.line, "field": item.error.field,
-                        "reason": item.error.reason, "raw": item.raw,
-                    }, ensure_ascii=False) + "\n")
+
+        def reject(item, reason, field, code):
+            res.rejected += 1
+            res.reasons[code] += 1
+            rej_f.write(json.dumps({"source": item.source, "line": item.line, "field": field,
+                                    "reason": reason, "raw": item.raw}, ensure_ascii=False) + "\n")
+
+        def flush(pending):
+            overlong = meter.measure([it.record for it in pending]) if meter else [None] * len(pending)
+            for item, why in zip(pending, overlong):
+                if why and drop_overlong:
+                    reject(item, why, None, "overlong")
                     continue
-                rec = item.record
-                if dedupe:
-                    key = _record_key(rec)
-                    if key in seen:
-                        res.duplicates += 1
-                        continue
-                    seen.add(key)
                 res.kept += 1
-                line = json.dumps(rec, ensure_ascii=False) + "\n"
+                line = json.dumps(item.record, ensure_ascii=False) + "\n"
                 if kept_lines is not None:
                     kept_lines.append(line)
-                elif val_ratio and _is_val(rec, seed, val_ratio):
+                elif val_ratio and _is_val(item.record, seed, val_ratio):
                     res.val += 1
                     val_f.write(line)
                 else:
                     train_f.write(line)
+            pending.clear()
+
+        pending = []
+        for path in files:
+            for item in iter_source(path):
+                bar.update(1)
+                if item.error is not None:
+                    reject(item, item.error.reason, item.error.field, item.error.code)
+                    continue
+                if dedupe:
+                    key = _record_key(item.record)
+                    if key in seen:
+                        res.duplicates += 1
+                        continue
+                    seen.add(key)
+                pending.append(item)
+                if len(pending) >= CHUNK:
+                    flush(pending)
+        flush(pending)
         if kept_lines is not None:
             if val_size >= len(kept_lines):
                 raise DataError(f"--val-size {val_size} leaves no training record (kept {len(kept_lines)})")
@@ -162,6 +260,10 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
             res.val = val_size
     if not (val_ratio or val_size):
         os.remove(val_path)
+    report = res.to_json()
+    if meter is not None:
+        report["lengths"] = meter.report()
     with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(res.to_json(), f, indent=2)
+        json.dump(report, f, indent=2)
+    res.report = report
     return res

@@ -3,12 +3,16 @@
 Usage:
     python tools/build_dataset.py SRC [SRC ...] -o OUT_DIR
         [--val-ratio R | --val-size N] [--seed S] [--dedupe]
+        [--tokenizer PATH [--max-length N] [--max-response-length N]
+         [--max-packed-length N] [--drop-overlong]]
 
 SRC: .jsonl files, .json arrays, or directories of them. Writes to OUT_DIR:
   train.jsonl     the kept records, normalised (a string field becomes one message)
   val.jsonl       a deterministic held-out split (with --val-ratio/--val-size)
   rejected.jsonl  one line per rejected record: source, line, field, reason, raw
-  report.json     counts kept/rejected and a histogram of reasons
+  report.json     counts kept/rejected and a histogram of reasons; with
+                  --tokenizer, token lengths per field and how many records
+                  will be truncated or exceed max_packed_length
 Exit codes: 0 at least one record kept; 2 nothing kept, a file missing or
 unreadable, or conflicting options.
 """
@@ -29,10 +33,31 @@ def main(argv=None) -> int:
     g.add_argument("--val-size", type=int, default=0, help="number of records for val.jsonl")
     p.add_argument("--seed", type=int, default=0, help="seed of the val split")
     p.add_argument("--dedupe", action="store_true", help="drop exact duplicate records")
+    p.add_argument("--tokenizer", help="tokenizer (model dir) for token-length statistics")
+    p.add_argument("--max-length", type=int, default=16384, help="as in the training config")
+    p.add_argument("--max-response-length", type=int, default=4096, help="as in the training config")
+    p.add_argument("--max-packed-length", type=int, default=None, help="default: 2 x --max-length")
+    p.add_argument("--drop-overlong", action="store_true",
+                   help="reject records that would be truncated or exceed max_packed_length (default: count them)")
     args = p.parse_args(argv)
+    if args.drop_overlong and not args.tokenizer:
+        p.error("--drop-overlong needs --tokenizer")
+    meter = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        from polar_xtuner.build import LengthMeter
+
+        try:
+            tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=True)
+            meter = LengthMeter(tok, args.max_length, args.max_response_length,
+                                args.max_packed_length or 2 * args.max_length)
+        except (OSError, ValueError) as e:
+            print(f"error: --tokenizer {args.tokenizer}: {e}", file=sys.stderr)
+            return 2
     try:
         res = build(args.sources, args.out_dir, args.val_ratio, args.val_size, args.seed,
-                    args.dedupe, progress=sys.stderr.isatty())
+                    args.dedupe, progress=sys.stderr.isatty(), meter=meter, drop_overlong=args.drop_overlong)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -42,6 +67,13 @@ def main(argv=None) -> int:
         print(f"  rejected {n:>6}  {reason}")
     if res.rejected:
         print(f"  details: {args.out_dir}/rejected.jsonl")
+    if meter is not None:
+        lengths = res.report["lengths"]
+        for field, st in lengths["tokens"].items():
+            if st:
+                print(f"  tokens {field:<10} mean {st['mean']:>8}  p95 {st['p95']:>6}  max {st['max']:>6}")
+        cut = ", ".join(f"{k} {v}" for k, v in lengths["truncated"].items())
+        print(f"  truncated: {cut}; over max_packed_length: {lengths['over_max_packed_length']}")
     if res.kept == 0:
         print("error: no valid record kept", file=sys.stderr)
         return 2

@@ -1,0 +1,88 @@
+"""tools/build_dataset.py: nothing lost, clear errors, deterministic splits, length statistics."""
+import json
+import os
+
+from conftest import ASSETS, REPO, run_tool
+
+BAD = os.path.join(ASSETS, "bad_records.jsonl")
+UNI = os.path.join(ASSETS, "unicode_records.jsonl")
+VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
+
+
+def _lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_mixed_input_keeps_good_and_reports_every_bad_line(tmp_path):
+    out = tmp_path / "out"
+    proc = run_tool("python", "tools/build_dataset.py", BAD, VAL, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    kept, rejected = _lines(out / "train.jsonl"), _lines(out / "rejected.jsonl")
+    assert len(kept) == 3 + 200 and len(rejected) == 11
+    assert [r["line"] for r in rejected] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14]
+    assert all(r["source"] == BAD and r["reason"] and "raw" in r for r in rejected)
+    assert rejected[2]["field"] == "reference" and "'reference'" in rejected[2]["reason"]
+    # a plain-string prompt is normalised into one message, extra keys kept
+    assert {"role": "user", "content": "What is the capital of China?"} == kept[1]["prompt"][0]
+    assert kept[1]["source"] == "plain-string"
+    report = json.load(open(out / "report.json"))
+    assert report["kept"] == 203 and report["rejected"] == 11
+    assert report["rejected_by_reason"]["bad_message"] == 3
+    assert "rejected 11" in proc.stdout
+
+
+def test_val_split_is_deterministic_and_disjoint(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        proc = run_tool("python", "tools/build_dataset.py", VAL, "-o", str(out), "--val-size", "20", "--seed", "3")
+        assert proc.returncode == 0, proc.stderr
+        runs.append((_lines(out / "train.jsonl"), _lines(out / "val.jsonl")))
+    (train_a, val_a), (train_b, val_b) = runs
+    assert val_a == val_b and train_a == train_b and len(val_a) == 20 and len(train_a) == 180
+    ids = lambda recs: {r["id"] for r in recs}  # noqa: E731
+    assert not ids(val_a) & ids(train_a)
+
+    out = tmp_path / "ratio"
+    run_tool("python", "tools/build_dataset.py", VAL, "-o", str(out), "--val-ratio", "0.25")
+    n_val = len(_lines(out / "val.jsonl"))
+    assert 20 <= n_val <= 80 and n_val + len(_lines(out / "train.jsonl")) == 200
+
+
+def test_errors_exit_2_with_one_line(tmp_path):
+    cases = [
+        (["tools/build_dataset.py", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o")], "no such file"),
+        (["tools/build_dataset.py", VAL, "-o", str(tmp_path / "o"), "--val-size", "200"], "leaves no training"),
+        (["tools/build_dataset.py", VAL, "-o", str(tmp_path / "o"), "--val-size", "5", "--val-ratio", "0.1"],
+         "not allowed with"),
+        (["tools/build_dataset.py", VAL, "-o", str(tmp_path / "o"), "--drop-overlong"], "needs --tokenizer"),
+    ]
+    only_bad = tmp_path / "only_bad.jsonl"
+    only_bad.write_text('{"prompt": 1}\nnot json\n')
+    cases.append((["tools/build_dataset.py", str(only_bad), "-o", str(tmp_path / "o2")], "no valid record"))
+    for args, message in cases:
+        proc = run_tool("python", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # nothing kept still leaves the rejected records behind
+    assert len(_lines(tmp_path / "o2" / "rejected.jsonl")) == 2
+
+
+def test_token_length_statistics_and_drop_overlong(tmp_path, tiny_dir):
+    common = ["tools/build_dataset.py", UNI, VAL, "--tokenizer", tiny_dir, "--max-length", "300",
+              "--max-response-length", "60"]
+    proc = run_tool("python", *common, "-o", str(tmp_path / "flag"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.load(open(tmp_path / "flag" / "report.json"))
+    lengths = report["lengths"]
+    assert lengths["settings"]["max_packed_length"] == 600
+    assert lengths["truncated"]["reference"] >= 2 and lengths["truncated"]["prompt"] >= 1
+    assert lengths["tokens"]["pair"]["max"] <= 600 and lengths["tokens"]["prompt"]["max"] > 300
+    assert report["kept"] == 207  # flagged only
+
+    proc = run_tool("python", *common, "-o", str(tmp_path / "drop"), "--drop-overlong")
+    assert proc.returncode == 0, proc.stderr
+    rejected = _lines(tmp_path / "drop" / "rejected.jsonl")
+    assert rejected and all(r["reason"].startswith("overlong: ") and r["source"] == UNI for r in rejected)
+    assert json.load(open(tmp_path / "drop" / "report.json"))["kept"] == 207 - len(rejected)
