@@ -38,7 +38,7 @@ def expand_sources(sources: list[str]) -> list[str]:
     return files
 
 
-def iter_json_array(path: str) -> Iterator[Located]:
+def iter_json_array(path: str, validate: bool = True) -> Iterator[Located]:
     """Records of a .json file holding one array; the line is the array index + 1."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -51,6 +51,10 @@ def iter_json_array(path: str) -> Iterator[Located]:
         raise DataError(f"{path}: a .json source must hold an array of records")
     for i, obj in enumerate(data, 1):
         item = Located(path, i, json.dumps(obj, ensure_ascii=False))
+        if not validate:
+            item.record = obj
+            yield item
+            continue
         try:
             item.record = validate_record(obj)
         except RecordError as e:
@@ -58,8 +62,52 @@ def iter_json_array(path: str) -> Iterator[Located]:
         yield item
 
 
-def iter_source(path: str) -> Iterator[Located]:
-    return iter_json_array(path) if path.endswith(".json") else iter_jsonl(path)
+def iter_source(path: str, fmt: str = "polar") -> Iterator[Located]:
+    """Checked records of one file; other formats are converted first."""
+    if fmt == "polar":
+        yield from (iter_json_array(path) if path.endswith(".json") else iter_jsonl(path))
+        return
+    from .converters import CONVERTERS
+
+    convert = CONVERTERS[fmt]
+    for item in iter_raw(path):
+        if item.error is not None:
+            yield item
+            continue
+        try:
+            for rec in convert(item.record):
+                out = Located(item.source, item.line, item.raw)
+                try:
+                    out.record = validate_record(rec)
+                except RecordError as e:
+                    out.error = e
+                yield out
+        except RecordError as e:
+            item.record, item.error = None, e
+            yield item
+
+
+def iter_raw(path: str) -> Iterator[Located]:
+    """Parsed JSON objects of a .jsonl (or .json array) file, not yet validated."""
+    if path.endswith(".json"):
+        for item in iter_json_array(path, validate=False):
+            yield item
+        return
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for lineno, bline in enumerate(f, 1):
+            raw = bline.decode("utf-8", "replace").rstrip("\r\n")
+            if not raw.strip():
+                continue
+            item = Located(path, lineno, raw)
+            try:
+                item.record = json.loads(raw)
+            except json.JSONDecodeError as e:
+                item.error = RecordError(f"invalid JSON ({e.msg} at column {e.colno})", None, "invalid_json")
+            yield item
 
 
 @dataclass
@@ -171,7 +219,7 @@ class LengthMeter:
 
 def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: int = 0,
           seed: int = 0, dedupe: bool = False, progress: bool = True, meter: LengthMeter | None = None,
-          drop_overlong: bool = False) -> BuildResult:
+          drop_overlong: bool = False, fmt: str = "polar") -> BuildResult:
     """Validate sources; write train.jsonl, val.jsonl, rejected.jsonl, report.json.
 
     Records stream through in chunks, so memory does not grow with the input
@@ -189,6 +237,7 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
         meter: With a tokenizer: token-length statistics in the report.
         drop_overlong: With a meter: reject records that would be truncated
             or exceed max_packed_length (otherwise they are only counted).
+        fmt: Input format: "polar", or one of :mod:`polar_xtuner.converters`.
 
     Raises:
         DataError: Missing/unreadable input, conflicting options.
@@ -236,7 +285,7 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
 
         pending = []
         for path in files:
-            for item in iter_source(path):
+            for item in iter_source(path, fmt):
                 bar.update(1)
                 if item.error is not None:
                     reject(item, item.error.reason, item.error.field, item.error.code)

@@ -86,3 +86,42 @@ def test_token_length_statistics_and_drop_overlong(tmp_path, tiny_dir):
     rejected = _lines(tmp_path / "drop" / "rejected.jsonl")
     assert rejected and all(r["reason"].startswith("overlong: ") and r["source"] == UNI for r in rejected)
     assert json.load(open(tmp_path / "drop" / "report.json"))["kept"] == 207 - len(rejected)
+
+
+def test_ranked_converter_on_its_example(tmp_path):
+    src = os.path.join(REPO, "data", "examples", "ranked.jsonl")
+    proc = run_tool("python", "tools/build_dataset.py", src, "--from", "ranked", "-o", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    recs = _lines(tmp_path / "train.jsonl")
+    # 4 responses: best = reference, 3 ordered pairs among the rest; 3 responses: 1 pair
+    assert len(recs) == 4
+    first = recs[0]
+    assert first["reference"][0]["content"].startswith("Canberra. It was chosen")
+    assert (first["chosen"][0]["content"], first["rejected"][0]["content"]) == (
+        "The capital is Canberra.", "It is Sydney, the largest city.")
+    assert all(r["source"] == "example-ranked" for r in recs)
+    assert recs[3]["chosen"][0]["content"] == "8" and recs[3]["rejected"][0]["content"] == "12"
+
+
+def test_ranked_converter_refusals_name_the_line(tmp_path):
+    bad = tmp_path / "ranked_bad.jsonl"
+    bad.write_text("\n".join([
+        json.dumps({"prompt": "q", "responses": [{"response": "a", "score": 1}, {"response": "b", "score": 0}]}),
+        json.dumps({"prompt": "q", "responses": [{"response": "a", "score": 2}, {"response": "b", "score": 2},
+                                                 {"response": "c", "score": 1}]}),
+        json.dumps({"prompt": "q", "responses": [{"response": "a"}, {"response": "b", "score": 2},
+                                                 {"response": "c", "score": 1}]}),
+    ]) + "\n")
+    proc = run_tool("python", "tools/build_dataset.py", str(bad), "--from", "ranked", "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    rejected = _lines(tmp_path / "o" / "rejected.jsonl")
+    assert [(r["line"], r["field"]) for r in rejected] == [(1, "responses"), (2, "responses"), (3, "responses")]
+    assert "three or more" in rejected[0]["reason"] and "top score" in rejected[1]["reason"]
+
+
+def test_pairwise_without_reference_is_refused_with_what_is_needed(tmp_path):
+    src = os.path.join(REPO, "data", "examples", "pairwise_no_reference.jsonl")
+    proc = run_tool("python", "tools/build_dataset.py", src, "--from", "pairwise", "-o", str(tmp_path))
+    assert proc.returncode == 2 and "no valid record" in proc.stderr
+    (rej,) = _lines(tmp_path / "rejected.jsonl")
+    assert rej["field"] == "reference" and "add a 'reference' field" in rej["reason"]

@@ -2,7 +2,7 @@
 
 Usage:
     python tools/build_dataset.py SRC [SRC ...] -o OUT_DIR
-        [--val-ratio R | --val-size N] [--seed S] [--dedupe]
+        [--from polar|ranked|pairwise] [--val-ratio R | --val-size N] [--seed S] [--dedupe]
         [--tokenizer PATH [--max-length N] [--max-response-length N]
          [--max-packed-length N] [--drop-overlong]]
 
@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     g.add_argument("--val-size", type=int, default=0, help="number of records for val.jsonl")
     p.add_argument("--seed", type=int, default=0, help="seed of the val split")
     p.add_argument("--dedupe", action="store_true", help="drop exact duplicate records")
+    p.add_argument("--from", dest="fmt", choices=["polar", "ranked", "pairwise"], default="polar",
+                   help="input format: POLAR records (default), ranked responses (best = reference), "
+                        "or pairwise without reference (refused, with what is needed)")
     p.add_argument("--tokenizer", help="tokenizer (model dir) for token-length statistics")
     p.add_argument("--max-length", type=int, default=16384, help="as in the training config")
     p.add_argument("--max-response-length", type=int, default=4096, help="as in the training config")
@@ -57,7 +60,8 @@ def main(argv=None) -> int:
             return 2
     try:
         res = build(args.sources, args.out_dir, args.val_ratio, args.val_size, args.seed,
-                    args.dedupe, progress=sys.stderr.isatty(), meter=meter, drop_overlong=args.drop_overlong)
+                    args.dedupe, progress=sys.stderr.isatty(), meter=meter, drop_overlong=args.drop_overlong,
+                    fmt=args.fmt)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
