@@ -50,6 +50,9 @@ max_length = 16384
 max_response_length = 4096
 max_packed_length = max_length * 2
 pack_seed = 0  # packing order, identical on every rank
+# Encoded pairs are cached here and reused on restart and by every rank while
+# the data files, tokenizer and lengths are unchanged (None: no cache).
+data_cache_dir = "work_dirs/polar_data_cache"
 
 # Parallel
 sequence_parallel_size = 1
@@ -114,6 +117,7 @@ train_dataset = dict(
     max_packed_length=max_packed_length,
     shuffle_before_pack=True,
     seed=pack_seed,
+    cache_dir=data_cache_dir,
 )
 
 train_dataloader = dict(

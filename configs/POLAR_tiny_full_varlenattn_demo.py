@@ -43,6 +43,9 @@ max_length = 1024
 max_response_length = 128
 max_packed_length = max_length * 2
 pack_seed = 0
+# Encoded pairs are cached here and reused on restart and by every rank while
+# the data files, tokenizer and lengths are unchanged (None: no cache).
+data_cache_dir = "work_dirs/polar_data_cache"
 
 # Parallel
 sequence_parallel_size = 1
@@ -108,6 +111,7 @@ train_dataset = dict(
     max_packed_length=max_packed_length,
     shuffle_before_pack=True,
     seed=pack_seed,
+    cache_dir=data_cache_dir,
 )
 
 train_dataloader = dict(

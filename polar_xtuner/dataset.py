@@ -10,6 +10,10 @@ Items have the format of ``xtuner.dataset.collate_fns.preference_collate_fn``.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import sys
 from typing import Sequence
 
@@ -30,16 +34,21 @@ def _build_tokenizer(tokenizer):
 
 
 def encode_records(records: Sequence[dict], encoder, desc: str = "Encoding pairs"):
-    """Encode validated records into an HF ``datasets.Dataset`` of pair features."""
+    """Encode validated records into an HF ``datasets.Dataset`` of pair features.
+
+    Batches go through the fast tokenizer, whose Rust thread pool uses the
+    machine's cores (no fixed process count).
+    """
     from datasets import Dataset
 
-    columns = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels")}
+    columns = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels", "length")}
     with tqdm(total=len(records), desc=desc, disable=len(records) < 5 * ENCODE_CHUNK) as bar:
         for start in range(0, len(records), ENCODE_CHUNK):
             chunk = records[start:start + ENCODE_CHUNK]
             for feat in encoder.encode_pairs(chunk):
                 for k, v in feat.items():
                     columns[k].append(v)
+                columns["length"].append(len(feat["chosen_ids"]) + len(feat["rejected_ids"]))
             bar.update(len(chunk))
     return Dataset.from_dict(columns)
 
@@ -54,7 +63,7 @@ def pack_pairs(dataset, max_packed_length: int, shuffle: bool = True, seed: int 
     from torch.utils.data import Subset
     from xtuner.dataset.preference_dataset import PackedDatasetWrapper
 
-    lengths = np.array([len(c) + len(r) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])])
+    lengths = np.asarray(dataset["length"])
     over = np.flatnonzero(lengths > max_packed_length)
     if len(over):
         raise DataError(
@@ -64,6 +73,67 @@ def pack_pairs(dataset, max_packed_length: int, shuffle: bool = True, seed: int 
         )
     order = np.random.default_rng(seed).permutation(len(dataset)) if shuffle else np.arange(len(dataset))
     return PackedDatasetWrapper(Subset(dataset, order.tolist()), max_packed_length, shuffle_before_pack=False)
+
+
+CACHE_FORMAT = 1  # bump when the encoding or the cached columns change
+
+
+def cache_key(data_files: Sequence[str], tokenizer, max_length: int, max_response_length: int,
+              reward_token_id: int | None) -> str:
+    """A fingerprint of everything the encoded pairs depend on."""
+    h = hashlib.sha1()
+    for path in data_files:
+        st = os.stat(path)
+        h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else f"{tokenizer.name_or_path}|{len(tokenizer)}").encode())
+    h.update(json.dumps([max_length, max_response_length, reward_token_id, CACHE_FORMAT]).encode())
+    return h.hexdigest()[:16]
+
+
+def _barrier():
+    from mmengine.dist import barrier, get_world_size
+
+    if get_world_size() > 1:
+        barrier()
+
+
+def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_response_length: int,
+                  reward_token_id: int | None, cache_dir: str | None = None):
+    """Encoded pair features, from the cache when it holds this exact input.
+
+    Without a cache every rank validates and encodes. With one, a hit is
+    memory-mapped from disk (no validation, no tokenization); on a miss every
+    rank validates (so bad data fails on every rank, never leaving ranks
+    waiting), rank 0 encodes and saves atomically, and the others load it.
+    """
+    from datasets import load_from_disk
+    from mmengine.dist import get_rank
+
+    from .encoding import PolarEncoder
+
+    for path in data_files:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file")
+    if cache_dir is None:
+        encoder = PolarEncoder(tokenizer, max_length, max_response_length, reward_token_id)
+        return encode_records(load_records(data_files), encoder)
+    path = os.path.join(cache_dir, cache_key(data_files, tokenizer, max_length, max_response_length,
+                                             reward_token_id))
+    if os.path.isdir(path):
+        print(f"polar_xtuner: using cached encoded pairs {path}", file=sys.stderr)
+    else:
+        records = load_records(data_files)
+        encoder = PolarEncoder(tokenizer, max_length, max_response_length, reward_token_id)
+        if get_rank() == 0:
+            tmp = f"{path}.tmp{os.getpid()}"
+            encode_records(records, encoder).save_to_disk(tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)  # atomic: a half-written cache is never read
+            print(f"polar_xtuner: cached encoded pairs in {path}", file=sys.stderr)
+        del records
+    _barrier()
+    return load_from_disk(path)
 
 
 def build_polar_dataset(
@@ -76,6 +146,7 @@ def build_polar_dataset(
     max_packed_length: int | None = None,
     shuffle_before_pack: bool = True,
     seed: int = 0,
+    cache_dir: str | None = None,
 ):
     """Validate, encode and (optionally) pack POLAR preference data.
 
@@ -89,6 +160,9 @@ def build_polar_dataset(
         max_packed_length: Row length when packing; default 2 x max_length.
         shuffle_before_pack: Shuffle pairs (with ``seed``) before packing.
         seed: Seed of the packing order; the same on every rank.
+        cache_dir: Keep the encoded pairs here (HF datasets on disk,
+            memory-mapped) and reuse them on restart and on every rank while
+            the files, tokenizer and lengths are unchanged. None: no cache.
 
     Returns:
         A dataset of pair features, or of packed rows with ``use_varlen_attn``.
@@ -97,15 +171,10 @@ def build_polar_dataset(
         With a one-line message naming file, line and field when the data is
         bad, rather than a traceback from inside the training loop.
     """
-    from .encoding import PolarEncoder
-
+    files = [data_files] if isinstance(data_files, str) else list(data_files)
     try:
-        records = load_records(data_files)
-        encoder = PolarEncoder(
-            _build_tokenizer(tokenizer), max_length=max_length,
-            max_response_length=max_response_length, reward_token_id=reward_token_id,
-        )
-        dataset = encode_records(records, encoder)
+        dataset = encoded_pairs(files, _build_tokenizer(tokenizer), max_length, max_response_length,
+                                reward_token_id, cache_dir)
         if use_varlen_attn:
             dataset = pack_pairs(dataset, max_packed_length or 2 * max_length, shuffle_before_pack, seed)
     except (DataError, ValueError) as e:

@@ -125,3 +125,28 @@ def test_pairwise_without_reference_is_refused_with_what_is_needed(tmp_path):
     assert proc.returncode == 2 and "no valid record" in proc.stderr
     (rej,) = _lines(tmp_path / "rejected.jsonl")
     assert rej["field"] == "reference" and "add a 'reference' field" in rej["reason"]
+
+
+def _peak_rss_kb(args):
+    """Peak RSS of one tool run, measured in a fresh child process."""
+    import subprocess
+    import sys
+
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, sys.executable, *args], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+def test_memory_does_not_grow_with_input(tmp_path):
+    from polar_xtuner.demo_data import generate, write_jsonl
+
+    small, large = tmp_path / "small.jsonl", tmp_path / "large.jsonl"
+    write_jsonl(str(small), generate(3000, 1))
+    write_jsonl(str(large), generate(30000, 1))
+    rss_small = _peak_rss_kb(["tools/build_dataset.py", str(small), "-o", str(tmp_path / "s"), "--val-ratio", "0.1"])
+    rss_large = _peak_rss_kb(["tools/build_dataset.py", str(large), "-o", str(tmp_path / "l"), "--val-ratio", "0.1"])
+    assert len(_lines(tmp_path / "l" / "train.jsonl")) + len(_lines(tmp_path / "l" / "val.jsonl")) == 30000
+    # ten times the records (about 11 MB more input) within a few MB of peak memory
+    assert rss_large < rss_small * 1.2, (rss_small, rss_large)

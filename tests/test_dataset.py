@@ -1,0 +1,62 @@
+"""build_polar_dataset: the config-facing builder, its cache and its packing."""
+import os
+import shutil
+
+import pytest
+
+from conftest import ASSETS, REPO
+from polar_xtuner.dataset import build_polar_dataset, cache_key
+
+VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
+
+
+def test_cache_is_reused_and_equal(tmp_path, tokenizer, capsys):
+    data = str(tmp_path / "val.jsonl")
+    shutil.copy(VAL, data)
+    cache = str(tmp_path / "cache")
+    fresh = build_polar_dataset(data, tokenizer, 512, 128, cache_dir=None)
+    first = build_polar_dataset(data, tokenizer, 512, 128, cache_dir=cache)
+    assert "cached encoded pairs in" in capsys.readouterr().err
+    again = build_polar_dataset(data, tokenizer, 512, 128, cache_dir=cache)
+    assert "using cached encoded pairs" in capsys.readouterr().err
+    assert len(fresh) == len(first) == len(again) == 200
+    assert fresh[:] == first[:] == again[:]
+    assert len(os.listdir(cache)) == 1
+
+
+def test_cache_key_follows_data_and_settings(tmp_path, tokenizer):
+    data = str(tmp_path / "val.jsonl")
+    shutil.copy(VAL, data)
+    key = cache_key([data], tokenizer, 512, 128, None)
+    assert cache_key([data], tokenizer, 512, 128, None) == key
+    assert cache_key([data], tokenizer, 1024, 128, None) != key
+    with open(data, "a") as f:
+        f.write(open(VAL).readline())
+    assert cache_key([data], tokenizer, 512, 128, None) != key
+
+
+def test_packed_rows_respect_the_limit_and_keep_every_pair(tokenizer):
+    ds = build_polar_dataset(VAL, tokenizer, 256, 128, use_varlen_attn=True, max_packed_length=512)
+    assert sum((len(ds[i]["cumulative_len"]) - 1) // 2 for i in range(len(ds))) == 200
+    assert all(len(ds[i]["input_ids"]) <= 512 for i in range(len(ds)))
+    again = build_polar_dataset(VAL, tokenizer, 256, 128, use_varlen_attn=True, max_packed_length=512)
+    assert [ds[i]["input_ids"] for i in range(len(ds))] == [again[i]["input_ids"] for i in range(len(ds))]
+
+
+def test_bad_data_and_settings_exit_with_a_message(tokenizer, capsys, tmp_path):
+    bad = os.path.join(ASSETS, "bad_records.jsonl")
+    with pytest.raises(SystemExit) as e:
+        build_polar_dataset(bad, tokenizer, 512, 128, cache_dir=str(tmp_path))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: invalid JSON" in err and f"{bad}:4: missing field 'reference'" in err
+    assert not os.listdir(tmp_path)  # nothing cached from bad data
+    with pytest.raises(SystemExit):
+        build_polar_dataset(str(tmp_path / "missing.jsonl"), tokenizer, 512, 128)
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, max_packed_length=64)
+    assert "longer than max_packed_length=64" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_polar_dataset(VAL, tokenizer, 512, 128, reward_token_id=92527)
+    assert "set reward_token_id = 4" in capsys.readouterr().err
