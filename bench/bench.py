@@ -12,7 +12,12 @@ interleaved (A, B, A, B ...) so that machine noise hits both sides alike:
   the exact SDPA backend) vs padded batches of the same pairs, with lengths
   from the same distribution scaled to the tiny model's 1024 tokens;
 * evaluation pairs/s of tools/eval_pref.py's scorer, batched and length-sorted
-  vs one pair at a time.
+  vs one pair at a time;
+* validating, tokenizing and packing N synthetic pairs with our builder vs
+  xtuner's ``build_preference_dataset(is_reference=True)`` (token ids checked
+  equal);
+* wall time of a one-step ``xtuner train`` on the N-pair file without the
+  pre-tokenized cache vs with a warm cache.
 
 Writes the JSON figures and prints a Markdown table for bench/README.md.
 """
@@ -139,6 +144,63 @@ def train_throughput(tiny_dir, steps: int, pairs_per_step: int = 8, max_length: 
             "train_speedup_packed_vs_padded": packed / padded}
 
 
+def data_build(tiny_dir, data_file: str, n: int) -> dict:
+    """Validate + tokenize + pack n pairs: our builder vs xtuner's, same token ids."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from xtuner.dataset.preference_dataset import build_preference_dataset
+
+    from polar_xtuner.dataset import build_polar_dataset
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    kw = dict(max_length=1024, max_response_length=128, use_varlen_attn=True, max_packed_length=2048,
+              shuffle_before_pack=False)
+    t0 = time.perf_counter()
+    ours = build_polar_dataset(data_file, tok, reward_token_id=4, cache_dir=None, **kw)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stock = build_preference_dataset(
+        dataset=dict(type=load_dataset, path="json", data_files=data_file), tokenizer=tok,
+        dataset_map_fn=None, is_dpo=False, is_reward=True, reward_token_id=4, is_reference=True,
+        num_proc=os.cpu_count(), **kw)
+    t_stock = time.perf_counter() - t0
+    assert len(ours) == len(stock), (len(ours), len(stock))
+    for i in range(len(ours)):
+        assert ours[i]["input_ids"] == stock[i]["input_ids"] and ours[i]["labels"] == stock[i]["labels"], i
+    return {"data_build_pairs_per_s": n / t_ours, "data_build_pairs_per_s_xtuner": n / t_stock,
+            "data_build_speedup_vs_xtuner": t_stock / t_ours, "data_build_pairs": n}
+
+
+def startup(tiny_dir, data_file: str) -> dict:
+    """Wall time of `xtuner train` to its first step (one-step runs): no cache vs a warm cache."""
+    import re
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(repo, "configs", "POLAR_tiny_full_varlenattn_demo.py"), encoding="utf-8").read()
+    tmp = os.path.dirname(data_file)
+    times = {}
+    for kind, cache in (("stock", None), ("cold", os.path.join(tmp, "cache")), ("cached", os.path.join(tmp, "cache"))):
+        cfg_text = text
+        for key, value in (("pretrained_model_name_or_path", tiny_dir), ("data_files", data_file),
+                           ("data_cache_dir", cache)):
+            cfg_text = re.sub(rf"^{key} = .*$", f"{key} = {value!r}", cfg_text, count=1, flags=re.M)
+        cfg_text = cfg_text.replace("train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)",
+                                    "train_cfg = dict(type=TrainLoop, max_iters=1)")
+        cfg = os.path.join(tmp, f"polar_bench_startup_{kind}.py")
+        with open(cfg, "w", encoding="utf-8") as f:
+            f.write(cfg_text)
+        env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+        t0 = time.perf_counter()
+        proc = subprocess.run(["xtuner", "train", cfg, "--work-dir", os.path.join(tmp, f"work_{kind}")],
+                              capture_output=True, text=True, env=env, cwd=repo)
+        times[kind] = time.perf_counter() - t0
+        if not os.path.exists(os.path.join(tmp, f"work_{kind}", "last_checkpoint")):
+            raise RuntimeError(f"startup run {kind} failed:\n{proc.stderr[-2000:]}")
+    return {"startup_s_stock": times["stock"], "startup_s_cached": times["cached"],
+            "startup_speedup_cached": times["stock"] / times["cached"]}
+
+
 def eval_throughput(tiny_dir, repeats: int = 3) -> dict:
     from polar_xtuner.evaluate import load_model, score_records
 
@@ -160,6 +222,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"))
     p.add_argument("--steps", type=int, default=30, help="training steps per side")
+    p.add_argument("--pairs", type=int, default=100000, help="synthetic pairs for the data benchmarks")
+    p.add_argument("--skip-data", action="store_true", help="skip the (minutes-long) data benchmarks")
     args = p.parse_args(argv)
 
     from polar_xtuner.tiny import make_tiny_model
@@ -172,6 +236,13 @@ def main(argv=None) -> int:
         tiny = make_tiny_model(os.path.join(tmp, "tiny"))
         results.update(train_throughput(tiny, args.steps))
         results.update(eval_throughput(tiny))
+        if not args.skip_data:
+            from polar_xtuner.demo_data import write_jsonl
+
+            data_file = os.path.join(tmp, "pairs.jsonl")
+            write_jsonl(data_file, generate(args.pairs, 5))
+            results.update(data_build(tiny, data_file, args.pairs))
+            results.update(startup(tiny, data_file))
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     results["date"] = time.strftime("%Y-%m-%d")
     with open(args.out, "w") as f:

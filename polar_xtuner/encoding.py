@@ -71,10 +71,6 @@ def resolve_reward_token_id(tokenizer, reward_token_id: int | None = None) -> in
     return tid
 
 
-def _decode(tokenizer, ids_batch: list[list[int]]) -> list[str]:
-    return tokenizer.batch_decode(ids_batch, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-
 @dataclass
 class PolarEncoder:
     """Builds POLAR's input text and token ids from records.
@@ -102,9 +98,25 @@ class PolarEncoder:
         if self.max_response_length < 1:
             raise ValueError(f"max_response_length must be >= 1, got {self.max_response_length}")
         self.reward_token_id = resolve_reward_token_id(self.tokenizer, self.reward_token_id)
+        # A fast tokenizer's Rust backend batches across threads; calling it
+        # directly skips per-call Python overhead and gives the same ids/text
+        # as tokenizer.encode / tokenizer.decode (which xtuner and POLAR use).
+        self._backend = getattr(self.tokenizer, "_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        if self._backend is not None:
+            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=True)]
+        return [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
+
+    def _decode(self, ids_batch: list[list[int]]) -> list[str]:
+        # The tokenizer's own clean_up_tokenization_spaces default applies, as
+        # in xtuner's tokenize_ref and POLAR's client.
+        if self._backend is not None:
+            texts = self._backend.decode_batch(ids_batch, skip_special_tokens=True)
+            if self.tokenizer.clean_up_tokenization_spaces:
+                texts = [self.tokenizer.clean_up_tokenization(t) for t in texts]
+            return texts
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in ids_batch]
 
     def _cut(self, ids: list[int]) -> list[int]:
         n = self.max_response_length
@@ -148,9 +160,9 @@ class PolarEncoder:
                 ids = ids[len(ids) - budget:] if budget > 0 else []
             cut_prompts.append(ids)
 
-        p_txt = _decode(self.tokenizer, cut_prompts)
-        r_txt = _decode(self.tokenizer, r_ids)
-        c_txt = _decode(self.tokenizer, c_ids)
+        p_txt = self._decode(cut_prompts)
+        r_txt = self._decode(r_ids)
+        c_txt = self._decode(c_ids)
 
         out, k = [], 0
         for i, (_, _, cs) in enumerate(items):

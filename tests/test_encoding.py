@@ -116,3 +116,19 @@ def test_reward_token_id_mismatch_is_refused(tokenizer):
     assert resolve_reward_token_id(tokenizer) == TINY_REWARD_TOKEN_ID
     with pytest.raises(ValueError, match="set reward_token_id = 4"):
         PolarEncoder(tokenizer, reward_token_id=92527)
+
+
+def test_parity_follows_the_tokenizers_cleanup_setting(tiny_dir):
+    # Real tokenizers may clean up spaces on decode by default; xtuner and
+    # POLAR's client decode with the default, so the encoder must too.
+    from transformers import AutoTokenizer
+    from xtuner.dataset.preference_dataset import tokenize_ref
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir, clean_up_tokenization_spaces=True)
+    rec = validate_record({"prompt": "Hello , world . Is it n't so ?", "reference": "Yes , it is .",
+                           "chosen": "Yes , it is !", "rejected": "No ."})
+    got = PolarEncoder(tok, 512, 128).encode_pairs([rec])[0]
+    want = tokenize_ref(rec, tok, 512, 128, is_reward=True, reward_token_id=TINY_REWARD_TOKEN_ID)
+    assert got == want
+    text = PolarEncoder(tok, 512, 128).texts([(rec["prompt"], rec["reference"], [rec["chosen"]])])[0][0]
+    assert text.startswith("Hello, world.")
