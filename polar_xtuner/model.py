@@ -14,7 +14,7 @@ changes only what breaks or misleads:
 * ``use_varlen_attn=True`` packs several sequences in one row. xtuner only
   honours it through flash-attn and silently skips it otherwise, so packed
   samples would attend to each other. Here every backend of
-  :mod:`polar_xtuner.attention` (flash-attn, PyTorch varlen, per-sample SDPA)
+  :mod:`polar_xtuner.attention` (flash-attn, PyTorch varlen, exact SDPA)
   keeps samples apart; ``varlen_attn_backend`` forces one.
 * Every weight must come from the checkpoint: a model without ``v_head`` (a
   plain language model) or with weights missing is refused, where xtuner would
