@@ -59,14 +59,15 @@ class PolarEvalHook(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self.every_n_train_iters(runner, self.interval):
-            self.evaluate(runner)
+            self.evaluate(runner, runner.iter + 1)  # runner.iter counts from 0 until the step ends
 
     def after_train(self, runner) -> None:
         if not self.history or self.history[-1][0] != runner.iter:
-            self.evaluate(runner)
+            self.evaluate(runner, runner.iter)
 
     @torch.no_grad()
-    def evaluate(self, runner) -> float:
+    def evaluate(self, runner, step: int) -> float:
+        """Score the val file with the current weights; log and return the accuracy."""
         from .evaluate import score_ids
 
         model = runner.model
@@ -81,9 +82,9 @@ class PolarEvalHook(Hook):
         chosen, rejected = flat[0::2], flat[1::2]
         acc = sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
         margin = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
-        self.history.append((runner.iter, acc))
+        self.history.append((step, acc))
         if get_rank() == 0:
-            runner.visualizer.add_scalars({"val/pref_accuracy": acc, "val/margin": margin}, step=runner.iter)
-            print_log(f"PolarEvalHook: iter {runner.iter} val/pref_accuracy {acc:.4f} "
+            runner.visualizer.add_scalars({"val/pref_accuracy": acc, "val/margin": margin}, step=step)
+            print_log(f"PolarEvalHook: iter {step} val/pref_accuracy {acc:.4f} "
                       f"margin {margin:.4f} (n={len(chosen)})", "current")
         return acc
