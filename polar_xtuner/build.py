@@ -17,7 +17,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from .schema import DataError, Located, RecordError, iter_jsonl, validate_record
+from .schema import DataError, Located, RecordError, check, iter_jsonl
 
 
 def expand_sources(sources: list[str]) -> list[str]:
@@ -51,62 +51,31 @@ def iter_json_array(path: str, validate: bool = True) -> Iterator[Located]:
         raise DataError(f"{path}: a .json source must hold an array of records")
     for i, obj in enumerate(data, 1):
         item = Located(path, i, json.dumps(obj, ensure_ascii=False))
-        if not validate:
+        if validate:
+            yield check(item, obj)
+        else:
             item.record = obj
             yield item
-            continue
-        try:
-            item.record = validate_record(obj)
-        except RecordError as e:
-            item.error = e
-        yield item
 
 
 def iter_source(path: str, fmt: str = "polar") -> Iterator[Located]:
     """Checked records of one file; other formats are converted first."""
+    reader = iter_json_array if path.endswith(".json") else iter_jsonl
     if fmt == "polar":
-        yield from (iter_json_array(path) if path.endswith(".json") else iter_jsonl(path))
+        yield from reader(path)
         return
     from .converters import CONVERTERS
 
     convert = CONVERTERS[fmt]
-    for item in iter_raw(path):
+    for item in reader(path, validate=False):
         if item.error is not None:
             yield item
             continue
         try:
             for rec in convert(item.record):
-                out = Located(item.source, item.line, item.raw)
-                try:
-                    out.record = validate_record(rec)
-                except RecordError as e:
-                    out.error = e
-                yield out
+                yield check(Located(item.source, item.line, item.raw), rec)
         except RecordError as e:
             item.record, item.error = None, e
-            yield item
-
-
-def iter_raw(path: str) -> Iterator[Located]:
-    """Parsed JSON objects of a .jsonl (or .json array) file, not yet validated."""
-    if path.endswith(".json"):
-        for item in iter_json_array(path, validate=False):
-            yield item
-        return
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        for lineno, bline in enumerate(f, 1):
-            raw = bline.decode("utf-8", "replace").rstrip("\r\n")
-            if not raw.strip():
-                continue
-            item = Located(path, lineno, raw)
-            try:
-                item.record = json.loads(raw)
-            except json.JSONDecodeError as e:
-                item.error = RecordError(f"invalid JSON ({e.msg} at column {e.colno})", None, "invalid_json")
             yield item
 
 

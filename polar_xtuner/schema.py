@@ -133,10 +133,20 @@ def validate_record(obj: Any) -> dict:
     return out
 
 
-def iter_jsonl(path: str) -> Iterator[Located]:
+def check(item: Located, obj: Any) -> Located:
+    """Validate obj into item.record, or set item.error; return item."""
+    try:
+        item.record = validate_record(obj)
+    except RecordError as e:
+        item.error = e
+    return item
+
+
+def iter_jsonl(path: str, validate: bool = True) -> Iterator[Located]:
     """Stream a .jsonl file, yielding every non-blank line checked.
 
     Invalid lines are yielded with ``error`` set, never skipped silently.
+    With ``validate=False`` only the JSON is parsed (for converters).
 
     Raises:
         DataError: The file is missing or unreadable.
@@ -167,11 +177,11 @@ def iter_jsonl(path: str) -> Iterator[Located]:
                 item.error = RecordError(f"invalid JSON ({e.msg} at column {e.colno})", None, "invalid_json")
                 yield item
                 continue
-            try:
-                item.record = validate_record(obj)
-            except RecordError as e:
-                item.error = e
-            yield item
+            if validate:
+                yield check(item, obj)
+            else:
+                item.record = obj
+                yield item
 
 
 def load_records(paths: str | list[str], max_errors_shown: int = 5) -> list[dict]:

@@ -62,7 +62,6 @@ def test_packed_scores_equal_each_sample_alone(varlen_model, tokenizer, n_pairs)
 
 
 def test_packed_loss_and_gradients_equal_unpacked(varlen_model, tokenizer):
-    from torch.utils.data import Subset
     from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
     from xtuner.dataset.preference_dataset import PackedDatasetWrapper
 
