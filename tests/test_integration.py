@@ -143,6 +143,20 @@ def test_convert_refuses_bad_input(trained, tmp_path, tiny_dir):
     assert "does not match" in proc.stderr and "mis-shaped: model.layers.0.attention.wo.weight" in proc.stderr
 
 
+def test_verification_failure_exits_3(trained, tmp_path, monkeypatch, capsys):
+    if trained["ds"] is not None:
+        pytest.skip("once is enough")
+    import polar_xtuner.convert as conv
+
+    # Nothing can be within a negative tolerance: the saved model must be reported, not accepted.
+    monkeypatch.setitem(conv.TOLERANCE, "fp32", -1.0)
+    out = tmp_path / "hf"
+    assert conv.main([trained["cfg"], trained["work"], str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "verification failed" in err and "scores differ from the checkpoint" in err
+    assert not (out / "README.md").exists()  # no model card for an unverified model
+
+
 def test_bad_training_data_stops_with_file_and_line(tmp_path, tiny_dir):
     bad = os.path.join(REPO, "tests", "assets", "bad_records.jsonl")
     cfg = copy_config(str(tmp_path), "polar_it_bad.py", tiny_dir, bad, max_epochs=1)
