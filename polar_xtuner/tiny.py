@@ -155,12 +155,14 @@ def tiny_config_dict(vocab_size: int, **overrides) -> dict:
     return cfg
 
 
-def make_tiny_model(out_dir: str, seed: int = 0, **config_overrides) -> str:
+def make_tiny_model(out_dir: str, seed: int = 0, with_weights: bool = True, **config_overrides) -> str:
     """Write a tiny random POLAR reward model and its tokenizer to out_dir.
 
     Args:
         out_dir: Target directory (created if missing).
         seed: Seed for the random weights, so the demo is reproducible.
+        with_weights: False writes config, code and tokenizer only (enough to
+            build the model on the meta device, as the converter does).
         **config_overrides: Config fields to change (sizes, for example).
 
     Returns:
@@ -174,8 +176,11 @@ def make_tiny_model(out_dir: str, seed: int = 0, **config_overrides) -> str:
     tokenizer.save_pretrained(out_dir)
 
     copy_remote_code(out_dir)
+    vocab_size = config_overrides.pop("vocab_size", len(tokenizer))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(tiny_config_dict(len(tokenizer), **config_overrides), f, indent=2)
+        json.dump(tiny_config_dict(vocab_size, **config_overrides), f, indent=2)
+    if not with_weights:
+        return out_dir
     config = AutoConfig.from_pretrained(out_dir, trust_remote_code=True)
     torch.manual_seed(seed)
     model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.float32)

@@ -1,0 +1,85 @@
+"""Peak memory of tools/convert.sh against the size of one copy of the weights.
+
+Usage:
+    python bench/convert_memory.py [--shape 1.8b|tiny] [--workdir DIR]
+
+Builds a randomly initialised model directory of the given shape (the real
+POLAR-1.8B dimensions by default, about 1.9B parameters), writes a training
+checkpoint (.pth, fp32, the keys PolarRewardModel saves), converts it with
+verification, and reports the converter's peak RSS divided by the fp32 size of
+the weights. Needs about 3x the weights on disk.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SHAPES = {
+    "1.8b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768),
+    "tiny": {},
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1.8b")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+
+    from transformers import AutoConfig, AutoModel
+
+    from polar_xtuner.tiny import make_tiny_model
+
+    work = args.workdir or tempfile.mkdtemp(prefix="polar_convert_mem_")
+    model_dir = make_tiny_model(os.path.join(work, "model"), with_weights=False, **SHAPES[args.shape])
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    # The training checkpoint: random fp32 weights under PolarRewardModel's keys.
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoModel.from_config(config, trust_remote_code=True).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    state = {("llm." + k[6:] if k.startswith("model.") else k): torch.randn(s, generator=gen) * 0.02
+             for k, s in shapes.items()}
+    n_bytes = sum(t.numel() * 4 for t in state.values())
+    ckpt = os.path.join(work, "iter_1.pth")
+    torch.save({"state_dict": state}, ckpt)
+    del state
+    text = open(os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py"), encoding="utf-8").read()
+    text = re.sub(r"^pretrained_model_name_or_path = .*$", f"pretrained_model_name_or_path = {model_dir!r}",
+                  text, count=1, flags=re.M)
+    cfg = os.path.join(work, "polar_bench_convert_mem.py")
+    with open(cfg, "w", encoding="utf-8") as f:
+        f.write(text)
+
+    results = {"params": n_bytes // 4, "weights_fp32_bytes": n_bytes}
+    for dtype in ("fp32", "bf16"):
+        code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "polar_xtuner.convert", cfg, ckpt,
+                              os.path.join(work, f"hf_{dtype}"), "--dtype", dtype, "--force"],
+                             capture_output=True, text=True, cwd=REPO)
+        rss_kb, rc = map(int, out.stdout.strip().split()[-2:])
+        if rc != 0:
+            raise SystemExit(f"conversion failed:\n{out.stderr[-2000:]}")
+        results[f"convert_{dtype}_peak_rss_bytes"] = rss_kb * 1024
+        results[f"convert_{dtype}_peak_rss_ratio"] = rss_kb * 1024 / n_bytes
+        results[f"convert_{dtype}_seconds"] = time.perf_counter() - t0
+    results["shape"] = args.shape
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
