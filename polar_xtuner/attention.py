@@ -30,6 +30,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
 
@@ -56,17 +58,17 @@ def select_backend(requested: str | None = None) -> str:
     """Pick a varlen backend, or refuse one that cannot run here.
 
     Raises:
-        ValueError: An unknown or unavailable backend was requested.
+        ConfigError: An unknown or unavailable backend was requested.
     """
     avail = available_backends()
     if requested is None:
         return avail[0]
     if requested not in BACKENDS:
-        raise ValueError(f"varlen_attn_backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+        raise ConfigError(f"varlen_attn_backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     if requested not in avail:
         how = {"flash_attn": "install flash-attn on a CUDA machine",
                "torch_varlen": "use a CUDA machine with PyTorch >= 2.10"}[requested]
-        raise ValueError(
+        raise ConfigError(
             f"varlen_attn_backend={requested!r} is not available here ({how}); "
             f"available: {', '.join(avail)}"
         )
@@ -181,16 +183,16 @@ def dispatch_varlen_attention(model, backend: str) -> int:
         How many modules were patched.
 
     Raises:
-        ValueError: No InternLM2 attention module was found, or the model uses
+        ConfigError: No InternLM2 attention module was found, or the model uses
             tensor-parallel weight slicing (``pretraining_tp > 1``).
     """
     if getattr(getattr(model, "config", None), "pretraining_tp", 1) > 1:
-        raise ValueError("varlen attention does not support pretraining_tp > 1")
+        raise ConfigError("varlen attention does not support pretraining_tp > 1")
     n = 0
     for module in model.modules():
         if type(module).__name__.startswith("InternLM2") and hasattr(module, "wqkv"):
             module.forward = types.MethodType(make_internlm2_varlen_forward(module.forward, backend), module)
             n += 1
     if n == 0:
-        raise ValueError(f"no InternLM2 attention module found in {type(model).__name__} for varlen attention")
+        raise ConfigError(f"no InternLM2 attention module found in {type(model).__name__} for varlen attention")
     return n

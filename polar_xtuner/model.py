@@ -23,11 +23,14 @@ changes only what breaks or misleads:
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from mmengine.logging import print_log
 from xtuner.model.reward import RewardModel
 
 from .attention import available_backends, dispatch_varlen_attention, select_backend
+from .errors import ConfigError
 
 
 def flash_attn_available() -> bool:
@@ -49,11 +52,11 @@ class PolarRewardModel(RewardModel):
     ``varlen_attn_backend`` ("flash_attn", "torch_varlen", "sdpa" or None for
     the best available).
 
-    Raises:
-        ValueError: An unavailable varlen backend or sequence parallel with
-            varlen attention, or the loaded model has no value head or
-            misses weights.
-        ImportError: flash_attention_2 requested without flash-attn.
+    Exits:
+        With code 2 and one ``error:`` line (a :class:`ConfigError`) for an
+        unavailable varlen backend, sequence parallel with varlen attention,
+        flash_attention_2 without flash-attn, or a loaded model that has no
+        value head or misses weights.
     """
 
     def __init__(
@@ -71,29 +74,34 @@ class PolarRewardModel(RewardModel):
         penalty_weight=0.01,
         varlen_attn_backend=None,
     ):
-        backend = None
-        if use_varlen_attn:
-            from xtuner.parallel.sequence import get_sequence_parallel_world_size
+        try:
+            backend = None
+            if use_varlen_attn:
+                from xtuner.parallel.sequence import get_sequence_parallel_world_size
 
-            if get_sequence_parallel_world_size() > 1:
-                raise ValueError(
-                    "sequence parallel (sequence_parallel_size > 1) is not supported with "
-                    "PolarRewardModel's varlen attention; set sequence_parallel_size = 1"
-                )
-            backend = select_backend(varlen_attn_backend)
-        super().__init__(
-            llm, lora=lora, peft_model=peft_model,
-            use_activation_checkpointing=use_activation_checkpointing,
-            # xtuner's own varlen dispatch is skipped: ours covers every backend.
-            use_varlen_attn=False, tokenizer=tokenizer,
-            max_position_embeddings=max_position_embeddings, reward_token_id=reward_token_id,
-            loss_type=loss_type, penalty_type=penalty_type, penalty_weight=penalty_weight,
-        )
-        self.use_varlen_attn = use_varlen_attn
-        self.varlen_attn_backend = backend
-        if use_varlen_attn:
-            n = dispatch_varlen_attention(self.llm, backend)
-            print_log(f"PolarRewardModel: varlen attention backend '{backend}' on {n} layers", "current")
+                if get_sequence_parallel_world_size() > 1:
+                    raise ConfigError(
+                        "sequence parallel (sequence_parallel_size > 1) is not supported with "
+                        "PolarRewardModel's varlen attention; set sequence_parallel_size = 1"
+                    )
+                backend = select_backend(varlen_attn_backend)
+            super().__init__(
+                llm, lora=lora, peft_model=peft_model,
+                use_activation_checkpointing=use_activation_checkpointing,
+                # xtuner's own varlen dispatch is skipped: ours covers every backend.
+                use_varlen_attn=False, tokenizer=tokenizer,
+                max_position_embeddings=max_position_embeddings, reward_token_id=reward_token_id,
+                loss_type=loss_type, penalty_type=penalty_type, penalty_weight=penalty_weight,
+            )
+            self.use_varlen_attn = use_varlen_attn
+            self.varlen_attn_backend = backend
+            if use_varlen_attn:
+                n = dispatch_varlen_attention(self.llm, backend)
+                print_log(f"PolarRewardModel: varlen attention backend '{backend}' on {n} layers", "current")
+        except ConfigError as e:
+            # Built inside the training loop: one line and exit 2, not a traceback.
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def _build_from_cfg_or_module(self, cfg_or_mod):
         # Load with loading info: xtuner builds under LoadWoInit, so a weight
@@ -104,14 +112,14 @@ class PolarRewardModel(RewardModel):
             model, info = super()._build_from_cfg_or_module(cfg_or_mod)
             missing = list(info.get("missing_keys", []))
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"{cfg_or_mod.get('pretrained_model_name_or_path')}: weights missing from the "
                     f"checkpoint: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
                 )
         else:
             model = super()._build_from_cfg_or_module(cfg_or_mod)
         if not hasattr(model, "v_head"):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(model).__name__} has no value head (v_head): pretrained_model_name_or_path "
                 "must point to a POLAR reward model (InternLM2ForRewardModel), not a language model"
             )
@@ -137,7 +145,7 @@ class PolarRewardModel(RewardModel):
     def _prepare_for_flash_attn(cfg, llm_cfg):
         requested = getattr(cfg, "attn_implementation", None)
         if requested == "flash_attention_2" and not flash_attn_available():
-            raise ImportError(
+            raise ConfigError(
                 "the config asks for attn_implementation='flash_attention_2' but flash-attn is not "
                 "importable on this machine; install flash-attn on a GPU, or remove "
                 "attn_implementation from model.llm to use PyTorch SDPA"

@@ -165,3 +165,17 @@ def test_bad_training_data_stops_with_file_and_line(tmp_path, tiny_dir):
     assert not os.path.exists(os.path.join(work, "last_checkpoint"))
     assert f"{bad}:2: invalid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_unavailable_backend_stops_training_with_one_line(tmp_path, tiny_dir):
+    if "flash_attn" in __import__("polar_xtuner.attention", fromlist=["x"]).available_backends():
+        pytest.skip("flash-attn is available here")
+    cfg = copy_config(str(tmp_path), "polar_it_backend.py", tiny_dir, VAL, max_epochs=1)
+    text = open(cfg).read().replace("    use_activation_checkpointing=False,\n",
+                                    "    use_activation_checkpointing=False,\n    varlen_attn_backend=\"flash_attn\",\n")
+    open(cfg, "w").write(text)
+    work = str(tmp_path / "work")
+    proc = run_tool("xtuner", "train", cfg, "--work-dir", work, timeout=300)
+    assert not os.path.exists(os.path.join(work, "last_checkpoint"))
+    assert "error: varlen_attn_backend='flash_attn' is not available here" in proc.stderr
+    assert "Traceback" not in proc.stderr
