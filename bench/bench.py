@@ -74,16 +74,11 @@ def packing_stats(lengths, max_packed_length: int) -> tuple[float, float]:
 
 
 def _model(tiny_dir, varlen):
-    from mmengine.config import ConfigDict
-    from transformers import AutoModel
-
     from polar_xtuner.model import PolarRewardModel
 
     torch.manual_seed(0)
-    return PolarRewardModel(
-        llm=ConfigDict(type=AutoModel.from_pretrained, pretrained_model_name_or_path=tiny_dir, trust_remote_code=True),
-        use_varlen_attn=varlen, use_activation_checkpointing=False, loss_type="ranking", penalty_type="none",
-    ).train()
+    return PolarRewardModel.from_model_dir(tiny_dir, use_varlen_attn=varlen, use_activation_checkpointing=False,
+                                           loss_type="ranking", penalty_type="none").train()
 
 
 def synthetic_pairs(lengths, vocab_size: int, reward_token_id: int, seed: int = 0) -> list[dict]:

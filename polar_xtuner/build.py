@@ -131,7 +131,6 @@ class LengthMeter:
 
         from .encoding import PolarEncoder
 
-        self.tok = tokenizer
         self.enc = PolarEncoder(tokenizer, max_length, max_response_length)
         self.max_length, self.max_response_length = max_length, max_response_length
         self.max_packed_length = max_packed_length
@@ -141,12 +140,14 @@ class LengthMeter:
 
     def measure(self, records: list[dict]) -> list[str | None]:
         """Record lengths; return per record why it is overlong (or None)."""
-        from .constants import TEMPLATE_RESERVED_TOKENS
-        from .schema import join_contents
+        from .encoding import pair_items
 
-        lens = {f: [len(x) for x in self.tok([join_contents(r[f]) for r in records])["input_ids"]]
-                for f in self.FIELDS}
-        pairs = [len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in self.enc.encode_pairs(records)]
+        items = pair_items(records)
+        fields = self.enc.encode_fields(items)  # tokenized once, for lengths and features
+        p_ids, r_ids, c_ids = fields
+        lens = {"prompt": [len(x) for x in p_ids], "reference": [len(x) for x in r_ids],
+                "chosen": [len(x) for x in c_ids[0::2]], "rejected": [len(x) for x in c_ids[1::2]]}
+        pairs = [len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in self.enc.encode_pairs(records, fields)]
         reasons = []
         for i in range(len(records)):
             why = []
@@ -155,7 +156,7 @@ class LengthMeter:
                     self.truncated[f] += 1
                     why.append(f"{f} {lens[f][i]} tokens > max_response_length {self.max_response_length}")
             cut = [min(lens[f][i], self.max_response_length) for f in ("reference", "chosen", "rejected")]
-            budget = (self.max_length - TEMPLATE_RESERVED_TOKENS - cut[0] - max(cut[1:])) // 2
+            budget = self.enc.prompt_budget(cut[0], max(cut[1:]))
             if lens["prompt"][i] > budget:
                 self.truncated["prompt"] += 1
                 why.append(f"prompt {lens['prompt'][i]} tokens > its budget {max(budget, 0)}")

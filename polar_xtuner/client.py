@@ -124,10 +124,9 @@ class RemoteScorer:
 def score_records_remote(scorer: RemoteScorer, tokenizer, records, max_length=16384,
                          max_response_length=4096) -> list[tuple[float, float]]:
     """(chosen, rejected) scores of records from a served model."""
-    from .encoding import PolarEncoder
+    from .encoding import PolarEncoder, pair_items
 
     enc = PolarEncoder(tokenizer, max_length, max_response_length)
-    items = [(r["prompt"], r["reference"], (r["chosen"], r["rejected"])) for r in records]
-    texts = enc.serving_texts(items, [r.get("wrapper", "sft") for r in records])
+    texts = enc.serving_texts(pair_items(records), [r.get("wrapper", "sft") for r in records])
     flat = scorer.score(texts)
     return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(records))]

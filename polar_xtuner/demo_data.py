@@ -15,6 +15,8 @@ import os
 import random
 from typing import Iterator
 
+from .schema import join_contents
+
 # topic -> (answers, questions, reference templates, candidate templates).
 # English answers always follow a space, so each is one token in every template
 # (a word at the start of a text tokenizes differently, as with real tokenizers).
@@ -136,5 +138,5 @@ def corpus_for_tokenizer(n: int = 3000, seed: int = 1234) -> list[str]:
     texts = []
     for rec in generate(n, seed):
         for field in ("prompt", "reference", "chosen", "rejected"):
-            texts.append("\n".join(m["content"] for m in rec[field]))
+            texts.append(join_contents(rec[field]))
     return texts

@@ -124,10 +124,28 @@ class PolarEncoder:
             return ids
         return ids[:n] if self.cut_side == "right" else ids[-n:]
 
+    def encode_fields(self, items: Sequence[tuple[Any, Any, Sequence[Any]]]):
+        """Token ids (BOS included, not yet cut) of every prompt, reference and candidate.
+
+        Returns:
+            ``(prompt_ids, reference_ids, candidate_ids)``, the candidates of
+            all items in one flat list, in order.
+        """
+        # Batch through the fast tokenizer: one call per kind of field.
+        p_ids = self._encode([join_contents(p) for p, _, _ in items])
+        r_ids = self._encode([join_contents(r) for _, r, _ in items])
+        c_ids = self._encode([join_contents(c) for _, _, cs in items for c in cs])
+        return p_ids, r_ids, c_ids
+
+    def prompt_budget(self, reference_len: int, longest_candidate_len: int) -> int:
+        """Prompt tokens kept, from cut lengths; at most 0 means the prompt is dropped."""
+        return (self.max_length - TEMPLATE_RESERVED_TOKENS - reference_len - longest_candidate_len) // 2
+
     def texts(
         self,
         items: Sequence[tuple[Any, Any, Sequence[Any]]],
         wrappers: Sequence[str] | None = None,
+        fields=None,
     ) -> list[list[str]]:
         """Build the texts (without the reward token) for many items at once.
 
@@ -136,25 +154,20 @@ class PolarEncoder:
                 message list or a string. Candidates of one item share the
                 prompt budget.
             wrappers: "sft" (default) or "pretrain" per item.
+            fields: :meth:`encode_fields` of the same items, if already computed.
 
         Returns:
             For each item, one text per candidate.
         """
-        prompts = [join_contents(p) for p, _, _ in items]
-        refs = [join_contents(r) for _, r, _ in items]
-        cands = [[join_contents(c) for c in cs] for _, _, cs in items]
-        flat_cands = [c for cs in cands for c in cs]
-        # Batch through the fast tokenizer: one call per kind of field.
-        p_ids = self._encode(prompts)
-        r_ids = [self._cut(x) for x in self._encode(refs)]
-        c_ids = [self._cut(x) for x in self._encode(flat_cands)]
+        p_ids, r_ids, c_ids = fields if fields is not None else self.encode_fields(items)
+        r_ids = [self._cut(x) for x in r_ids]
+        c_ids = [self._cut(x) for x in c_ids]
 
-        budget_total = self.max_length - TEMPLATE_RESERVED_TOKENS
         cut_prompts, k = [], 0
         for i, (_, _, cs) in enumerate(items):
             longest = max(len(c_ids[k + j]) for j in range(len(cs)))
             k += len(cs)
-            budget = (budget_total - len(r_ids[i]) - longest) // 2
+            budget = self.prompt_budget(len(r_ids[i]), longest)
             ids = p_ids[i]
             if len(ids) > budget:
                 ids = ids[len(ids) - budget:] if budget > 0 else []
@@ -183,17 +196,18 @@ class PolarEncoder:
         """Token ids of built texts, reward token id appended (training's way)."""
         return [ids + [self.reward_token_id] for ids in self._encode(texts)]
 
-    def encode_pairs(self, records: Sequence[dict]) -> list[dict]:
+    def encode_pairs(self, records: Sequence[dict], fields=None) -> list[dict]:
         """Training features for validated records.
+
+        ``fields`` may pass :meth:`encode_fields` of the records' pair items.
 
         Returns:
             Per record: ``chosen_ids``, ``rejected_ids`` and their labels
             (0 / 1 at the reward token, -100 elsewhere), the format of
             xtuner's preference datasets.
         """
-        items = [(r["prompt"], r["reference"], (r["chosen"], r["rejected"])) for r in records]
         wrappers = [r.get("wrapper", "sft") for r in records]
-        texts = self.texts(items, wrappers)
+        texts = self.texts(pair_items(records), wrappers, fields)
         ids = self.input_ids([t for pair in texts for t in pair])
         out = []
         for i in range(len(records)):
@@ -205,6 +219,11 @@ class PolarEncoder:
                 "rejected_labels": [IGNORE_INDEX] * (len(rejected) - 1) + [REJECTED_LABEL],
             })
         return out
+
+
+def pair_items(records: Sequence[dict]) -> list[tuple]:
+    """``(prompt, reference, (chosen, rejected))`` items of records."""
+    return [(r["prompt"], r["reference"], (r["chosen"], r["rejected"])) for r in records]
 
 
 def _join(prompt: str, part: str, pretrain: bool) -> str:

@@ -42,7 +42,8 @@ def load_model(path: str, device: str | None = None, dtype: torch.dtype | None =
     return model, tokenizer
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The padding id: pad, or EOS where the tokenizer has no pad token."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -96,7 +97,7 @@ def score_records(model, tokenizer, records: Sequence[dict], max_length: int = 1
                        reward_token_id=getattr(model.config, "reward_token_id", None))
     feats = enc.encode_pairs(records)
     ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
-    flat = score_ids(model, ids, _pad_id(tokenizer), padding_side or tokenizer.padding_side,
+    flat = score_ids(model, ids, pad_id(tokenizer), padding_side or tokenizer.padding_side,
                      batch_size, progress)
     return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(records))]
 

@@ -49,13 +49,14 @@ class PolarEvalHook(Hook):
     def before_train(self, runner) -> None:
         from .dataset import _build_tokenizer
         from .encoding import PolarEncoder
+        from .evaluate import pad_id
 
         # Validate and encode once: a bad val file fails before training starts.
         records = load_records(self.data_files)
         tok = _build_tokenizer(self.tokenizer)
         feats = PolarEncoder(tok, self.max_length, self.max_response_length).encode_pairs(records)
         self._ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
-        self._pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self._pad = pad_id(tok)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self.every_n_train_iters(runner, self.interval):

@@ -103,6 +103,15 @@ class PolarRewardModel(RewardModel):
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 
+    @classmethod
+    def from_model_dir(cls, path: str, **kwargs) -> "PolarRewardModel":
+        """Build over a model directory the way a config's ``llm`` dict does."""
+        from mmengine.config import ConfigDict
+        from transformers import AutoModel
+
+        llm = ConfigDict(type=AutoModel.from_pretrained, pretrained_model_name_or_path=path, trust_remote_code=True)
+        return cls(llm=llm, **kwargs)
+
     def _build_from_cfg_or_module(self, cfg_or_mod):
         # Load with loading info: xtuner builds under LoadWoInit, so a weight
         # missing from the checkpoint would stay uninitialised memory, and a

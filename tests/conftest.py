@@ -55,15 +55,11 @@ def run_tool(*args, cwd=REPO, env=None, timeout=900):
 def build_reward_model(tiny_dir, use_varlen_attn=True, **kw):
     """PolarRewardModel over a model directory, as a config builds it."""
     import torch
-    from mmengine.config import ConfigDict
-    from transformers import AutoModel
 
     from polar_xtuner.model import PolarRewardModel
 
     torch.manual_seed(0)
-    return PolarRewardModel(
-        llm=ConfigDict(type=AutoModel.from_pretrained, pretrained_model_name_or_path=tiny_dir,
-                       trust_remote_code=True),
-        use_varlen_attn=use_varlen_attn, use_activation_checkpointing=False,
+    return PolarRewardModel.from_model_dir(
+        tiny_dir, use_varlen_attn=use_varlen_attn, use_activation_checkpointing=False,
         loss_type="ranking", penalty_type="none", **kw,
     ).eval()
