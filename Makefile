@@ -15,6 +15,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -r requirements.txt
 	$(VENV)/bin/pip install --no-deps -e .
+	@# Lets torchrun's CPU ranks past mmengine's torch.cuda.set_device (a no-op
+	@# outside torchrun workers and wherever CUDA exists); see polar_xtuner/cpu_ranks.py.
+	$(PY) -m polar_xtuner.cpu_ranks --install
 	@# DeepSpeed JIT-compiles its CPU communication op on first use (about a
 	@# minute); build it once here rather than inside the first training run.
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"

@@ -19,6 +19,11 @@ changes only what breaks or misleads:
 * Every weight must come from the checkpoint: a model without ``v_head`` (a
   plain language model) or with weights missing is refused, where xtuner would
   give it a fresh zero head or leave uninitialised memory.
+* The loss of each step is the mean over that row's pairs. xtuner scales by
+  the mean over ranks of 1/pairs, so a rank's loss depends on how many pairs
+  the other ranks drew and N ranks do not train like one rank accumulating N
+  steps. With a local mean they do (DeepSpeed averages the ranks' gradients
+  as accumulation averages the steps').
 """
 
 from __future__ import annotations
@@ -149,6 +154,20 @@ class PolarRewardModel(RewardModel):
                 "pick it where the GPU has it) or lower the learning rate."
             )
         return out
+
+    # xtuner passes avg_factor = mean over ranks of 1/pairs; use this row's own.
+    def ranking_loss(self, chosen_logits, rejected_logits, avg_factor):
+        return super().ranking_loss(chosen_logits, rejected_logits, 1.0 / len(chosen_logits))
+
+    def focal_loss(self, chosen_logits, rejected_logits, avg_factor):
+        return super().focal_loss(chosen_logits, rejected_logits, 1.0 / len(chosen_logits))
+
+    def log_barrier_penalty(self, logits, lower_bound, upper_bound, epsilon=1e-3, avg_factor=1):
+        # logits holds the chosen then the rejected scores: two per pair
+        return super().log_barrier_penalty(logits, lower_bound, upper_bound, epsilon, 2.0 / len(logits))
+
+    def l2_penalty(self, logits, avg_factor=1):
+        return super().l2_penalty(logits, 2.0 / len(logits))
 
     @staticmethod
     def _prepare_for_flash_attn(cfg, llm_cfg):
