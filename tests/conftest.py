@@ -1,10 +1,12 @@
 import os
+import re
 import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, "tests", "assets")
+TINY_CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +49,7 @@ def run_tool(*args, cwd=REPO, env=None, timeout=900):
     # A single-process DeepSpeed run still opens a rendezvous port (29500 by
     # default); a free one lets test runs and other jobs coexist.
     full_env.setdefault("MASTER_PORT", str(free_port()))
+    full_env.setdefault("PORT", str(free_port()))  # torchrun's, for NPROC_PER_NODE > 1
     full_env.update(env or {})
     return subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
@@ -63,3 +66,17 @@ def build_reward_model(tiny_dir, use_varlen_attn=True, **kw):
         tiny_dir, use_varlen_attn=use_varlen_attn, use_activation_checkpointing=False,
         loss_type="ranking", penalty_type="none", **kw,
     ).eval()
+
+
+def copy_config(dst_dir, name, model_dir, data_file, append="", **settings):
+    """A copy of the demo config pointing at test paths (the README's 'copied config' way)."""
+    text = open(TINY_CONFIG, encoding="utf-8").read()
+    settings = {"pretrained_model_name_or_path": model_dir, "data_files": data_file, **settings}
+    for key, value in settings.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
+        assert n == 1, key
+    text += append
+    path = os.path.join(dst_dir, name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path

@@ -6,25 +6,11 @@ import re
 import pytest
 import torch
 
-from conftest import REPO, run_tool
+from conftest import REPO, copy_config, run_tool
 
 pytestmark = pytest.mark.integration
 
-TINY_CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
-
-
-def copy_config(dst_dir, name, model_dir, data_file, **settings):
-    """A copy of the demo config pointing at test paths (the README's 'copied config' way)."""
-    text = open(TINY_CONFIG, encoding="utf-8").read()
-    settings = {"pretrained_model_name_or_path": model_dir, "data_files": data_file, **settings}
-    for key, value in settings.items():
-        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
-        assert n == 1, key
-    path = os.path.join(dst_dir, name)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path
 
 
 def train(tmp_path, cfg, deepspeed):
