@@ -75,6 +75,13 @@ def select_backend(requested: str | None = None) -> str:
     return requested
 
 
+def sequence_parallel_size() -> int:
+    """Ranks that share one packed row (xtuner's sequence parallel group)."""
+    from xtuner.parallel.sequence import get_sequence_parallel_world_size
+
+    return get_sequence_parallel_world_size()
+
+
 def varlen_args():
     """(cumulative_len, max_seqlen) published by xtuner's hook for this rank, or (None, None)."""
     from mmengine import MessageHub
@@ -152,8 +159,9 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
         bsz, q_len, _ = hidden_states.shape
         if bsz != 1:
             raise ValueError(f"varlen attention takes one packed row per step, got a batch of {bsz}")
-        if int(cu_seqlens[-1]) != q_len:
-            raise ValueError(f"cumulative_len ends at {int(cu_seqlens[-1])} but the row has {q_len} tokens")
+        sp = sequence_parallel_size()
+        if int(cu_seqlens[-1]) != q_len * sp:
+            raise ValueError(f"cumulative_len ends at {int(cu_seqlens[-1])} but the row has {q_len * sp} tokens")
         mod = _modeling_module(self)
         groups = self.num_key_value_groups
         # wqkv packs, per kv head, `groups` query heads then one key and one value.
@@ -163,14 +171,25 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
         v = qkv[..., -1, :].transpose(1, 2)
         cos, sin = self.rotary_emb(v, position_ids)
         q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
-        # (1, H, T, D) -> (T, H, D)
-        q, k, v = (x[0].transpose(0, 1) for x in (q, k, v))
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (1, T/sp, H, D)
+        if sp > 1:
+            # Ulysses: trade the sequence split for a head split, so every rank
+            # sees whole samples (xtuner's all-to-all; it splits the rows).
+            from xtuner.parallel.sequence import pre_process_for_sequence_parallel_attn
+
+            q, k, v = pre_process_for_sequence_parallel_attn(q, k, v)
+        q, k, v = (x[0] for x in (q, k, v))  # (T, H', D)
         if q.dtype == torch.float32 and backend != "sdpa":
             # flash kernels take half precision only (fp32 master weights under autocast)
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             q, k, v = (x.to(dtype) for x in (q, k, v))
         out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), backend)
-        out = out.to(hidden_states.dtype).reshape(bsz, q_len, self.hidden_size)
+        out = out.to(hidden_states.dtype)[None]
+        if sp > 1:
+            from xtuner.parallel.sequence import post_process_for_sequence_parallel_attn
+
+            out = post_process_for_sequence_parallel_attn(out)
+        out = out.reshape(bsz, q_len, self.hidden_size)
         return self.wo(out), None, past_key_value
 
     return forward

@@ -106,6 +106,28 @@ def xtuner_train_script() -> str:
     return spec.origin
 
 
+def check_sequence_parallel(config: str) -> None:
+    """Refuse sequence parallel where it cannot run, before any rank starts."""
+    import importlib.util
+
+    with open(config, encoding="utf-8") as f:
+        if "sequence_parallel_size" not in f.read():
+            return
+    from mmengine.config import Config
+
+    try:
+        size = int(Config.fromfile(config).get("sequence_parallel_size", 1) or 1)
+    except Exception as e:  # noqa: BLE001 - xtuner will report the details
+        raise LaunchError(f"config {config}: cannot read it ({e})") from None
+    if size > 1:
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+            from .model import SP_NEEDS_GPU
+
+            raise LaunchError(f"{config}: {SP_NEEDS_GPU}")
+
+
 def command(argv: list[str], env=None) -> list[str]:
     """The full command (with ``env`` prefix) that trains CONFIG."""
     env = os.environ if env is None else env
@@ -116,6 +138,7 @@ def command(argv: list[str], env=None) -> list[str]:
         raise LaunchError(f"config {config}: no such file")
     if _option(rest, "--launcher")[0] is not None:
         raise LaunchError("--launcher is set by the launcher; leave it out")
+    check_sequence_parallel(config)
     rest, resuming = resolve_resume(config, rest)
     nnodes = _int_env(env, "NNODES", 1)
     nproc = _int_env(env, "NPROC_PER_NODE", 1)

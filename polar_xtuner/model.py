@@ -34,8 +34,15 @@ import torch
 from mmengine.logging import print_log
 from xtuner.model.reward import RewardModel
 
-from .attention import available_backends, dispatch_varlen_attention, select_backend
+from .attention import available_backends, dispatch_varlen_attention, select_backend, sequence_parallel_size
 from .errors import ConfigError
+
+
+SP_NEEDS_GPU = (
+    "sequence parallel (sequence_parallel_size > 1) runs on GPUs only: xtuner 0.2.0 requires "
+    "flash-attn for it and gathers the scores with a collective that refuses CPU tensors; "
+    "set sequence_parallel_size = 1 on CPU"
+)
 
 
 def flash_attn_available() -> bool:
@@ -81,14 +88,13 @@ class PolarRewardModel(RewardModel):
     ):
         try:
             backend = None
+            sp = sequence_parallel_size()
+            if sp > 1 and not use_varlen_attn:
+                raise ConfigError(
+                    "sequence parallel (sequence_parallel_size > 1) needs use_varlen_attn = True: "
+                    "PolarRewardModel splits rows across ranks only in its varlen attention"
+                )
             if use_varlen_attn:
-                from xtuner.parallel.sequence import get_sequence_parallel_world_size
-
-                if get_sequence_parallel_world_size() > 1:
-                    raise ConfigError(
-                        "sequence parallel (sequence_parallel_size > 1) is not supported with "
-                        "PolarRewardModel's varlen attention; set sequence_parallel_size = 1"
-                    )
                 backend = select_backend(varlen_attn_backend)
             super().__init__(
                 llm, lora=lora, peft_model=peft_model,
@@ -100,6 +106,13 @@ class PolarRewardModel(RewardModel):
             )
             self.use_varlen_attn = use_varlen_attn
             self.varlen_attn_backend = backend
+            heads = getattr(self.llm.config, "num_attention_heads", 0)
+            if sp > 1 and heads % sp:
+                raise ConfigError(
+                    f"sequence_parallel_size = {sp} must divide the model's {heads} attention heads"
+                )
+            if sp > 1 and not torch.cuda.is_available():
+                raise ConfigError(SP_NEEDS_GPU)
             if use_varlen_attn:
                 n = dispatch_varlen_attention(self.llm, backend)
                 print_log(f"PolarRewardModel: varlen attention backend '{backend}' on {n} layers", "current")

@@ -93,6 +93,12 @@ def test_gpu_configs_keep_published_values(name, model, lr):
     assert (cfg.save_steps, cfg.save_total_limit) == (500, 2)
 
 
+def test_every_zero_stage_has_a_gpu_and_a_cpu_json():
+    names = {os.path.basename(p) for p in DS_CONFIGS}
+    for stage in ("zero1", "zero2", "zero3", "zero3_offload"):
+        assert {f"polar_{stage}.json", f"polar_{stage}_cpu.json"} <= names, stage
+
+
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
 def test_deepspeed_configs(path):
     ds = json.load(open(path))

@@ -104,13 +104,18 @@ def test_backend_choice_and_refusals(tiny_dir, capsys):
     assert model.varlen_attn_backend == available_backends()[0]
 
 
-def test_varlen_refuses_sequence_parallel(tiny_dir, monkeypatch, capsys):
-    import xtuner.parallel.sequence as sp
+@pytest.mark.parametrize("sp, varlen, message", [
+    (2, False, "needs use_varlen_attn = True"),
+    (3, True, "sequence_parallel_size = 3 must divide the model's 8 attention heads"),
+    (2, True, "runs on GPUs only"),
+])
+def test_sequence_parallel_refusals(tiny_dir, monkeypatch, capsys, sp, varlen, message):
+    import xtuner.parallel.sequence as seq
 
-    monkeypatch.setattr(sp, "get_sequence_parallel_world_size", lambda: 2)
-    with pytest.raises(SystemExit):
-        build_model(tiny_dir)
-    assert "sequence_parallel_size = 1" in capsys.readouterr().err
+    monkeypatch.setattr(seq, "get_sequence_parallel_world_size", lambda: sp)
+    with pytest.raises(SystemExit) as e:
+        build_model(tiny_dir, use_varlen_attn=varlen)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_padded_model_is_untouched(tiny_dir, tokenizer):
