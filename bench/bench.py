@@ -17,7 +17,10 @@ interleaved (A, B, A, B ...) so that machine noise hits both sides alike:
   xtuner's ``build_preference_dataset(is_reference=True)`` (token ids checked
   equal);
 * wall time of a one-step ``xtuner train`` on the N-pair file without the
-  pre-tokenized cache vs with a warm cache.
+  pre-tokenized cache vs with a warm cache;
+* peak memory of tools/convert.sh on a POLAR-1.8B-shaped random checkpoint
+  (bench/convert_memory.py; fp32 and bf16 output) over one fp32 copy of the
+  weights. It needs about 20 GB of disk and a few minutes.
 
 Writes the JSON figures and prints a Markdown table for bench/README.md.
 """
@@ -219,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="training steps per side")
     p.add_argument("--pairs", type=int, default=100000, help="synthetic pairs for the data benchmarks")
     p.add_argument("--skip-data", action="store_true", help="skip the (minutes-long) data benchmarks")
+    p.add_argument("--convert-shape", default="1.8b", choices=["1.8b", "tiny", "none"],
+                   help="model shape for the conversion-memory benchmark (none: skip it)")
     args = p.parse_args(argv)
 
     from polar_xtuner.tiny import make_tiny_model
@@ -238,6 +243,13 @@ def main(argv=None) -> int:
             write_jsonl(data_file, generate(args.pairs, 5))
             results.update(data_build(tiny, data_file, args.pairs))
             results.update(startup(tiny, data_file))
+    if args.convert_shape != "none":
+        from convert_memory import measure
+
+        with tempfile.TemporaryDirectory(prefix="polar_convert_mem_") as work:
+            mem = measure(args.convert_shape, work)
+        results.update({k: v for k, v in mem.items() if k.startswith("convert_")})
+        results["convert_shape_params"] = mem["params"]
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     results["date"] = time.strftime("%Y-%m-%d")
     with open(args.out, "w") as f:

@@ -179,6 +179,63 @@ def assign_state_dict(model, state_dict: dict, dtype) -> None:
     state_dict.clear()
 
 
+def _mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """Address ranges where this process maps the file ``path`` (Linux)."""
+    real = os.path.realpath(path)
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].strip() == real:
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((lo, hi))
+    except OSError:  # not Linux: nothing is released early, nothing breaks
+        pass
+    return ranges
+
+
+def _drop_file_pages(tensor, ranges) -> None:
+    """Return the pages of a tensor memory-mapped from the checkpoint to the OS.
+
+    ``torch.load(mmap=True)`` maps the file privately and we only read it, so
+    its pages are clean copies of the file: dropping them frees memory now,
+    and a later read would only fetch them again. Anything not inside the
+    file's mapping is left alone (dropping anonymous memory would zero it).
+    """
+    import ctypes
+    import mmap
+
+    lo = tensor.data_ptr()
+    hi = lo + tensor.numel() * tensor.element_size()
+    if not any(a <= lo and hi <= b for a, b in ranges):
+        return
+    page = mmap.PAGESIZE
+    start, end = -(-lo // page) * page, hi // page * page  # whole pages inside the tensor only
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+
+def cast_releasing(model, dtype, mapped_file: str | None = None) -> None:
+    """``model.to(dtype)``, tensor by tensor, freeing each source as it goes.
+
+    With weights memory-mapped from ``mapped_file`` (a .pth), ``Module.to``
+    would keep every fp32 page resident until the end, so a bf16 conversion
+    peaked at 1.5 fp32 copies; here each tensor's pages go as it is cast.
+    """
+    ranges = _mapped_ranges(mapped_file) if mapped_file else []
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for value in table.values():
+                if value is None or not value.is_floating_point() or value.dtype == dtype:
+                    continue
+                old = value.data
+                value.data = old.to(dtype)
+                if ranges:
+                    _drop_file_pages(old, ranges)
+                del old
+
+
 def verify_records(cfg, n: int = VERIFY_PAIRS) -> list[dict]:
     """A few pairs to compare scores on: the config's own data, if readable."""
     from .schema import iter_jsonl
@@ -301,7 +358,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     before = score_records(model, tokenizer, records, **enc_kwargs) if verify else None
 
     os.makedirs(out_dir, exist_ok=True)
-    model.to(torch_dtype)
+    cast_releasing(model, torch_dtype, ckpt.path if ckpt.kind == "pth" else None)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
     del model
     gc.collect()
