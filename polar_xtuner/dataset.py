@@ -60,7 +60,6 @@ def pack_pairs(dataset, max_packed_length: int, shuffle: bool = True, seed: int 
     then xtuner's ``PackedDatasetWrapper`` fills the rows. A pair longer than
     the limit is an error here: xtuner would drop it with only a log line.
     """
-    from torch.utils.data import Subset
     from xtuner.dataset.preference_dataset import PackedDatasetWrapper
 
     lengths = np.asarray(dataset["length"])
@@ -72,7 +71,29 @@ def pack_pairs(dataset, max_packed_length: int, shuffle: bool = True, seed: int 
             "raise max_packed_length to at least 2 x max_length"
         )
     order = np.random.default_rng(seed).permutation(len(dataset)) if shuffle else np.arange(len(dataset))
-    return PackedDatasetWrapper(Subset(dataset, order.tolist()), max_packed_length, shuffle_before_pack=False)
+    return PackedDatasetWrapper(_PairRows(dataset, order.tolist()), max_packed_length, shuffle_before_pack=False)
+
+
+class _PairRows:
+    """The pairs as dicts in a given order, for PackedDatasetWrapper.
+
+    The wrapper reads every pair once, by index, and keeps it; indexing an HF
+    dataset row by row costs ~0.1 ms a row (a fifth of the whole build), so
+    the columns are read from Arrow in bulk instead.
+    """
+
+    COLUMNS = ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels")
+
+    def __init__(self, dataset, order):
+        self._columns = {c: dataset[c] for c in self.COLUMNS}
+        self._order = order
+
+    def __len__(self):
+        return len(self._order)
+
+    def __getitem__(self, i):
+        j = self._order[i]
+        return {c: v[j] for c, v in self._columns.items()}
 
 
 CACHE_FORMAT = 1  # bump when the encoding or the cached columns change

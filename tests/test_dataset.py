@@ -43,6 +43,22 @@ def test_packed_rows_respect_the_limit_and_keep_every_pair(tokenizer):
     assert [ds[i]["input_ids"] for i in range(len(ds))] == [again[i]["input_ids"] for i in range(len(ds))]
 
 
+def test_packed_rows_equal_xtuners_own_build(tokenizer):
+    """Same rows, ids, labels and boundaries as build_preference_dataset(is_reference=True)."""
+    from datasets import load_dataset
+    from xtuner.dataset.preference_dataset import build_preference_dataset
+
+    kw = dict(max_length=256, max_response_length=128, use_varlen_attn=True, max_packed_length=512,
+              shuffle_before_pack=False)
+    ours = build_polar_dataset(VAL, tokenizer, reward_token_id=4, cache_dir=None, **kw)
+    stock = build_preference_dataset(
+        dataset=dict(type=load_dataset, path="json", data_files=VAL), tokenizer=tokenizer, dataset_map_fn=None,
+        is_dpo=False, is_reward=True, reward_token_id=4, is_reference=True, num_proc=1, **kw)
+    assert len(ours) == len(stock) > 1
+    for i in range(len(ours)):
+        assert ours[i] == stock[i], i
+
+
 def test_bad_data_and_settings_exit_with_a_message(tokenizer, capsys, tmp_path):
     bad = os.path.join(ASSETS, "bad_records.jsonl")
     with pytest.raises(SystemExit) as e:
