@@ -1,7 +1,7 @@
 """Peak memory of tools/convert.sh against the size of one copy of the weights.
 
 Usage:
-    python bench/convert_memory.py [--shape 1.8b|tiny] [--workdir DIR]
+    python bench/convert_memory.py [--shape 1.8b|0.5b|tiny] [--zero 1|2|3] [--workdir DIR]
 
 Builds a randomly initialised model directory of the given shape (the real
 POLAR-1.8B dimensions by default, about 1.9B parameters), writes a training
@@ -27,12 +27,50 @@ sys.path.insert(0, REPO)
 SHAPES = {
     "1.8b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
                  num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768),
+    "0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768),
     "tiny": {},
 }
 
 
-def measure(shape: str, work: str) -> dict:
-    """Convert a random ``shape`` checkpoint to fp32 and bf16 in ``work``; peak RSS figures."""
+def write_deepspeed_checkpoint(model_dir: str, out_dir: str, stage: int) -> None:
+    """One DeepSpeed ZeRO step of a random model (one CPU process), saved as iter_1.pth/.
+
+    The module has PolarRewardModel's keys (``llm.*``, ``v_head.*``), so the
+    converter reads it as it reads a training run's checkpoint.
+    """
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    import deepspeed
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    hf = AutoModel.from_config(config, trust_remote_code=True)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.llm, self.v_head = hf.model, hf.v_head
+
+    model = Wrapper()
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                 "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+                 "bf16": {"enabled": False}, "fp16": {"enabled": False},
+                 "zero_optimization": {"stage": stage, "overlap_comm": False}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5),
+                                      config=ds_config, dist_init_required=True)
+    ids = torch.randint(5, config.vocab_size, (1, 16))
+    loss = engine.module.v_head(engine.module.llm(input_ids=ids)[0]).float().pow(2).mean()
+    engine.backward(loss)
+    engine.step()
+    engine.save_checkpoint(out_dir, tag="iter_1.pth")
+
+
+def measure(shape: str, work: str, zero: int | None = None) -> dict:
+    """Convert a random ``shape`` checkpoint to fp32 and bf16 in ``work``; peak RSS figures.
+
+    ``zero``: None for a .pth checkpoint, else a DeepSpeed ZeRO-``zero`` directory.
+    """
     from transformers import AutoConfig, AutoModel
 
     from polar_xtuner.tiny import make_tiny_model
@@ -47,8 +85,12 @@ def measure(shape: str, work: str) -> dict:
              for k, s in shapes.items()}
     n_bytes = sum(t.numel() * 4 for t in state.values())
     ckpt = os.path.join(work, "iter_1.pth")
-    torch.save({"state_dict": state}, ckpt)
+    if zero is None:
+        torch.save({"state_dict": state}, ckpt)
     del state
+    if zero is not None:
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--write-deepspeed", model_dir, work, str(zero)],
+                       check=True, cwd=REPO, capture_output=True)
     text = open(os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py"), encoding="utf-8").read()
     text = re.sub(r"^pretrained_model_name_or_path = .*$", f"pretrained_model_name_or_path = {model_dir!r}",
                   text, count=1, flags=re.M)
@@ -71,6 +113,7 @@ def measure(shape: str, work: str) -> dict:
         results[f"convert_{dtype}_peak_rss_ratio"] = rss_kb * 1024 / n_bytes
         results[f"convert_{dtype}_seconds"] = time.perf_counter() - t0
     results["shape"] = shape
+    results["checkpoint"] = "pth" if zero is None else f"deepspeed zero{zero}"
     # the headline figure: the worse of the two output dtypes
     results["convert_peak_rss_ratio"] = max(results["convert_fp32_peak_rss_ratio"],
                                             results["convert_bf16_peak_rss_ratio"])
@@ -80,13 +123,20 @@ def measure(shape: str, work: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.8b")
+    p.add_argument("--zero", type=int, choices=[1, 2, 3], default=None,
+                   help="measure a DeepSpeed ZeRO checkpoint directory instead of a .pth")
     p.add_argument("--workdir", default=None, help="keep the files here (default: a temporary dir, removed)")
+    p.add_argument("--write-deepspeed", nargs=3, metavar=("MODEL_DIR", "OUT_DIR", "STAGE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.write_deepspeed:
+        model_dir, out_dir, stage = args.write_deepspeed
+        write_deepspeed_checkpoint(model_dir, out_dir, int(stage))
+        return 0
     if args.workdir:
-        results = measure(args.shape, args.workdir)
+        results = measure(args.shape, args.workdir, args.zero)
     else:
         with tempfile.TemporaryDirectory(prefix="polar_convert_mem_") as work:
-            results = measure(args.shape, work)
+            results = measure(args.shape, work, args.zero)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -83,9 +83,10 @@ def load_training_state_dict(ckpt: Checkpoint) -> dict:
 
         parent, tag = os.path.split(os.path.abspath(ckpt.path))
         try:
-            return get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+            lazy = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag, lazy_mode=True)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise ConvertError(f"checkpoint {ckpt.path}: cannot read the DeepSpeed states ({e})") from None
+        return _materialize(lazy, ckpt.path)
     try:
         # mmap: tensors stay on disk until they are assigned into the model.
         obj = torch.load(ckpt.path, map_location="cpu", mmap=True, weights_only=False)
@@ -96,6 +97,30 @@ def load_training_state_dict(ckpt: Checkpoint) -> dict:
     if not isinstance(obj, dict) or not obj:
         raise ConvertError(f"checkpoint {ckpt.path}: holds no state dict")
     return obj
+
+
+def _materialize(lazy: dict, ckpt_dir: str) -> dict:
+    """DeepSpeed's lazy state dict as tensors, giving back file pages as it goes.
+
+    DeepSpeed reads the optimizer shards through a memory map; the fp32
+    master partitions it merges would stay resident as clean file pages (a
+    second copy in RSS). ZeRO-3 tensors are gathered one at a time here, and
+    after each the shards' pages go back to the OS (ZeRO-1/2 merge eagerly,
+    so their pages go after the merge).
+    """
+    import glob
+
+    ranges = [r for f in glob.glob(os.path.join(ckpt_dir, "*optim_states.pt")) for r in _mapped_ranges(f)]
+    out, first_name = {}, {}
+    for name in list(lazy):
+        value = lazy.pop(name)
+        if id(value) in first_name:  # a tensor shared by two names stays shared
+            out[name] = out[first_name[id(value)]]
+            continue
+        first_name[id(value)] = name
+        out[name] = value.contiguous()
+        _drop_pages(ranges)
+    return out
 
 
 def to_hf_keys(state_dict: dict) -> dict:
@@ -195,6 +220,18 @@ def _mapped_ranges(path: str) -> list[tuple[int, int]]:
     return ranges
 
 
+def _madvise_dontneed(start: int, end: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+
+def _drop_pages(ranges) -> None:
+    """Drop whole private, read-only-in-use file mappings' pages (they read back from the file)."""
+    for start, end in ranges:
+        _madvise_dontneed(start, end)
+
+
 def _drop_file_pages(tensor, ranges) -> None:
     """Return the pages of a tensor memory-mapped from the checkpoint to the OS.
 
@@ -203,7 +240,6 @@ def _drop_file_pages(tensor, ranges) -> None:
     and a later read would only fetch them again. Anything not inside the
     file's mapping is left alone (dropping anonymous memory would zero it).
     """
-    import ctypes
     import mmap
 
     lo = tensor.data_ptr()
@@ -213,7 +249,7 @@ def _drop_file_pages(tensor, ranges) -> None:
     page = mmap.PAGESIZE
     start, end = -(-lo // page) * page, hi // page * page  # whole pages inside the tensor only
     if end > start:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+        _madvise_dontneed(start, end)
 
 
 def cast_releasing(model, dtype, mapped_file: str | None = None) -> None:

@@ -24,7 +24,7 @@ def train(tmp_path, cfg, deepspeed):
     return work, proc
 
 
-@pytest.fixture(scope="module", params=["zero2", "zero3", None], ids=["zero2", "zero3", "no-deepspeed"])
+@pytest.fixture(scope="module", params=["zero1", "zero2", "zero3", None], ids=["zero1", "zero2", "zero3", "no-deepspeed"])
 def trained(request, tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp(f"run_{request.param}")
     # rows of 512 tokens hold ~4 pairs: ~50 packed steps (the 3% warm-up needs >= 34)
