@@ -62,7 +62,7 @@ def pack_pairs(dataset, max_packed_length: int, shuffle: bool = True, seed: int 
     """
     from xtuner.dataset.preference_dataset import PackedDatasetWrapper
 
-    lengths = np.asarray(dataset["length"])
+    lengths = dataset.with_format("arrow")["length"].to_numpy()
     over = np.flatnonzero(lengths > max_packed_length)
     if len(over):
         raise DataError(
@@ -85,7 +85,9 @@ class _PairRows:
     COLUMNS = ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels")
 
     def __init__(self, dataset, order):
-        self._columns = {c: dataset[c] for c in self.COLUMNS}
+        # to_pylist over Arrow: datasets' own column objects index row by row
+        arrow = dataset.with_format("arrow")
+        self._columns = {c: arrow[c].to_pylist() for c in self.COLUMNS}
         self._order = order
 
     def __len__(self):

@@ -105,7 +105,9 @@ class PolarEncoder:
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         if self._backend is not None:
-            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=True)]
+            # encode_batch_fast (tokenizers >= 0.20) skips character offsets we never read
+            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=True)]
         return [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
 
     def _decode(self, ids_batch: list[list[int]]) -> list[str]:
