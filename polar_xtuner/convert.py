@@ -252,14 +252,15 @@ def _drop_file_pages(tensor, ranges) -> None:
         _madvise_dontneed(start, end)
 
 
-def cast_releasing(model, dtype, mapped_file: str | None = None) -> None:
+def cast_releasing(model, dtype, mapped_files=()) -> None:
     """``model.to(dtype)``, tensor by tensor, freeing each source as it goes.
 
-    With weights memory-mapped from ``mapped_file`` (a .pth), ``Module.to``
-    would keep every fp32 page resident until the end, so a bf16 conversion
-    peaked at 1.5 fp32 copies; here each tensor's pages go as it is cast.
+    With weights memory-mapped from ``mapped_files`` (a .pth, or safetensors
+    shards), ``Module.to`` would keep every source page resident until the
+    end (a bf16 conversion peaked at 1.5 fp32 copies); here each tensor's
+    pages go as it is cast.
     """
-    ranges = _mapped_ranges(mapped_file) if mapped_file else []
+    ranges = [r for path in mapped_files for r in _mapped_ranges(path)]
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for value in table.values():
@@ -394,7 +395,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     before = score_records(model, tokenizer, records, **enc_kwargs) if verify else None
 
     os.makedirs(out_dir, exist_ok=True)
-    cast_releasing(model, torch_dtype, ckpt.path if ckpt.kind == "pth" else None)
+    cast_releasing(model, torch_dtype, [ckpt.path] if ckpt.kind == "pth" else [])
     model.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
     del model
     gc.collect()
@@ -405,7 +406,11 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
 
     max_diff = None
     if verify:
-        fresh, fresh_tok = load_model(out_dir)
+        # Load as saved, then score in fp32 like the trained weights: loading a
+        # bf16 directory straight into fp32 would hold both copies at once.
+        fresh, fresh_tok = load_model(out_dir, device="cpu", dtype=torch_dtype)
+        shards = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.endswith(".safetensors")]
+        cast_releasing(fresh, torch.float32, shards)
         after = score_records(fresh, fresh_tok, records, **enc_kwargs)
         diffs = [abs(a - b) / max(1.0, abs(b)) for pa, pb in zip(after, before) for a, b in zip(pa, pb)]
         max_diff = max(diffs)

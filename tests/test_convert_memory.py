@@ -22,7 +22,7 @@ def _mapped_model(tmp_path, n_features=4096, layers=6):
 
 def test_cast_equals_to_and_leaves_the_source_readable(tmp_path):
     model, mapped, state, path = _mapped_model(tmp_path, 256, 2)
-    cast_releasing(mapped, torch.bfloat16, path)
+    cast_releasing(mapped, torch.bfloat16, [path])
     for (name, want), got in zip(model.state_dict().items(), mapped.state_dict().values()):
         assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16)), name
         # dropped pages of the private file mapping are read again from the file
@@ -36,7 +36,7 @@ def test_cast_gives_back_the_fp32_pages(tmp_path):
     for p in mapped.parameters():
         p.detach().sum()  # read every fp32 page of the mapping, as scoring does
     before = _rss()
-    cast_releasing(mapped, torch.bfloat16, path)
+    cast_releasing(mapped, torch.bfloat16, [path])
     grown = _rss() - before
     # Module.to would add the bf16 copy (+0.5x) and keep the fp32 pages; here they go (-1x).
     assert grown < -0.25 * size, (grown, size)
