@@ -10,8 +10,10 @@ or a work dir (its ``last_checkpoint`` is used).
 
 The conversion is strict: every tensor of the model must come from the
 checkpoint, and a missing, unexpected or mis-shaped key is an error naming the
-keys. Weights are assigned into a model built on the meta device, so the
-process never holds two full copies. After saving, the output is loaded fresh
+keys. Weights are assigned into a model built on the meta device and cast
+tensor by tensor, giving memory-mapped pages back as they are used, so the
+process does not hold two full copies (except inside DeepSpeed's own merge of
+ZeRO-1/2 partitions, see bench/README.md). After saving, the output is loaded fresh
 and scored on a few pairs; the largest difference from the trained weights'
 scores is printed and must stay within the dtype's tolerance.
 
