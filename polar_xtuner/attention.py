@@ -16,7 +16,10 @@ with one of three backends:
   any device (CPU, tests).
 
 The backend is chosen automatically (in that order), logged once, and can be
-forced with ``varlen_attn_backend`` in the model config. When a row carries no
+forced with ``varlen_attn_backend`` in the model config. Under sequence
+parallel each rank holds a slice of the row; xtuner's Ulysses all-to-all turns
+that into whole samples for a share of the heads around the attention call,
+and back. When a row carries no
 boundaries (evaluation, or ``use_varlen_attn=False``) the module's original
 forward runs unchanged.
 """

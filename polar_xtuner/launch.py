@@ -110,9 +110,6 @@ def check_sequence_parallel(config: str) -> None:
     """Refuse sequence parallel where it cannot run, before any rank starts."""
     import importlib.util
 
-    with open(config, encoding="utf-8") as f:
-        if "sequence_parallel_size" not in f.read():
-            return
     from mmengine.config import Config
 
     try:
