@@ -3,6 +3,8 @@
 #
 # Launch (from the repository root, after `python tools/make_tiny_model.py work_dirs/tiny_polar`):
 #   xtuner train configs/POLAR_tiny_full_varlenattn_demo.py --deepspeed configs/deepspeed/polar_zero2_cpu.json
+# Two CPU ranks (gloo; `make setup` installs the start-up shim mmengine needs):
+#   NPROC_PER_NODE=2 xtuner train configs/POLAR_tiny_full_varlenattn_demo.py --deepspeed configs/deepspeed/polar_zero3_cpu.json
 # Data: data/demo/*.jsonl, one prompt/reference/chosen/rejected record per line
 # (see configs/POLAR_7B_full_varlenattn_custom_dataset.py for the format).
 from mmengine.dataset import DefaultSampler
