@@ -71,30 +71,29 @@ def _normalise_field(name: str, value: Any) -> list[dict]:
         )
     if not value:
         raise RecordError(f"field '{name}' is an empty list", name, "empty_content")
-    messages = []
     for i, msg in enumerate(value):
-        where = f"'{name}[{i}]'"
+        # runs for every message of every record: error texts are built only on failure
         if not isinstance(msg, dict):
             raise RecordError(
-                f"{where} must be a message object {{role, content}}, got {type(msg).__name__}",
+                f"'{name}[{i}]' must be a message object {{role, content}}, got {type(msg).__name__}",
                 name, "bad_message",
             )
         if "content" not in msg:
-            raise RecordError(f"{where} has no 'content'", name, "bad_message")
+            raise RecordError(f"'{name}[{i}]' has no 'content'", name, "bad_message")
         if "role" in msg and not isinstance(msg["role"], str):
-            raise RecordError(f"{where}.role must be a string", name, "bad_message")
+            raise RecordError(f"'{name}[{i}]'.role must be a string", name, "bad_message")
         content = msg["content"]
         if content is None:
-            raise RecordError(f"{where}.content is null", name, "null_field")
+            raise RecordError(f"'{name}[{i}]'.content is null", name, "null_field")
         if not isinstance(content, str):
             raise RecordError(
-                f"{where}.content must be a string, got {type(content).__name__}",
+                f"'{name}[{i}]'.content must be a string, got {type(content).__name__}",
                 name, "bad_message",
             )
-        messages.append(msg)
-    if not "".join(m["content"] for m in messages).strip():
+    # all contents blank <=> their concatenation is blank
+    if not any(m["content"].strip() for m in value):
         raise RecordError(f"field '{name}' has empty content", name, "empty_content")
-    return messages
+    return value
 
 
 def join_contents(field: Any) -> str:
