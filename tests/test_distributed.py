@@ -127,9 +127,9 @@ def test_two_rank_zero3_converts_to_deepspeeds_reconstruction(runs):
         assert torch.equal(saved[k], want[k]), k
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(runs):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(runs, tiny_dir):
     tmp, one = runs["tmp"], runs["one_cfg"]
-    killed = copy_config(str(tmp), "polar_dist_killed.py", *_model_and_data(one), append=APPEND + (
+    killed = copy_config(str(tmp), "polar_dist_killed.py", tiny_dir, VAL, append=APPEND + (
         "\nfrom kill_at import KillAt\ncustom_hooks = custom_hooks + [dict(type=KillAt, iteration=50)]\n"),
         accumulative_counts=2, **SETTINGS)
     work = str(tmp / "resumed")
@@ -155,8 +155,3 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(runs):
     for name in b:
         assert torch.equal(a[name], b[name]), name
 
-
-def _model_and_data(cfg_path):
-    text = open(cfg_path, encoding="utf-8").read()
-    model = re.search(r"^pretrained_model_name_or_path = '(.*)'$", text, re.M).group(1)
-    return model, VAL
