@@ -68,7 +68,7 @@ def work_dir_of(config: str, args: list[str]) -> str:
     return work_dir or os.path.join("work_dirs", os.path.splitext(os.path.basename(config))[0])
 
 
-def resolve_resume(config: str, args: list[str], log=print) -> tuple[list[str], bool]:
+def resolve_resume(config: str, args: list[str]) -> tuple[list[str], bool]:
     """Replace ``--resume auto`` by the last checkpoint's path.
 
     Returns:
@@ -86,13 +86,13 @@ def resolve_resume(config: str, args: list[str], log=print) -> tuple[list[str], 
     work_dir = work_dir_of(config, args)
     marker = os.path.join(work_dir, "last_checkpoint")
     if not os.path.isfile(marker):
-        log(f"--resume auto: no checkpoint in {work_dir}; starting from scratch", file=sys.stderr)
+        print(f"--resume auto: no checkpoint in {work_dir}; starting from scratch", file=sys.stderr)
         return args[:i] + args[i + width:], False
     with open(marker) as f:
         path = f.read().strip()
     if not os.path.exists(path):
         raise LaunchError(f"{marker} names {path}, which does not exist")
-    log(f"--resume auto: resuming from {path}", file=sys.stderr)
+    print(f"--resume auto: resuming from {path}", file=sys.stderr)
     return args[:i] + ["--resume", path] + args[i + width:], True
 
 
@@ -108,8 +108,6 @@ def xtuner_train_script() -> str:
 
 def check_sequence_parallel(config: str) -> None:
     """Refuse sequence parallel where it cannot run, before any rank starts."""
-    import importlib.util
-
     from mmengine.config import Config
 
     try:
@@ -117,11 +115,9 @@ def check_sequence_parallel(config: str) -> None:
     except Exception as e:  # noqa: BLE001 - xtuner will report the details
         raise LaunchError(f"config {config}: cannot read it ({e})") from None
     if size > 1:
-        import torch
+        from .model import SP_NEEDS_GPU, flash_attn_available
 
-        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
-            from .model import SP_NEEDS_GPU
-
+        if not flash_attn_available():  # flash-attn importable and a CUDA device present
             raise LaunchError(f"{config}: {SP_NEEDS_GPU}")
 
 

@@ -66,7 +66,8 @@ class PolarRewardModel(RewardModel):
 
     Exits:
         With code 2 and one ``error:`` line (a :class:`ConfigError`) for an
-        unavailable varlen backend, sequence parallel with varlen attention,
+        unavailable varlen backend, sequence parallel without varlen
+        attention, on CPU, or with a size that does not divide the heads,
         flash_attention_2 without flash-attn, or a loaded model that has no
         value head or misses weights.
     """

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_tool
+from conftest import REPO, free_port, run_tool
 from polar_xtuner import launch
 from polar_xtuner.launch import LaunchError, command
 
@@ -113,8 +113,6 @@ def _init_dist_on_cpu(how: str):
     how: "none" (LOCAL_RANK appears only after start-up, so the .pth stays inert),
     "install" (calls cpu_ranks.install()), "pth" (LOCAL_RANK at start-up: the .pth acts).
     """
-    from conftest import free_port
-
     code = (
         "import os\n"
         "os.environ['LOCAL_RANK'] = '0'\n"
