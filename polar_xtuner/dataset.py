@@ -10,6 +10,8 @@ Items have the format of ``xtuner.dataset.collate_fns.preference_collate_fn``.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -33,15 +35,37 @@ def _build_tokenizer(tokenizer):
     return tokenizer
 
 
-def encode_records(records: Sequence[dict], encoder, desc: str = "Encoding pairs"):
-    """Encode validated records into an HF ``datasets.Dataset`` of pair features.
+PAIR_COLUMNS = ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels")
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """Pause the cyclic garbage collector while millions of id lists are built.
+
+    Reading, encoding and packing allocate only acyclic dicts and lists, which
+    reference counting frees; the collector would still rescan all of them at
+    every full collection. Restored on exit, even on error.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def encode_columns(records: Sequence[dict], encoder, desc: str = "Encoding pairs") -> dict[str, list]:
+    """Encode validated records into columns of pair features (plain lists).
 
     Batches go through the fast tokenizer, whose Rust thread pool uses the
     machine's cores (no fixed process count).
-    """
-    from datasets import Dataset
 
-    columns = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels", "length")}
+    Returns:
+        ``chosen_ids``, ``rejected_ids``, their labels and ``length`` (tokens
+        of the pair), one entry per record.
+    """
+    columns = {k: [] for k in (*PAIR_COLUMNS, "length")}
     with tqdm(total=len(records), desc=desc, disable=len(records) < 5 * ENCODE_CHUNK) as bar:
         for start in range(0, len(records), ENCODE_CHUNK):
             chunk = records[start:start + ENCODE_CHUNK]
@@ -50,7 +74,14 @@ def encode_records(records: Sequence[dict], encoder, desc: str = "Encoding pairs
                     columns[k].append(v)
                 columns["length"].append(len(feat["chosen_ids"]) + len(feat["rejected_ids"]))
             bar.update(len(chunk))
-    return Dataset.from_dict(columns)
+    return columns
+
+
+def encode_records(records: Sequence[dict], encoder, desc: str = "Encoding pairs"):
+    """:func:`encode_columns` as an HF ``datasets.Dataset`` (what the cache stores)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(encode_columns(records, encoder, desc))
 
 
 def pack_pairs(dataset, max_packed_length: int, shuffle: bool = True, seed: int = 0):
@@ -59,10 +90,17 @@ def pack_pairs(dataset, max_packed_length: int, shuffle: bool = True, seed: int 
     The order is shuffled with a fixed seed (every rank packs the same rows),
     then xtuner's ``PackedDatasetWrapper`` fills the rows. A pair longer than
     the limit is an error here: xtuner would drop it with only a log line.
+
+    Args:
+        dataset: Encoded pairs, as :func:`encode_columns` columns or an HF
+            dataset with the same columns (the cache).
     """
     from xtuner.dataset.preference_dataset import PackedDatasetWrapper
 
-    lengths = dataset.with_format("arrow")["length"].to_numpy()
+    if isinstance(dataset, dict):
+        lengths = np.asarray(dataset["length"])
+    else:
+        lengths = dataset.with_format("arrow")["length"].to_numpy()
     over = np.flatnonzero(lengths > max_packed_length)
     if len(over):
         raise DataError(
@@ -70,24 +108,26 @@ def pack_pairs(dataset, max_packed_length: int, shuffle: bool = True, seed: int 
             f"(longest {lengths.max()}, first at record {over[0] + 1}); "
             "raise max_packed_length to at least 2 x max_length"
         )
-    order = np.random.default_rng(seed).permutation(len(dataset)) if shuffle else np.arange(len(dataset))
+    order = np.random.default_rng(seed).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
     return PackedDatasetWrapper(_PairRows(dataset, order.tolist()), max_packed_length, shuffle_before_pack=False)
 
 
 class _PairRows:
     """The pairs as dicts in a given order, for PackedDatasetWrapper.
 
-    The wrapper reads every pair once, by index, and keeps it; indexing an HF
-    dataset row by row costs ~0.1 ms a row (a fifth of the whole build), so
-    the columns are read from Arrow in bulk instead.
+    The wrapper reads every pair once, by index, and keeps it. Freshly encoded
+    columns are used as they are; a cached HF dataset is read from Arrow in
+    bulk, since indexing it row by row costs ~0.1 ms a row (a fifth of the
+    whole build).
     """
 
-    COLUMNS = ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels")
-
     def __init__(self, dataset, order):
-        # to_pylist over Arrow: datasets' own column objects index row by row
-        arrow = dataset.with_format("arrow")
-        self._columns = {c: arrow[c].to_pylist() for c in self.COLUMNS}
+        if isinstance(dataset, dict):
+            self._columns = {c: dataset[c] for c in PAIR_COLUMNS}
+        else:
+            # to_pylist over Arrow: datasets' own column objects index row by row
+            arrow = dataset.with_format("arrow")
+            self._columns = {c: arrow[c].to_pylist() for c in PAIR_COLUMNS}
         self._order = order
 
     def __len__(self):
@@ -125,7 +165,8 @@ def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_respons
                   reward_token_id: int | None, cache_dir: str | None = None):
     """Encoded pair features, from the cache when it holds this exact input.
 
-    Without a cache every rank validates and encodes. With one, a hit is
+    Without a cache every rank validates and encodes, and the columns are
+    returned as plain lists (no round trip through Arrow). With one, a hit is
     memory-mapped from disk (no validation, no tokenization); on a miss every
     rank validates (so bad data fails on every rank, never leaving ranks
     waiting), rank 0 encodes and saves atomically, and the others load it.
@@ -140,7 +181,7 @@ def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_respons
             raise DataError(f"{path}: no such file")
     if cache_dir is None:
         encoder = PolarEncoder(tokenizer, max_length, max_response_length, reward_token_id)
-        return encode_records(load_records(data_files), encoder)
+        return encode_columns(load_records(data_files), encoder)
     path = os.path.join(cache_dir, cache_key(data_files, tokenizer, max_length, max_response_length,
                                              reward_token_id))
     if os.path.isdir(path):
@@ -196,10 +237,15 @@ def build_polar_dataset(
     """
     files = [data_files] if isinstance(data_files, str) else list(data_files)
     try:
-        dataset = encoded_pairs(files, _build_tokenizer(tokenizer), max_length, max_response_length,
-                                reward_token_id, cache_dir)
-        if use_varlen_attn:
-            dataset = pack_pairs(dataset, max_packed_length or 2 * max_length, shuffle_before_pack, seed)
+        with _no_cyclic_gc():
+            dataset = encoded_pairs(files, _build_tokenizer(tokenizer), max_length, max_response_length,
+                                    reward_token_id, cache_dir)
+            if use_varlen_attn:
+                dataset = pack_pairs(dataset, max_packed_length or 2 * max_length, shuffle_before_pack, seed)
+            elif isinstance(dataset, dict):
+                from datasets import Dataset
+
+                dataset = Dataset.from_dict(dataset)
     except (DataError, ValueError) as e:
         # SystemExit prints one clean message and exits non-zero on every rank.
         print(f"error: {e}", file=sys.stderr)

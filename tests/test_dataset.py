@@ -1,4 +1,5 @@
 """build_polar_dataset: the config-facing builder, its cache and its packing."""
+import gc
 import os
 import shutil
 
@@ -43,6 +44,17 @@ def test_packed_rows_respect_the_limit_and_keep_every_pair(tokenizer):
     assert [ds[i]["input_ids"] for i in range(len(ds))] == [again[i]["input_ids"] for i in range(len(ds))]
 
 
+def test_packed_rows_are_the_same_from_fresh_columns_and_from_the_cache(tokenizer, tmp_path):
+    """Fresh encodes pack from plain lists, cache hits from Arrow: one result."""
+    kw = dict(use_varlen_attn=True, max_packed_length=512, seed=3)
+    fresh = build_polar_dataset(VAL, tokenizer, 256, 128, cache_dir=None, **kw)
+    build_polar_dataset(VAL, tokenizer, 256, 128, cache_dir=str(tmp_path), **kw)  # fills the cache
+    cached = build_polar_dataset(VAL, tokenizer, 256, 128, cache_dir=str(tmp_path), **kw)
+    assert len(fresh) == len(cached) > 1
+    for i in range(len(fresh)):
+        assert fresh[i] == cached[i], i
+
+
 def test_packed_rows_equal_xtuners_own_build(tokenizer):
     """Same rows, ids, labels and boundaries as build_preference_dataset(is_reference=True)."""
     from datasets import load_dataset
@@ -64,6 +76,7 @@ def test_bad_data_and_settings_exit_with_a_message(tokenizer, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         build_polar_dataset(bad, tokenizer, 512, 128, cache_dir=str(tmp_path))
     assert e.value.code == 2
+    assert gc.isenabled()  # the build pauses the cyclic collector; an error must not leave it off
     err = capsys.readouterr().err
     assert f"{bad}:2: invalid JSON" in err and f"{bad}:4: missing field 'reference'" in err
     assert not os.listdir(tmp_path)  # nothing cached from bad data
