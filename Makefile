@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # xtuner's CLI starts `python` from PATH, so the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/bench.py --out bench/results.json
+
+# On a GPU machine: POLAR-1.8B-shaped training per ZeRO stage (tokens/s, MFU,
+# peak memory) and evaluation pairs/s; see bench/gpu.py.
+bench-gpu: setup
+	$(PY) bench/gpu.py --out bench/results_gpu.json
 
 clean:
 	rm -rf work_dirs

@@ -1,0 +1,261 @@
+"""GPU section of the benchmarks: a POLAR-1.8B-shaped random model on one GPU.
+
+Usage:
+    python bench/gpu.py [--shape 1.8b] [--stages 1,2,3] [--steps 10] [--out bench/results_gpu.json]
+    python bench/gpu.py --shape tiny --device cpu --stages 2 --steps 3   # same code on CPU (smoke run)
+
+For each ZeRO stage, a fresh process trains ``PolarRewardModel`` under
+DeepSpeed with the repository's own JSON (``configs/deepspeed/polar_zero{N}.json``,
+its "auto" values filled as xtuner fills them, bf16 where the GPU has it; the
+``_cpu`` twin on CPU), as the 1.8B config sets it up: one packed row of
+2 x max_length tokens per step, chat-like pair lengths, the fastest varlen
+backend on the machine, activation checkpointing, AdamW. It reports real
+tokens/s per GPU, MFU and the peak GPU memory of the training steps. Then
+tools/eval_pref.py's scorer (length-sorted batches) gives evaluation pairs/s.
+
+FLOPs per trained token (model FLOPs; the recomputation of activation
+checkpointing is not counted, as MFU is defined)::
+
+    6 N + 12 L d c
+
+N: weights a token is multiplied through (every matrix but the input
+embedding; 1.51e9 of POLAR-1.8B's 1.70e9 parameters),
+L: layers, d: attention width (heads x head dim), c: a token's mean causal
+context within its own sample, sum(s (s + 1) / 2) / sum(s) over the row's
+samples s (varlen attention attends within a sample only). MFU is achieved
+FLOP/s over the GPU's dense bf16 peak (989 TFLOP/s for H100/H200 SXM, from
+the name; ``--peak-tflops`` otherwise).
+
+With one GPU, ZeRO has one rank to partition over, so the per-stage peak
+memory shows each stage's own overhead on one GPU; the README's ZeRO table
+gives the per-GPU model-state arithmetic for N GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+sys.path.insert(0, REPO)
+sys.path.insert(0, BENCH)
+
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0}
+
+
+def peak_tflops(device: str, given: float | None) -> float | None:
+    """Dense bf16 peak of the device, from --peak-tflops or the GPU's name."""
+    if given:
+        return given
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def matmul_params(config) -> int:
+    """Weights a token is multiplied through: every matrix but the input embedding.
+
+    The embedding is a lookup and norm scales are element-wise, so neither
+    counts in 6 N (the value head, a 1 x d matrix, does).
+    """
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=True)
+    return sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n)
+
+
+def row_flops(n_params: int, config, sample_lengths) -> float:
+    """Model FLOPs of one training step over a packed row: 6 N T + 12 L d sum(s (s + 1) / 2)."""
+    d = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
+    tokens = sum(sample_lengths)
+    causal_pairs = sum(s * (s + 1) / 2 for s in sample_lengths)
+    return 6 * n_params * tokens + 12 * config.num_hidden_layers * d * causal_pairs
+
+
+def packed_rows(config, steps: int, max_length: int) -> list[dict]:
+    """``steps`` packed rows (2 x max_length tokens) of chat-like random pairs, collated."""
+    from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
+    from xtuner.dataset.preference_dataset import PackedDatasetWrapper
+
+    from bench import chat_like_lengths, synthetic_pairs
+
+    lengths = chat_like_lengths(400 * steps, max_length, seed=2)
+    feats = synthetic_pairs(lengths, config.vocab_size, config.reward_token_id)
+    packed = PackedDatasetWrapper(feats, max_packed_length=2 * max_length, shuffle_before_pack=False)
+    return [preference_collate_fn([packed[i]], use_varlen_attn=True)["data"] for i in range(steps)]
+
+
+def ds_config(stage: str, device: str) -> dict:
+    """configs/deepspeed/polar_zero{stage}[_cpu].json with xtuner's "auto" values filled."""
+    name = f"polar_zero{stage}{'_cpu' if device == 'cpu' else ''}.json"
+    with open(os.path.join(REPO, "configs", "deepspeed", name)) as f:
+        cfg = json.load(f)
+    # what xtuner fills in from the config: batch 1, accumulation 1 here, max_norm 1
+    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=1.0)
+    if cfg.get("bf16", {}).get("enabled") == "auto":
+        cfg["bf16"]["enabled"] = device == "cuda" and torch.cuda.is_bf16_supported()
+    return cfg
+
+
+def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length: int) -> dict:
+    """Tokens/s, model FLOP/s and peak memory of ``steps`` DeepSpeed steps (this process)."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29541"))
+    import deepspeed
+    from mmengine import MessageHub
+    from transformers import AutoConfig
+
+    from polar_xtuner.model import PolarRewardModel
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    rows = packed_rows(config, steps, max_length)
+    n_params = matmul_params(config)
+    torch.manual_seed(0)
+    model = PolarRewardModel.from_model_dir(model_dir, use_varlen_attn=True, loss_type="ranking",
+                                            penalty_type="none").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, device),
+                                      dist_init_required=True)
+    hub = MessageHub.get_instance("varlen_attn_args")
+    on_gpu = device == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, tokens, flops = [], [], []
+    for row in rows:
+        data = dict(row)
+        cu = data.pop("cumulative_len")[0]
+        hub.update_info("cumulative_len_rank_0", cu.to(engine.device))
+        hub.update_info("max_seqlen_rank_0", data.pop("max_seqlen"))
+        data = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in data.items()}
+        t0 = time.perf_counter()
+        loss = engine(data, mode="loss")["loss"]
+        engine.backward(loss)
+        engine.step()
+        if on_gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        sample_lengths = (cu[1:] - cu[:-1]).tolist()
+        tokens.append(sum(sample_lengths))
+        flops.append(row_flops(n_params, config, sample_lengths))
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(f"ZeRO-{stage}: non-finite loss {loss.item()}")
+    warm = min(2, len(times) - 1)  # first steps pay allocation and kernel selection
+    seconds = sum(times[warm:])
+    out = {"tokens_per_s": sum(tokens[warm:]) / seconds, "model_flops_per_s": sum(flops[warm:]) / seconds,
+           "steps_timed": len(times) - warm, "backend": model.varlen_attn_backend,
+           "params_matmul": n_params, "mean_row_tokens": sum(tokens) / len(tokens)}
+    if on_gpu:
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def eval_throughput(model_dir: str, device: str, pairs: int, max_length: int) -> dict:
+    """Pairs/s of tools/eval_pref.py's scorer on chat-like random pairs (length-sorted batches)."""
+    from transformers import AutoConfig
+
+    from bench import chat_like_lengths, synthetic_pairs
+    from polar_xtuner.evaluate import load_model, score_ids
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    feats = synthetic_pairs(chat_like_lengths(pairs, max_length, seed=3), config.vocab_size,
+                            config.reward_token_id)
+    ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model, _ = load_model(model_dir, device=device, dtype=dtype)
+    score_ids(model, ids[:32], pad_id=0)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    score_ids(model, ids, pad_id=0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"eval_pairs_per_s": pairs / seconds, "eval_tokens_per_s": sum(map(len, ids)) / seconds}
+
+
+def main(argv=None) -> int:
+    from convert_memory import SHAPES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="1.8b", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--stages", default="1,2,3", help="ZeRO stages, comma-separated (3_offload allowed)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per stage (2 are warm-up)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per sequence; rows are twice this (default 16384, tiny: 1024)")
+    p.add_argument("--eval-pairs", type=int, default=256)
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
+    p.add_argument("--out", default=os.path.join(BENCH, "results_gpu.json"))
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)  # internal: one stage in a child process
+    p.add_argument("--stage-json", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    max_length = args.max_length or (1024 if args.shape == "tiny" else 16384)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no GPU; use --device cpu for a smoke run", file=sys.stderr)
+        return 2
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in ("1", "2", "3", "3_offload")]
+    if bad:
+        print(f"error: --stages: unknown ZeRO stage(s) {', '.join(bad)} (1, 2, 3, 3_offload)", file=sys.stderr)
+        return 2
+
+    if args.stage_json:  # child: one stage, figures to a file
+        fig = train_stage(args.model_dir, stages[0], args.steps, args.device, max_length)
+        with open(args.stage_json, "w") as f:
+            json.dump(fig, f)
+        return 0
+
+    from polar_xtuner.tiny import make_tiny_model
+
+    peak = peak_tflops(args.device, args.peak_tflops)
+    results = {"shape": args.shape, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "max_packed_length": 2 * max_length, "peak_tflops_bf16_dense": peak}
+    with tempfile.TemporaryDirectory(prefix="polar_gpu_bench_") as work:
+        model_dir = make_tiny_model(os.path.join(work, "model"), **SHAPES[args.shape])
+        for stage in stages:
+            out = os.path.join(work, f"stage_{stage}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--shape", args.shape, "--device", args.device,
+                   "--stages", stage, "--steps", str(args.steps), "--max-length", str(max_length),
+                   "--model-dir", model_dir, "--stage-json", out]
+            # DeepSpeed prints its whole config: keep the child's output for a failure only
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if proc.returncode != 0 or not os.path.exists(out):
+                print(f"error: ZeRO-{stage} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}",
+                      file=sys.stderr)
+                return 1
+            with open(out) as f:
+                fig = json.load(f)
+            results[f"zero{stage}_train_tokens_per_s_per_gpu"] = fig["tokens_per_s"]
+            if peak:
+                results[f"zero{stage}_mfu"] = fig["model_flops_per_s"] / (peak * 1e12)
+            if "peak_memory_bytes" in fig:
+                results[f"zero{stage}_peak_memory_gib"] = fig["peak_memory_bytes"] / 2 ** 30
+            results.setdefault("varlen_backend", fig["backend"])
+            results.setdefault("params_matmul", fig["params_matmul"])
+            results.setdefault("mean_row_tokens", fig["mean_row_tokens"])
+            print(f"ZeRO-{stage}: {fig['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+        results.update(eval_throughput(model_dir, args.device, args.eval_pairs, max_length))
+    results["date"] = time.strftime("%Y-%m-%d")
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print("| figure | value |\n|---|---|")
+    for k, v in results.items():
+        print(f"| `{k}` | {v:.3f} |" if isinstance(v, float) else f"| `{k}` | {v} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
