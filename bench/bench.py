@@ -17,7 +17,7 @@ interleaved (A, B, A, B ...) so that machine noise hits both sides alike:
   xtuner's ``build_preference_dataset(is_reference=True)`` (token ids checked
   equal; two alternating rounds, best time of each side);
 * wall time of a one-step ``xtuner train`` on the N-pair file without the
-  pre-tokenized cache vs with a warm cache;
+  pre-tokenized cache vs with a warm cache (two alternating rounds, best of each);
 * peak memory of tools/convert.sh on a POLAR-1.8B-shaped random checkpoint
   (bench/convert_memory.py; fp32 and bf16 output) over one fp32 copy of the
   weights. It needs about 20 GB of disk and a few minutes.
@@ -236,6 +236,18 @@ def eval_throughput(tiny_dir, repeats: int = 5) -> dict:
             "eval_speedup_batched_vs_single": batched / single}
 
 
+def write_results(results: dict, path: str, device: str | None = None) -> None:
+    """Add the machine and date, write the JSON and print a Markdown table of it."""
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    results["machine"] = f"{device}, {machine}" if device else machine
+    results["date"] = time.strftime("%Y-%m-%d")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print("| figure | value |\n|---|---|")
+    for k, v in results.items():
+        print(f"| `{k}` | {v:.3f} |" if isinstance(v, float) else f"| `{k}` | {v} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"))
@@ -270,13 +282,7 @@ def main(argv=None) -> int:
             mem = measure(args.convert_shape, work)
         results.update({k: v for k, v in mem.items() if k.startswith("convert_")})
         results["convert_shape_params"] = mem["params"]
-    results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    results["date"] = time.strftime("%Y-%m-%d")
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print("| figure | value |\n|---|---|")
-    for k, v in results.items():
-        print(f"| `{k}` | {v:.3f} |" if isinstance(v, float) else f"| `{k}` | {v} |")
+    write_results(results, args.out)
     return 0
 
 

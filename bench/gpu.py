@@ -187,6 +187,7 @@ def eval_throughput(model_dir: str, device: str, pairs: int, max_length: int) ->
 
 
 def main(argv=None) -> int:
+    from bench import write_results
     from convert_memory import SHAPES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -221,8 +222,8 @@ def main(argv=None) -> int:
     from polar_xtuner.tiny import make_tiny_model
 
     peak = peak_tflops(args.device, args.peak_tflops)
-    results = {"shape": args.shape, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "max_packed_length": 2 * max_length, "peak_tflops_bf16_dense": peak}
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    results = {"shape": args.shape, "max_packed_length": 2 * max_length, "peak_tflops_bf16_dense": peak}
     with tempfile.TemporaryDirectory(prefix="polar_gpu_bench_") as work:
         model_dir = make_tiny_model(os.path.join(work, "model"), **SHAPES[args.shape])
         for stage in stages:
@@ -248,12 +249,7 @@ def main(argv=None) -> int:
             results.setdefault("mean_row_tokens", fig["mean_row_tokens"])
             print(f"ZeRO-{stage}: {fig['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
         results.update(eval_throughput(model_dir, args.device, args.eval_pairs, max_length))
-    results["date"] = time.strftime("%Y-%m-%d")
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print("| figure | value |\n|---|---|")
-    for k, v in results.items():
-        print(f"| `{k}` | {v:.3f} |" if isinstance(v, float) else f"| `{k}` | {v} |")
+    write_results(results, args.out, device_name)
     return 0
 
 
