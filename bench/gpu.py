@@ -152,7 +152,7 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
         flops.append(row_flops(n_params, config, sample_lengths))
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(f"ZeRO-{stage}: non-finite loss {loss.item()}")
-    warm = min(2, len(times) - 1)  # first steps pay allocation and kernel selection
+    warm = 2  # first steps pay allocation and kernel selection (main() asks for at least 3)
     seconds = sum(times[warm:])
     out = {"tokens_per_s": sum(tokens[warm:]) / seconds, "model_flops_per_s": sum(flops[warm:]) / seconds,
            "steps_timed": len(times) - warm, "backend": model.varlen_attn_backend,
@@ -206,6 +206,10 @@ def main(argv=None) -> int:
     max_length = args.max_length or (1024 if args.shape == "tiny" else 16384)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no GPU; use --device cpu for a smoke run", file=sys.stderr)
+        return 2
+    if args.steps < 3:
+        print(f"error: --steps {args.steps}: at least 3 (the first 2 are warm-up, left out of the figures)",
+              file=sys.stderr)
         return 2
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in ("1", "2", "3", "3_offload")]

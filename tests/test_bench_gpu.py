@@ -62,3 +62,6 @@ def test_gpu_bench_refuses_bad_arguments():
     proc = subprocess.run([sys.executable, script, "--device", "cpu", "--stages", "4"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "unknown ZeRO stage(s) 4" in proc.stderr
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--steps", "2"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "--steps 2: at least 3" in proc.stderr
