@@ -32,11 +32,16 @@ TINY_REWARD_TOKEN_ID = TINY_SPECIAL_TOKENS.index(REWARD_TOKEN)
 _CJK = "[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]"
 
 # Toy sizes; every other field follows the real POLAR (InternLM2) config.
+# Heads of 32 dimensions: the smallest size vLLM's CPU attention serves (it
+# supports 32, 64, 80, ..., 256, 512), so the demo model can be served for real.
+# The width is what makes the demo learn on every seed: at 128 (4 heads) one
+# seed in three stalled near 0.7 held-out accuracy, at 256 none did
+# (bench/README.md, "Demo robustness").
 TINY_MODEL_SIZES = dict(
-    hidden_size=64,
-    intermediate_size=128,
+    hidden_size=256,
+    intermediate_size=512,
     num_hidden_layers=2,
-    num_attention_heads=8,
+    num_attention_heads=8,  # head size 256 / 8 = 32
     num_key_value_heads=4,  # GQA, like the real models
     max_position_embeddings=2048,
 )

@@ -3,29 +3,45 @@
 # tiny model -> check data -> xtuner train (DeepSpeed ZeRO-2) -> convert -> evaluate.
 #
 # Usage: bash scripts/demo.sh      (with the project's .venv on PATH; `make demo` does that)
-# Env:   DEMO_DIR (default work_dirs/demo), MIN_ACCURACY (default 0.90).
+# Env:   DEMO_DIR (default work_dirs/demo), MIN_ACCURACY (default 0.90),
+#        DEMO_SEED (default 0: the tiny model's weights, the training seed and the
+#        packing order), TINY_DIR (default work_dirs/tiny_polar, the untrained model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-work_dirs/demo}
 MIN_ACCURACY=${MIN_ACCURACY:-0.90}
+DEMO_SEED=${DEMO_SEED:-0}
+TINY_DIR=${TINY_DIR:-work_dirs/tiny_polar}
 CONFIG=configs/POLAR_tiny_full_varlenattn_demo.py
 start=$(date +%s)
 
-echo "== 1/6 tiny POLAR model -> work_dirs/tiny_polar"
-python tools/make_tiny_model.py work_dirs/tiny_polar
+# A single DeepSpeed process still opens a rendezvous port, and DeepSpeed's MPI
+# discovery resets it to 29500 unless all five variables are set: give it a
+# free one, so the demo runs beside another training run.
+if [ -z "${MASTER_PORT:-}" ]; then
+  MASTER_PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+fi
+export MASTER_PORT MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} RANK=0 WORLD_SIZE=1 LOCAL_RANK=0
+
+echo "== 1/6 tiny POLAR model -> $TINY_DIR (seed $DEMO_SEED)"
+python tools/make_tiny_model.py "$TINY_DIR" --seed "$DEMO_SEED"
 
 echo "== 2/6 check the data"
 python tools/build_dataset.py data/demo/train.jsonl -o "$DEMO_DIR/data"
 
 echo "== 3/6 evaluate the untrained model"
-python tools/eval_pref.py --model work_dirs/tiny_polar --data data/demo/val.jsonl \
+python tools/eval_pref.py --model "$TINY_DIR" --data data/demo/val.jsonl \
   --out "$DEMO_DIR/eval_untrained.json"
 
 echo "== 4/6 xtuner train (DeepSpeed ZeRO-2 on CPU)"
 rm -rf "$DEMO_DIR/train"
 # xtuner's CLI exits 0 even when training fails, so success is judged by the checkpoint.
+overrides=(randomness.seed="$DEMO_SEED" train_dataloader.dataset.seed="$DEMO_SEED")
+for key in tokenizer model.llm train_dataloader.dataset.tokenizer custom_hooks.0.tokenizer; do
+  overrides+=("$key.pretrained_model_name_or_path=$TINY_DIR")
+done
 xtuner train "$CONFIG" --deepspeed configs/deepspeed/polar_zero2_cpu.json \
-  --work-dir "$DEMO_DIR/train" > "$DEMO_DIR/train.log" 2>&1 || true
+  --work-dir "$DEMO_DIR/train" --cfg-options "${overrides[@]}" > "$DEMO_DIR/train.log" 2>&1 || true
 if [ ! -f "$DEMO_DIR/train/last_checkpoint" ]; then
   tail -n 30 "$DEMO_DIR/train.log" >&2
   echo "error: training did not finish; full log: $DEMO_DIR/train.log" >&2
@@ -34,7 +50,8 @@ fi
 grep -E "Iter\(train\) \[ *[0-9]+/" "$DEMO_DIR/train.log" | sed -n '1p;$p' | cut -c1-160
 
 echo "== 5/6 convert to a Hugging Face model -> $DEMO_DIR/hf"
-bash tools/convert.sh "$CONFIG" "$DEMO_DIR/train" "$DEMO_DIR/hf" --force
+# The config as trained (with the overrides above), as xtuner saved it in the work dir.
+bash tools/convert.sh "$DEMO_DIR/train/$(basename "$CONFIG")" "$DEMO_DIR/train" "$DEMO_DIR/hf" --force
 
 echo "== 6/6 evaluate the trained model"
 python tools/eval_pref.py --model "$DEMO_DIR/hf" --data data/demo/val.jsonl \

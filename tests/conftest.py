@@ -31,6 +31,24 @@ def tiny_model(tiny_dir):
     return load_model(tiny_dir, device="cpu")[0]
 
 
+class DemoRun(str):
+    """The demo's directory (a str), with the finished process as ``.proc``."""
+
+    proc = None
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`make demo`'s pipeline run once per session; its converted model feeds the serving tests."""
+    demo_dir = DemoRun(tmp_path_factory.mktemp("demo"))
+    proc = run_tool("bash", "scripts/demo.sh", env={"DEMO_DIR": str(demo_dir),
+                                                    "TINY_DIR": os.path.join(demo_dir, "tiny_polar")},
+                    timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    demo_dir.proc = proc
+    return demo_dir
+
+
 def free_port() -> int:
     import socket
 

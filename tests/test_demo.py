@@ -4,15 +4,12 @@ import os
 
 import pytest
 
-from conftest import run_tool
-
 pytestmark = pytest.mark.integration
 
 
-def test_demo_learns(tmp_path):
-    demo_dir = str(tmp_path / "demo")
-    proc = run_tool("bash", "scripts/demo.sh", env={"DEMO_DIR": demo_dir}, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_demo_learns(demo_run):
+    demo_dir = demo_run
+    proc = demo_run.proc
     report = json.load(open(os.path.join(demo_dir, "eval.json")))
     before = json.load(open(os.path.join(demo_dir, "eval_untrained.json")))
     assert report["n"] == before["n"] == 200
