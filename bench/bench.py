@@ -18,6 +18,10 @@ interleaved (A, B, A, B ...) so that machine noise hits both sides alike:
   equal; two alternating rounds, best time of each side);
 * wall time of a one-step ``xtuner train`` on the N-pair file without the
   pre-tokenized cache vs with a warm cache (two alternating rounds, best of each);
+* remote scoring pairs/s against one vLLM server (the CPU build from
+  .venv-serve, started as tools/serve.sh starts it): our client (batches in
+  flight together) vs xtuner's ``RewardModelClient`` (POLAR's published
+  client) on the same records, scores checked equal (alternating, median of 3);
 * peak memory of tools/convert.sh on a POLAR-1.8B-shaped random checkpoint
   (bench/convert_memory.py; fp32 and bf16 output) over one fp32 copy of the
   weights. It needs about 20 GB of disk and a few minutes.
@@ -236,6 +240,64 @@ def eval_throughput(tiny_dir, repeats: int = 5) -> dict:
             "eval_speedup_batched_vs_single": batched / single}
 
 
+def remote_throughput(tiny_dir, n_pairs: int = 1000, repeats: int = 3) -> dict:
+    """Pairs/s of our remote scorer vs POLAR's client against one real vLLM server."""
+    import subprocess
+
+    from xtuner.utils import RewardModelClient
+
+    from polar_xtuner.client import RemoteScorer, score_records_remote
+    from transformers import AutoTokenizer
+
+    from polar_xtuner.serve import CPU_SERVE_VENV, engine_command, engine_env, stop, wait_ready
+
+    python = os.path.join(CPU_SERVE_VENV, "bin", "python")
+    if not os.path.exists(python):
+        raise RuntimeError(f"no vLLM CPU build at {CPU_SERVE_VENV}; run `make serve-setup`")
+    port = free_port()
+    cmd = engine_command("vllm", tiny_dir, "127.0.0.1", port, python, max_model_len=1024)
+    log = open(os.path.join(os.path.dirname(tiny_dir), "vllm_bench.log"), "w")
+    proc = subprocess.Popen(cmd, env=engine_env("vllm", "127.0.0.1", False), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=900)
+        tok = AutoTokenizer.from_pretrained(tiny_dir)
+        recs = list(generate(n_pairs, 11))
+        ours = RemoteScorer("vllm", f"127.0.0.1:{port}", batch_size=32, concurrency=4)
+        theirs = RewardModelClient(tiny_dir, max_length=1024, max_response_length=128, response_cut_side="right",
+                                   server_type="vllm", server_address=f"127.0.0.1:{port}")
+        data = [{"prompt": r["prompt"], "reference": r["reference"], "output": r[k]}
+                for r in recs for k in ("chosen", "rejected")]
+        score_records_remote(ours, tok, recs[:8], 1024, 128)  # warm both paths once
+        theirs(data[:16])
+        times = {"ours": [], "polar": []}
+        for i in range(repeats):
+            for kind in (("ours", "polar") if i % 2 == 0 else ("polar", "ours")):
+                t0 = time.perf_counter()
+                if kind == "ours":
+                    got = [s for pair in score_records_remote(ours, tok, recs, 1024, 128) for s in pair]
+                else:
+                    ref = theirs(data)
+                times[kind].append(time.perf_counter() - t0)
+        if ref is None or max(abs(a - b) for a, b in zip(got, ref)) > 1e-4:
+            raise RuntimeError("our client and POLAR's disagree on the same server's scores")
+    finally:
+        stop(proc)
+        log.close()
+    a = n_pairs / statistics.median(times["ours"])
+    b = n_pairs / statistics.median(times["polar"])
+    return {"remote_pairs_per_s": a, "remote_pairs_per_s_polar_client": b, "remote_speedup_vs_polar_client": a / b}
+
+
+def free_port() -> int:
+    """A loopback port free at this moment, for a server to bind."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_results(results: dict, path: str, device: str | None = None) -> None:
     """Add the machine and date, write the JSON and print a Markdown table of it."""
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -254,6 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="training steps per side")
     p.add_argument("--pairs", type=int, default=100000, help="synthetic pairs for the data benchmarks")
     p.add_argument("--skip-data", action="store_true", help="skip the (minutes-long) data benchmarks")
+    p.add_argument("--skip-serve", action="store_true", help="skip the real-vLLM remote scoring benchmark")
     p.add_argument("--convert-shape", default="1.8b", choices=["1.8b", "tiny", "none"],
                    help="model shape for the conversion-memory benchmark (none: skip it)")
     args = p.parse_args(argv)
@@ -268,6 +331,8 @@ def main(argv=None) -> int:
         tiny = make_tiny_model(os.path.join(tmp, "tiny"))
         results.update(train_throughput(tiny, args.steps))
         results.update(eval_throughput(tiny))
+        if not args.skip_serve:
+            results.update(remote_throughput(tiny))
         if not args.skip_data:
             from polar_xtuner.demo_data import write_jsonl
 

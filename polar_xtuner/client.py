@@ -4,23 +4,37 @@ Texts come from :meth:`polar_xtuner.encoding.PolarEncoder.serving_texts`, the
 same encoding as training. Each backend's request and response shape follows
 POLAR's published client:
 
-=========  ===================================  ================================
-server     request                              score in the response
-=========  ===================================  ================================
-sglang     POST /classify {"model", "text"}     ``response[i]["embedding"][0]``
-vllm       POST /pooling {"input"}              ``data[i]["data"][-1][0]``
-lmdeploy   POST /pooling {"input"}              ``data[i]["data"]``
-=========  ===================================  ================================
+=========  ==================================================  ================================
+server     request                                             score in the response
+=========  ==================================================  ================================
+sglang     POST /classify {"model", "text"}                    ``response[i]["embedding"][0]``
+vllm       POST /pooling {"input", "use_activation": false}    ``data[i]["data"][-1][0]``
+lmdeploy   POST /pooling {"input"}                             ``data[i]["data"]``
+=========  ==================================================  ================================
 
-Unlike that client, a failed request never turns into ``None``: requests time
-out, are retried a bounded number of times with backoff, and then raise
-:class:`RemoteScoringError` with the last status and a snippet of the body.
+vLLM (0.10 and later) applies a sigmoid to a reward model's pooled scores
+unless told otherwise, which squeezes POLAR's scores into (0, 1) and turns
+large margins into ties. Every vLLM request therefore asks for raw scores
+(``"use_activation": false``), and the first answer of each server is checked
+against a sigmoid probe: a server that ignores the request field and answers
+with scores in [0, 1] is refused rather than trusted.
+
+Unlike POLAR's client, a failed request never turns into ``None``: requests
+time out, are retried a bounded number of times with backoff (on the next
+server when there are several), and then raise :class:`RemoteScoringError`
+with the last status and a snippet of the body. Several requests are kept in
+flight, spread over all the server addresses given.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 SERVER_TYPES = ("sglang", "vllm", "lmdeploy")
 
@@ -29,96 +43,256 @@ class RemoteScoringError(RuntimeError):
     """The server could not be reached or answered in an unexpected shape."""
 
 
+def _as_score(value, server_type: str, index: int) -> float:
+    # A bool is an int in Python, and "1.5" converts with float(): neither is a score.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RemoteScoringError(f"{server_type} answered a non-numeric score for text {index}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise RemoteScoringError(f"{server_type} answered a non-finite score ({value}) for text {index}")
+    return value
+
+
 def parse_scores(server_type: str, body, n: int) -> list[float]:
     """Read n scores from a server's JSON body.
 
     Raises:
-        RemoteScoringError: The body does not have the backend's shape.
+        RemoteScoringError: The body does not have the backend's shape, or a
+            score is not a finite number.
     """
     try:
         if server_type == "sglang":
-            scores = [float(e["embedding"][0]) for e in body]
+            raw = [e["embedding"][0] for e in body]
         elif server_type == "vllm":
-            scores = [float(e["data"][-1][0]) for e in body["data"]]
+            raw = [e["data"][-1][0] for e in body["data"]]
         elif server_type == "lmdeploy":
-            scores = [float(e["data"]) for e in body["data"]]
+            raw = [e["data"] for e in body["data"]]
         else:
             raise RemoteScoringError(f"unknown server type {server_type!r}")
-    except (KeyError, IndexError, TypeError, ValueError) as e:
+    except (KeyError, IndexError, TypeError) as e:
         raise RemoteScoringError(
             f"{server_type} answered in an unexpected shape ({type(e).__name__}: {e}): {str(body)[:200]}"
         ) from None
-    if len(scores) != n:
-        raise RemoteScoringError(f"{server_type} returned {len(scores)} scores for {n} texts")
-    return scores
+    if len(raw) != n:
+        raise RemoteScoringError(f"{server_type} returned {len(raw)} scores for {n} texts")
+    return [_as_score(v, server_type, i) for i, v in enumerate(raw)]
+
+
+def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """Base URLs from "host:port[,host:port...]" (or full http:// URLs).
+
+    Raises:
+        ValueError: No address, or one without a port.
+    """
+    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    urls = []
+    for item in (a.strip() for a in items):
+        if not item:
+            continue
+        base = item if item.startswith(("http://", "https://")) else f"http://{item}"
+        hostport = base.split("://", 1)[1].split("/", 1)[0]
+        if ":" not in hostport:
+            raise ValueError(f"server address {item!r} has no port (expected HOST:PORT)")
+        urls.append(base.rstrip("/"))
+    if not urls:
+        raise ValueError("no server address given (expected HOST:PORT[,HOST:PORT...])")
+    return urls
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
 class RemoteScorer:
-    """Scores texts on a POLAR server.
+    """Scores texts on one or several POLAR servers.
 
     Args:
         server_type: "sglang", "vllm" or "lmdeploy".
-        address: "host:port" (or a full http:// URL).
+        address: "host:port", several comma-separated, or a list of them
+            (full http:// URLs work too). Batches are spread over all.
         model_name: The served model's name (sglang's "model" field).
         timeout: Seconds per request.
         max_retries: Attempts per batch before giving up.
         backoff: Seconds before the first retry, doubled after each.
         batch_size: Texts per request.
+        concurrency: Requests in flight per server address.
+        warn: Called with one-line warnings (default: stderr).
     """
 
     server_type: str
-    address: str
+    address: str | Sequence[str]
     model_name: str = "POLAR"
     timeout: float = 60.0
     max_retries: int = 3
     backoff: float = 0.5
     batch_size: int = 32
+    concurrency: int = 4
+    warn: Callable[[str], None] = _warn
+    _checked: set = field(default_factory=set, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
         if self.server_type not in SERVER_TYPES:
             raise ValueError(f"server type must be one of {', '.join(SERVER_TYPES)}, got {self.server_type!r}")
         if self.max_retries < 1:
             raise ValueError("max_retries must be >= 1")
-        base = self.address if self.address.startswith(("http://", "https://")) else f"http://{self.address}"
+        if self.batch_size < 1 or self.concurrency < 1:
+            raise ValueError("batch_size and concurrency must be >= 1")
+        if not self.timeout > 0:
+            raise ValueError("timeout must be > 0")
+        self.urls = parse_addresses(self.address)
         path = "/classify" if self.server_type == "sglang" else "/pooling"
-        self.url = base.rstrip("/") + path
+        self.endpoints = [u + path for u in self.urls]
+        self._session = None
 
-    def _payload(self, texts):
+    @property
+    def url(self) -> str:
+        """The first server's scoring endpoint."""
+        return self.endpoints[0]
+
+    def _payload(self, texts, raw: bool = True):
         if self.server_type == "sglang":
             return {"model": self.model_name, "text": texts}
+        if self.server_type == "vllm":
+            return {"input": texts, "use_activation": not raw}
         return {"input": texts}
 
-    def _post(self, texts: list[str]) -> list[float]:
+    def _request(self, endpoint: str, payload: dict, n: int):
+        """One POST; returns scores, or a retryable error text. Raises on a final error."""
         import requests
 
+        try:
+            res = requests.post(endpoint, json=payload, timeout=self.timeout)
+        except requests.RequestException as e:
+            return None, f"{type(e).__name__}: {e}"
+        if res.status_code >= 500 or res.status_code == 429:  # worth retrying
+            return None, f"HTTP {res.status_code}: {res.text[:200]}"
+        if res.status_code != 200:
+            raise RemoteScoringError(f"{endpoint} answered HTTP {res.status_code}: {res.text[:200]}")
+        try:
+            body = res.json()
+        except ValueError:
+            raise RemoteScoringError(f"{endpoint} answered non-JSON: {res.text[:200]}") from None
+        return parse_scores(self.server_type, body, n), None
+
+    def _post(self, texts: list[str], first: int = 0) -> list[float]:
+        """Score one batch, starting on server ``first`` and moving on when one fails."""
         last = "no attempt"
         for attempt in range(self.max_retries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                res = requests.post(self.url, json=self._payload(texts), timeout=self.timeout)
-            except requests.RequestException as e:
-                last = f"{type(e).__name__}: {e}"
-                continue
-            if res.status_code >= 500 or res.status_code == 429:  # worth retrying
-                last = f"HTTP {res.status_code}: {res.text[:200]}"
-                continue
-            if res.status_code != 200:
-                raise RemoteScoringError(f"{self.url} answered HTTP {res.status_code}: {res.text[:200]}")
-            try:
-                body = res.json()
-            except ValueError:
-                raise RemoteScoringError(f"{self.url} answered non-JSON: {res.text[:200]}") from None
-            return parse_scores(self.server_type, body, len(texts))
-        raise RemoteScoringError(f"{self.url} failed after {self.max_retries} attempt(s); last error: {last}")
+            endpoint = self.endpoints[(first + attempt) % len(self.endpoints)]
+            scores, last = self._request(endpoint, self._payload(texts), len(texts))
+            if scores is not None:
+                self._check_raw(endpoint, texts, scores)
+                return scores
+            last = f"{endpoint}: {last}"
+        raise RemoteScoringError(f"scoring failed after {self.max_retries} attempt(s); last error: {last}")
+
+    def _check_raw(self, endpoint: str, texts: list[str], raw: list[float]) -> None:
+        """Once per vLLM server: make sure the scores we got are not sigmoids.
+
+        The same texts are asked again with the activation on. A server that
+        honours the field answers sigmoid(raw); one that ignores it answers
+        the same numbers twice, and then scores all inside [0, 1] are taken
+        to be sigmoids we cannot undo.
+        """
+        if self.server_type != "vllm":
+            return
+        with self._lock:
+            if endpoint in self._checked:
+                return
+            self._checked.add(endpoint)
+        probe_texts = texts[:4]
+        probe, err = self._request(endpoint, self._payload(probe_texts, raw=False), len(probe_texts))
+        if probe is None:
+            raise RemoteScoringError(f"{endpoint}: the activation check failed: {err}")
+        honoured = all(abs(p - _sigmoid(r)) <= 1e-2 * max(1.0, abs(p)) for p, r in zip(probe, raw))
+        ignored = all(abs(p - r) <= 1e-6 * max(1.0, abs(r)) for p, r in zip(probe, raw))
+        if honoured and not ignored:
+            return
+        if ignored and any(not 0.0 <= r <= 1.0 for r in raw[:len(probe)]):
+            return  # no activation either way: these are raw scores
+        raise RemoteScoringError(
+            f"{endpoint} does not give raw scores (its answers look like sigmoid outputs and it ignores "
+            f"'use_activation': false); start vLLM with --pooler-config '{{\"use_activation\": false}}' "
+            f"(tools/serve.sh does)"
+        )
 
     def score(self, texts: list[str]) -> list[float]:
-        """Scores of texts, in order; raises instead of returning None."""
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            out.extend(self._post(texts[i:i + self.batch_size]))
-        return out
+        """Scores of texts, in order; raises instead of returning None.
+
+        Batches go out ``concurrency`` at a time per server, round-robin over
+        the servers; the first failure that survives its retries is raised.
+        """
+        batches = [texts[i:i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
+        if not batches:
+            return []
+        workers = min(len(batches), self.concurrency * len(self.endpoints))
+        if workers == 1:
+            return [s for b in batches for s in self._post(b)]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(self._post, b, i % len(self.endpoints)) for i, b in enumerate(batches)]
+            try:
+                return [s for f in futures for s in f.result()]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    def served_dtype(self) -> str | None:
+        """The dtype a vLLM server computes in, where it says (None otherwise).
+
+        vLLM reports it only from ``/server_info``, which exists when the
+        server runs with ``VLLM_SERVER_DEV_MODE=1`` (tools/serve.sh sets it on
+        loopback addresses).
+        """
+        if self.server_type != "vllm":
+            return None
+        import requests
+
+        try:
+            res = requests.get(self.urls[0] + "/server_info", params={"config_format": "json"},
+                               timeout=self.timeout)
+            if res.status_code != 200:
+                return None
+            info = res.json()
+            if isinstance(info.get("vllm_config"), str):  # older servers send it as text
+                return None
+            dtype = info["vllm_config"]["model_config"]["dtype"]
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            return None
+        return str(dtype).replace("torch.", "")
+
+
+def check_served_dtype(scorer: RemoteScorer, model_dir: str) -> str:
+    """Compare the served dtype with the model directory's; return a one-line note.
+
+    A model trained and converted in fp32 but served in float16 scores
+    differently (vLLM downcasts fp32 weights to float16 unless told
+    ``--dtype float32``); the caller prints the note.
+    """
+    import json
+    import os
+
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            saved = str(json.load(f).get("torch_dtype") or "")
+    except (OSError, ValueError):
+        saved = ""
+    served = scorer.served_dtype()
+    if served is None:
+        return (f"note: the server does not report its dtype; serve with --dtype {saved or 'MODEL_DTYPE'} "
+                f"(tools/serve.sh passes the model's) to score as the model was saved")
+    if saved and served != saved:
+        return (f"warning: the server computes in {served} but {model_dir} was saved in {saved}; scores "
+                f"will differ from local ones (restart it with --dtype {saved})")
+    return f"served dtype {served} matches the model's"
 
 
 def score_records_remote(scorer: RemoteScorer, tokenizer, records, max_length=16384,

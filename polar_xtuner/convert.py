@@ -390,9 +390,9 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     model.eval()
 
     tokenizer = BUILDER.build(cfg.tokenizer)
-    reward_token_id = cfg.get("reward_token_id", None) or model.config.reward_token_id
-    enc_kwargs = dict(max_length=cfg.get("max_length", 16384),
-                      max_response_length=cfg.get("max_response_length", 4096))
+    settings = training_encoding(cfg, model.config.reward_token_id)
+    reward_token_id = settings.reward_token_id
+    enc_kwargs = dict(max_length=settings.max_length, max_response_length=settings.max_response_length)
     records = verify_records(cfg) if verify else []
     before = score_records(model, tokenizer, records, **enc_kwargs) if verify else None
 
@@ -404,6 +404,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     tokenizer.save_pretrained(out_dir)
     copy_remote_code(out_dir)
     clean_config(out_dir, reward_token_id, dtype)
+    settings.save(out_dir)  # the lengths travel with the model to eval and serving
     print(f"Saved {dtype} model to {out_dir}", flush=True)
 
     max_diff = None
@@ -425,6 +426,29 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
             )
     write_model_card(out_dir, config_path, ckpt, dtype, max_diff, cfg)
     return max_diff
+
+
+def training_encoding(cfg, model_reward_token_id: int | None):
+    """The encoding lengths training used, read from the config's dataset.
+
+    The dataset entry holds what training really used (``--cfg-options`` on
+    it included); the top-level variables are the fallback.
+
+    Raises:
+        ConvertError: The config names no lengths (conversion would otherwise
+            write defaults the model was not trained with).
+    """
+    from .encoding import EncodingSettings
+
+    dataset = cfg.get("train_dataloader", {}).get("dataset", {}) or {}
+    values = {}
+    for key in ("max_length", "max_response_length"):
+        value = dataset.get(key, cfg.get(key))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConvertError(f"config: train_dataloader.dataset.{key} must be a positive integer, got {value!r}")
+        values[key] = value
+    reward_token_id = dataset.get("reward_token_id", cfg.get("reward_token_id")) or model_reward_token_id
+    return EncodingSettings(**values, reward_token_id=reward_token_id, source="training config")
 
 
 class VerificationError(Exception):

@@ -34,7 +34,9 @@ tokenizer, where the reward token is an atomic special token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from .constants import (
@@ -46,6 +48,80 @@ from .constants import (
     TEMPLATE_RESERVED_TOKENS,
 )
 from .schema import join_contents
+
+
+# Written by the converter next to config.json: the lengths the model was
+# trained with travel with it, so evaluation and serving clients truncate as
+# training did.
+ENCODING_FILE = "polar_encoding.json"
+# POLAR's published lengths, used where neither a flag nor the model says otherwise.
+DEFAULT_MAX_LENGTH = 16384
+DEFAULT_MAX_RESPONSE_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class EncodingSettings:
+    """The encoding lengths a POLAR model was trained with.
+
+    Args:
+        max_length: Token budget of one sequence, reward token included.
+        max_response_length: Cap for the reference and each candidate.
+        reward_token_id: Id of ``[UNUSED_TOKEN_130]`` (None: look it up).
+        source: Where the values came from (a file path, or "defaults").
+    """
+
+    max_length: int = DEFAULT_MAX_LENGTH
+    max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH
+    reward_token_id: int | None = None
+    source: str = "defaults"
+
+    def save(self, model_dir: str) -> str:
+        """Write the settings into a model directory; return the file's path."""
+        path = os.path.join(model_dir, ENCODING_FILE)
+        data = {k: v for k, v in asdict(self).items() if k != "source"}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | None) -> "EncodingSettings":
+        """The settings saved in a model directory, or POLAR's defaults without the file.
+
+        Raises:
+            ValueError: The file exists but is not a JSON object of positive
+                integer lengths (a model dir that would truncate wrongly).
+        """
+        path = os.path.join(model_dir, ENCODING_FILE) if model_dir else None
+        if path is None or not os.path.isfile(path):
+            return cls()
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable encoding settings ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        kw = {}
+        for key in ("max_length", "max_response_length", "reward_token_id"):
+            value = data.get(key)
+            if value is None and key == "reward_token_id":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{path}: field {key!r} must be a positive integer, got {value!r}")
+            kw[key] = value
+        return cls(**kw, source=path)
+
+    def override(self, max_length: int | None = None, max_response_length: int | None = None) -> "EncodingSettings":
+        """These settings with the lengths a caller asked for explicitly."""
+        if max_length is None and max_response_length is None:
+            return self
+        return EncodingSettings(
+            max_length if max_length is not None else self.max_length,
+            max_response_length if max_response_length is not None else self.max_response_length,
+            self.reward_token_id,
+            f"{self.source} + explicit lengths",
+        )
 
 
 def resolve_reward_token_id(tokenizer, reward_token_id: int | None = None) -> int:

@@ -11,6 +11,8 @@ stay in step; rank 0 logs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from mmengine.dist import get_rank
 from mmengine.hooks import Hook
@@ -26,8 +28,9 @@ class PolarEvalHook(Hook):
         data_files: Validation .jsonl (prompt/reference/chosen/rejected).
         tokenizer: The tokenizer or its config dict.
         interval: Evaluate every this many iterations (and after training).
-        max_length: Token budget, as in training.
-        max_response_length: Response cap, as in training.
+        max_length: Token budget, as in training (None: the lengths saved in
+            the tokenizer's model directory, else POLAR's defaults).
+        max_response_length: Response cap, as in training (None: likewise).
         batch_size: Sequences per forward pass.
     """
 
@@ -35,8 +38,8 @@ class PolarEvalHook(Hook):
     # row's boundaries, so evaluation runs padded batches.
     priority = "LOW"
 
-    def __init__(self, data_files, tokenizer, interval: int = 500, max_length: int = 16384,
-                 max_response_length: int = 4096, batch_size: int = 16):
+    def __init__(self, data_files, tokenizer, interval: int = 500, max_length: int | None = None,
+                 max_response_length: int | None = None, batch_size: int = 16):
         self.data_files = data_files
         self.tokenizer = tokenizer
         self.interval = interval
@@ -48,13 +51,16 @@ class PolarEvalHook(Hook):
 
     def before_train(self, runner) -> None:
         from .dataset import _build_tokenizer
-        from .encoding import PolarEncoder
+        from .encoding import EncodingSettings, PolarEncoder
         from .evaluate import pad_id
 
         # Validate and encode once: a bad val file fails before training starts.
         records = load_records(self.data_files)
         tok = _build_tokenizer(self.tokenizer)
-        feats = PolarEncoder(tok, self.max_length, self.max_response_length).encode_pairs(records)
+        model_dir = getattr(tok, "name_or_path", None)
+        settings = EncodingSettings.from_model_dir(model_dir if model_dir and os.path.isdir(model_dir) else None)
+        settings = settings.override(self.max_length, self.max_response_length)
+        feats = PolarEncoder(tok, settings.max_length, settings.max_response_length).encode_pairs(records)
         self._ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
         self._pad = pad_id(tok)
 

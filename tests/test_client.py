@@ -1,5 +1,6 @@
 """The remote path: a loopback server that answers like sglang, vllm and lmdeploy."""
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,8 +18,12 @@ VAL = f"{REPO}/data/demo/val.jsonl"
 class FakePolarServer:
     """Scores texts with the tiny model, tokenizing the whole text as a server does."""
 
-    def __init__(self, mode, model=None, tokenizer=None, fail_first=0):
+    def __init__(self, mode, model=None, tokenizer=None, fail_first=0, activation="honour", scores=None):
+        # activation (vllm): "honour" applies a sigmoid unless the request says
+        # "use_activation": false (vLLM >= 0.10); "always" ignores the field and
+        # applies it; "never" ignores the field and answers raw scores.
         self.mode, self.model, self.tokenizer = mode, model, tokenizer
+        self.activation, self.fixed_scores = activation, scores
         self.fail_first, self.requests = fail_first, []
         server = self
 
@@ -36,6 +41,9 @@ class FakePolarServer:
                 if server.mode == "sglang":
                     out = [{"embedding": [s]} for s in scores]
                 elif server.mode == "vllm":  # per-token scores; the last one is the reward
+                    act = {"honour": body.get("use_activation", True), "always": True, "never": False}
+                    if act[server.activation]:
+                        scores = [1 / (1 + math.exp(-s)) for s in scores]
                     out = {"data": [{"data": [[0.0], [s]]} for s in scores]}
                 elif server.mode == "lmdeploy":
                     out = {"data": [{"data": s} for s in scores]}
@@ -56,6 +64,8 @@ class FakePolarServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def score(self, texts):
+        if self.fixed_scores is not None:
+            return [self.fixed_scores[i % len(self.fixed_scores)] for i in range(len(texts))]
         if self.model is None:
             return [float(len(t)) for t in texts]
         out = []
@@ -81,11 +91,15 @@ def test_remote_scores_equal_local_scores(mode, tiny_model, tokenizer):
         server.close()
     local = score_records(tiny_model, tokenizer, recs, 512, 128)
     assert torch.allclose(torch.tensor(remote), torch.tensor(local), atol=1e-5)
-    path, body = server.requests[0]
-    assert path == ("/classify" if mode == "sglang" else "/pooling")
-    texts = body["text"] if mode == "sglang" else body["input"]
-    assert len(texts) == 6 and all(t.endswith("[UNUSED_TOKEN_130]") for t in texts)
-    assert len(server.requests) == 4  # 20 texts in batches of 6
+    for path, body in server.requests:
+        assert path == ("/classify" if mode == "sglang" else "/pooling")
+        texts = body["text"] if mode == "sglang" else body["input"]
+        assert all(t.endswith("[UNUSED_TOKEN_130]") for t in texts)
+    scored = [r for r in server.requests if r[1].get("use_activation") is not True]
+    assert sorted(len(b.get("text", b.get("input"))) for _, b in scored) == [2, 6, 6, 6]  # 20 in batches of 6
+    if mode == "vllm":  # raw scores asked for, and one sigmoid probe checks the server honours it
+        assert all(b["use_activation"] is False for _, b in scored)
+        assert len(server.requests) == 5
 
 
 def test_retries_then_succeeds():
@@ -164,3 +178,56 @@ def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path):
     assert proc.returncode == 2 and "not a model directory" in proc.stderr
     proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(tmp_path / "no.jsonl"))
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_vllm_sigmoid_trap_is_caught_or_avoided(tiny_model, tokenizer):
+    recs = list(generate(6, 3))
+    local = score_records(tiny_model, tokenizer, recs, 512, 128)
+    # A server whose default is the sigmoid, as vLLM's: raw scores because we ask for them.
+    server = FakePolarServer("vllm", tiny_model, tokenizer, activation="honour")
+    try:
+        remote = score_records_remote(RemoteScorer("vllm", server.address), tokenizer, recs, 512, 128)
+    finally:
+        server.close()
+    assert torch.allclose(torch.tensor(remote), torch.tensor(local), atol=1e-5)
+    # A server that ignores the field and squeezes every score into (0, 1): refused, not trusted.
+    server = FakePolarServer("vllm", tiny_model, tokenizer, activation="always")
+    try:
+        with pytest.raises(RemoteScoringError, match="does not give raw scores.*use_activation"):
+            score_records_remote(RemoteScorer("vllm", server.address), tokenizer, recs, 512, 128)
+    finally:
+        server.close()
+    # An older server that ignores the field but never had the activation: its raw scores are kept.
+    server = FakePolarServer("vllm", scores=[-3.5, 2.25], activation="never")
+    try:
+        assert RemoteScorer("vllm", server.address).score(["a", "b", "c"]) == [-3.5, 2.25, -3.5]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "1.5", None])
+def test_non_finite_or_non_numeric_scores_are_errors(bad):
+    body = {"data": [{"data": [[0.0], [1.0]]}, {"data": [[0.0], [bad]]}]}
+    with pytest.raises(RemoteScoringError, match="text 1"):
+        parse_scores("vllm", json.loads(json.dumps(body)), 2)
+    with pytest.raises(RemoteScoringError, match="text 0"):
+        parse_scores("lmdeploy", {"data": [{"data": bad}]}, 1)
+
+
+def test_batches_are_spread_over_servers_and_in_flight_together():
+    servers = [FakePolarServer("lmdeploy") for _ in range(2)]
+    try:
+        scorer = RemoteScorer("lmdeploy", ",".join(s.address for s in servers), batch_size=2, concurrency=2)
+        texts = ["x" * n for n in range(1, 21)]
+        assert scorer.score(texts) == [float(n) for n in range(1, 21)]  # in order
+        assert [len(s.requests) for s in servers] == [5, 5]
+        # a dead first server: its batches move on to the live one
+        dead = FakePolarServer("fail")
+        scorer = RemoteScorer("lmdeploy", f"{dead.address},{servers[1].address}", batch_size=2, backoff=0.01)
+        assert scorer.score(texts[:8]) == [float(n) for n in range(1, 9)]
+        dead.close()
+    finally:
+        for s in servers:
+            s.close()
+    with pytest.raises(ValueError, match="no port"):
+        RemoteScorer("vllm", "localhost")

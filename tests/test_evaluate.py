@@ -40,3 +40,18 @@ def test_report_numbers_on_a_hand_computed_case():
                                 "b": {"accuracy": 0.5, "n": 2, "ties": 1}}
     lo, hi = r["accuracy_ci95"]
     assert 0.0 <= lo <= 0.5 <= hi <= 1.0
+
+
+def test_encoding_settings_file(tmp_path):
+    from polar_xtuner.encoding import ENCODING_FILE, EncodingSettings
+
+    assert EncodingSettings.from_model_dir(str(tmp_path)).source == "defaults"
+    assert EncodingSettings.from_model_dir(str(tmp_path)).max_length == 16384
+    EncodingSettings(2048, 256, 7).save(str(tmp_path))
+    got = EncodingSettings.from_model_dir(str(tmp_path))
+    assert (got.max_length, got.max_response_length, got.reward_token_id) == (2048, 256, 7)
+    assert got.override(max_length=512).max_length == 512 and got.override().source == got.source
+    for bad in ('{"max_length": "2048", "max_response_length": 256}', '{"max_length": true}', "[1]", "{"):
+        (tmp_path / ENCODING_FILE).write_text(bad)
+        with pytest.raises(ValueError, match=ENCODING_FILE):
+            EncodingSettings.from_model_dir(str(tmp_path))

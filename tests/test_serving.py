@@ -1,0 +1,196 @@
+"""A real engine: vLLM's CPU build serves the converted demo model.
+
+The demo model comes from `make demo`'s pipeline (the session's ``demo_run``
+fixture); the engine from ``.venv-serve`` (`make serve-setup`). Checked on the
+held-out demo pairs:
+
+* ``tools/serve.sh`` + ``eval_pref --server-type vllm`` give the local scores;
+* POLAR's own client (xtuner's ``RewardModelClient``) gets the same raw scores;
+* a server started with vLLM's bare defaults (sigmoid on) still gives raw
+  scores through our client, while POLAR's client gets the sigmoids.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, free_port, run_tool
+from polar_xtuner.serve import CPU_SERVE_VENV, ServeError, cuda_available, stop, wait_ready
+
+real_engine = [pytest.mark.integration, pytest.mark.serving]
+
+VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
+SERVE_PY = os.path.join(CPU_SERVE_VENV, "bin", "python")
+
+
+@pytest.fixture(scope="module")
+def served_model(demo_run):
+    if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".installed")):
+        pytest.fail(f"vLLM's CPU build is missing at {CPU_SERVE_VENV}: run `make serve-setup` (make test does)")
+    return os.path.join(demo_run, "hf")
+
+
+def _start(cmd, log_path, env=None):
+    log = open(log_path, "w")
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
+                            start_new_session=True), log
+
+
+def _scores(path):
+    return [(r["chosen"], r["rejected"]) for r in map(json.loads, open(path))]
+
+
+def _close(a, b, rel=1e-3):
+    return all(abs(x - y) <= rel * max(1.0, abs(y)) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+
+
+def _polar_client_scores(model_dir, address):
+    """Scores from xtuner's RewardModelClient (POLAR's published client)."""
+    from xtuner.utils import RewardModelClient
+
+    from polar_xtuner.encoding import EncodingSettings
+    from polar_xtuner.schema import load_records
+
+    s = EncodingSettings.from_model_dir(model_dir)
+    client = RewardModelClient(model_dir, max_length=s.max_length, max_response_length=s.max_response_length,
+                               response_cut_side="right", server_type="vllm", server_address=address)
+    data = []
+    for r in load_records(VAL):
+        for key in ("chosen", "rejected"):
+            data.append({"prompt": r["prompt"], "reference": r["reference"], "output": r[key]})
+    flat = client(data)
+    assert flat is not None, "RewardModelClient returned None"
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+@real_engine[0]
+@real_engine[1]
+def test_serve_sh_scores_equal_local(served_model, demo_run, tmp_path):
+    port = free_port()
+    proc, log = _start(["bash", "tools/serve.sh", served_model, "--port", str(port)], tmp_path / "serve.log",
+                       env={"PYTHON": sys.executable})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
+        out, scores = tmp_path / "remote.json", tmp_path / "remote_scores.jsonl"
+        res = run_tool("python", "tools/eval_pref.py", "--model", served_model, "--data", VAL,
+                       "--server-type", "vllm", "--server-address", f"127.0.0.1:{port}",
+                       "--out", str(out), "--save-scores", str(scores))
+        assert res.returncode == 0, res.stderr[-3000:]
+        polar = _polar_client_scores(served_model, f"127.0.0.1:{port}")
+    finally:
+        stop(proc)
+        log.close()
+    served_log = open(tmp_path / "serve.log").read()
+    assert "POLAR reward server ready" in served_log and "--pooler-config" in served_log
+    assert "served dtype float32 matches" in res.stderr  # serve.sh passed --dtype, and the client checked it
+    local = _scores(os.path.join(demo_run, "scores.jsonl"))
+    remote = _scores(scores)
+    assert len(remote) == len(local) == 200
+    assert _close(remote, local), max(abs(a - b) for pa, pb in zip(remote, local) for a, b in zip(pa, pb))
+    local_report = json.load(open(os.path.join(demo_run, "eval.json")))
+    assert json.load(open(out))["accuracy"] == local_report["accuracy"]
+    assert _close(polar, local)  # POLAR's client: the same raw scores from this server
+
+
+@real_engine[0]
+@real_engine[1]
+def test_bare_vllm_defaults_still_give_raw_scores(served_model, demo_run, tmp_path):
+    port = free_port()
+    cmd = [SERVE_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", served_model, "--runner", "pooling",
+           "--trust-remote-code", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+    proc, log = _start(cmd, tmp_path / "vllm.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
+        scores = tmp_path / "remote_scores.jsonl"
+        res = run_tool("python", "tools/eval_pref.py", "--model", served_model, "--data", VAL,
+                       "--server-type", "vllm", "--server-address", f"127.0.0.1:{port}",
+                       "--save-scores", str(scores))
+        assert res.returncode == 0, res.stderr[-3000:]
+        polar = _polar_client_scores(served_model, f"127.0.0.1:{port}")
+    finally:
+        stop(proc)
+        log.close()
+    local = _scores(os.path.join(demo_run, "scores.jsonl"))
+    assert _close(_scores(scores), local)
+    # The trap this guards against: POLAR's client gets sigmoid(score) from the same server.
+    sig = [(1 / (1 + math.exp(-c)), 1 / (1 + math.exp(-r))) for c, r in local]
+    assert _close(polar, sig) and not _close(polar, local)
+
+
+def test_serve_sh_refuses_bad_input(tmp_path):
+    res = run_tool("bash", "tools/serve.sh", str(tmp_path / "missing"))
+    assert res.returncode == 2 and res.stderr.startswith("error:") and "no such model directory" in res.stderr
+    res = run_tool("bash", "tools/serve.sh", str(tmp_path), "--engine", "sglang")
+    assert res.returncode == 2 and "not a converted model directory" in res.stderr
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    if not cuda_available():
+        res = run_tool("bash", "tools/serve.sh", str(tmp_path), "--engine", "sglang")
+        assert res.returncode == 2 and "sglang has no CPU path" in res.stderr
+    res = run_tool("bash", "tools/serve.sh", str(tmp_path), "--port", "70000")
+    assert res.returncode == 2 and "--port" in res.stderr
+
+
+def test_wait_ready_reports_an_engine_that_died():
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"], start_new_session=True)
+    with pytest.raises(ServeError, match="exited with code 7"):
+        wait_ready(f"http://127.0.0.1:{free_port()}/health", proc, timeout=30, interval=0.1)
+    stop(proc)
+    with pytest.raises(ServeError, match="did not answer within"):
+        wait_ready(f"http://127.0.0.1:{free_port()}/health", None, timeout=0.5, interval=0.1)
+
+
+def test_stop_ends_the_whole_process_group(tmp_path):
+    # an engine that starts a worker, as vLLM starts its EngineCore
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                             "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+                             f"open({str(pid_file)!r}, 'w').write(str(w.pid)); time.sleep(600)"],
+                            start_new_session=True)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    stop(proc, grace=5)
+    assert proc.poll() is not None
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, not yet reaped
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while alive(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker)  # the worker went with the engine
+
+
+def test_engine_commands(tmp_path):
+    from polar_xtuner.encoding import EncodingSettings
+    from polar_xtuner.serve import engine_command
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    EncodingSettings(1024, 128, 4).save(str(tmp_path))
+    cmd = engine_command("vllm", str(tmp_path), "127.0.0.1", 8000, "py")
+    assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(cmd)
+    for flag in ("--runner pooling", "--trust-remote-code", "--dtype float32", "--max-model-len 1024",
+                 '--pooler-config {"use_activation": false}'):
+        assert flag in joined
+    # the user's own flags win and are passed through unchanged
+    cmd = engine_command("vllm", str(tmp_path), "0.0.0.0", 8000, "py", ["--dtype=bfloat16", "--max-num-seqs", "8"])
+    assert "float32" not in cmd and cmd[-3:] == ["--dtype=bfloat16", "--max-num-seqs", "8"]
+    cmd = " ".join(engine_command("sglang", str(tmp_path), "h", 1, "py"))
+    assert "sglang.launch_server" in cmd and "--is-embedding" in cmd and "--trust-remote-code" in cmd
+    with pytest.raises(ServeError, match="lmdeploy serves bfloat16 or float16"):
+        engine_command("lmdeploy", str(tmp_path), "h", 1, "py")
+    cmd = engine_command("lmdeploy", str(tmp_path), "h", 1, "/x/bin/python", dtype="bfloat16")
+    assert cmd[:4] == ["/x/bin/lmdeploy", "serve", "api_server", str(tmp_path)] and "--backend" in cmd

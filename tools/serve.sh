@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Serve a converted POLAR model with raw reward scores, and print how to evaluate it.
+#
+# Usage:
+#   bash tools/serve.sh MODEL_DIR [--engine vllm|sglang|lmdeploy] [--port N] [--host ADDR]
+#        [--dtype D] [--python PY] [extra engine args]
+#
+# vLLM gets --runner pooling --pooler-config '{"use_activation": false}' (raw scores,
+# not its default sigmoid), --trust-remote-code, the model's dtype and max_length;
+# sglang --is-embedding; lmdeploy --backend pytorch. Without CUDA, vLLM's CPU build
+# from .venv-serve (`make serve-setup`) runs it. Waits until the server answers,
+# prints the address and the eval_pref command, and stays in the foreground
+# (Ctrl-C stops the engine and its workers). Exit codes: 2 bad input, 1 the engine
+# failed to start, else the engine's own.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+# polar_xtuner.serve uses the standard library only: any python3 can run it.
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" -m polar_xtuner.serve "$@"
