@@ -96,6 +96,15 @@ def _normalise_field(name: str, value: Any) -> list[dict]:
     return value
 
 
+def normalise_field(name: str, value: Any) -> list[dict]:
+    """One field checked by the record rules and returned as a message list.
+
+    Raises:
+        RecordError: The field breaks a rule (the reason names it).
+    """
+    return _normalise_field(name, value)
+
+
 def join_contents(field: Any) -> str:
     """The text of a field: message contents joined with "\\n"; strings as is."""
     if isinstance(field, str):

@@ -1,0 +1,270 @@
+"""polar_xtuner.rft, called as verl and OpenRLHF call it, against loopback servers.
+
+verl 0.9 and OpenRLHF 0.11 need ray (and OpenRLHF flash-attn) to import, so
+these tests make their calls as their source does (verl's reward loop:
+``await compute_score(data_source=..., solution_str=..., ground_truth=...,
+extra_info=..., **extra_reward_kwargs)`` for every sample of a batch at once;
+verl's batch manager: ``compute_score_batch(data_sources=..., solution_strs=...,
+ground_truths=..., extra_infos=...)``; OpenRLHF: ``reward_func([query],
+[prompt], [label])`` from a thread per sample). The real-engine versions are in
+tests/test_serving.py.
+"""
+import asyncio
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_tool
+from polar_xtuner import rft
+from polar_xtuner.client import RemoteScoringError
+from polar_xtuner.demo_data import generate
+from polar_xtuner.evaluate import score_records
+from test_client import FakePolarServer
+
+
+@pytest.fixture(autouse=True)
+def fresh_rft(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("POLAR_"):
+            monkeypatch.delenv(key)
+    rft._instances.clear()
+    yield
+    rft._instances.clear()
+
+
+def verl_rows(records):
+    """What verl hands compute_score for rows written by tools/make_rft_data.py (parquet -> numpy)."""
+    from polar_xtuner.rft_data import _messages
+
+    out = []
+    for r in records:
+        prompt = np.array(_messages(r["prompt"]), dtype=object)
+        out.append({"data_source": "polar", "ground_truth": np.array(_messages(r["reference"]), dtype=object),
+                    "extra_info": {"prompt": prompt, "ability": "general", "split": "train", "index": 0,
+                                   "num_turns": 2, "rollout_reward_scores": {}}})
+    return out
+
+
+def local_candidate_scores(model, tok, records, max_length=16384, max_response_length=4096):
+    """Each record's chosen and rejected scored on its own (as RL scores one response at a time)."""
+    from polar_xtuner.encoding import PolarEncoder
+    from polar_xtuner.evaluate import pad_id, score_ids
+
+    enc = PolarEncoder(tok, max_length, max_response_length)
+    items = [(r["prompt"], r["reference"], (r[k],)) for r in records for k in ("chosen", "rejected")]
+    ids = enc.input_ids([t[0] for t in enc.texts(items)])
+    return score_ids(model, ids, pad_id(tok))
+
+
+async def verl_reward_loop(records, responses, **extra_reward_kwargs):
+    """verl 0.9's NaiveRewardManager.run_single for every sample, gathered as RewardLoopWorker does."""
+    rows = verl_rows(records)
+
+    async def one(row, response):
+        return await rft.compute_score(data_source=row["data_source"], solution_str=response,
+                                       ground_truth=row["ground_truth"], extra_info=row["extra_info"],
+                                       **extra_reward_kwargs)
+
+    return await asyncio.gather(*(one(row, resp) for row, resp in zip(rows, responses)))
+
+
+def setup_env(monkeypatch, server, tiny_dir, **more):
+    monkeypatch.setenv("POLAR_SERVER_TYPE", "vllm")
+    monkeypatch.setenv("POLAR_SERVER_ADDRESS", server if isinstance(server, str) else server.address)
+    monkeypatch.setenv("POLAR_MODEL", tiny_dir)
+    for k, v in more.items():
+        monkeypatch.setenv(k, str(v))
+
+
+def test_verl_reward_loop_gathers_calls_and_equals_local(monkeypatch, tiny_dir, tiny_model, tokenizer):
+    recs = list(generate(32, 21))
+    server = FakePolarServer("vllm", tiny_model, tokenizer)
+    setup_env(monkeypatch, server, tiny_dir, POLAR_BATCH_SIZE=16)
+    try:
+        responses = [r["chosen"][0]["content"] for r in recs]
+        got = asyncio.run(verl_reward_loop(recs, responses))
+    finally:
+        server.close()
+    local = local_candidate_scores(tiny_model, tokenizer, recs)[0::2]
+    assert torch.allclose(torch.tensor(got), torch.tensor(local), atol=1e-4)
+    scored = [b for _, b in server.requests if b.get("use_activation") is False]
+    assert len(scored) <= 4  # 32 concurrent calls in batches of 16, not 32 requests
+    assert all(isinstance(s, float) for s in got)
+
+
+def test_batch_manager_and_openrlhf_give_the_same_scores(monkeypatch, tiny_dir, tiny_model, tokenizer):
+    recs = list(generate(12, 22))
+    servers = [FakePolarServer("vllm", tiny_model, tokenizer) for _ in range(2)]
+    setup_env(monkeypatch, ",".join(s.address for s in servers), tiny_dir, POLAR_BATCH_SIZE=4)
+    try:
+        rows = verl_rows(recs)
+        responses = [r[k][0]["content"] for r in recs for k in ("chosen", "rejected")]
+        doubled = [row for row in rows for _ in range(2)]
+        batch = rft.compute_score_batch(
+            data_sources=np.array([r["data_source"] for r in doubled], dtype=object), solution_strs=responses,
+            ground_truths=[r["ground_truth"] for r in doubled], extra_infos=[r["extra_info"] for r in doubled])
+        # OpenRLHF: the query is the chat-templated prompt + response + EOS, decoded with special tokens
+        templated = [f"<|im_start|>user\n{r['prompt'][-1]['content']}<|im_end|>\n<|im_start|>assistant\n"
+                     for r in recs for _ in range(2)]
+        labels = [json.dumps({"prompt": r["prompt"], "reference": r["reference"]}) for r in recs for _ in range(2)]
+
+        def openrlhf_call(i):
+            out = rft.reward_func([templated[i] + responses[i] + "<|im_end|>"], [templated[i]], [labels[i]])
+            assert set(out) == {"rewards", "scores", "extra_logs"} and out["rewards"].shape == (1,)
+            return out["rewards"].item()
+
+        with ThreadPoolExecutor(8) as pool:
+            orl = list(pool.map(openrlhf_call, range(len(responses))))
+    finally:
+        for s in servers:
+            s.close()
+    local = local_candidate_scores(tiny_model, tokenizer, recs)
+    assert torch.allclose(torch.tensor(batch), torch.tensor(local), atol=1e-4)
+    assert torch.allclose(torch.tensor(orl), torch.tensor(local), atol=1e-4)
+    assert all(len(s.requests) > 0 for s in servers)  # both addresses took a share
+
+
+def test_router_address_from_verl_is_used(monkeypatch, tiny_dir, tiny_model, tokenizer):
+    recs = list(generate(4, 23))
+    configured = FakePolarServer("vllm", tiny_model, tokenizer)
+    router = FakePolarServer("vllm", tiny_model, tokenizer)
+    monkeypatch.setenv("POLAR_SERVER_ADDRESS", configured.address)  # no POLAR_MODEL: verl's tokenizer serves
+    try:
+        got = asyncio.run(verl_reward_loop(recs, [r["chosen"][0]["content"] for r in recs],
+                                           reward_router_address=router.address, reward_model_tokenizer=tokenizer))
+    finally:
+        configured.close()
+        router.close()
+    assert len(router.requests) > 0 and len(configured.requests) == 0
+    local = local_candidate_scores(tiny_model, tokenizer, recs)[0::2]
+    assert torch.allclose(torch.tensor(got), torch.tensor(local), atol=1e-4)
+
+
+def test_dead_server_raises_and_fallback_is_opt_in_and_counted(monkeypatch, tiny_dir, caplog):
+    dead = FakePolarServer("fail")
+    recs = list(generate(3, 24))
+    setup_env(monkeypatch, dead, tiny_dir, POLAR_MAX_RETRIES=2)
+    monkeypatch.setattr(rft.RemoteScorer, "backoff", 0.01)
+    try:
+        with pytest.raises(RemoteScoringError, match="HTTP 500"):
+            asyncio.run(verl_reward_loop(recs, ["x"] * 3))
+        rows = verl_rows(recs)
+        with pytest.raises(RemoteScoringError):
+            rft.compute_score_batch(["polar"] * 3, ["x"] * 3, [r["ground_truth"] for r in rows],
+                                    [r["extra_info"] for r in rows])
+        rft._instances.clear()
+        monkeypatch.setenv("POLAR_FALLBACK_SCORE", "-5")
+        got = asyncio.run(verl_reward_loop(recs, ["x"] * 3))
+    finally:
+        dead.close()
+    assert got == [-5.0] * 3
+    assert next(iter(rft._instances.values())).fallback_uses == 3
+    assert "using the fallback score -5.0 (3 use(s) so far)" in caplog.text
+
+
+def test_thinking_is_stripped_unless_turned_off(monkeypatch, tiny_dir, tiny_model, tokenizer):
+    assert rft.strip_thinking("<think>maybe red</think>\nThe answer is blue.") == "The answer is blue."
+    assert rft.strip_thinking("so red?</think> Blue.") == "Blue."  # opening tag was in the template
+    assert rft.strip_thinking("<think>never finished") == ""
+    assert rft.strip_thinking("a <think>x</think>b<think>y</think> c") == "a b c"
+    recs = list(generate(2, 25))
+    server = FakePolarServer("vllm", tiny_model, tokenizer)
+    setup_env(monkeypatch, server, tiny_dir)
+    try:
+        plain = [r["chosen"][0]["content"] for r in recs]
+        thought = ["<think>Let me compare with something else.</think>" + p for p in plain]
+        a = asyncio.run(verl_reward_loop(recs, plain))
+        b = asyncio.run(verl_reward_loop(recs, thought))
+        rft._instances.clear()
+        monkeypatch.setenv("POLAR_STRIP_THINKING", "0")
+        c = asyncio.run(verl_reward_loop(recs, thought))
+    finally:
+        server.close()
+    assert a == b and c != a
+
+
+def test_normalisation_uses_the_saved_stats(monkeypatch, tmp_path, tiny_dir, tiny_model, tokenizer):
+    import shutil
+
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(tiny_dir, model_dir)
+    recs = list(generate(4, 27))
+    server = FakePolarServer("vllm", tiny_model, tokenizer)
+    setup_env(monkeypatch, server, model_dir, POLAR_NORMALIZE=1)
+    try:
+        with pytest.raises(rft.RFTConfigError, match="--write-stats"):
+            asyncio.run(verl_reward_loop(recs, ["x"] * 4))
+        proc = run_tool("python", "tools/eval_pref.py", "--model", model_dir, "--data",
+                        f"{REPO}/data/demo/val.jsonl", "--write-stats")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        stats = json.load(open(os.path.join(model_dir, rft.STATS_FILE)))
+        assert stats["n"] == 400 and stats["std"] > 0
+        rft._instances.clear()
+        normed = asyncio.run(verl_reward_loop(recs, [r["chosen"][0]["content"] for r in recs]))
+    finally:
+        server.close()
+    raw = local_candidate_scores(tiny_model, tokenizer, recs)[0::2]
+    expected = [(x - stats["mean"]) / stats["std"] for x in raw]
+    assert torch.allclose(torch.tensor(normed), torch.tensor(expected), atol=1e-3)
+
+
+def test_settings_errors_name_the_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("POLAR_BATCH_SIZE", "0")
+    with pytest.raises(rft.RFTConfigError, match="POLAR_BATCH_SIZE='0'"):
+        rft.RFTSettings.from_env()
+    monkeypatch.setenv("POLAR_BATCH_SIZE", "8")
+    monkeypatch.setenv("POLAR_SERVER_TYPE", "triton")
+    with pytest.raises(rft.RFTConfigError, match="POLAR_SERVER_TYPE"):
+        rft.RFTSettings.from_env()
+    monkeypatch.delenv("POLAR_SERVER_TYPE")
+    cfg = tmp_path / "polar.json"
+    cfg.write_text(json.dumps({"server_address": "127.0.0.1:1", "normalize": True, "fallback_score": 0}))
+    monkeypatch.setenv("POLAR_CONFIG", str(cfg))
+    s = rft.RFTSettings.from_env()
+    assert (s.server_address, s.normalize, s.fallback_score, s.batch_size) == ("127.0.0.1:1", True, 0.0, 8)
+    cfg.write_text(json.dumps({"addres": "x"}))
+    with pytest.raises(rft.RFTConfigError, match="unknown key.*addres"):
+        rft.RFTSettings.from_env()
+    monkeypatch.delenv("POLAR_CONFIG")
+    with pytest.raises(rft.RFTConfigError, match="POLAR_SERVER_ADDRESS is not set"):
+        rft.get_reward()
+    with pytest.raises(ValueError, match="no prompt"):
+        asyncio.run(rft.compute_score("polar", "x", "ref", {"split": "train"}))
+    with pytest.raises(ValueError, match="plain string"):
+        rft.parse_label("just a reference")
+
+
+def test_make_rft_data_rows_load_with_datasets(tmp_path):
+    import datasets
+
+    src = tmp_path / "in.jsonl"
+    recs = list(generate(5, 26))
+    lines = [json.dumps(r) for r in recs] + ['{"prompt": "q"}', "not json"]
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "rl.parquet"
+    proc = run_tool("python", "tools/make_rft_data.py", str(src), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"skipped {src}:6: missing field 'reference'" in proc.stderr and f"{src}:7: invalid JSON" in proc.stderr
+    ds = datasets.load_dataset("parquet", data_files=str(out), split="train")
+    assert len(ds) == 5
+    row = ds[0]
+    assert row["reward_model"]["style"] == "polar" and row["data_source"] == "polar"
+    assert row["reward_model"]["ground_truth"] == [{"role": m["role"], "content": m["content"]}
+                                                   for m in recs[0]["reference"]]
+    assert row["extra_info"]["prompt"] == row["prompt"] and row["extra_info"]["split"] == "train"
+    assert row["ability"] == row["extra_info"]["ability"] == "general"
+    # openrlhf: the label carries prompt and reference
+    out2 = tmp_path / "rl.jsonl"
+    assert run_tool("python", "tools/make_rft_data.py", str(src), "-o", str(out2), "--format", "openrlhf").returncode == 0
+    first = json.loads(open(out2).readline())
+    assert rft.parse_label(first["label"])[1] == [{"role": m["role"], "content": m["content"]}
+                                                  for m in recs[0]["reference"]]
+    # refusals
+    proc = run_tool("python", "tools/make_rft_data.py", str(src), "-o", str(src))
+    assert proc.returncode == 2 and "is one of the inputs" in proc.stderr and src.read_text().count("\n") == 7
+    proc = run_tool("python", "tools/make_rft_data.py", str(tmp_path / "none.jsonl"), "-o", str(out))
+    assert proc.returncode == 2 and "no such file" in proc.stderr

@@ -1,0 +1,58 @@
+"""Turn POLAR records (prompt + reference) into RL prompt data for verl or OpenRLHF.
+
+Usage:
+    python tools/make_rft_data.py SRC.jsonl [SRC ...] -o OUT [--format verl|openrlhf]
+        [--data-source polar] [--ability general] [--split train]
+
+verl (default): a parquet file of rows with data_source, prompt, ability,
+reward_model={"style": "polar", "ground_truth": reference messages} and
+extra_info={"prompt", "ability", "split", "index"}; polar_xtuner.rft reads the
+prompt from extra_info and the reference from ground_truth.
+openrlhf: a jsonl file of {"prompt": messages, "label": JSON of {prompt, reference}},
+for --data.input_key prompt --data.label_key label --data.apply_chat_template.
+Records without a usable prompt or reference are listed (file:line: reason) and
+left out. Exit codes: 0 written, 2 bad input (missing file, no usable record,
+output path equal to an input).
+"""
+
+import argparse
+import os
+import sys
+
+from polar_xtuner.rft_data import FORMATS, DataError, rl_rows, write_rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("sources", nargs="+", metavar="SRC")
+    p.add_argument("-o", "--out", required=True, help="output file (.parquet for verl, .jsonl for openrlhf)")
+    p.add_argument("--format", choices=FORMATS, default="verl")
+    p.add_argument("--data-source", default="polar", help="verl's data_source column")
+    p.add_argument("--ability", default="general", help="verl's ability column")
+    p.add_argument("--split", default="train", help="extra_info.split")
+    args = p.parse_args(argv)
+    out = os.path.realpath(args.out)
+    if any(os.path.realpath(s) == out for s in args.sources):
+        print(f"error: --out {args.out} is one of the inputs; choose another path", file=sys.stderr)
+        return 2
+    try:
+        rows, rejected = rl_rows(args.sources, args.format, args.data_source, args.ability, args.split)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in rejected:
+        print(f"skipped {line}", file=sys.stderr)
+    if not rows:
+        print(f"error: no usable record (prompt + reference) in {', '.join(args.sources)}", file=sys.stderr)
+        return 2
+    try:
+        write_rows(rows, args.out, args.format)
+    except OSError as e:
+        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(rows)} {args.format} rows to {args.out} ({len(rejected)} record(s) left out)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
