@@ -48,7 +48,7 @@ serve: setup serve-setup
 	bash tools/serve.sh work_dirs/demo/hf --port $(SERVE_PORT)
 
 test: setup serve-setup
-	$(PY) -m pytest -v -rs
+	$(PY) -m pytest -v -rs --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"

@@ -53,6 +53,19 @@ def _as_score(value, server_type: str, index: int) -> float:
     return value
 
 
+def _last_token_score(data):
+    """vLLM's per-token scores: a list of [score] lists, or (base64) little-endian float32 bytes."""
+    if isinstance(data, str):
+        import base64
+        import struct
+
+        raw = base64.b64decode(data)
+        if len(raw) < 4 or len(raw) % 4:
+            raise ValueError(f"{len(raw)} bytes is not a float32 array")
+        return struct.unpack("<f", raw[-4:])[0]
+    return data[-1][0]
+
+
 def parse_scores(server_type: str, body, n: int) -> list[float]:
     """Read n scores from a server's JSON body.
 
@@ -64,12 +77,12 @@ def parse_scores(server_type: str, body, n: int) -> list[float]:
         if server_type == "sglang":
             raw = [e["embedding"][0] for e in body]
         elif server_type == "vllm":
-            raw = [e["data"][-1][0] for e in body["data"]]
+            raw = [_last_token_score(e["data"]) for e in body["data"]]
         elif server_type == "lmdeploy":
             raw = [e["data"] for e in body["data"]]
         else:
             raise RemoteScoringError(f"unknown server type {server_type!r}")
-    except (KeyError, IndexError, TypeError) as e:
+    except (KeyError, IndexError, TypeError, ValueError) as e:
         raise RemoteScoringError(
             f"{server_type} answered in an unexpected shape ({type(e).__name__}: {e}): {str(body)[:200]}"
         ) from None
@@ -159,7 +172,10 @@ class RemoteScorer:
         if self.server_type == "sglang":
             return {"model": self.model_name, "text": texts}
         if self.server_type == "vllm":
-            return {"input": texts, "use_activation": not raw}
+            # Per-token scores as base64 float32 rather than JSON lists: the
+            # server's JSON encoding of every token's score is most of its work.
+            return {"input": texts, "use_activation": not raw, "encoding_format": "base64",
+                    "embed_dtype": "float32", "endianness": "little"}
         return {"input": texts}
 
     def _request(self, endpoint: str, payload: dict, n: int):
@@ -224,8 +240,8 @@ class RemoteScorer:
             f"(tools/serve.sh does)"
         )
 
-    def score(self, texts: list[str]) -> list[float]:
-        """Scores of texts, in order; raises instead of returning None.
+    def score(self, texts: list) -> list[float]:
+        """Scores of texts (or, for vLLM, token-id lists), in order; raises instead of returning None.
 
         Batches go out ``concurrency`` at a time per server, round-robin over
         the servers; the first failure that survives its retries is raised.
@@ -295,6 +311,19 @@ def check_served_dtype(scorer: RemoteScorer, model_dir: str) -> str:
     return f"served dtype {served} matches the model's"
 
 
+def serving_inputs(scorer: RemoteScorer, encoder, texts: list[str]) -> list:
+    """What to send: token ids for vLLM (training's exact ids, and no tokenizing on the server), else texts.
+
+    ``texts`` end with the reward token string; the ids end with its id, as
+    the server's own tokenization of the text would.
+    """
+    from .constants import REWARD_TOKEN
+
+    if scorer.server_type != "vllm":
+        return texts
+    return encoder.input_ids([t[: -len(REWARD_TOKEN)] if t.endswith(REWARD_TOKEN) else t for t in texts])
+
+
 def score_records_remote(scorer: RemoteScorer, tokenizer, records, max_length=16384,
                          max_response_length=4096) -> list[tuple[float, float]]:
     """(chosen, rejected) scores of records from a served model."""
@@ -302,5 +331,5 @@ def score_records_remote(scorer: RemoteScorer, tokenizer, records, max_length=16
 
     enc = PolarEncoder(tokenizer, max_length, max_response_length)
     texts = enc.serving_texts(pair_items(records), [r.get("wrapper", "sft") for r in records])
-    flat = scorer.score(texts)
+    flat = scorer.score(serving_inputs(scorer, enc, texts))
     return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(records))]

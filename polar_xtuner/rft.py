@@ -36,6 +36,11 @@ by ``POLAR_CONFIG`` whose keys are the lower-case names without ``POLAR_``
 ``POLAR_CONCURRENCY``     as in ``tools/eval_pref.py``
 ========================  ====================================================
 
+In verl the same settings can travel in the trainer's own config, which
+reaches the Ray workers whatever their environment:
+``+reward.custom_reward_function.reward_kwargs.polar_server_address=HOST:PORT``
+(any setting, as ``polar_<name>``).
+
 A failure never turns into ``None``: it raises with the server's answer,
 unless a fallback score was asked for.
 """
@@ -56,7 +61,7 @@ from typing import Any, Sequence
 
 # Absolute imports: OpenRLHF (and verl given a file path) load this file on its
 # own, outside the package, where relative imports fail.
-from polar_xtuner.client import SERVER_TYPES, RemoteScorer, RemoteScoringError, parse_addresses
+from polar_xtuner.client import SERVER_TYPES, RemoteScorer, RemoteScoringError, parse_addresses, serving_inputs
 from polar_xtuner.encoding import EncodingSettings, PolarEncoder
 
 log = logging.getLogger("polar_xtuner.rft")
@@ -88,8 +93,13 @@ class RFTSettings:
     concurrency: int = 4
 
     @classmethod
-    def from_env(cls, environ=None) -> "RFTSettings":
+    def from_env(cls, environ=None, overrides: dict | None = None) -> "RFTSettings":
         """Read ``POLAR_CONFIG`` (a JSON file), then the ``POLAR_*`` variables over it.
+
+        Args:
+            environ: The environment (default: os.environ).
+            overrides: ``polar_*`` keyword arguments from the framework's
+                config (verl's ``reward_kwargs``), applied last.
 
         Raises:
             RFTConfigError: A value does not parse, naming the variable.
@@ -114,6 +124,13 @@ class RFTSettings:
             name = "POLAR_" + f.name.upper()
             if env.get(name, "") != "":
                 values[f.name] = (name, env[name])
+        known = {f.name for f in fields(cls)}
+        for name, raw in (overrides or {}).items():
+            key = name[len("polar_"):] if name.startswith("polar_") else name
+            if key not in known:
+                raise RFTConfigError(f"unknown reward kwarg {name!r} (known: "
+                                     f"{', '.join('polar_' + k for k in sorted(known))})")
+            values[key] = (name, raw)
         kw = {}
         for key, (where, raw) in values.items():
             kw[key] = _parse_setting(key, raw, where)
@@ -299,7 +316,7 @@ class PolarReward:
     # -- scoring ----------------------------------------------------------
     def score(self, prompts: Sequence, references: Sequence, responses: Sequence[str]) -> list[float]:
         """Scores of many triples in one round (the batch entry points)."""
-        texts = self.texts(prompts, references, responses)
+        texts = serving_inputs(self.scorer, self.encoder, self.texts(prompts, references, responses))
         try:
             return self._finish(self.scorer.score(texts))
         except RemoteScoringError as e:
@@ -307,7 +324,7 @@ class PolarReward:
 
     def submit(self, prompt, reference, response: str) -> Future:
         """Queue one triple; the future resolves to its score (or the error)."""
-        text = self.texts([prompt], [reference], [response])[0]
+        text = serving_inputs(self.scorer, self.encoder, self.texts([prompt], [reference], [response]))[0]
         fut: Future = Future()
         with self._wake:
             self._pending.append((text, fut))
@@ -326,7 +343,16 @@ class PolarReward:
                         return
                     if not self._pending:
                         continue
-            time.sleep(self.gather_s)  # let the rest of a gathered batch arrive
+            # Let the rest of a gathered batch arrive: wait while calls keep
+            # coming (verl submits a whole batch in a burst), at most a second.
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                with self._wake:
+                    before = len(self._pending)
+                time.sleep(self.gather_s)
+                with self._wake:
+                    if len(self._pending) == before:
+                        break
             with self._wake:
                 taken, self._pending = self._pending, []
             # a caller that gave up (a cancelled await) is dropped from the round
@@ -351,9 +377,13 @@ _instances: dict[tuple, PolarReward] = {}
 _instances_lock = threading.Lock()
 
 
-def get_reward(address: str | None = None, tokenizer=None) -> PolarReward:
+def _polar_kwargs(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k.startswith("polar_")}
+
+
+def get_reward(address: str | None = None, tokenizer=None, overrides: dict | None = None) -> PolarReward:
     """The process's PolarReward for the current settings (built once, then reused)."""
-    settings = RFTSettings.from_env()
+    settings = RFTSettings.from_env(overrides=overrides)
     key = (settings, address, id(tokenizer) if tokenizer is not None and not settings.model else None)
     with _instances_lock:
         if key not in _instances:
@@ -389,7 +419,7 @@ async def compute_score(data_source, solution_str, ground_truth, extra_info=None
     the reward model itself) the score goes through that router.
     """
     prompt, reference = _prompt_of(extra_info, kwargs), _reference_of(ground_truth)
-    reward = get_reward(reward_router_address, reward_model_tokenizer)
+    reward = get_reward(reward_router_address, reward_model_tokenizer, _polar_kwargs(kwargs))
     fut = reward.submit(prompt, reference, solution_str)
     return await asyncio.wrap_future(fut)
 
@@ -403,7 +433,9 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
                          f"{len(extra_infos)} extra_infos")
     prompts = [_prompt_of(e, {}) for e in extra_infos]
     refs = [_reference_of(g) for g in ground_truths]
-    return get_reward(kwargs.get("reward_router_address")).score(prompts, refs, list(solution_strs))
+    reward = get_reward(kwargs.get("reward_router_address"), kwargs.get("reward_model_tokenizer"),
+                        _polar_kwargs(kwargs))
+    return reward.score(prompts, refs, list(solution_strs))
 
 
 # -- OpenRLHF ---------------------------------------------------------------

@@ -237,22 +237,22 @@ def main(argv=None) -> int:
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=engine_env(args.engine, args.host, on_gpu), start_new_session=True)
 
-    def _forward(signum, _frame):
-        stop(proc)
-        sys.exit(128 + signum)
+    def _unwind(signum, _frame):
+        # Only unwind here: the `finally` below stops the engine. Waiting on it
+        # inside the handler would deadlock with the proc.wait() it interrupted.
+        raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, _forward)
-    signal.signal(signal.SIGINT, _forward)
+    signal.signal(signal.SIGTERM, _unwind)
+    signal.signal(signal.SIGINT, _unwind)
     try:
-        took = wait_ready(f"http://{address}{HEALTH_PATH[args.engine]}", proc, args.ready_timeout)
-    except ServeError as e:
-        stop(proc)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"\nPOLAR reward server ready after {took:.0f} s: http://{address} ({args.engine})\n"
-          f"evaluate with:\n  python tools/eval_pref.py --model {args.model_dir} --data PAIRS.jsonl "
-          f"--server-type {args.engine} --server-address {address}\n", flush=True)
-    try:
+        try:
+            took = wait_ready(f"http://{address}{HEALTH_PATH[args.engine]}", proc, args.ready_timeout)
+        except ServeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"\nPOLAR reward server ready after {took:.0f} s: http://{address} ({args.engine})\n"
+              f"evaluate with:\n  python tools/eval_pref.py --model {args.model_dir} --data PAIRS.jsonl "
+              f"--server-type {args.engine} --server-address {address}\n", flush=True)
         return proc.wait()
     finally:
         stop(proc)

@@ -1,6 +1,8 @@
 """The remote path: a loopback server that answers like sglang, vllm and lmdeploy."""
+import base64
 import json
 import math
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -44,7 +46,11 @@ class FakePolarServer:
                     act = {"honour": body.get("use_activation", True), "always": True, "never": False}
                     if act[server.activation]:
                         scores = [1 / (1 + math.exp(-s)) for s in scores]
-                    out = {"data": [{"data": [[0.0], [s]]} for s in scores]}
+                    if body.get("encoding_format") == "base64":  # float32 bytes of every token's score
+                        out = {"data": [{"data": base64.b64encode(struct.pack("<2f", 0.0, s)).decode()}
+                                        for s in scores]}
+                    else:
+                        out = {"data": [{"data": [[0.0], [s]]} for s in scores]}
                 elif server.mode == "lmdeploy":
                     out = {"data": [{"data": s} for s in scores]}
                 else:  # a wrong shape
@@ -67,11 +73,11 @@ class FakePolarServer:
         if self.fixed_scores is not None:
             return [self.fixed_scores[i % len(self.fixed_scores)] for i in range(len(texts))]
         if self.model is None:
-            return [float(len(t)) for t in texts]
+            return [float(len(t)) for t in texts]  # characters, or ids
         out = []
         with torch.no_grad():
-            for t in texts:
-                ids = torch.tensor([self.tokenizer(t)["input_ids"]])
+            for t in texts:  # a text, or token ids (vLLM's prompt-ids input)
+                ids = torch.tensor([t if isinstance(t, list) else self.tokenizer(t)["input_ids"]])
                 out.append(self.model(input_ids=ids, attention_mask=torch.ones_like(ids))[0].item())
         return out
 
@@ -94,7 +100,11 @@ def test_remote_scores_equal_local_scores(mode, tiny_model, tokenizer):
     for path, body in server.requests:
         assert path == ("/classify" if mode == "sglang" else "/pooling")
         texts = body["text"] if mode == "sglang" else body["input"]
-        assert all(t.endswith("[UNUSED_TOKEN_130]") for t in texts)
+        if mode == "vllm":  # token ids, ending with the reward token's
+            assert all(isinstance(t, list) and t[-1] == tokenizer.convert_tokens_to_ids("[UNUSED_TOKEN_130]")
+                       for t in texts)
+        else:
+            assert all(t.endswith("[UNUSED_TOKEN_130]") for t in texts)
     scored = [r for r in server.requests if r[1].get("use_activation") is not True]
     assert sorted(len(b.get("text", b.get("input"))) for _, b in scored) == [2, 6, 6, 6]  # 20 in batches of 6
     if mode == "vllm":  # raw scores asked for, and one sigmoid probe checks the server honours it
@@ -212,6 +222,16 @@ def test_non_finite_or_non_numeric_scores_are_errors(bad):
         parse_scores("vllm", json.loads(json.dumps(body)), 2)
     with pytest.raises(RemoteScoringError, match="text 0"):
         parse_scores("lmdeploy", {"data": [{"data": bad}]}, 1)
+
+
+def test_vllm_base64_scores_are_read_and_checked():
+    ok = base64.b64encode(struct.pack("<3f", 0.5, -1.0, -2.25)).decode()  # three tokens' scores
+    assert parse_scores("vllm", {"data": [{"data": ok}]}, 1) == [-2.25]
+    nan = base64.b64encode(struct.pack("<2f", 0.0, float("nan"))).decode()
+    with pytest.raises(RemoteScoringError, match="non-finite"):
+        parse_scores("vllm", {"data": [{"data": nan}]}, 1)
+    with pytest.raises(RemoteScoringError, match="unexpected shape"):
+        parse_scores("vllm", {"data": [{"data": base64.b64encode(b"abc").decode()}]}, 1)
 
 
 def test_batches_are_spread_over_servers_and_in_flight_together():

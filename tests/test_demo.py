@@ -17,3 +17,21 @@ def test_demo_learns(demo_run):
     assert before["accuracy"] < 0.75  # it learned, it did not start there
     assert os.path.isfile(os.path.join(demo_dir, "hf", "model.safetensors"))
     assert "held-out accuracy: untrained" in proc.stdout
+
+
+def test_encoding_settings_travel_with_the_model(demo_run, tmp_path):
+    """The converter saves training's lengths in the model dir, and eval_pref reads them from there."""
+    from conftest import run_tool
+
+    saved = json.load(open(os.path.join(demo_run, "hf", "polar_encoding.json")))
+    assert saved == {"max_length": 1024, "max_response_length": 128, "reward_token_id": 4}  # the demo config's
+    report = json.load(open(os.path.join(demo_run, "eval.json")))
+    assert report["encoding"]["max_length"] == 1024 and report["encoding"]["max_response_length"] == 128
+    assert report["encoding"]["source"].endswith("polar_encoding.json")
+    # an explicit flag still wins, and says so
+    out = tmp_path / "r.json"
+    proc = run_tool("python", "tools/eval_pref.py", "--model", os.path.join(demo_run, "hf"), "--data",
+                    "data/demo/val.jsonl", "--max-response-length", "8", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    enc = json.load(open(out))["encoding"]
+    assert enc["max_response_length"] == 8 and enc["max_length"] == 1024 and "explicit" in enc["source"]

@@ -96,6 +96,24 @@ def test_verl_reward_loop_gathers_calls_and_equals_local(monkeypatch, tiny_dir, 
     assert all(isinstance(s, float) for s in got)
 
 
+def test_a_verl_sized_batch_goes_out_in_few_requests(monkeypatch, tiny_dir):
+    recs = list(generate(1024, 29))
+    server = FakePolarServer("vllm")  # scores each input by its length: cheap, still checked in order
+    setup_env(monkeypatch, server, tiny_dir, POLAR_BATCH_SIZE=64)
+    try:
+        got = asyncio.run(verl_reward_loop(recs, [r["chosen"][0]["content"] for r in recs]))
+    finally:
+        server.close()
+    scored = [b["input"] for _, b in server.requests if b.get("use_activation") is False]
+    assert sum(len(x) for x in scored) == 1024 and max(len(x) for x in scored) == 64
+    assert len(scored) <= 20, len(scored)  # 1024 responses in about 16 requests, not 1024
+    reward = next(iter(rft._instances.values()))
+    texts = reward.texts([r["prompt"] for r in recs], [r["reference"] for r in recs],
+                         [r["chosen"][0]["content"] for r in recs])
+    expected = [float(len(ids)) for ids in rft.serving_inputs(reward.scorer, reward.encoder, texts)]
+    assert got == expected  # every caller got its own response's score
+
+
 def test_batch_manager_and_openrlhf_give_the_same_scores(monkeypatch, tiny_dir, tiny_model, tokenizer):
     recs = list(generate(12, 22))
     servers = [FakePolarServer("vllm", tiny_model, tokenizer) for _ in range(2)]
@@ -126,6 +144,20 @@ def test_batch_manager_and_openrlhf_give_the_same_scores(monkeypatch, tiny_dir, 
     assert torch.allclose(torch.tensor(batch), torch.tensor(local), atol=1e-4)
     assert torch.allclose(torch.tensor(orl), torch.tensor(local), atol=1e-4)
     assert all(len(s.requests) > 0 for s in servers)  # both addresses took a share
+
+
+def test_reward_kwargs_from_verl_config_set_the_server(monkeypatch, tiny_dir, tiny_model, tokenizer):
+    recs = list(generate(4, 28))
+    server = FakePolarServer("vllm", tiny_model, tokenizer)
+    try:  # nothing in the environment: verl's reward_kwargs carry the settings
+        got = asyncio.run(verl_reward_loop(recs, [r["chosen"][0]["content"] for r in recs],
+                                           polar_server_address=server.address, polar_model=tiny_dir))
+        with pytest.raises(rft.RFTConfigError, match="unknown reward kwarg 'polar_adress'"):
+            asyncio.run(verl_reward_loop(recs[:1], ["x"], polar_adress=server.address))
+    finally:
+        server.close()
+    local = local_candidate_scores(tiny_model, tokenizer, recs)[0::2]
+    assert torch.allclose(torch.tensor(got), torch.tensor(local), atol=1e-4)
 
 
 def test_router_address_from_verl_is_used(monkeypatch, tiny_dir, tiny_model, tokenizer):

@@ -67,24 +67,31 @@ def _polar_client_scores(model_dir, address):
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
-@real_engine[0]
-@real_engine[1]
-def test_serve_sh_scores_equal_local(served_model, demo_run, tmp_path):
+@pytest.fixture(scope="module")
+def serve_sh(served_model, tmp_path_factory):
+    """tools/serve.sh serving the demo model, as a user starts it; stopped even when a test fails."""
     port = free_port()
-    proc, log = _start(["bash", "tools/serve.sh", served_model, "--port", str(port)], tmp_path / "serve.log",
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    proc, log = _start(["bash", "tools/serve.sh", served_model, "--port", str(port)], log_path,
                        env={"PYTHON": sys.executable})
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
-        out, scores = tmp_path / "remote.json", tmp_path / "remote_scores.jsonl"
-        res = run_tool("python", "tools/eval_pref.py", "--model", served_model, "--data", VAL,
-                       "--server-type", "vllm", "--server-address", f"127.0.0.1:{port}",
-                       "--out", str(out), "--save-scores", str(scores))
-        assert res.returncode == 0, res.stderr[-3000:]
-        polar = _polar_client_scores(served_model, f"127.0.0.1:{port}")
+        yield f"127.0.0.1:{port}", log_path
     finally:
         stop(proc)
         log.close()
-    served_log = open(tmp_path / "serve.log").read()
+
+
+@real_engine[0]
+@real_engine[1]
+def test_serve_sh_scores_equal_local(serve_sh, served_model, demo_run, tmp_path):
+    address, log_path = serve_sh
+    out, scores = tmp_path / "remote.json", tmp_path / "remote_scores.jsonl"
+    res = run_tool("python", "tools/eval_pref.py", "--model", served_model, "--data", VAL,
+                   "--server-type", "vllm", "--server-address", address,
+                   "--out", str(out), "--save-scores", str(scores))
+    assert res.returncode == 0, res.stderr[-3000:]
+    served_log = open(log_path).read()
     assert "POLAR reward server ready" in served_log and "--pooler-config" in served_log
     assert "served dtype float32 matches" in res.stderr  # serve.sh passed --dtype, and the client checked it
     local = _scores(os.path.join(demo_run, "scores.jsonl"))
@@ -93,7 +100,53 @@ def test_serve_sh_scores_equal_local(served_model, demo_run, tmp_path):
     assert _close(remote, local), max(abs(a - b) for pa, pb in zip(remote, local) for a, b in zip(pa, pb))
     local_report = json.load(open(os.path.join(demo_run, "eval.json")))
     assert json.load(open(out))["accuracy"] == local_report["accuracy"]
-    assert _close(polar, local)  # POLAR's client: the same raw scores from this server
+
+
+@real_engine[0]
+@real_engine[1]
+def test_polar_client_gets_the_same_raw_scores(serve_sh, served_model, demo_run):
+    polar = _polar_client_scores(served_model, serve_sh[0])
+    assert _close(polar, _scores(os.path.join(demo_run, "scores.jsonl")))
+
+
+@real_engine[0]
+@real_engine[1]
+def test_rl_reward_functions_on_the_real_server(serve_sh, served_model, demo_run, monkeypatch):
+    """verl's reward loop, verl's batch manager and OpenRLHF's reward_func, called as they call them."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from polar_xtuner import rft
+    from polar_xtuner.schema import load_records
+    from test_rft import verl_reward_loop, verl_rows
+
+    for key in [k for k in os.environ if k.startswith("POLAR_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("POLAR_SERVER_ADDRESS", serve_sh[0])
+    monkeypatch.setenv("POLAR_MODEL", served_model)
+    rft._instances.clear()
+    recs = load_records(VAL)
+    local = [s for pair in _scores(os.path.join(demo_run, "scores.jsonl")) for s in pair]
+    responses = [r[k][0]["content"] for r in recs for k in ("chosen", "rejected")]
+    doubled = [r for r in recs for _ in range(2)]
+    try:
+        loop = asyncio.run(verl_reward_loop(doubled, responses))
+        rows = verl_rows(doubled)
+        batch = rft.compute_score_batch(["polar"] * len(rows), responses, [r["ground_truth"] for r in rows],
+                                        [r["extra_info"] for r in rows])
+
+        def openrlhf(i):
+            prompt = f"<|im_start|>user\n{doubled[i]['prompt'][-1]['content']}<|im_end|>\n<|im_start|>assistant\n"
+            label = json.dumps({"prompt": doubled[i]["prompt"], "reference": doubled[i]["reference"]})
+            return rft.reward_func([prompt + responses[i] + "<|im_end|>"], [prompt], [label])["rewards"].item()
+
+        with ThreadPoolExecutor(16) as pool:
+            orl = list(pool.map(openrlhf, range(len(responses))))
+    finally:
+        rft._instances.clear()
+    for got in (loop, batch, orl):
+        assert len(got) == 400
+        assert all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(got, local))
 
 
 @real_engine[0]
@@ -194,3 +247,43 @@ def test_engine_commands(tmp_path):
         engine_command("lmdeploy", str(tmp_path), "h", 1, "py")
     cmd = engine_command("lmdeploy", str(tmp_path), "h", 1, "/x/bin/python", dtype="bfloat16")
     assert cmd[:4] == ["/x/bin/lmdeploy", "serve", "api_server", str(tmp_path)] and "--backend" in cmd
+
+
+def test_serve_sh_stops_its_engine_on_sigterm(tmp_path):
+    """SIGTERM (or Ctrl-C) to serve.sh ends the engine too, at once, and leaves nothing behind."""
+    import time
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    pid_file = tmp_path / "engine.pid"
+    # A stand-in engine: whatever vLLM's arguments, it answers /health on the port it is given.
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"""#!{sys.executable}
+import http.server, os, sys
+open({str(pid_file)!r}, "w").write(str(os.getpid()))
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+""")
+    fake.chmod(0o755)
+    port = free_port()
+    proc, log = _start(["bash", "tools/serve.sh", str(tmp_path), "--port", str(port), "--python", str(fake)],
+                       tmp_path / "serve.log", env={"PYTHON": sys.executable})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=60, interval=0.2)
+        deadline = time.time() + 30
+        while "ready after" not in open(tmp_path / "serve.log").read() and time.time() < deadline:
+            time.sleep(0.1)
+        engine = int(pid_file.read_text())
+        t0 = time.time()
+        proc.send_signal(15)
+        code = proc.wait(timeout=30)
+        took = time.time() - t0
+    finally:
+        stop(proc)
+        log.close()
+    assert code == 128 + 15 and took < 10, (code, took)
+    assert not os.path.exists(f"/proc/{engine}") or open(f"/proc/{engine}/stat").read().split(")")[-1].split()[0] == "Z"
