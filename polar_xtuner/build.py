@@ -219,15 +219,47 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
     if drop_overlong and meter is None:
         raise DataError("--drop-overlong needs --tokenizer")
     files = expand_sources(sources)
+    out_real = os.path.realpath(out_dir)
+    for src in sources:
+        src_real = os.path.realpath(src)
+        if os.path.isdir(src) and (out_real == src_real or out_real.startswith(src_real + os.sep)):
+            raise DataError(f"-o {out_dir} is inside the input directory {src}, so its outputs would be read "
+                            f"back as inputs next time; write to another directory")
+    for path in files:
+        if os.path.dirname(os.path.realpath(path)) == out_real:
+            raise DataError(f"-o {out_dir} holds the input {path}, which this run would overwrite; "
+                            f"write to another directory")
     os.makedirs(out_dir, exist_ok=True)
     res = BuildResult(files=files)
     seen: set[str] = set()
-    train_path = os.path.join(out_dir, "train.jsonl")
-    val_path = os.path.join(out_dir, "val.jsonl")
+    # Every output is written under a temporary name and renamed into place
+    # only when the whole run succeeded: a failed or killed run leaves the
+    # previous outputs as they were, and nothing half-written that looks done.
+    tag = f".tmp-{os.getpid()}"
+    final = {name: os.path.join(out_dir, name) for name in ("train.jsonl", "val.jsonl", "rejected.jsonl",
+                                                             "report.json")}
+    tmp = {name: path + tag for name, path in final.items()}
+    try:
+        _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progress, meter, drop_overlong, fmt)
+        if not (val_ratio or val_size):
+            os.remove(tmp["val.jsonl"])
+            if os.path.exists(final["val.jsonl"]):
+                os.remove(final["val.jsonl"])  # a stale split from an earlier run would look current
+        for name in ("train.jsonl", "val.jsonl", "rejected.jsonl", "report.json"):  # the report last
+            if os.path.exists(tmp[name]):
+                os.replace(tmp[name], final[name])
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    return res
+
+
+def _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progress, meter, drop_overlong, fmt):
     kept_lines = [] if val_size else None
-    with open(train_path, "w", encoding="utf-8") as train_f, \
-            open(os.path.join(out_dir, "rejected.jsonl"), "w", encoding="utf-8") as rej_f, \
-            open(val_path, "w", encoding="utf-8") as val_f, \
+    with open(tmp["train.jsonl"], "w", encoding="utf-8") as train_f, \
+            open(tmp["rejected.jsonl"], "w", encoding="utf-8") as rej_f, \
+            open(tmp["val.jsonl"], "w", encoding="utf-8") as val_f, \
             tqdm(desc="Checking records", unit=" rec", disable=not progress) as bar:
 
         def reject(item, reason, field, code):
@@ -277,12 +309,9 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
             for i, line in enumerate(kept_lines):
                 (val_f if i in val_idx else train_f).write(line)
             res.val = val_size
-    if not (val_ratio or val_size):
-        os.remove(val_path)
     report = res.to_json()
     if meter is not None:
         report["lengths"] = meter.report()
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
+    with open(tmp["report.json"], "w") as f:
         json.dump(report, f, indent=2)
     res.report = report
-    return res

@@ -150,3 +150,25 @@ def test_memory_does_not_grow_with_input(tmp_path):
     assert len(_lines(tmp_path / "l" / "train.jsonl")) + len(_lines(tmp_path / "l" / "val.jsonl")) == 30000
     # ten times the records (about 11 MB more input) within a few MB of peak memory
     assert rss_large < rss_small * 1.2, (rss_small, rss_large)
+
+
+def test_outputs_never_overwrite_inputs_and_a_failed_run_keeps_the_previous_outputs(tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    first = run_tool("python", "tools/build_dataset.py", f"{REPO}/data/demo/val.jsonl", "-o", str(out))
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"train.jsonl", "rejected.jsonl", "report.json"}
+    # its own output as the input: refused, the file untouched
+    again = run_tool("python", "tools/build_dataset.py", str(out / "train.jsonl"), "-o", str(out))
+    assert again.returncode == 2 and "would overwrite" in again.stderr and "Traceback" not in again.stderr
+    # an output directory inside an input directory: refused
+    shutil.copy(f"{REPO}/data/demo/val.jsonl", tmp_path / "in.jsonl")
+    inside = run_tool("python", "tools/build_dataset.py", str(tmp_path), "-o", str(tmp_path / "clean"))
+    assert inside.returncode == 2 and "inside the input directory" in inside.stderr
+    # a run that fails after reading (more val records than data) leaves the earlier outputs intact
+    failed = run_tool("python", "tools/build_dataset.py", f"{REPO}/data/demo/val.jsonl", "-o", str(out),
+                      "--val-size", "500")
+    assert failed.returncode == 2 and "leaves no training record" in failed.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp files left either

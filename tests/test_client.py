@@ -2,6 +2,7 @@
 import base64
 import json
 import math
+import os
 import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -251,3 +252,37 @@ def test_batches_are_spread_over_servers_and_in_flight_together():
             s.close()
     with pytest.raises(ValueError, match="no port"):
         RemoteScorer("vllm", "localhost")
+
+
+def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "val.jsonl"
+    shutil.copy(VAL, data)
+    original = data.read_bytes()
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), "--out", str(data))
+    assert proc.returncode == 2 and "would overwrite an input" in proc.stderr and data.read_bytes() == original
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # root ignores directory permissions
+            proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
+                            "--out", str(ro / "r.json"))
+            assert proc.returncode == 2 and "not writable" in proc.stderr and "Scoring" not in proc.stderr
+    finally:
+        ro.chmod(0o700)
+    # a server answering NaN: exit 3 naming the text, and no report that looks complete
+    server = FakePolarServer("vllm", scores=[float("nan")])
+    out = tmp_path / "r.json"
+    try:
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
+                        "--server-type", "vllm", "--server-address", server.address, "--out", str(out))
+    finally:
+        server.close()
+    assert proc.returncode == 3 and "non-finite" in proc.stderr and not out.exists()
+    # a good run writes strict JSON and leaves no temporary file behind
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the report"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "ro", "val.jsonl"]

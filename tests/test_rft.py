@@ -20,7 +20,7 @@ import torch
 
 from conftest import REPO, run_tool
 from polar_xtuner import rft
-from polar_xtuner.client import RemoteScoringError
+from polar_xtuner.client import RemoteScorer, RemoteScoringError
 from polar_xtuner.demo_data import generate
 from polar_xtuner.evaluate import score_records
 from test_client import FakePolarServer
@@ -180,7 +180,7 @@ def test_dead_server_raises_and_fallback_is_opt_in_and_counted(monkeypatch, tiny
     dead = FakePolarServer("fail")
     recs = list(generate(3, 24))
     setup_env(monkeypatch, dead, tiny_dir, POLAR_MAX_RETRIES=2)
-    monkeypatch.setattr(rft.RemoteScorer, "backoff", 0.01)
+    monkeypatch.setattr(RemoteScorer, "backoff", 0.01)
     try:
         with pytest.raises(RemoteScoringError, match="HTTP 500"):
             asyncio.run(verl_reward_loop(recs, ["x"] * 3))
@@ -300,3 +300,14 @@ def test_make_rft_data_rows_load_with_datasets(tmp_path):
     assert proc.returncode == 2 and "is one of the inputs" in proc.stderr and src.read_text().count("\n") == 7
     proc = run_tool("python", "tools/make_rft_data.py", str(tmp_path / "none.jsonl"), "-o", str(out))
     assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_the_file_loads_by_path_as_openrlhf_and_verl_load_it():
+    """OpenRLHF execs rft.py as a module named "reward_func", outside the package (verl's path= alike)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reward_func", rft.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # a dataclass or relative import here would fail
+    assert module.reward_func is rft.reward_func and module.compute_score is rft.compute_score
+    assert module._instances is rft._instances  # one copy of the state, however it was loaded

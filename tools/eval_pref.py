@@ -21,7 +21,9 @@ Exit codes: 0 done, 2 bad input (missing model or data, no valid pair),
 """
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 
@@ -91,6 +93,10 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: --data {e}", file=sys.stderr)
         return 2
+    problem = check_outputs(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         settings = EncodingSettings.from_model_dir(args.model).override(args.max_length, args.max_response_length)
     except ValueError as e:
@@ -136,19 +142,25 @@ def main(argv=None) -> int:
     report["backend"] = args.server_type or "local"
     report["encoding"] = {"max_length": settings.max_length, "max_response_length": settings.max_response_length,
                           "source": settings.source}
+    for (c, r), rec_item in zip(scores, good):
+        if not (math.isfinite(c) and math.isfinite(r)):
+            print(f"error: {rec_item.where}: the model scored this pair {c}/{r}, not a finite number; "
+                  f"nothing was written", file=sys.stderr)
+            return 3
     print(format_report(report))
+    # Each output goes to a temporary sibling and is renamed into place when complete.
     if args.plot:
-        plot_scores(scores, args.plot)
+        with atomic_path(args.plot) as tmp:
+            plot_scores(scores, tmp)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        with atomic_path(args.out) as tmp, open(tmp, "w") as f:
+            json.dump(report, f, indent=2, allow_nan=False)  # strict JSON: no bare NaN
     if args.write_stats:
         path = write_score_stats(args.model, scores, args.data)
         print(f"wrote {path}", file=sys.stderr)
     if args.save_scores:
         by_line = {it.line: s for it, s in zip(good, scores)}
-        with open(args.save_scores, "w") as f:
+        with atomic_path(args.save_scores) as tmp, open(tmp, "w") as f:
             for it in items:
                 s = by_line.get(it.line) if it.record is not None else None
                 row = {"line": it.line, "chosen": s[0] if s else None, "rejected": s[1] if s else None}
@@ -156,6 +168,44 @@ def main(argv=None) -> int:
                     row["error"] = it.error.reason
                 f.write(json.dumps(row) + "\n")
     return 0
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """A temporary sibling of path to write; renamed onto path only if the block succeeds."""
+    stem, ext = os.path.splitext(os.path.basename(path))  # the extension stays last: it picks a plot's format
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{stem}.tmp-{os.getpid()}{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_outputs(args) -> str | None:
+    """Refuse outputs that are an input or cannot be written, before any scoring. Returns an error or None."""
+    inputs = {os.path.realpath(args.data)}
+    model_dir = os.path.realpath(args.model)
+    for flag in ("out", "save_scores", "plot"):
+        path = getattr(args, flag)
+        if not path:
+            continue
+        name = "--" + flag.replace("_", "-")
+        real = os.path.realpath(path)
+        if real in inputs or os.path.dirname(real) == model_dir:
+            return f"{name} {path} would overwrite an input (--data, or a file of --model); choose another path"
+        inputs.add(real)  # two outputs on one path would clobber each other
+        parent = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            return f"{name} {path}: cannot create {parent} ({e.strerror})"
+        if not os.access(parent, os.W_OK) or os.path.isdir(path):
+            return f"{name} {path}: not writable"
+    if args.write_stats and not os.access(args.model, os.W_OK):
+        return f"--write-stats: {args.model} is not writable"
+    return None
 
 
 if __name__ == "__main__":
