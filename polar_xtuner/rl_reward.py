@@ -299,7 +299,8 @@ class PolarReward:
         while True:
             with self._wake:
                 if not self._pending:
-                    if not self._wake.wait(timeout=30):
+                    # re-checked after a timeout: a submit may have slipped in while it expired
+                    if not self._wake.wait(timeout=30) and not self._pending:
                         self._worker = None  # idle: a later submit starts a new one
                         return
                     if not self._pending:
