@@ -48,10 +48,24 @@ def ds_weights(ckpt_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_dir):
+def narrow_dir(tmp_path_factory):
+    """A tiny model of the width these equalities were set for (hidden 64; 2 heads of 32, GQA).
+
+    The demo model is four times wider: its fp32 sums drift apart between two
+    ranks and one rank accumulating a few steps sooner, which would blur the
+    exact early-step equality below without saying anything about the ranks.
+    """
+    from polar_xtuner.tiny import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("narrow_polar")), hidden_size=64,
+                           intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, narrow_dir):
     tmp = tmp_path_factory.mktemp("dist")
-    two = copy_config(str(tmp), "polar_dist_two.py", tiny_dir, VAL, append=APPEND, **SETTINGS)
-    one = copy_config(str(tmp), "polar_dist_one.py", tiny_dir, VAL, append=APPEND,
+    two = copy_config(str(tmp), "polar_dist_two.py", narrow_dir, VAL, append=APPEND, **SETTINGS)
+    one = copy_config(str(tmp), "polar_dist_one.py", narrow_dir, VAL, append=APPEND,
                       accumulative_counts=2, **SETTINGS)
     out = {"tmp": tmp, "one_cfg": one}
 
@@ -127,9 +141,9 @@ def test_two_rank_zero3_converts_to_deepspeeds_reconstruction(runs):
         assert torch.equal(saved[k], want[k]), k
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(runs, tiny_dir):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(runs, narrow_dir):
     tmp, one = runs["tmp"], runs["one_cfg"]
-    killed = copy_config(str(tmp), "polar_dist_killed.py", tiny_dir, VAL, append=APPEND + (
+    killed = copy_config(str(tmp), "polar_dist_killed.py", narrow_dir, VAL, append=APPEND + (
         "\nfrom kill_at import KillAt\ncustom_hooks = custom_hooks + [dict(type=KillAt, iteration=50)]\n"),
         accumulative_counts=2, **SETTINGS)
     work = str(tmp / "resumed")
