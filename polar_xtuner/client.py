@@ -29,12 +29,11 @@ flight, spread over all the server addresses given.
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 SERVER_TYPES = ("sglang", "vllm", "lmdeploy")
 
@@ -116,10 +115,6 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 @dataclass
 class RemoteScorer:
     """Scores texts on one or several POLAR servers.
@@ -134,7 +129,6 @@ class RemoteScorer:
         backoff: Seconds before the first retry, doubled after each.
         batch_size: Texts per request.
         concurrency: Requests in flight per server address.
-        warn: Called with one-line warnings (default: stderr).
     """
 
     server_type: str
@@ -145,7 +139,6 @@ class RemoteScorer:
     backoff: float = 0.5
     batch_size: int = 32
     concurrency: int = 4
-    warn: Callable[[str], None] = _warn
     _checked: set = field(default_factory=set, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 

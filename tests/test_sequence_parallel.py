@@ -1,5 +1,6 @@
 """Sequence parallel: the config variant, the CPU refusal, and the attention on two CPU ranks."""
 import os
+import re
 
 import pytest
 
@@ -37,4 +38,5 @@ def test_ulysses_varlen_attention_on_two_cpu_ranks(tiny_dir):
     proc = run_tool("torchrun", "--nproc_per_node=2", f"--master_port={free_port()}",
                     os.path.join(ASSETS, "sp_worker.py"), tiny_dir, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("OK ")) == ["0", "1"]
+    # Both ranks write to one pipe; a line of one may land inside the other's output.
+    assert sorted(re.findall(r"OK (\d+) ", proc.stdout)) == ["0", "1"], proc.stdout[-2000:]
