@@ -156,11 +156,6 @@ class RemoteScorer:
         self.endpoints = [u + path for u in self.urls]
         self._session = None
 
-    @property
-    def url(self) -> str:
-        """The first server's scoring endpoint."""
-        return self.endpoints[0]
-
     def _payload(self, texts, raw: bool = True):
         if self.server_type == "sglang":
             return {"model": self.model_name, "text": texts}
