@@ -173,7 +173,10 @@ def build_empty_model(model_dir: str, dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    from .evaluate import SCORING_ATTENTION
+
+    # The kernel the saved model is loaded with, so verification compares weights, not kernels.
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True, attn_implementation=SCORING_ATTENTION)
     with init_empty_weights(include_buffers=False):
         model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=dtype)
     return model

@@ -24,6 +24,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Every scoring path (eval, conversion's check, the hooks) uses one attention
+# kernel: eager and SDPA differ by up to ~2e-3 on a trained model on some CPUs,
+# which would read as a conversion error.
+SCORING_ATTENTION = "sdpa"
+
+
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None):
     """Load a POLAR model directory: bf16 on GPU, float32 on CPU.
 
@@ -37,7 +43,7 @@ def load_model(path: str, device: str | None = None, dtype: torch.dtype | None =
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     model = AutoModel.from_pretrained(
-        path, trust_remote_code=True, torch_dtype=dtype, attn_implementation="sdpa"
+        path, trust_remote_code=True, torch_dtype=dtype, attn_implementation=SCORING_ATTENTION
     ).to(device).eval()
     return model, tokenizer
 

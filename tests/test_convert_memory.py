@@ -40,3 +40,18 @@ def test_cast_gives_back_the_fp32_pages(tmp_path):
     grown = _rss() - before
     # Module.to would add the bf16 copy (+0.5x) and keep the fp32 pages; here they go (-1x).
     assert grown < -0.25 * size, (grown, size)
+
+
+def test_verification_scores_with_the_kernel_the_saved_model_loads_with(tiny_dir):
+    """CI once failed a good conversion by 2.3e-3: the check built the checkpoint model
+    with eager attention (the model config's) and reloaded the saved one with SDPA."""
+    from polar_xtuner.convert import assign_state_dict, build_empty_model
+    from polar_xtuner.evaluate import load_model, score_records
+
+    saved, tok = load_model(tiny_dir, device="cpu", dtype=torch.float32)
+    built = build_empty_model(tiny_dir, torch.float32)
+    assign_state_dict(built, {k: v.clone() for k, v in saved.state_dict().items()}, torch.float32)
+    built.eval()
+    assert type(built.model.layers[0].attention).__name__ == type(saved.model.layers[0].attention).__name__
+    recs = [{"prompt": "p " * 40, "reference": "r", "chosen": "a b c", "rejected": "d " * 30}] * 3
+    assert score_records(built, tok, recs) == score_records(saved, tok, recs)
