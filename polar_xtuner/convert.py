@@ -14,8 +14,10 @@ keys. Weights are assigned into a model built on the meta device and cast
 tensor by tensor, giving memory-mapped pages back as they are used, so the
 process does not hold two full copies (except inside DeepSpeed's own merge of
 ZeRO-1/2 partitions, see bench/README.md). After saving, the output is loaded fresh
-and scored on a few pairs; the largest difference from the trained weights'
-scores is printed and must stay within the dtype's tolerance.
+and checked two ways: every saved tensor must equal, bit for bit, the trained
+weight cast to the output dtype, and the scores of a few pairs must stay within
+the dtype's tolerance of the trained weights' scores (the largest difference
+is printed).
 
 Exit codes: 0 success, 2 bad input (paths, config, checkpoint), 3 the
 verification failed.
@@ -32,7 +34,11 @@ from dataclasses import dataclass
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Largest allowed |score difference| / max(1, |score|) after a save/load round trip.
-TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+# fp32: the weights are compared bit for bit, so this only bounds the kernels.
+# CPU runs were seen to move the trained demo model's scores by 2.3e-3 from one
+# process to the next with identical weights (cause not found; not thread count,
+# hash seed or attention kernel), so 1e-4 failed good conversions.
+TOLERANCE = {"fp32": 5e-3, "bf16": 5e-2, "fp16": 1e-2}
 VERIFY_PAIRS = 8
 
 
@@ -401,6 +407,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
 
     os.makedirs(out_dir, exist_ok=True)
     cast_releasing(model, torch_dtype, [ckpt.path] if ckpt.kind == "pth" else [])
+    expected = weight_digests(model) if verify else None
     model.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
     del model
     gc.collect()
@@ -415,6 +422,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
         # Load as saved, then score in fp32 like the trained weights: loading a
         # bf16 directory straight into fp32 would hold both copies at once.
         fresh, fresh_tok = load_model(out_dir, device="cpu", dtype=torch_dtype)
+        check_weights(expected, weight_digests(fresh), out_dir)
         shards = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.endswith(".safetensors")]
         cast_releasing(fresh, torch.float32, shards)
         after = score_records(fresh, fresh_tok, records, **enc_kwargs)
@@ -429,6 +437,32 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
             )
     write_model_card(out_dir, config_path, ckpt, dtype, max_diff, cfg)
     return max_diff
+
+
+def weight_digests(model) -> dict[str, str]:
+    """A digest of every tensor's bytes, by state-dict key."""
+    import hashlib
+
+    import torch
+
+    return {k: hashlib.blake2b(v.detach().contiguous().view(-1).view(torch.uint8).numpy(), digest_size=16).hexdigest()
+            for k, v in model.state_dict().items()}
+
+
+def check_weights(expected: dict[str, str], saved: dict[str, str], out_dir: str) -> None:
+    """The saved tensors are exactly the trained ones (after the dtype cast).
+
+    Raises:
+        VerificationError: A tensor is missing, extra or differs.
+    """
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    changed = sorted(k for k in set(expected) & set(saved) if expected[k] != saved[k])
+    problems = [f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for what, keys in (("missing", missing), ("extra", extra), ("changed", changed)) if keys]
+    if problems:
+        raise VerificationError(f"{out_dir} does not hold the trained weights ({'; '.join(problems)})")
+    print(f"Verify: {len(saved)} tensors equal the trained weights bit for bit", flush=True)
 
 
 def training_encoding(cfg, model_reward_token_id: int | None):

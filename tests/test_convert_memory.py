@@ -55,3 +55,19 @@ def test_verification_scores_with_the_kernel_the_saved_model_loads_with(tiny_dir
     assert type(built.model.layers[0].attention).__name__ == type(saved.model.layers[0].attention).__name__
     recs = [{"prompt": "p " * 40, "reference": "r", "chosen": "a b c", "rejected": "d " * 30}] * 3
     assert score_records(built, tok, recs) == score_records(saved, tok, recs)
+
+
+def test_weight_check_names_any_tensor_that_is_not_the_trained_one():
+    import pytest
+
+    from polar_xtuner.convert import VerificationError, check_weights, weight_digests
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    expected = weight_digests(model)
+    check_weights(expected, weight_digests(model), "out")
+    with torch.no_grad():
+        model[1].weight[0, 0] = torch.nextafter(model[1].weight[0, 0], torch.tensor(1.0))  # one ulp
+    with pytest.raises(VerificationError, match=r"changed: 1\.weight"):
+        check_weights(expected, weight_digests(model), "out")
+    with pytest.raises(VerificationError, match=r"missing: 0\.bias"):
+        check_weights(expected, {k: v for k, v in expected.items() if k != "0.bias"}, "out")
