@@ -19,12 +19,11 @@ from mmengine.optim import CosineAnnealingLR, LinearLR, OptimWrapper
 from mmengine.visualization import TensorboardVisBackend, Visualizer
 from torch.optim import AdamW
 from transformers import AutoModel, AutoTokenizer
-from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
 from xtuner.engine.hooks import VarlenAttnArgsToMessageHubHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.parallel.sequence import SequenceParallelSampler
 
-from polar_xtuner.dataset import build_polar_dataset
+from polar_xtuner.dataset import build_polar_dataset, polar_collate_fn
 from polar_xtuner.hooks import PolarEvalHook
 from polar_xtuner.model import PolarRewardModel
 
@@ -38,6 +37,10 @@ use_varlen_attn = True
 reward_token_id = 4  # [UNUSED_TOKEN_130] in the tiny tokenizer; checked against it
 loss_type = "ranking"
 penalty_type = "none"
+# Loss options (polar_xtuner/objectives.py), all off as in POLAR's published recipe:
+margin = False  # True: -log sigmoid(s_c - s_r - m) with each record's "margin" field m (missing = 0)
+center_rewards_coefficient = 0.0  # c > 0 adds c * mean((s_c + s_r)^2); 1e-2 keeps scores near 0
+loss_in_fp32 = False  # True: scores and loss in fp32 whatever the training dtype
 
 # Data
 data_files = "data/demo/train.jsonl"
@@ -90,6 +93,9 @@ model = dict(
     use_varlen_attn=use_varlen_attn,
     loss_type=loss_type,
     penalty_type=penalty_type,
+    margin=margin,
+    center_rewards_coefficient=center_rewards_coefficient,
+    loss_in_fp32=loss_in_fp32,
     # Activation checkpointing saves GPU memory; on a tiny CPU model it only costs time.
     use_activation_checkpointing=False,
     llm=dict(
@@ -123,7 +129,7 @@ train_dataloader = dict(
     num_workers=dataloader_num_workers,
     dataset=train_dataset,
     sampler=dict(type=sampler, shuffle=True),
-    collate_fn=dict(type=preference_collate_fn, use_varlen_attn=use_varlen_attn),
+    collate_fn=dict(type=polar_collate_fn, use_varlen_attn=use_varlen_attn),
 )
 
 #######################################################################

@@ -102,7 +102,7 @@ class BuildResult:
 
 
 def _record_key(rec: dict) -> str:
-    core = {k: rec[k] for k in ("prompt", "reference", "chosen", "rejected")}
+    core = {k: rec[k] for k in ("prompt", "reference", "chosen", "rejected", "margin") if k in rec}
     return hashlib.sha1(json.dumps(core, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -5,7 +5,9 @@ stops the run with its file, line and field instead of hanging a tokenizer
 worker), encodes with :class:`polar_xtuner.encoding.PolarEncoder` (the same
 token ids as xtuner's ``build_preference_dataset(is_reference=True)``), and
 packs with xtuner's own ``PackedDatasetWrapper`` when varlen attention is on.
-Items have the format of ``xtuner.dataset.collate_fns.preference_collate_fn``.
+Items have the format of ``xtuner.dataset.collate_fns.preference_collate_fn``,
+plus each pair's ``margin`` (0 where the record has none; packed rows carry
+``margins``, one per pair), which :func:`polar_collate_fn` hands to the model.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import sys
 from typing import Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
+from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
+from xtuner.dataset.preference_dataset import PackedDatasetWrapper
+from xtuner.utils import DEFAULT_PAD_TOKEN_INDEX
 
 from .schema import DataError, load_records
 
@@ -35,7 +41,7 @@ def _build_tokenizer(tokenizer):
     return tokenizer
 
 
-PAIR_COLUMNS = ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels")
+PAIR_COLUMNS = ("chosen_ids", "rejected_ids", "chosen_labels", "rejected_labels", "margin")
 
 
 @contextlib.contextmanager
@@ -62,16 +68,18 @@ def encode_columns(records: Sequence[dict], encoder, desc: str = "Encoding pairs
     machine's cores (no fixed process count).
 
     Returns:
-        ``chosen_ids``, ``rejected_ids``, their labels and ``length`` (tokens
-        of the pair), one entry per record.
+        ``chosen_ids``, ``rejected_ids``, their labels, ``margin`` (the
+        record's, or 0) and ``length`` (tokens of the pair), one entry per
+        record.
     """
     columns = {k: [] for k in (*PAIR_COLUMNS, "length")}
     with tqdm(total=len(records), desc=desc, disable=len(records) < 5 * ENCODE_CHUNK) as bar:
         for start in range(0, len(records), ENCODE_CHUNK):
             chunk = records[start:start + ENCODE_CHUNK]
-            for feat in encoder.encode_pairs(chunk):
+            for rec, feat in zip(chunk, encoder.encode_pairs(chunk)):
                 for k, v in feat.items():
                     columns[k].append(v)
+                columns["margin"].append(float(rec.get("margin", 0.0)))
                 columns["length"].append(len(feat["chosen_ids"]) + len(feat["rejected_ids"]))
             bar.update(len(chunk))
     return columns
@@ -95,8 +103,6 @@ def pack_pairs(dataset, max_packed_length: int, shuffle: bool = True, seed: int 
         dataset: Encoded pairs, as :func:`encode_columns` columns or an HF
             dataset with the same columns (the cache).
     """
-    from xtuner.dataset.preference_dataset import PackedDatasetWrapper
-
     if isinstance(dataset, dict):
         lengths = np.asarray(dataset["length"])
     else:
@@ -109,7 +115,34 @@ def pack_pairs(dataset, max_packed_length: int, shuffle: bool = True, seed: int 
             "raise max_packed_length to at least 2 x max_length"
         )
     order = np.random.default_rng(seed).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
-    return PackedDatasetWrapper(_PairRows(dataset, order.tolist()), max_packed_length, shuffle_before_pack=False)
+    return MarginPackedRows(_PairRows(dataset, order.tolist()), max_packed_length, shuffle_before_pack=False)
+
+
+class MarginPackedRows(PackedDatasetWrapper):
+    """xtuner's packed rows, plus ``margins``: the row's pairs' margins in order."""
+
+    def __getitem__(self, index):
+        row = super().__getitem__(index)
+        row["margins"] = [pair["margin"] for pair in self.data[index]]
+        return row
+
+
+def polar_collate_fn(instances, pad_index: int = DEFAULT_PAD_TOKEN_INDEX, return_hf_format: bool = False,
+                     use_varlen_attn: bool = False):
+    """xtuner's ``preference_collate_fn``, plus ``margins``: one per pair, in pair order.
+
+    That is the order of the chosen reward tokens the model reads (row by
+    row, left to right), whether the pairs are packed or padded.
+    """
+    out = preference_collate_fn(instances, pad_index=pad_index, return_hf_format=return_hf_format,
+                                use_varlen_attn=use_varlen_attn)
+    if use_varlen_attn:
+        margins = [m for row in instances
+                   for m in row.get("margins", [0.0] * ((len(row["cumulative_len"]) - 1) // 2))]
+    else:
+        margins = [float(pair.get("margin", 0.0)) for pair in instances]
+    (out if return_hf_format else out["data"])["margins"] = torch.tensor(margins, dtype=torch.float32)
+    return out
 
 
 class _PairRows:
@@ -138,7 +171,7 @@ class _PairRows:
         return {c: v[j] for c, v in self._columns.items()}
 
 
-CACHE_FORMAT = 1  # bump when the encoding or the cached columns change
+CACHE_FORMAT = 2  # bump when the encoding or the cached columns change
 
 
 def cache_key(data_files: Sequence[str], tokenizer, max_length: int, max_response_length: int,

@@ -24,6 +24,9 @@ changes only what breaks or misleads:
   the other ranks drew and N ranks do not train like one rank accumulating N
   steps. With a local mean they do (DeepSpeed averages the ranks' gradients
   as accumulation averages the steps').
+* The loss takes the options of :mod:`polar_xtuner.objectives` (a per-record
+  margin, reward centering, the loss in fp32), all off by default, and logs
+  each term.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from xtuner.model.reward import RewardModel
 
 from .attention import available_backends, dispatch_varlen_attention, select_backend, sequence_parallel_size
 from .errors import ConfigError
+from .objectives import LossSettings, pair_loss_terms
 
 
 SP_NEEDS_GPU = (
@@ -62,14 +66,16 @@ class PolarRewardModel(RewardModel):
 
     Takes the arguments of ``xtuner.model.reward.RewardModel``, plus
     ``varlen_attn_backend`` ("flash_attn", "torch_varlen", "sdpa" or None for
-    the best available).
+    the best available) and the loss options of
+    :class:`polar_xtuner.objectives.LossSettings` (``margin``,
+    ``center_rewards_coefficient``, ``loss_in_fp32``).
 
     Exits:
         With code 2 and one ``error:`` line (a :class:`ConfigError`) for an
         unavailable varlen backend, sequence parallel without varlen
         attention, on CPU, or with a size that does not divide the heads,
-        flash_attention_2 without flash-attn, or a loaded model that has no
-        value head or misses weights.
+        flash_attention_2 without flash-attn, a loaded model that has no
+        value head or misses weights, or a bad loss option.
     """
 
     def __init__(
@@ -86,8 +92,15 @@ class PolarRewardModel(RewardModel):
         penalty_type="log_barrier",
         penalty_weight=0.01,
         varlen_attn_backend=None,
+        margin=False,
+        center_rewards_coefficient=0.0,
+        loss_in_fp32=False,
     ):
         try:
+            self_loss = LossSettings(margin=margin, center_rewards_coefficient=center_rewards_coefficient,
+                                     loss_in_fp32=loss_in_fp32)
+            if loss_type not in ("ranking", "focal"):
+                raise ConfigError(f"loss_type must be 'ranking' or 'focal', got {loss_type!r}")
             backend = None
             sp = sequence_parallel_size()
             if sp > 1 and not use_varlen_attn:
@@ -107,6 +120,10 @@ class PolarRewardModel(RewardModel):
             )
             self.use_varlen_attn = use_varlen_attn
             self.varlen_attn_backend = backend
+            self.loss_settings = self_loss
+            self._warned_unused_margins = False
+            if self_loss != LossSettings():
+                print_log(f"PolarRewardModel: loss options {self_loss}", "current")
             heads = getattr(self.llm.config, "num_attention_heads", 0)
             if sp > 1 and heads % sp:
                 raise ConfigError(
@@ -154,28 +171,78 @@ class PolarRewardModel(RewardModel):
         return model
 
     def compute_loss(self, data, labels=None):
-        """xtuner's ranking loss, stopping at the first non-finite value.
+        """The reward loss of one batch, with its terms for the log.
 
-        Reward training in fp16 is prone to overflow; training on after a NaN
-        silently ruins the model, so the run stops with a message instead.
+        ``data`` may carry ``margins`` (one per pair, from
+        :func:`polar_xtuner.dataset.polar_collate_fn`). The chosen and
+        rejected scores are read at the reward tokens (labels 0 and 1), in
+        pair order. Stops at the first non-finite loss: reward training in
+        fp16 is prone to overflow, and training on after a NaN silently ruins
+        the model.
         """
-        out = super().compute_loss(data, labels)
-        if not torch.isfinite(out["loss"].detach()).all():
+        from xtuner.model.reward import reduce_mean, reduce_sum
+        from xtuner.parallel.sequence import (gather_forward_split_backward, get_sequence_parallel_group,
+                                              get_sequence_parallel_world_size)
+
+        margins = data.pop("margins", None)
+        sp = get_sequence_parallel_world_size() > 1
+        if sp:
+            data = self._split_for_sequence_parallel(data)
+        hidden_states = self.llm(**data)[0]
+        logits = self.v_head(hidden_states)
+        if sp:
+            logits = gather_forward_split_backward(logits, dim=1, sp_group=get_sequence_parallel_group(),
+                                                   grad_scale="up")
+        chosen = logits[labels == 0].reshape(-1)
+        rejected = logits[labels == 1].reshape(-1)
+        settings = self.loss_settings
+        if margins is not None:
+            margins = margins.to(chosen.device)
+            if len(margins) != len(chosen):
+                raise ValueError(f"{len(margins)} margins for {len(chosen)} pairs in a batch")
+            if not settings.margin and bool(margins.any()) and not self._warned_unused_margins:
+                print_log("PolarRewardModel: the data carries margins but margin = False; "
+                          "they are not used (set margin = True to use them)", "current", level="WARNING")
+                self._warned_unused_margins = True
+        terms = pair_loss_terms(chosen, rejected, settings, margins, self.loss_type)
+        loss = terms["loss"]
+        scores = torch.cat([chosen, rejected])
+        if settings.loss_in_fp32:
+            scores = scores.float()
+        if self.penalty_type == "log_barrier":
+            loss = loss + self.penalty_weight * self.log_barrier_penalty(scores, lower_bound=-5, upper_bound=5)
+        elif self.penalty_type == "L2":
+            loss = loss + self.penalty_weight * self.l2_penalty(scores)
+        elif self.penalty_type != "none":
+            raise ConfigError(f"penalty_type must be 'log_barrier', 'L2' or 'none', got {self.penalty_type!r}")
+
+        n = torch.tensor(float(len(chosen)), device=hidden_states.device)
+        out = {
+            "loss": loss,
+            "reduced_loss": reduce_mean(loss.detach()),
+            "acc": reduce_mean((chosen > rejected).sum().detach() / n),
+            "chosen_score_mean": reduce_mean(chosen.mean().detach()),
+            "rejected_score_mean": reduce_mean(rejected.mean().detach()),
+            "num_samples": reduce_sum(n.detach()),
+            "num_tokens": reduce_sum(torch.tensor(float(labels.shape[1]), device=hidden_states.device)),
+        }
+        # The terms are logged by names without "loss": mmengine sums every
+        # logged value whose name contains it into the loss it steps on.
+        if settings.center_rewards_coefficient:
+            out["ranking_term"] = reduce_mean(terms["ranking"].detach())
+            out["center_term"] = reduce_mean(terms["center"].detach())
+        if settings.margin and margins is not None:
+            out["margin_mean"] = reduce_mean(margins.float().mean().detach())
+        if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(
-                f"non-finite reward loss ({out['loss'].item()}); chosen score mean "
+                f"non-finite reward loss ({loss.item()}); chosen score mean "
                 f"{out['chosen_score_mean'].item()}, rejected {out['rejected_score_mean'].item()}. "
                 "Under fp16 this is usually an overflow: train in bf16 (configs/deepspeed/polar_zero*.json "
-                "pick it where the GPU has it) or lower the learning rate."
+                "pick it where the GPU has it), set loss_in_fp32 = True, or lower the learning rate."
             )
         return out
 
-    # xtuner passes avg_factor = mean over ranks of 1/pairs; use this row's own.
-    def ranking_loss(self, chosen_logits, rejected_logits, avg_factor):
-        return super().ranking_loss(chosen_logits, rejected_logits, 1.0 / len(chosen_logits))
-
-    def focal_loss(self, chosen_logits, rejected_logits, avg_factor):
-        return super().focal_loss(chosen_logits, rejected_logits, 1.0 / len(chosen_logits))
-
+    # xtuner passes avg_factor = mean over ranks of 1/pairs; the mean over this row's scores here.
     def log_barrier_penalty(self, logits, lower_bound, upper_bound, epsilon=1e-3, avg_factor=1):
         # logits holds the chosen then the rejected scores: two per pair
         return super().log_barrier_penalty(logits, lower_bound, upper_bound, epsilon, 2.0 / len(logits))

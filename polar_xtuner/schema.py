@@ -3,7 +3,9 @@
 A record is a JSON object with ``prompt``, ``reference``, ``chosen`` and
 ``rejected``. Each is a list of messages ``{"role": str, "content": str}``; a
 plain string is accepted and becomes one message (POLAR's client accepts
-strings too). Extra keys (``source``, ``category``, ``id``...) are kept.
+strings too). An optional ``margin`` (a finite number) is the gap the pair
+must be separated by when the config sets ``margin = True``. Extra keys
+(``source``, ``category``, ``id``...) are kept.
 
 Every rule raises :class:`RecordError` naming the field, and
 :func:`iter_jsonl` adds the file and the 1-based line number, so a user can go
@@ -13,6 +15,7 @@ straight to the bad line.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -138,6 +141,11 @@ def validate_record(obj: Any) -> dict:
         out[name] = _normalise_field(name, obj[name])
     if join_contents(out["chosen"]) == join_contents(out["rejected"]):
         raise RecordError("'chosen' is identical to 'rejected'", "chosen", "chosen_equals_rejected")
+    if "margin" in obj:
+        m = obj["margin"]
+        # bool is an int in Python, and NaN/inf would poison the loss
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            raise RecordError(f"'margin' must be a finite number, got {json.dumps(m)}", "margin", "bad_margin")
     return out
 
 

@@ -44,7 +44,13 @@ def _scores(path):
     return [(r["chosen"], r["rejected"]) for r in map(json.loads, open(path))]
 
 
-def _close(a, b, rel=1e-3):
+# Remote vs local: 5e-3 relative. The sigmoid trap moves scores by 0.1 and more,
+# fp16 serving by ~0.07; CPU kernels alone were seen to move this trained tiny
+# model's local fp32 scores by 2.3e-3 from one process to the next.
+REMOTE_TOL = 5e-3
+
+
+def _close(a, b, rel=REMOTE_TOL):
     return all(abs(x - y) <= rel * max(1.0, abs(y)) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
 
 
@@ -74,7 +80,7 @@ def local_scores(served_model, tmp_path_factory):
     Computed here rather than taken from the demo's own run: this trained tiny
     model's fp32 CPU scores moved by up to 3e-3 between two local processes
     (8 of 400 scores beyond 1e-4; the model path's spelling was the only
-    difference), which is more than the 1e-3 the remote path is held to.
+    difference).
     """
     d = tmp_path_factory.mktemp("local")
     res = run_tool("python", "tools/eval_pref.py", "--model", served_model, "--data", VAL,
@@ -161,7 +167,7 @@ def test_rl_reward_functions_on_the_real_server(serve_sh, served_model, local_sc
         rft._instances.clear()
     for got in (loop, batch, orl):
         assert len(got) == 400
-        assert all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(got, local))
+        assert all(abs(a - b) <= REMOTE_TOL * max(1.0, abs(b)) for a, b in zip(got, local))
 
 
 @real_engine[0]
@@ -323,4 +329,4 @@ def test_verl_and_openrlhf_code_paths_on_the_real_server(serve_sh, served_model,
     for name in ("verl", "openrlhf"):
         assert len(got[name]) == 400
         worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got[name], local))
-        assert worst <= 1e-3, (name, worst)
+        assert worst <= REMOTE_TOL, (name, worst)
