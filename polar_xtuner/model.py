@@ -31,6 +31,7 @@ changes only what breaks or misleads:
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
@@ -202,7 +203,7 @@ class PolarRewardModel(RewardModel):
                 raise ValueError(f"{len(margins)} margins for {len(chosen)} pairs in a batch")
             if not settings.margin and bool(margins.any()) and not self._warned_unused_margins:
                 print_log("PolarRewardModel: the data carries margins but margin = False; "
-                          "they are not used (set margin = True to use them)", "current", level="WARNING")
+                          "they are not used (set margin = True to use them)", "current", level=logging.WARNING)
                 self._warned_unused_margins = True
         terms = pair_loss_terms(chosen, rejected, settings, margins, self.loss_type)
         loss = terms["loss"]

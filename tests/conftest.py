@@ -73,6 +73,15 @@ def run_tool(*args, cwd=REPO, env=None, timeout=900):
                           timeout=timeout)
 
 
+def publish_varlen_args(cu=None, max_seqlen=None):
+    """What xtuner's VarlenAttnArgsToMessageHubHook does before a step (rank 0)."""
+    from mmengine import MessageHub
+
+    hub = MessageHub.get_instance("varlen_attn_args")
+    hub.update_info("cumulative_len_rank_0", cu)
+    hub.update_info("max_seqlen_rank_0", max_seqlen)
+
+
 def build_reward_model(tiny_dir, use_varlen_attn=True, **kw):
     """PolarRewardModel over a model directory, as a config builds it."""
     import torch

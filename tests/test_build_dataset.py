@@ -172,3 +172,16 @@ def test_outputs_never_overwrite_inputs_and_a_failed_run_keeps_the_previous_outp
                       "--val-size", "500")
     assert failed.returncode == 2 and "leaves no training record" in failed.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp files left either
+
+
+def test_margins_are_kept_and_bad_ones_rejected_by_line(tmp_path):
+    src = tmp_path / "m.jsonl"
+    base = {"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b"}
+    src.write_text("\n".join(json.dumps(dict(base, chosen=f"a{i}", **extra)) for i, extra in enumerate(
+        [{"margin": 2.5}, {}, {"margin": "big"}, {"margin": 2.5}])) + "\n")
+    proc = run_tool("python", "tools/build_dataset.py", str(src), "--dedupe", "-o", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    kept = _lines(tmp_path / "o" / "train.jsonl")
+    assert [r.get("margin") for r in kept] == [2.5, None, 2.5]
+    rejected = _lines(tmp_path / "o" / "rejected.jsonl")
+    assert [(r["line"], r["field"]) for r in rejected] == [(3, "margin")]

@@ -81,3 +81,17 @@ def test_non_utf8_line_is_rejected_with_its_line(tmp_path):
 def test_record_error_is_a_value_error():
     with pytest.raises(RecordError):
         validate_record({"prompt": "x"})
+
+
+@pytest.mark.parametrize("margin", [True, "1.0", None, [1], float("nan"), float("inf")])
+def test_bad_margin_is_refused_with_its_field(margin):
+    rec = {"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b", "margin": margin}
+    with pytest.raises(RecordError) as e:
+        validate_record(rec)
+    assert (e.value.field, e.value.code) == ("margin", "bad_margin")
+
+
+def test_numeric_margin_is_kept():
+    for m in (0, 1.5, -0.5):
+        assert validate_record({"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b",
+                                "margin": m})["margin"] == m

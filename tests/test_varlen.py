@@ -1,20 +1,13 @@
 """Packed (varlen) attention through xtuner's own contract, without flash-attn."""
 import pytest
 import torch
-from mmengine import MessageHub
 
 from polar_xtuner.attention import available_backends, select_backend
 from polar_xtuner.demo_data import generate
 from polar_xtuner.encoding import PolarEncoder
 
 from conftest import build_reward_model as build_model
-
-
-def publish(cu=None, max_seqlen=None):
-    """What xtuner's VarlenAttnArgsToMessageHubHook does before a step (rank 0)."""
-    hub = MessageHub.get_instance("varlen_attn_args")
-    hub.update_info("cumulative_len_rank_0", cu)
-    hub.update_info("max_seqlen_rank_0", max_seqlen)
+from conftest import publish_varlen_args as publish
 
 
 @pytest.fixture
