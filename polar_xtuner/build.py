@@ -7,6 +7,7 @@ reason and raw text, so nothing is lost silently.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -58,8 +59,8 @@ def iter_json_array(path: str, validate: bool = True) -> Iterator[Located]:
             yield item
 
 
-def iter_source(path: str, fmt: str = "polar") -> Iterator[Located]:
-    """Checked records of one file; other formats are converted first."""
+def iter_source(path: str, fmt: str = "polar", options: dict | None = None) -> Iterator[Located]:
+    """Checked records of one file; other formats are converted first (with ``options``)."""
     reader = iter_json_array if path.endswith(".json") else iter_jsonl
     if fmt == "polar":
         yield from reader(path)
@@ -67,6 +68,8 @@ def iter_source(path: str, fmt: str = "polar") -> Iterator[Located]:
     from .converters import CONVERTERS
 
     convert = CONVERTERS[fmt]
+    if options:
+        convert = functools.partial(convert, **options)
     for item in reader(path, validate=False):
         if item.error is not None:
             yield item
@@ -88,6 +91,9 @@ class BuildResult:
     reasons: Counter = field(default_factory=Counter)
     files: list = field(default_factory=list)
     report: dict = field(default_factory=dict)
+    # --from policies: kept triples per input prompt ("file:line") and per policy
+    by_prompt: Counter = field(default_factory=Counter)
+    by_policy: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -189,7 +195,7 @@ class LengthMeter:
 
 def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: int = 0,
           seed: int = 0, dedupe: bool = False, progress: bool = True, meter: LengthMeter | None = None,
-          drop_overlong: bool = False, fmt: str = "polar") -> BuildResult:
+          drop_overlong: bool = False, fmt: str = "polar", pairs_per_prompt: int | None = None) -> BuildResult:
     """Validate sources; write train.jsonl, val.jsonl, rejected.jsonl, report.json.
 
     Records stream through in chunks, so memory does not grow with the input
@@ -208,6 +214,8 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
         drop_overlong: With a meter: reject records that would be truncated
             or exceed max_packed_length (otherwise they are only counted).
         fmt: Input format: "polar", or one of :mod:`polar_xtuner.converters`.
+        pairs_per_prompt: With ``fmt="policies"``: most triples per prompt
+            (drawn with ``seed``); the report counts them per prompt and policy.
 
     Raises:
         DataError: Missing/unreadable input, conflicting options.
@@ -218,6 +226,16 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
         raise DataError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     if drop_overlong and meter is None:
         raise DataError("--drop-overlong needs --tokenizer")
+    from .converters import DEFAULT_PAIRS_PER_PROMPT, TAKES_OPTIONS
+
+    options = None
+    if fmt in TAKES_OPTIONS:
+        k = DEFAULT_PAIRS_PER_PROMPT if pairs_per_prompt is None else pairs_per_prompt
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise DataError(f"--pairs-per-prompt must be a positive integer, got {k}")
+        options = {"seed": seed, "pairs_per_prompt": k}
+    elif pairs_per_prompt is not None:
+        raise DataError(f"--pairs-per-prompt applies to --from policies only, not --from {fmt}")
     files = expand_sources(sources)
     out_real = os.path.realpath(out_dir)
     for src in sources:
@@ -240,7 +258,8 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
                                                              "report.json")}
     tmp = {name: path + tag for name, path in final.items()}
     try:
-        _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progress, meter, drop_overlong, fmt)
+        _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progress, meter, drop_overlong, fmt,
+                    options)
         if not (val_ratio or val_size):
             os.remove(tmp["val.jsonl"])
             if os.path.exists(final["val.jsonl"]):
@@ -255,7 +274,8 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
     return res
 
 
-def _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progress, meter, drop_overlong, fmt):
+def _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progress, meter, drop_overlong, fmt,
+                options=None):
     kept_lines = [] if val_size else None
     with open(tmp["train.jsonl"], "w", encoding="utf-8") as train_f, \
             open(tmp["rejected.jsonl"], "w", encoding="utf-8") as rej_f, \
@@ -275,6 +295,12 @@ def _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progre
                     reject(item, why, None, "overlong")
                     continue
                 res.kept += 1
+                if options is not None:
+                    rec = item.record
+                    res.by_prompt[f"{item.source}:{item.line}"] += 1
+                    for policy, role in ((rec["policy"], "reference_and_chosen"), (rec["rejected_policy"], "rejected")):
+                        counts = res.by_policy.setdefault(policy, {"reference_and_chosen": 0, "rejected": 0})
+                        counts[role] += 1
                 line = json.dumps(item.record, ensure_ascii=False) + "\n"
                 if kept_lines is not None:
                     kept_lines.append(line)
@@ -287,7 +313,7 @@ def _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progre
 
         pending = []
         for path in files:
-            for item in iter_source(path, fmt):
+            for item in iter_source(path, fmt, options):
                 bar.update(1)
                 if item.error is not None:
                     reject(item, item.error.reason, item.error.field, item.error.code)
@@ -310,6 +336,15 @@ def _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progre
                 (val_f if i in val_idx else train_f).write(line)
             res.val = val_size
     report = res.to_json()
+    if options is not None:
+        per_prompt = list(res.by_prompt.values())
+        report["policy_triples"] = {
+            **options,
+            "prompts_with_triples": len(per_prompt),
+            "triples_per_prompt_histogram": {str(n): c for n, c in sorted(Counter(per_prompt).items())},
+            "per_policy": dict(sorted(res.by_policy.items())),
+            "per_prompt": dict(res.by_prompt),
+        }
     if meter is not None:
         report["lengths"] = meter.report()
     with open(tmp["report.json"], "w") as f:

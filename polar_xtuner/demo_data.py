@@ -114,6 +114,39 @@ def generate(n: int, seed: int) -> Iterator[dict]:
         yield make_record(rng, i)
 
 
+# Toy "policies" for policy-discrimination data: each answers with random
+# answers in its own style (templates), so only the style tells them apart.
+POLICY_STYLES = {
+    "hedger": (["I think it is {a}.", "It should be {a}.", "Let me think. The answer is {a}."],
+               ["我认为是{a}。", "应该是{a}。"]),
+    "asserter": (["Definitely {a}.", "Answer: {a}.", "My answer: {a}."],
+                 ["肯定是{a}。", "我的答案：{a}。"]),
+    "explainer": (["The answer is {a}.", "After checking the description carefully, the answer is {a}.",
+                   "Based on the text, I would say {a}."],
+                  ["答案是{a}。", "仔细看描述，答案是{a}。"]),
+}
+
+
+def make_policy_record(rng: random.Random, idx: int, samples_per_policy: int = 2) -> dict:
+    """One ``--from policies`` record: a prompt and samples of every toy policy."""
+    topic = rng.choice(sorted(TOPICS))
+    answers, questions, _, _ = TOPICS[topic]
+    samples = []
+    for policy, (en, zh) in POLICY_STYLES.items():
+        for _ in range(samples_per_policy):
+            tpl = rng.choice(zh if topic.endswith("_zh") else en)
+            samples.append({"policy": policy, "response": tpl.format(a=rng.choice(answers))})
+    rng.shuffle(samples)
+    return {"prompt": rng.choice(questions), "samples": samples, "category": topic, "id": f"policies-{idx}"}
+
+
+def generate_policy_samples(n: int, seed: int, samples_per_policy: int = 2) -> Iterator[dict]:
+    """Yield n ``--from policies`` records, reproducibly for a given seed."""
+    rng = random.Random(seed)
+    for i in range(n):
+        yield make_policy_record(rng, i, samples_per_policy)
+
+
 def write_jsonl(path: str, records) -> int:
     """Write records as UTF-8 JSON lines; return how many were written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -2,7 +2,8 @@
 
 Usage:
     python tools/build_dataset.py SRC [SRC ...] -o OUT_DIR
-        [--from polar|ranked|pairwise] [--val-ratio R | --val-size N] [--seed S] [--dedupe]
+        [--from polar|ranked|policies|pairwise [--pairs-per-prompt K]]
+        [--val-ratio R | --val-size N] [--seed S] [--dedupe]
         [--tokenizer PATH [--max-length N] [--max-response-length N]
          [--max-packed-length N] [--drop-overlong]]
 
@@ -12,7 +13,11 @@ SRC: .jsonl files, .json arrays, or directories of them. Writes to OUT_DIR:
   rejected.jsonl  one line per rejected record: source, line, field, reason, raw
   report.json     counts kept/rejected and a histogram of reasons; with
                   --tokenizer, token lengths per field and how many records
-                  will be truncated or exceed max_packed_length
+                  will be truncated or exceed max_packed_length; with
+                  --from policies, triples per prompt and per policy
+--from policies turns {"prompt", "samples": [{"policy", "response"}, ...]}
+records into policy-discrimination triples (reference and chosen from one
+policy, rejected from another), at most K per prompt, drawn with --seed.
 Exit codes: 0 at least one record kept; 2 nothing kept, a file missing or
 unreadable, or conflicting options.
 """
@@ -21,6 +26,7 @@ import argparse
 import sys
 
 from polar_xtuner.build import build
+from polar_xtuner.converters import DEFAULT_PAIRS_PER_PROMPT, FORMATS
 from polar_xtuner.schema import DataError
 
 
@@ -31,11 +37,14 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--val-ratio", type=float, default=0.0, help="share of records for val.jsonl")
     g.add_argument("--val-size", type=int, default=0, help="number of records for val.jsonl")
-    p.add_argument("--seed", type=int, default=0, help="seed of the val split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the val split (and of --from policies' triples)")
     p.add_argument("--dedupe", action="store_true", help="drop exact duplicate records")
-    p.add_argument("--from", dest="fmt", choices=["polar", "ranked", "pairwise"], default="polar",
+    p.add_argument("--from", dest="fmt", choices=FORMATS, default="polar",
                    help="input format: POLAR records (default), ranked responses (best = reference), "
+                        "policies (samples of several policies -> policy-discrimination triples), "
                         "or pairwise without reference (refused, with what is needed)")
+    p.add_argument("--pairs-per-prompt", type=int, default=None, metavar="K",
+                   help=f"--from policies: most triples per prompt (default {DEFAULT_PAIRS_PER_PROMPT})")
     p.add_argument("--tokenizer", help="tokenizer (model dir) for token-length statistics")
     p.add_argument("--max-length", type=int, default=16384, help="as in the training config")
     p.add_argument("--max-response-length", type=int, default=4096, help="as in the training config")
@@ -45,6 +54,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.drop_overlong and not args.tokenizer:
         p.error("--drop-overlong needs --tokenizer")
+    if args.pairs_per_prompt is not None and args.fmt != "policies":
+        p.error("--pairs-per-prompt applies to --from policies only")
+    if args.pairs_per_prompt is not None and args.pairs_per_prompt < 1:
+        p.error(f"--pairs-per-prompt must be at least 1, got {args.pairs_per_prompt}")
     meter = None
     if args.tokenizer:
         from transformers import AutoTokenizer
@@ -61,7 +74,7 @@ def main(argv=None) -> int:
     try:
         res = build(args.sources, args.out_dir, args.val_ratio, args.val_size, args.seed,
                     args.dedupe, progress=sys.stderr.isatty(), meter=meter, drop_overlong=args.drop_overlong,
-                    fmt=args.fmt)
+                    fmt=args.fmt, pairs_per_prompt=args.pairs_per_prompt)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,6 +84,12 @@ def main(argv=None) -> int:
         print(f"  rejected {n:>6}  {reason}")
     if res.rejected:
         print(f"  details: {args.out_dir}/rejected.jsonl")
+    triples = res.report.get("policy_triples")
+    if triples:
+        print(f"  triples from {triples['prompts_with_triples']} prompt(s), at most {triples['pairs_per_prompt']} "
+              f"each (seed {triples['seed']}); per policy (reference+chosen / rejected):")
+        for policy, n in triples["per_policy"].items():
+            print(f"    {policy:<24} {n['reference_and_chosen']:>7} / {n['rejected']:<7}")
     if meter is not None:
         lengths = res.report["lengths"]
         for field, st in lengths["tokens"].items():
