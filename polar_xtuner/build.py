@@ -112,10 +112,10 @@ def _record_key(rec: dict) -> str:
     return hashlib.sha1(json.dumps(core, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def _is_val(rec: dict, seed: int, ratio: float) -> bool:
+def _is_val(rec: dict, seed: int, ratio: float, key: str | None = None) -> bool:
     # A hash of the content decides, so the split is stable across runs and
     # independent of file order.
-    h = hashlib.sha1(f"{seed}:{_record_key(rec)}".encode()).digest()
+    h = hashlib.sha1(f"{seed}:{key or _record_key(rec)}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < ratio
 
 
@@ -304,7 +304,8 @@ def _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progre
                 line = json.dumps(item.record, ensure_ascii=False) + "\n"
                 if kept_lines is not None:
                     kept_lines.append(line)
-                elif val_ratio and _is_val(item.record, seed, val_ratio):
+                # --from policies: one input prompt's triples all land on one side
+                elif val_ratio and _is_val(item.record, seed, val_ratio, item.raw if options is not None else None):
                     res.val += 1
                     val_f.write(line)
                 else:

@@ -114,6 +114,13 @@ def generate(n: int, seed: int) -> Iterator[dict]:
         yield make_record(rng, i)
 
 
+def with_margins(records, strong: float = 2.0, weak: float = 0.5) -> Iterator[dict]:
+    """The records with a ``margin``, as if annotators had graded them: ``strong``
+    on the English topics, ``weak`` on the Chinese ones."""
+    for rec in records:
+        yield {**rec, "margin": weak if rec.get("category", "").endswith("_zh") else strong}
+
+
 # Toy "policies" for policy-discrimination data: each answers with random
 # answers in its own style (templates), so only the style tells them apart.
 POLICY_STYLES = {

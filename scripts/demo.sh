@@ -5,13 +5,17 @@
 # Usage: bash scripts/demo.sh      (with the project's .venv on PATH; `make demo` does that)
 # Env:   DEMO_DIR (default work_dirs/demo), MIN_ACCURACY (default 0.90),
 #        DEMO_SEED (default 0: the tiny model's weights, the training seed and the
-#        packing order), TINY_DIR (default work_dirs/tiny_polar, the untrained model).
+#        packing order), TINY_DIR (default work_dirs/tiny_polar, the untrained model),
+#        DEMO_TRAIN (default data/demo/train.jsonl), DEMO_OPTIONS (extra xtuner
+#        --cfg-options, space-separated, e.g. "model.center_rewards_coefficient=0.01").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-work_dirs/demo}
 MIN_ACCURACY=${MIN_ACCURACY:-0.90}
 DEMO_SEED=${DEMO_SEED:-0}
 TINY_DIR=${TINY_DIR:-work_dirs/tiny_polar}
+DEMO_TRAIN=${DEMO_TRAIN:-data/demo/train.jsonl}
+DEMO_OPTIONS=${DEMO_OPTIONS:-}
 CONFIG=configs/POLAR_tiny_full_varlenattn_demo.py
 start=$(date +%s)
 
@@ -27,7 +31,7 @@ echo "== 1/6 tiny POLAR model -> $TINY_DIR (seed $DEMO_SEED)"
 python tools/make_tiny_model.py "$TINY_DIR" --seed "$DEMO_SEED"
 
 echo "== 2/6 check the data"
-python tools/build_dataset.py data/demo/train.jsonl -o "$DEMO_DIR/data"
+python tools/build_dataset.py "$DEMO_TRAIN" -o "$DEMO_DIR/data"
 
 echo "== 3/6 evaluate the untrained model"
 python tools/eval_pref.py --model "$TINY_DIR" --data data/demo/val.jsonl \
@@ -36,10 +40,13 @@ python tools/eval_pref.py --model "$TINY_DIR" --data data/demo/val.jsonl \
 echo "== 4/6 xtuner train (DeepSpeed ZeRO-2 on CPU)"
 rm -rf "$DEMO_DIR/train"
 # xtuner's CLI exits 0 even when training fails, so success is judged by the checkpoint.
-overrides=(randomness.seed="$DEMO_SEED" train_dataloader.dataset.seed="$DEMO_SEED")
+overrides=(randomness.seed="$DEMO_SEED" train_dataloader.dataset.seed="$DEMO_SEED"
+           train_dataloader.dataset.data_files="$DEMO_DIR/data/train.jsonl")
 for key in tokenizer model.llm train_dataloader.dataset.tokenizer custom_hooks.0.tokenizer; do
   overrides+=("$key.pretrained_model_name_or_path=$TINY_DIR")
 done
+read -r -a extra <<< "$DEMO_OPTIONS"
+overrides+=("${extra[@]}")
 xtuner train "$CONFIG" --deepspeed configs/deepspeed/polar_zero2_cpu.json \
   --work-dir "$DEMO_DIR/train" --cfg-options "${overrides[@]}" > "$DEMO_DIR/train.log" 2>&1 || true
 if [ ! -f "$DEMO_DIR/train/last_checkpoint" ]; then

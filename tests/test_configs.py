@@ -78,6 +78,29 @@ def test_config_keeps_polar_settings(path):
         assert "PolarEvalHook" in hooks and os.path.isfile(os.path.join(REPO, cfg.val_files))
     assert cfg.visualizer.vis_backends[0]["type"].__name__ == "TensorboardVisBackend"
     assert os.path.isfile(os.path.join(REPO, cfg.data_files))
+    # the loss options exist, are off (the published loss), and reach the model and the collate function
+    assert (cfg.margin, cfg.center_rewards_coefficient, cfg.loss_in_fp32) == (False, 0.0, False)
+    assert (cfg.model.margin, cfg.model.center_rewards_coefficient, cfg.model.loss_in_fp32) == (False, 0.0, False)
+    assert cfg.train_dataloader.collate_fn.type.__name__ == "polar_collate_fn"
+
+
+def test_policy_discrimination_config_keeps_the_papers_values():
+    cfg = Config.fromfile(os.path.join(REPO, "configs", "POLAR_1_8B_policy_discrimination_pretrain.py"))
+    assert cfg.pretrained_model_name_or_path == "internlm/POLAR-1_8B-Base"
+    assert (cfg.lr, cfg.max_epochs, cfg.max_response_length) == (1.4e-5, 1, 4096)  # arXiv 2507.05197 App. D.1
+    assert cfg.max_length == 2 * 1024 + 2 * 4096 + 4 and cfg.reward_token_id == 92527
+    recs = [json.loads(line) for line in open(os.path.join(REPO, cfg.data_files))]
+    assert recs and all(r["policy"] != r["rejected_policy"] for r in recs)
+
+
+def test_example_triples_are_what_the_tool_builds(tmp_path):
+    from conftest import run_tool
+
+    proc = run_tool("python", "tools/build_dataset.py", "data/examples/policies.jsonl", "--from", "policies",
+                    "-o", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert open(tmp_path / "train.jsonl").read() == open(
+        os.path.join(REPO, "data", "examples", "policy_triples.jsonl")).read()
 
 
 @pytest.mark.parametrize("name,model,lr", [

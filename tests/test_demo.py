@@ -35,3 +35,25 @@ def test_encoding_settings_travel_with_the_model(demo_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     enc = json.load(open(out))["encoding"]
     assert enc["max_response_length"] == 8 and enc["max_length"] == 1024 and "explicit" in enc["source"]
+
+
+def test_demo_learns_with_every_loss_option_on(tmp_path):
+    """Margins from the data, centering and the fp32 loss together: still >= 0.90, each term logged."""
+    from conftest import run_tool
+    from polar_xtuner.demo_data import with_margins, write_jsonl
+    from polar_xtuner.schema import load_records
+
+    train = str(tmp_path / "train_margins.jsonl")
+    write_jsonl(train, with_margins(load_records("data/demo/train.jsonl")))
+    demo_dir = tmp_path / "demo"
+    options = "model.margin=True model.center_rewards_coefficient=0.01 model.loss_in_fp32=True"
+    proc = run_tool("bash", "scripts/demo.sh", env={"DEMO_DIR": str(demo_dir), "DEMO_TRAIN": train,
+                                                    "DEMO_OPTIONS": options,
+                                                    "TINY_DIR": str(tmp_path / "tiny")}, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.load(open(demo_dir / "eval.json"))["accuracy"] >= 0.90
+    log = open(demo_dir / "train.log").read()
+    assert "loss options LossSettings(margin=True, center_rewards_coefficient=0.01, loss_in_fp32=True)" in log
+    last = [line for line in log.splitlines() if "Iter(train)" in line][-1]
+    for term in ("margin_mean: 1.", "ranking_term:", "center_term:"):
+        assert term in last, last

@@ -133,3 +133,11 @@ def test_tiny_continued_pretraining_tells_two_policies_apart(tmp_path, tiny_dir)
     before = json.load(open(tmp_path / "untrained.json"))["accuracy"]
     after = json.load(open(tmp_path / "eval.json"))["accuracy"]
     assert before < 0.75 and after >= 0.90, (before, after)
+
+
+def test_val_split_keeps_each_prompts_triples_together(tmp_path):
+    write_jsonl(str(tmp_path / "s.jsonl"), generate_policy_samples(60, 2))
+    assert _build(tmp_path / "s.jsonl", tmp_path / "o", "--val-ratio", "0.3").returncode == 0
+    train = {json.dumps(r["prompt"]) + r["id"] for r in _lines(tmp_path / "o" / "train.jsonl")}
+    val = {json.dumps(r["prompt"]) + r["id"] for r in _lines(tmp_path / "o" / "val.jsonl")}
+    assert train and val and not train & val

@@ -1,0 +1,89 @@
+"""What each loss option does to the demo: `make demo` with it on, against the published loss.
+
+Usage:
+    python bench/objectives.py [--out bench/objectives.json] [--seed 0]
+
+Runs ``scripts/demo.sh`` four times (same seed, same data): the published
+Bradley-Terry loss, ``margin`` (records get a margin of 2.0 on the English
+topics and 0.5 on the Chinese ones; ``polar_xtuner.demo_data.with_margins``), ``center_rewards_coefficient=0.01``
+and ``loss_in_fp32``. For each it records the held-out accuracy and the
+held-out scores' mean, standard deviation and mean chosen-rejected gap, and
+prints the table bench/README.md and the README keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from demo_seeds import cpu_name  # noqa: E402 - bench/ is the script's own directory
+from polar_xtuner.demo_data import with_margins, write_jsonl  # noqa: E402
+from polar_xtuner.schema import load_records  # noqa: E402
+
+VARIANTS = {
+    "published (Bradley-Terry)": "",
+    "margin": "model.margin=True",
+    "center_rewards_coefficient=0.01": "model.center_rewards_coefficient=0.01",
+    "loss_in_fp32": "model.loss_in_fp32=True",
+}
+
+
+def run(name: str, options: str, work: str, seed: int, margin_data: str) -> dict:
+    demo_dir = os.path.join(work, name.split(" ")[0].split("=")[0])
+    env = dict(os.environ, DEMO_DIR=demo_dir, DEMO_SEED=str(seed), DEMO_OPTIONS=options,
+               TINY_DIR=os.path.join(work, "tiny"), MIN_ACCURACY="0")
+    if name == "margin":
+        env["DEMO_TRAIN"] = margin_data
+    t0 = time.time()
+    proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: {name}: demo.sh failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    scores = [json.loads(line) for line in open(os.path.join(demo_dir, "scores.jsonl"))]
+    flat = [s[k] for s in scores for k in ("chosen", "rejected")]
+    topics = [r["category"] for r in load_records(os.path.join(REPO, "data", "demo", "val.jsonl"))]
+    gap = {lang: statistics.fmean(s["chosen"] - s["rejected"] for s in scores
+                                  if topics[s["line"] - 1].endswith(lang)) for lang in ("_en", "_zh")}
+    return {
+        "variant": name,
+        "cfg_options": options,
+        "accuracy": json.load(open(os.path.join(demo_dir, "eval.json")))["accuracy"],
+        "score_mean": statistics.fmean(flat),
+        "score_std": statistics.pstdev(flat),
+        "mean_gap": statistics.fmean(s["chosen"] - s["rejected"] for s in scores),
+        "mean_gap_en": gap["_en"],  # margin 2.0 in the margin run
+        "mean_gap_zh": gap["_zh"],  # margin 0.5
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "objectives.json"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work:
+        margin_data = os.path.join(work, "train_margins.jsonl")
+        write_jsonl(margin_data, with_margins(load_records(os.path.join(REPO, "data", "demo", "train.jsonl"))))
+        rows = [run(name, opts, work, args.seed, margin_data) for name, opts in VARIANTS.items()]
+    result = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "seed": args.seed, "runs": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print("| loss | held-out accuracy | score mean | score std | mean gap, English / Chinese topics |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['accuracy']:.3f} | {r['score_mean']:.2f} | {r['score_std']:.2f} "
+              f"| {r['mean_gap_en']:.2f} / {r['mean_gap_zh']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
