@@ -89,9 +89,9 @@ def build_reward_model(tiny_dir, use_varlen_attn=True, **kw):
     from polar_xtuner.model import PolarRewardModel
 
     torch.manual_seed(0)
+    kw = {"loss_type": "ranking", "penalty_type": "none", **kw}
     return PolarRewardModel.from_model_dir(
-        tiny_dir, use_varlen_attn=use_varlen_attn, use_activation_checkpointing=False,
-        loss_type="ranking", penalty_type="none", **kw,
+        tiny_dir, use_varlen_attn=use_varlen_attn, use_activation_checkpointing=False, **kw,
     ).eval()
 
 

@@ -93,7 +93,7 @@ def _pairs(tokenizer, n=5, seed=3):
     return recs, feats
 
 
-def _hand_loss(model, feats, settings):
+def _hand_loss(model, feats, settings, l2=0.0):
     """The loss from each pair scored alone, then the formulas by hand."""
     from polar_xtuner.evaluate import score_ids
 
@@ -104,6 +104,7 @@ def _hand_loss(model, feats, settings):
         c, r = s[2 * i], s[2 * i + 1]
         total += _bt(c, r, f["margin"] if settings.margin else 0.0)
         total += settings.center_rewards_coefficient * (c + r) ** 2
+        total += l2 * (c * c + r * r)
     return total / len(feats)
 
 
@@ -174,3 +175,15 @@ def test_margins_in_the_data_with_the_option_off_are_named_once(tiny_dir, tokeni
     finally:
         logger.log = orig
     assert sum("margin = False" in str(m) for m in seen) == 1
+
+
+def test_xtuners_l2_penalty_is_per_pair_squares(tiny_dir, tokenizer):
+    """penalty_type="L2" adds w * mean over pairs of (s_c^2 + s_r^2): each score pulled to 0, not the pair's sum."""
+    from polar_xtuner.dataset import polar_collate_fn
+
+    model = build_reward_model(tiny_dir, use_varlen_attn=False, penalty_type="L2", penalty_weight=0.1).eval()
+    _, feats = _pairs(tokenizer)
+    with torch.no_grad():
+        out = model(dict(polar_collate_fn(feats, use_varlen_attn=False)["data"]), mode="loss")
+        expected = _hand_loss(model, feats, LossSettings(), l2=0.1)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-4)
