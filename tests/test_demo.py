@@ -1,7 +1,7 @@
 """`make demo`'s pipeline really learns: held-out accuracy >= 0.90 after training."""
 import json
-import re
 import os
+import re
 
 import pytest
 
