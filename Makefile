@@ -19,11 +19,17 @@ RL_PACKAGES ?= verl==0.9.1 torch==2.13.0
 
 .PHONY: setup serve-setup rl-setup demo serve test test-fast bench bench-gpu clean
 
+BNB_VERSION := 0.50.2
+
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -r requirements.txt
+	@# xtuner pins bitsandbytes 0.45.0, which imports triton.ops (gone from the
+	@# triton that torch 2.14 brings), and peft imports bitsandbytes whenever it is
+	@# installed: every LoRA model build failed. 0.50.2 imports on CPU and GPU.
+	$(VENV)/bin/pip install --no-deps bitsandbytes==$(BNB_VERSION)
 	$(VENV)/bin/pip install --no-deps -e .
 	@# Lets torchrun's CPU ranks past mmengine's torch.cuda.set_device (a no-op
 	@# outside torchrun workers and wherever CUDA exists); see polar_xtuner/cpu_ranks.py.

@@ -2,11 +2,14 @@
 
 Usage:
     python -m polar_xtuner.convert CONFIG CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32]
-        [--max-shard-size 5GB] [--force] [--no-verify]
+        [--max-shard-size 5GB] [--force] [--no-verify] [--adapter]
 
 CHECKPOINT is a ``.pth`` file (training without DeepSpeed), a DeepSpeed
 checkpoint directory (``iter_N.pth/`` from ZeRO-1/2/3, any number of ranks),
-or a work dir (its ``last_checkpoint`` is used).
+or a work dir (its ``last_checkpoint`` is used). A LoRA checkpoint is merged
+into the config's base model, or with ``--adapter`` written as a PEFT adapter
+directory (adapters plus the trained value head); one whose value head is
+missing or untrained is refused.
 
 The conversion is strict: every tensor of the model must come from the
 checkpoint, and a missing, unexpected or mis-shaped key is an error naming the
@@ -133,8 +136,6 @@ def _materialize(lazy: dict, ckpt_dir: str) -> dict:
 
 def to_hf_keys(state_dict: dict) -> dict:
     """Map PolarRewardModel keys (``llm.*``, ``v_head.*``) to the HF model's."""
-    if any("lora_" in k for k in state_dict):
-        raise ConvertError("the checkpoint holds LoRA adapters; merging them is not supported yet")
     out = {}
     for k, v in state_dict.items():
         if k.startswith("llm."):
@@ -358,8 +359,14 @@ def clean_config(out_dir: str, reward_token_id: int, dtype_name: str) -> None:
 
 
 def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None = None,
-            max_shard_size: str = "5GB", force: bool = False, verify: bool = True) -> float | None:
+            max_shard_size: str = "5GB", force: bool = False, verify: bool = True,
+            adapter: bool = False) -> float | None:
     """Convert and (by default) verify. Returns the largest score difference.
+
+    A LoRA checkpoint (adapters plus the trained head) is merged into the
+    config's base model; with ``adapter`` it is written as a PEFT adapter
+    directory instead (see :mod:`polar_xtuner.lora`). Verification scores the
+    un-merged adapted model before and the written output after.
 
     Raises:
         ConvertError: Bad paths, config or checkpoint.
@@ -370,6 +377,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     from xtuner.registry import BUILDER
 
     from .evaluate import load_model, score_records
+    from .lora import LoraCheckpointError, adapted_model, is_lora_state_dict, merge, save_adapter
     from .tiny import copy_remote_code
 
     if not os.path.isfile(config_path):
@@ -388,12 +396,22 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     torch_dtype = getattr(torch, DTYPES[dtype])
 
     print(f"Loading {ckpt.kind} checkpoint {ckpt.path}", flush=True)
-    state_dict = to_hf_keys(load_training_state_dict(ckpt))
+    state_dict = load_training_state_dict(ckpt)
+    lora = is_lora_state_dict(state_dict)
+    if adapter and not lora:
+        raise ConvertError(f"--adapter needs a LoRA checkpoint; {ckpt.path} holds full weights")
     try:
-        model = build_empty_model(model_dir, torch.float32)
+        if lora:
+            model, peft_backbone, adapters, head = adapted_model(cfg, model_dir, state_dict)
+            print(f"LoRA checkpoint: {len(adapters)} adapter tensors and the trained v_head on {model_dir}",
+                  flush=True)
+        else:
+            model = build_empty_model(model_dir, torch.float32)
+            assign_state_dict(model, to_hf_keys(state_dict), torch.float32)
     except OSError as e:
         raise ConvertError(f"cannot load the config's model {model_dir} ({e})") from None
-    assign_state_dict(model, state_dict, torch.float32)
+    except LoraCheckpointError as e:
+        raise ConvertError(f"{ckpt.path}: {e}") from None
     del state_dict
     gc.collect()
     model.eval()
@@ -406,6 +424,17 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     before = score_records(model, tokenizer, records, **enc_kwargs) if verify else None
 
     os.makedirs(out_dir, exist_ok=True)
+    if adapter:
+        del model
+        save_adapter(cfg, model_dir, adapters, head, out_dir)
+        tokenizer.save_pretrained(out_dir)
+        settings.save(out_dir)
+        print(f"Saved the LoRA adapters and the trained v_head to {out_dir} (PEFT, base {model_dir})", flush=True)
+        max_diff = _verify_scores(out_dir, "fp32", torch.float32, records, before, enc_kwargs) if verify else None
+        write_model_card(out_dir, config_path, ckpt, "fp32 adapter", max_diff, cfg)
+        return max_diff
+    if lora:
+        merge(model, peft_backbone)
     cast_releasing(model, torch_dtype, [ckpt.path] if ckpt.kind == "pth" else [])
     expected = weight_digests(model) if verify else None
     model.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
@@ -425,17 +454,29 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
         check_weights(expected, weight_digests(fresh), out_dir)
         shards = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.endswith(".safetensors")]
         cast_releasing(fresh, torch.float32, shards)
-        after = score_records(fresh, fresh_tok, records, **enc_kwargs)
-        diffs = [abs(a - b) / max(1.0, abs(b)) for pa, pb in zip(after, before) for a, b in zip(pa, pb)]
-        max_diff = max(diffs)
-        print(f"Verify: {len(records)} pairs, largest relative score difference {max_diff:.3g} "
-              f"(tolerance {TOLERANCE[dtype]:g} for {dtype})", flush=True)
-        if max_diff > TOLERANCE[dtype]:
-            raise VerificationError(
-                f"{out_dir} scores differ from the checkpoint by {max_diff:.3g} "
-                f"(> {TOLERANCE[dtype]:g} for {dtype})"
-            )
+        max_diff = _verify_scores(out_dir, dtype, None, records, before, enc_kwargs, (fresh, fresh_tok))
     write_model_card(out_dir, config_path, ckpt, dtype, max_diff, cfg)
+    return max_diff
+
+
+def _verify_scores(out_dir, dtype, load_dtype, records, before, enc_kwargs, loaded=None) -> float:
+    """Score the written output and compare with the trained model's scores.
+
+    Raises:
+        VerificationError: A score differs beyond the dtype's tolerance.
+    """
+    from .evaluate import load_model, score_records
+
+    fresh, fresh_tok = loaded or load_model(out_dir, device="cpu", dtype=load_dtype)
+    after = score_records(fresh, fresh_tok, records, **enc_kwargs)
+    max_diff = max(abs(a - b) / max(1.0, abs(b)) for pa, pb in zip(after, before) for a, b in zip(pa, pb))
+    print(f"Verify: {len(records)} pairs, largest relative score difference {max_diff:.3g} "
+          f"(tolerance {TOLERANCE[dtype]:g} for {dtype})", flush=True)
+    if max_diff > TOLERANCE[dtype]:
+        raise VerificationError(
+            f"{out_dir} scores differ from the checkpoint by {max_diff:.3g} "
+            f"(> {TOLERANCE[dtype]:g} for {dtype})"
+        )
     return max_diff
 
 
@@ -520,10 +561,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
     p.add_argument("--no-verify", action="store_true", help="skip scoring the output")
+    p.add_argument("--adapter", action="store_true",
+                   help="LoRA checkpoints: write the adapters and the trained v_head as a PEFT directory "
+                        "(default: merge them into the base model)")
     args = p.parse_args(argv)
+    if args.adapter and args.dtype not in (None, "fp32"):
+        p.error("--adapter writes fp32 adapters; --dtype applies to merged models")
     try:
         convert(args.config, args.checkpoint, args.out_dir, args.dtype,
-                args.max_shard_size, args.force, not args.no_verify)
+                args.max_shard_size, args.force, not args.no_verify, args.adapter)
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ scores.
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections import defaultdict
 from typing import Sequence
@@ -31,7 +32,7 @@ SCORING_ATTENTION = "sdpa"
 
 
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None):
-    """Load a POLAR model directory: bf16 on GPU, float32 on CPU.
+    """Load a POLAR model directory (or a LoRA adapter directory): bf16 on GPU, float32 on CPU.
 
     Returns:
         (model, tokenizer)
@@ -42,10 +43,20 @@ def load_model(path: str, device: str | None = None, dtype: torch.dtype | None =
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    model = AutoModel.from_pretrained(
-        path, trust_remote_code=True, torch_dtype=dtype, attn_implementation=SCORING_ATTENTION
-    ).to(device).eval()
-    return model, tokenizer
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        # A LoRA adapter directory (tools/convert.sh --adapter): its base model
+        # plus the adapters and trained head, merged in memory.
+        from peft import PeftConfig, PeftModel
+
+        base = PeftConfig.from_pretrained(path).base_model_name_or_path
+        model = AutoModel.from_pretrained(base, trust_remote_code=True, torch_dtype=dtype,
+                                          attn_implementation=SCORING_ATTENTION)
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    else:
+        model = AutoModel.from_pretrained(
+            path, trust_remote_code=True, torch_dtype=dtype, attn_implementation=SCORING_ATTENTION
+        )
+    return model.to(device).eval(), tokenizer
 
 
 def pad_id(tokenizer) -> int:

@@ -24,6 +24,11 @@ changes only what breaks or misleads:
   the other ranks drew and N ranks do not train like one rank accumulating N
   steps. With a local mean they do (DeepSpeed averages the ranks' gradients
   as accumulation averages the steps').
+* With LoRA, xtuner's ``state_dict`` keeps only the adapters, so the trained
+  value head was lost from every .pth checkpoint (and a conversion silently
+  exported the base model's head). Here the head stays trainable and is
+  saved with the adapters. QLoRA (a 4-bit ``quantization_config``) on a
+  machine without CUDA is refused: bitsandbytes' 4-bit kernels need a GPU.
 * The loss takes the options of :mod:`polar_xtuner.objectives` (a per-record
   margin, reward centering, the loss in fp32), all off by default, and logs
   each term.
@@ -42,6 +47,11 @@ from .attention import available_backends, dispatch_varlen_attention, select_bac
 from .errors import ConfigError
 from .objectives import LossSettings, pair_loss_terms
 
+
+QLORA_NEEDS_GPU = (
+    "QLoRA (a 4-bit quantization_config on model.llm) needs a CUDA GPU: bitsandbytes' 4-bit kernels "
+    "do not run on this machine; use a LoRA config (configs/*_lora_*.py) on CPU"
+)
 
 SP_NEEDS_GPU = (
     "sequence parallel (sequence_parallel_size > 1) runs on GPUs only: xtuner 0.2.0 requires "
@@ -76,7 +86,7 @@ class PolarRewardModel(RewardModel):
         unavailable varlen backend, sequence parallel without varlen
         attention, on CPU, or with a size that does not divide the heads,
         flash_attention_2 without flash-attn, a loaded model that has no
-        value head or misses weights, or a bad loss option.
+        value head or misses weights, a bad loss option, or QLoRA without CUDA.
     """
 
     def __init__(
@@ -100,6 +110,9 @@ class PolarRewardModel(RewardModel):
         try:
             self_loss = LossSettings(margin=margin, center_rewards_coefficient=center_rewards_coefficient,
                                      loss_in_fp32=loss_in_fp32)
+            if isinstance(llm, dict) and llm.get("quantization_config") is not None \
+                    and not torch.cuda.is_available():
+                raise ConfigError(QLORA_NEEDS_GPU)
             if loss_type not in ("ranking", "focal"):
                 raise ConfigError(f"loss_type must be 'ranking' or 'focal', got {loss_type!r}")
             backend = None
@@ -121,6 +134,8 @@ class PolarRewardModel(RewardModel):
             )
             self.use_varlen_attn = use_varlen_attn
             self.varlen_attn_backend = backend
+            if self.use_lora:
+                self.v_head.requires_grad_(True)  # trained beside the adapters, and saved with them
             self.loss_settings = self_loss
             self._warned_unused_margins = False
             if self_loss != LossSettings():
@@ -139,6 +154,15 @@ class PolarRewardModel(RewardModel):
             # Built inside the training loop: one line and exit 2, not a traceback.
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+
+    def state_dict(self, *args, **kwargs):
+        """xtuner's (the adapters alone under LoRA), plus the value head under LoRA."""
+        out = super().state_dict(*args, **kwargs)
+        if self.use_lora:
+            prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+            keep_vars = kwargs.get("keep_vars", args[2] if len(args) > 2 else False)
+            out.update(self.v_head.state_dict(prefix=prefix + "v_head.", keep_vars=keep_vars))
+        return out
 
     @classmethod
     def from_model_dir(cls, path: str, **kwargs) -> "PolarRewardModel":

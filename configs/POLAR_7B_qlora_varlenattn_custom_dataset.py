@@ -1,0 +1,253 @@
+# POLAR-7B QLoRA fine-tuning (4-bit NF4 base, bf16 LoRA adapters) with packed
+# (varlen) attention: the recipe for POLAR-7B on one 24 GB GPU.
+#
+# Launch (from the repository root; needs CUDA: bitsandbytes' 4-bit kernels do
+# not run on CPU, where building the model is refused with one line):
+#   xtuner train configs/POLAR_7B_qlora_varlenattn_custom_dataset.py
+# Convert: bash tools/convert.sh CONFIG WORK_DIR OUT merges the adapters into
+# the bf16 base (not the 4-bit one), or --adapter writes a PEFT directory.
+# Your data: one JSON object per line,
+#   {"prompt":    [{"role": "user", "content": "What is the capital of China?"}],
+#    "reference": [{"role": "assistant", "content": "Beijing."}],
+#    "chosen":    [{"role": "assistant", "content": "Beijing."}],
+#    "rejected":  [{"role": "assistant", "content": "Shanghai."}]}
+# (a plain string is accepted for any field); set `data_files` below or pass
+#   --cfg-options train_dataloader.dataset.data_files=/path/to/train.jsonl
+# Settings: POLAR's published fine-tuning config, except the LoRA knobs, lr
+# and the 4-bit base (ours). Memory per the README's table is an estimate
+# until measured on a GPU.
+from mmengine.dataset import DefaultSampler
+from mmengine.hooks import (
+    CheckpointHook,
+    DistSamplerSeedHook,
+    IterTimerHook,
+    LoggerHook,
+    ParamSchedulerHook,
+)
+from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
+from mmengine.visualization import TensorboardVisBackend, Visualizer
+from torch.optim import AdamW
+import torch
+from peft import LoraConfig
+from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
+from xtuner.engine.hooks import VarlenAttnArgsToMessageHubHook
+from xtuner.engine.runner import TrainLoop
+from xtuner.parallel.sequence import SequenceParallelSampler
+
+from polar_xtuner.dataset import build_polar_dataset, polar_collate_fn
+from polar_xtuner.hooks import PolarEvalHook
+from polar_xtuner.model import PolarRewardModel
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+# Model
+pretrained_model_name_or_path = "internlm/POLAR-7B-Base"
+use_varlen_attn = True
+reward_token_id = 92527  # [UNUSED_TOKEN_130]; checked against the tokenizer
+loss_type = "ranking"
+penalty_type = "none"
+# Loss options (polar_xtuner/objectives.py), all off as in POLAR's published recipe:
+margin = False  # True: -log sigmoid(s_c - s_r - m) with each record's "margin" field m (missing = 0)
+center_rewards_coefficient = 0.0  # c > 0 adds c * mean((s_c + s_r)^2); 1e-2 keeps scores near 0
+loss_in_fp32 = False  # True: scores and loss in fp32 whatever the training dtype
+
+# LoRA (PEFT) on InternLM2's attention (wqkv, wo) and MLP (w1, w2, w3); the
+# value head v_head is trained in full and saved with the adapters.
+lora_r = 16
+lora_alpha = 32
+lora_dropout = 0.05
+lora_target_modules = ["wqkv", "wo", "w1", "w2", "w3"]
+# QLoRA: the frozen base in 4 bits
+qlora_quant_type = "nf4"
+qlora_double_quant = True
+
+# Data
+data_files = "data/demo/train.jsonl"
+max_length = 16384
+max_response_length = 4096
+max_packed_length = max_length * 2
+pack_seed = 0  # packing order, identical on every rank
+# Encoded pairs are cached here and reused on restart and by every rank while
+# the data files, tokenizer and lengths are unchanged (None: no cache).
+data_cache_dir = "work_dirs/polar_data_cache"
+
+# Parallel
+sequence_parallel_size = 1
+
+# Scheduler & Optimizer
+batch_size = 1  # per device; with varlen attention one packed row
+accumulative_counts = 2
+accumulative_counts *= sequence_parallel_size
+dataloader_num_workers = 0
+max_epochs = 1  # more than one epoch over-fits a reward model
+optim_type = AdamW
+lr = 1e-4  # ours: LoRA trains few weights and wants a larger rate than full tuning
+betas = (0.9, 0.95)
+weight_decay = 0
+max_norm = 1  # gradient clipping
+warmup_ratio = 0.03
+amp_dtype = "bfloat16"  # without --deepspeed; fp16 is prone to NaN in reward training
+
+# Save
+save_steps = 500
+save_total_limit = 2  # checkpoints kept (-1: all)
+
+# Evaluate preference accuracy on held-out pairs during training (None: off)
+val_files = None  # e.g. "data/mine/val.jsonl" from tools/build_dataset.py --val-ratio
+evaluation_freq = 500
+
+#######################################################################
+#                      PART 2  Model & Tokenizer                      #
+#######################################################################
+tokenizer = dict(
+    type=AutoTokenizer.from_pretrained,
+    pretrained_model_name_or_path=pretrained_model_name_or_path,
+    trust_remote_code=True,
+    padding_side="left",
+)
+
+model = dict(
+    type=PolarRewardModel,
+    use_varlen_attn=use_varlen_attn,
+    loss_type=loss_type,
+    penalty_type=penalty_type,
+    margin=margin,
+    center_rewards_coefficient=center_rewards_coefficient,
+    loss_in_fp32=loss_in_fp32,
+    lora=dict(
+        type=LoraConfig,
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=lora_target_modules,
+        bias="none",
+    ),
+    llm=dict(
+        type=AutoModel.from_pretrained,
+        pretrained_model_name_or_path=pretrained_model_name_or_path,
+        trust_remote_code=True,
+        torch_dtype=torch.bfloat16,
+        quantization_config=dict(
+            type=BitsAndBytesConfig,
+            load_in_4bit=True,
+            load_in_8bit=False,
+            bnb_4bit_quant_type=qlora_quant_type,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=qlora_double_quant,
+        ),
+    ),
+)
+
+#######################################################################
+#                      PART 3  Dataset & Dataloader                   #
+#######################################################################
+sampler = SequenceParallelSampler if sequence_parallel_size > 1 else DefaultSampler
+
+train_dataset = dict(
+    type=build_polar_dataset,
+    data_files=data_files,
+    tokenizer=tokenizer,
+    max_length=max_length,
+    max_response_length=max_response_length,
+    reward_token_id=reward_token_id,
+    use_varlen_attn=use_varlen_attn,
+    max_packed_length=max_packed_length,
+    shuffle_before_pack=True,
+    seed=pack_seed,
+    cache_dir=data_cache_dir,
+)
+
+train_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=dataloader_num_workers,
+    dataset=train_dataset,
+    sampler=dict(type=sampler, shuffle=True),
+    collate_fn=dict(type=polar_collate_fn, use_varlen_attn=use_varlen_attn),
+)
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+# With --deepspeed, xtuner replaces this wrapper and the dtype comes from the
+# DeepSpeed JSON (bf16 on GPUs that have it).
+optim_wrapper = dict(
+    type=AmpOptimWrapper,
+    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay),
+    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
+    accumulative_counts=accumulative_counts,
+    loss_scale="dynamic",
+    dtype=amp_dtype,
+)
+
+# Linear warm-up from ~0 over the first 3% of the epoch, then cosine to 0.1 x lr.
+param_scheduler = [
+    dict(
+        type=LinearLR,
+        start_factor=lr * 0.1,
+        by_epoch=True,
+        begin=0,
+        end=warmup_ratio * max_epochs,
+        convert_to_iter_based=True,
+    ),
+    dict(
+        type=CosineAnnealingLR,
+        eta_min=lr * 0.1,
+        by_epoch=True,
+        begin=warmup_ratio * max_epochs,
+        end=max_epochs,
+        convert_to_iter_based=True,
+    ),
+]
+
+train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+custom_hooks = []
+if val_files:
+    custom_hooks += [
+        dict(
+            type=PolarEvalHook,
+            data_files=val_files,
+            tokenizer=tokenizer,
+            interval=evaluation_freq,
+            max_length=max_length,
+            max_response_length=max_response_length,
+        ),
+    ]
+if use_varlen_attn:
+    custom_hooks += [dict(type=VarlenAttnArgsToMessageHubHook)]
+
+default_hooks = dict(
+    timer=dict(type=IterTimerHook),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=10),
+    param_scheduler=dict(type=ParamSchedulerHook),
+    checkpoint=dict(
+        type=CheckpointHook,
+        by_epoch=False,
+        interval=save_steps,
+        max_keep_ckpts=save_total_limit,
+    ),
+    sampler_seed=dict(type=DistSamplerSeedHook),
+)
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+    dist_cfg=dict(backend="nccl"),
+)
+
+visualizer = dict(type=Visualizer, vis_backends=[dict(type=TensorboardVisBackend)])
+log_level = "INFO"
+load_from = None
+resume = False
+randomness = dict(seed=None, deterministic=False)
+log_processor = dict(by_epoch=False)
+
+# xtuner's CLI refuses a top-level `use_varlen_attn = True` unless flash-attn is
+# installed, although PolarRewardModel keeps packed samples apart without it
+# (PyTorch varlen on CUDA, per-sample SDPA on CPU). The flag lives on in
+# `model`, `train_dataset` and `collate_fn` above; only the name is dropped.
+del use_varlen_attn
