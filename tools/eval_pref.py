@@ -84,9 +84,9 @@ def write_score_stats(model_dir: str, scores, data: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    needed = "tokenizer_config.json" if args.server_type else "config.json"
-    if not os.path.isfile(os.path.join(args.model, needed)):
-        print(f"error: --model {args.model}: not a model directory (no {needed})", file=sys.stderr)
+    needed = ["tokenizer_config.json"] if args.server_type else ["config.json", "adapter_config.json"]
+    if not any(os.path.isfile(os.path.join(args.model, n)) for n in needed):
+        print(f"error: --model {args.model}: not a model directory (no {' or '.join(needed)})", file=sys.stderr)
         return 2
     try:
         items = list(iter_jsonl(args.data))
