@@ -61,6 +61,9 @@ def cuda_available() -> bool:
 def model_dtype(model_dir: str) -> str:
     """The dtype the model directory was saved in (config.json's torch_dtype)."""
     path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path) and os.path.isfile(os.path.join(model_dir, "adapter_config.json")):
+        raise ServeError(f"{model_dir} is a LoRA adapter directory (tools/convert.sh --adapter); serve a merged "
+                         "model: run tools/convert.sh without --adapter")
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
