@@ -432,6 +432,11 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
         print(f"Saved the LoRA adapters and the trained v_head to {out_dir} (PEFT, base {model_dir})", flush=True)
         max_diff = _verify_scores(out_dir, "fp32", torch.float32, records, before, enc_kwargs) if verify else None
         write_model_card(out_dir, config_path, ckpt, "fp32 adapter", max_diff, cfg)
+        with open(os.path.join(out_dir, "README.md"), "a", encoding="utf-8") as f:
+            f.write("\nThis is a LoRA adapter directory (adapters plus the trained `v_head` as a "
+                    "`modules_to_save` module), not a full model: load it with\n"
+                    "`PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), path)`, "
+                    "`base` being `base_model_name_or_path` in adapter_config.json.\n")
         return max_diff
     if lora:
         merge(model, peft_backbone)

@@ -41,7 +41,9 @@ import sys
 
 import torch
 from mmengine.logging import print_log
-from xtuner.model.reward import RewardModel
+from xtuner.model.reward import RewardModel, reduce_mean, reduce_sum
+from xtuner.parallel.sequence import (gather_forward_split_backward, get_sequence_parallel_group,
+                                      get_sequence_parallel_world_size)
 
 from .attention import available_backends, dispatch_varlen_attention, select_backend, sequence_parallel_size
 from .errors import ConfigError
@@ -205,10 +207,6 @@ class PolarRewardModel(RewardModel):
         fp16 is prone to overflow, and training on after a NaN silently ruins
         the model.
         """
-        from xtuner.model.reward import reduce_mean, reduce_sum
-        from xtuner.parallel.sequence import (gather_forward_split_backward, get_sequence_parallel_group,
-                                              get_sequence_parallel_world_size)
-
         margins = data.pop("margins", None)
         sp = get_sequence_parallel_world_size() > 1
         if sp:
