@@ -18,19 +18,22 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from .schema import DataError, Located, RecordError, check, iter_jsonl
+from .outputs import atomic_dir, check_writable_dir, refuse_overlap, write_json
+from .schema import DATA_SUFFIXES, DataError, Located, RecordError, check, iter_records
+
+OUTPUTS = ("train.jsonl", "val.jsonl", "rejected.jsonl", "report.json")
 
 
 def expand_sources(sources: list[str]) -> list[str]:
-    """Files from files and directories (*.jsonl / *.json inside, sorted)."""
+    """Files from files and directories (the data files inside, sorted)."""
     files = []
     for src in sources:
         if os.path.isdir(src):
             found = sorted(
-                os.path.join(src, n) for n in os.listdir(src) if n.endswith((".jsonl", ".json"))
+                os.path.join(src, n) for n in os.listdir(src) if n.endswith(DATA_SUFFIXES)
             )
             if not found:
-                raise DataError(f"{src}: directory has no .jsonl or .json files")
+                raise DataError(f"{src}: directory has no data files ({', '.join(DATA_SUFFIXES)})")
             files.extend(found)
         elif os.path.exists(src):
             files.append(src)
@@ -39,38 +42,17 @@ def expand_sources(sources: list[str]) -> list[str]:
     return files
 
 
-def iter_json_array(path: str, validate: bool = True) -> Iterator[Located]:
-    """Records of a .json file holding one array; the line is the array index + 1."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: a .json source must hold an array of records")
-    for i, obj in enumerate(data, 1):
-        item = Located(path, i, json.dumps(obj, ensure_ascii=False))
-        if validate:
-            yield check(item, obj)
-        else:
-            item.record = obj
-            yield item
-
-
 def iter_source(path: str, fmt: str = "polar", options: dict | None = None) -> Iterator[Located]:
     """Checked records of one file; other formats are converted first (with ``options``)."""
-    reader = iter_json_array if path.endswith(".json") else iter_jsonl
     if fmt == "polar":
-        yield from reader(path)
+        yield from iter_records(path)
         return
     from .converters import CONVERTERS
 
     convert = CONVERTERS[fmt]
     if options:
         convert = functools.partial(convert, **options)
-    for item in reader(path, validate=False):
+    for item in iter_records(path, validate=False):
         if item.error is not None:
             yield item
             continue
@@ -237,40 +219,25 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
     elif pairs_per_prompt is not None:
         raise DataError(f"--pairs-per-prompt applies to --from policies only, not --from {fmt}")
     files = expand_sources(sources)
-    out_real = os.path.realpath(out_dir)
-    for src in sources:
-        src_real = os.path.realpath(src)
-        if os.path.isdir(src) and (out_real == src_real or out_real.startswith(src_real + os.sep)):
-            raise DataError(f"-o {out_dir} is inside the input directory {src}, so its outputs would be read "
-                            f"back as inputs next time; write to another directory")
-    for path in files:
-        if os.path.dirname(os.path.realpath(path)) == out_real:
-            raise DataError(f"-o {out_dir} holds the input {path}, which this run would overwrite; "
-                            f"write to another directory")
-    os.makedirs(out_dir, exist_ok=True)
+    refuse_overlap({"-o": out_dir}, [("SRC", src) for src in sources])
+    check_writable_dir(out_dir, "-o")
+    if os.path.isdir(out_dir):
+        foreign = sorted(set(os.listdir(out_dir)) - set(OUTPUTS))
+        if foreign:
+            raise DataError(f"-o {out_dir} holds files this tool did not write ({', '.join(foreign[:5])}"
+                            f"{' ...' if len(foreign) > 5 else ''}), which replacing it would delete; "
+                            f"choose a new or empty directory")
     res = BuildResult(files=files)
     seen: set[str] = set()
-    # Every output is written under a temporary name and renamed into place
-    # only when the whole run succeeded: a failed or killed run leaves the
-    # previous outputs as they were, and nothing half-written that looks done.
-    tag = f".tmp-{os.getpid()}"
-    final = {name: os.path.join(out_dir, name) for name in ("train.jsonl", "val.jsonl", "rejected.jsonl",
-                                                             "report.json")}
-    tmp = {name: path + tag for name, path in final.items()}
-    try:
+    # The whole directory is written beside OUT_DIR and swapped in when the
+    # run succeeded: a failed or killed run leaves the previous outputs as
+    # they were, and never a half-written file that looks done.
+    with atomic_dir(out_dir) as tmp_dir:
+        tmp = {name: os.path.join(tmp_dir, name) for name in OUTPUTS}
         _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progress, meter, drop_overlong, fmt,
                     options)
         if not (val_ratio or val_size):
             os.remove(tmp["val.jsonl"])
-            if os.path.exists(final["val.jsonl"]):
-                os.remove(final["val.jsonl"])  # a stale split from an earlier run would look current
-        for name in ("train.jsonl", "val.jsonl", "rejected.jsonl", "report.json"):  # the report last
-            if os.path.exists(tmp[name]):
-                os.replace(tmp[name], final[name])
-    finally:
-        for path in tmp.values():
-            if os.path.exists(path):
-                os.remove(path)
     return res
 
 
@@ -348,6 +315,5 @@ def _build_into(files, tmp, res, seen, val_ratio, val_size, seed, dedupe, progre
         }
     if meter is not None:
         report["lengths"] = meter.report()
-    with open(tmp["report.json"], "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(tmp["report.json"], report)
     res.report = report

@@ -28,6 +28,7 @@ flight, spread over all the server addresses given.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -35,11 +36,68 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .errors import EXIT_VERIFY, PolarError
+
 SERVER_TYPES = ("sglang", "vllm", "lmdeploy")
 
 
-class RemoteScoringError(RuntimeError):
-    """The server could not be reached or answered in an unexpected shape."""
+class RemoteScoringError(PolarError, RuntimeError):
+    """The server could not be reached, or answered something that is not a score. Exit 3."""
+
+    exit_code = EXIT_VERIFY
+
+
+def post_json(url: str, payload: dict, timeout: float) -> tuple[int, bytes]:
+    """POST JSON and return (status, body), all within ``timeout`` seconds.
+
+    ``requests``' timeout bounds each socket read, so a server that trickles
+    a byte a second would hold a request forever; here a watchdog shuts the
+    socket down at the deadline, whatever the server does.
+
+    Raises:
+        TimeoutError: The deadline passed.
+        OSError: The connection failed.
+    """
+    import http.client
+    import socket
+    from urllib.parse import urlsplit
+
+    deadline = time.monotonic() + timeout
+    u = urlsplit(url)
+    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    conn = cls(u.hostname, u.port, timeout=timeout)
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        body = json.dumps(payload).encode()
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        res = conn.getresponse()
+        data = res.read()
+        if expired.is_set() or time.monotonic() > deadline:
+            raise TimeoutError(f"no complete answer within {timeout:g} s")
+        return res.status, data
+    except (OSError, http.client.HTTPException) as e:
+        if expired.is_set():
+            raise TimeoutError(f"no complete answer within {timeout:g} s") from None
+        if isinstance(e, OSError):
+            raise
+        raise OSError(f"{type(e).__name__}: {e}") from None
+    finally:
+        watchdog.cancel()
+        conn.close()
 
 
 def _as_score(value, server_type: str, index: int) -> float:
@@ -124,7 +182,7 @@ class RemoteScorer:
         address: "host:port", several comma-separated, or a list of them
             (full http:// URLs work too). Batches are spread over all.
         model_name: The served model's name (sglang's "model" field).
-        timeout: Seconds per request.
+        timeout: Seconds a request may take in all (connect, wait, read).
         max_retries: Attempts per batch before giving up.
         backoff: Seconds before the first retry, doubled after each.
         batch_size: Texts per request.
@@ -168,20 +226,20 @@ class RemoteScorer:
 
     def _request(self, endpoint: str, payload: dict, n: int):
         """One POST; returns scores, or a retryable error text. Raises on a final error."""
-        import requests
-
         try:
-            res = requests.post(endpoint, json=payload, timeout=self.timeout)
-        except requests.RequestException as e:
+            status, raw = post_json(endpoint, payload, self.timeout)
+        except OSError as e:  # TimeoutError and connection failures: worth retrying
             return None, f"{type(e).__name__}: {e}"
-        if res.status_code >= 500 or res.status_code == 429:  # worth retrying
-            return None, f"HTTP {res.status_code}: {res.text[:200]}"
-        if res.status_code != 200:
-            raise RemoteScoringError(f"{endpoint} answered HTTP {res.status_code}: {res.text[:200]}")
+        text = raw.decode("utf-8", "replace")
+        if status >= 500 or status == 429:  # worth retrying
+            return None, f"HTTP {status}: {text[:200]}"
+        if status != 200:
+            raise RemoteScoringError(f"{endpoint} answered HTTP {status}: {text[:200]}")
         try:
-            body = res.json()
+            # NaN/Infinity literals parse here and are refused as scores by parse_scores
+            body = json.loads(text)
         except ValueError:
-            raise RemoteScoringError(f"{endpoint} answered non-JSON: {res.text[:200]}") from None
+            raise RemoteScoringError(f"{endpoint} answered non-JSON: {text[:200]}") from None
         return parse_scores(self.server_type, body, n), None
 
     def _post(self, texts: list[str], first: int = 0) -> list[float]:

@@ -32,8 +32,10 @@ import argparse
 import gc
 import json
 import os
-import sys
 from dataclasses import dataclass
+
+from .errors import UserError, VerificationError, cli
+from .outputs import atomic_dir, check_writable_dir, refuse_overlap
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Largest allowed |score difference| / max(1, |score|) after a save/load round trip.
@@ -45,7 +47,7 @@ TOLERANCE = {"fp32": 5e-3, "bf16": 5e-2, "fp16": 1e-2}
 VERIFY_PAIRS = 8
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """A user mistake: bad path, config or checkpoint. Exit code 2."""
 
 
@@ -95,8 +97,9 @@ def load_training_state_dict(ckpt: Checkpoint) -> dict:
         parent, tag = os.path.split(os.path.abspath(ckpt.path))
         try:
             lazy = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag, lazy_mode=True)
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            raise ConvertError(f"checkpoint {ckpt.path}: cannot read the DeepSpeed states ({e})") from None
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+            raise ConvertError(f"checkpoint {ckpt.path}: cannot read the DeepSpeed states "
+                               f"({type(e).__name__}: {str(e)[:300]}); is a file truncated or missing?") from None
         return _materialize(lazy, ckpt.path)
     try:
         # mmap: tensors stay on disk until they are assigned into the model.
@@ -287,13 +290,13 @@ def cast_releasing(model, dtype, mapped_files=()) -> None:
 
 def verify_records(cfg, n: int = VERIFY_PAIRS) -> list[dict]:
     """A few pairs to compare scores on: the config's own data, if readable."""
-    from .schema import iter_jsonl
+    from .schema import iter_records
 
     files = cfg.get("train_dataloader", {}).get("dataset", {}).get("data_files")
     for path in [files] if isinstance(files, str) else list(files or []):
         try:
             recs = []
-            for item in iter_jsonl(path):
+            for item in iter_records(path):
                 if item.record is not None:
                     recs.append(item.record)
                 if len(recs) == n:
@@ -342,7 +345,7 @@ followed by `[UNUSED_TOKEN_130]`; the score is the value head at that token
 
 def clean_config(out_dir: str, reward_token_id: int, dtype_name: str) -> None:
     """Drop training-only settings and point auto_map at the copied code."""
-    from .tiny import AUTO_MAP
+    from .hf_layout import AUTO_MAP
 
     path = os.path.join(out_dir, "config.json")
     with open(path) as f:
@@ -376,9 +379,8 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     from mmengine.config import Config
     from xtuner.registry import BUILDER
 
-    from .evaluate import load_model, score_records
-    from .lora import LoraCheckpointError, adapted_model, is_lora_state_dict, merge, save_adapter
-    from .tiny import copy_remote_code
+    from .evaluate import score_records
+    from .lora import LoraCheckpointError, adapted_model, is_lora_state_dict
 
     if not os.path.isfile(config_path):
         raise ConvertError(f"config {config_path}: no such file")
@@ -388,8 +390,15 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad config
         raise ConvertError(f"config {config_path}: cannot read it ({e})") from None
     ckpt = resolve_checkpoint(checkpoint)
+    inputs = [("CONFIG", config_path), ("CHECKPOINT", checkpoint)]
+    if os.path.isdir(str(model_dir)):
+        inputs.append(("the config's model", model_dir))
+    data = cfg.get("train_dataloader", {}).get("dataset", {}).get("data_files")
+    inputs += [("the config's data", f) for f in ([data] if isinstance(data, str) else list(data or []))]
+    refuse_overlap({"OUT_DIR": out_dir}, inputs)
+    check_writable_dir(out_dir, "OUT_DIR")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise ConvertError(f"output {out_dir} is not empty; pass --force to overwrite it")
+        raise ConvertError(f"OUT_DIR {out_dir} is not empty; pass --force to replace it whole")
     dtype = dtype or deepspeed_dtype_name(ckpt) or training_dtype_name(cfg)
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
@@ -418,21 +427,47 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
 
     tokenizer = BUILDER.build(cfg.tokenizer)
     settings = training_encoding(cfg, model.config.reward_token_id)
-    reward_token_id = settings.reward_token_id
     enc_kwargs = dict(max_length=settings.max_length, max_response_length=settings.max_response_length)
     records = verify_records(cfg) if verify else []
     before = score_records(model, tokenizer, records, **enc_kwargs) if verify else None
 
-    os.makedirs(out_dir, exist_ok=True)
+    # Everything is written and verified in a temporary sibling of OUT_DIR,
+    # which replaces OUT_DIR whole only then: a killed, full-disk or failed
+    # run leaves the previous output as it was, and --force never leaves an
+    # earlier model's files (an old model.safetensors beside new shards would
+    # be the one that loads).
+    held = [model]  # handed over, so that its memory goes when the writer drops it
+    del model
+    with atomic_dir(out_dir) as work:
+        max_diff = _write_and_verify(work, out_dir, config_path, cfg, ckpt, held, tokenizer, settings, dtype,
+                                     torch_dtype, max_shard_size, adapter, lora, records, before, enc_kwargs,
+                                     peft_backbone if lora else None, adapters if lora else None,
+                                     head if lora else None, model_dir)
+    print(f"Wrote {out_dir}", flush=True)
+    return max_diff
+
+
+def _write_and_verify(work, out_dir, config_path, cfg, ckpt, held, tokenizer, settings, dtype, torch_dtype,
+                      max_shard_size, adapter, lora, records, before, enc_kwargs, peft_backbone, adapters, head,
+                      model_dir):
+    """Write the HF directory into ``work`` and verify it; returns the largest score difference."""
+    import torch
+
+    model = held.pop()
+    from .evaluate import load_model
+    from .lora import merge, save_adapter
+    from .hf_layout import copy_remote_code, remember_code
+
+    verify = before is not None
     if adapter:
         del model
-        save_adapter(cfg, model_dir, adapters, head, out_dir)
-        tokenizer.save_pretrained(out_dir)
-        settings.save(out_dir)
-        print(f"Saved the LoRA adapters and the trained v_head to {out_dir} (PEFT, base {model_dir})", flush=True)
-        max_diff = _verify_scores(out_dir, "fp32", torch.float32, records, before, enc_kwargs) if verify else None
-        write_model_card(out_dir, config_path, ckpt, "fp32 adapter", max_diff, cfg)
-        with open(os.path.join(out_dir, "README.md"), "a", encoding="utf-8") as f:
+        save_adapter(cfg, model_dir, adapters, head, work)
+        tokenizer.save_pretrained(work)
+        settings.save(work)
+        print(f"Saved the LoRA adapters and the trained v_head (PEFT, base {model_dir})", flush=True)
+        max_diff = _verify_scores(work, "fp32", torch.float32, records, before, enc_kwargs) if verify else None
+        write_model_card(work, config_path, ckpt, "fp32 adapter", max_diff, cfg)
+        with open(os.path.join(work, "README.md"), "a", encoding="utf-8") as f:
             f.write("\nThis is a LoRA adapter directory (adapters plus the trained `v_head` as a "
                     "`modules_to_save` module), not a full model: load it with\n"
                     "`PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), path)`, "
@@ -442,25 +477,27 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
         merge(model, peft_backbone)
     cast_releasing(model, torch_dtype, [ckpt.path] if ckpt.kind == "pth" else [])
     expected = weight_digests(model) if verify else None
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
+    model.save_pretrained(work, max_shard_size=max_shard_size, safe_serialization=True)
     del model
     gc.collect()
-    tokenizer.save_pretrained(out_dir)
-    copy_remote_code(out_dir)
-    clean_config(out_dir, reward_token_id, dtype)
-    settings.save(out_dir)  # the lengths travel with the model to eval and serving
-    print(f"Saved {dtype} model to {out_dir}", flush=True)
+    tokenizer.save_pretrained(work)
+    copy_remote_code(work)
+    clean_config(work, settings.reward_token_id, dtype)
+    settings.save(work)  # the lengths travel with the model to eval and serving
+    remember_code(work)  # the base model's tokenizer code, if any, loads later without --trust-remote-code
+    print(f"Saved {dtype} model", flush=True)
 
     max_diff = None
     if verify:
         # Load as saved, then score in fp32 like the trained weights: loading a
         # bf16 directory straight into fp32 would hold both copies at once.
-        fresh, fresh_tok = load_model(out_dir, device="cpu", dtype=torch_dtype)
+        fresh, fresh_tok = load_model(work, device="cpu", dtype=torch_dtype)
         check_weights(expected, weight_digests(fresh), out_dir)
-        shards = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.endswith(".safetensors")]
+        shards = [os.path.join(work, n) for n in os.listdir(work) if n.endswith(".safetensors")]
         cast_releasing(fresh, torch.float32, shards)
         max_diff = _verify_scores(out_dir, dtype, None, records, before, enc_kwargs, (fresh, fresh_tok))
-    write_model_card(out_dir, config_path, ckpt, dtype, max_diff, cfg)
+        del fresh
+    write_model_card(work, config_path, ckpt, dtype, max_diff, cfg)
     return max_diff
 
 
@@ -534,10 +571,6 @@ def training_encoding(cfg, model_reward_token_id: int | None):
     return EncodingSettings(**values, reward_token_id=reward_token_id, source="training config")
 
 
-class VerificationError(Exception):
-    """The converted model does not score like the checkpoint. Exit code 3."""
-
-
 def _return_freed_memory() -> None:
     """Serve large allocations with mmap so that freed weights go back to the OS.
 
@@ -564,7 +597,8 @@ def main(argv=None) -> int:
                    help="weights dtype (default: the training dtype: DeepSpeed's, else the config's AMP dtype, "
                         "else fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty OUT_DIR")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty OUT_DIR whole (none of its old files survive)")
     p.add_argument("--no-verify", action="store_true", help="skip scoring the output")
     p.add_argument("--adapter", action="store_true",
                    help="LoRA checkpoints: write the adapters and the trained v_head as a PEFT directory "
@@ -575,14 +609,10 @@ def main(argv=None) -> int:
     try:
         convert(args.config, args.checkpoint, args.out_dir, args.dtype,
                 args.max_shard_size, args.force, not args.no_verify, args.adapter)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except VerificationError as e:
-        print(f"error: verification failed: {e}", file=sys.stderr)
-        return 3
+        raise VerificationError(f"verification failed: {e}; {args.out_dir} was left as it was") from None
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

@@ -31,30 +31,42 @@ def default_device() -> str:
 SCORING_ATTENTION = "sdpa"
 
 
-def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None):
+def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False):
     """Load a POLAR model directory (or a LoRA adapter directory): bf16 on GPU, float32 on CPU.
+
+    Args:
+        trust_remote_code: Run Python code in the directory even when it is
+            not the code this project ships (see :mod:`polar_xtuner.hf_layout`).
 
     Returns:
         (model, tokenizer)
+
+    Raises:
+        UserError: The directory holds code we did not ship and trust_remote_code is off.
     """
     from transformers import AutoModel, AutoTokenizer
+
+    from .hf_layout import remote_code_allowed
 
     device = device or default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    trust = remote_code_allowed(path, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         # A LoRA adapter directory (tools/convert.sh --adapter): its base model
         # plus the adapters and trained head, merged in memory.
         from peft import PeftConfig, PeftModel
 
         base = PeftConfig.from_pretrained(path).base_model_name_or_path
-        model = AutoModel.from_pretrained(base, trust_remote_code=True, torch_dtype=dtype,
-                                          attn_implementation=SCORING_ATTENTION)
+        model = AutoModel.from_pretrained(base, trust_remote_code=remote_code_allowed(base, True if not
+                                          os.path.isdir(base) else trust_remote_code),
+                                          torch_dtype=dtype, attn_implementation=SCORING_ATTENTION)
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     else:
         model = AutoModel.from_pretrained(
-            path, trust_remote_code=True, torch_dtype=dtype, attn_implementation=SCORING_ATTENTION
+            path, trust_remote_code=trust, torch_dtype=dtype, attn_implementation=SCORING_ATTENTION
         )
     return model.to(device).eval(), tokenizer
 

@@ -3,7 +3,7 @@
 It is the command ``xtuner train`` builds: torchrun over xtuner's
 ``tools/train.py`` with ``--launcher pytorch`` when ``NNODES`` or
 ``NPROC_PER_NODE`` is above 1, plain python otherwise, with the same
-environment variables. Three things differ:
+environment variables. Four things differ:
 
 * the launchers run it directly, so a failed run exits non-zero (``xtuner
   train`` drops its child's exit code and always exits 0);
@@ -13,7 +13,17 @@ environment variables. Three things differ:
 * when resuming, checkpoints are unpickled with ``weights_only=False``
   (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``): xtuner reads the seed back with
   torch's defaults, which refuse mmengine checkpoints since torch 2.6. Only
-  resume from checkpoints you wrote.
+  resume from checkpoints you wrote;
+* the rendezvous port is free: on one node a free port is picked when ``PORT``
+  is unset (xtuner uses 29500, so a second run on the machine failed), and a
+  taken ``PORT`` is refused before anything starts. A single process gets the
+  full ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
+  set: DeepSpeed opens a rendezvous port even for one process and, missing any
+  of the five, "discovers" them through MPI and resets the port to 29500.
+
+Plain ``xtuner train`` (one process, not through the launchers) gets the same
+five variables from :func:`ensure_rendezvous_env`, which
+``polar_xtuner.model`` calls when a config imports it (before DeepSpeed starts).
 
 Usage (the scripts do this):
     python -m polar_xtuner.launch CONFIG [xtuner train arguments...]
@@ -24,19 +34,114 @@ Environment (xtuner's names):
     NODE_RANK       this node's index, 0..NNODES-1 (default 0)
     NPROC_PER_NODE  processes on this node, one per GPU (default 1)
     ADDR            address of node 0 (default 127.0.0.1)
-    PORT            rendezvous port on node 0 (default 29500)
+    PORT            rendezvous port on node 0 (default: a free port on one
+                    node, 29500 across nodes; node 0 refuses a taken one)
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 
-DEFAULT_PORT = 29500
+from .errors import UserError, cli
+
+DEFAULT_PORT = 29500  # torchrun's and DeepSpeed's; the nodes of a job must agree on it
+# Set by MPI launchers and srun: a value above 1 means several processes that DeepSpeed's
+# MPI discovery must find, so a plain single-process setting would be wrong there.
+_MULTI_TASK_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
-class LaunchError(Exception):
+class LaunchError(UserError):
     """A launch mistake: bad arguments or environment. Exit code 2."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now (the kernel's pick for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a rendezvous server could listen on ``port`` on every interface here.
+
+    Binds as torch's TCPStore does (``SO_REUSEADDR``, so connections of an
+    earlier run in TIME_WAIT do not count), on IPv4 and, where the machine has
+    it, IPv6. Raises the OSError of a failure other than "in use" on IPv4
+    (e.g. a privileged port).
+    """
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 here
+            continue
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return False
+                if family == socket.AF_INET:
+                    raise
+    return True
+
+
+def ensure_rendezvous_env(environ=None, program=None) -> dict:
+    """Give a plain single ``xtuner train`` process a free DeepSpeed rendezvous port.
+
+    DeepSpeed opens a rendezvous port even for one process. Unless all of
+    MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK are set it
+    "discovers" them through MPI, which sets MASTER_PORT to 29500 (whatever the
+    environment said), so a second run on the machine failed with EADDRINUSE
+    (and ``xtuner train`` still exited 0). Here, when none of RANK, WORLD_SIZE
+    and LOCAL_RANK is set (not a torchrun, DeepSpeed-launcher or mpirun
+    process) and no MPI launcher or srun started several tasks, the missing
+    ones are set for one process: MASTER_ADDR=127.0.0.1, MASTER_PORT=a free
+    port (a MASTER_PORT already set is kept), RANK=0, WORLD_SIZE=1,
+    LOCAL_RANK=0.
+
+    Called without ``environ`` (as ``polar_xtuner.model`` does at import), it
+    acts on ``os.environ`` only in xtuner's ``tools/train.py``, so importing the
+    model elsewhere (tests, tools, RL workers) leaves the environment of the
+    process, and of everything it starts, alone. ``program`` (default
+    ``sys.argv[0]``) is the script checked.
+
+    Args:
+        environ: the mapping to fill (default ``os.environ``).
+        program: the script path to check for xtuner's train.py; checked only
+            when given or when ``environ`` is None.
+
+    Returns:
+        The variables it set (empty when it left the environment alone).
+    """
+    if environ is None or program is not None:
+        path = os.path.normpath(sys.argv[0] if program is None else program)
+        if path.split(os.sep)[-3:] != ["xtuner", "tools", "train.py"]:
+            return {}
+    environ = os.environ if environ is None else environ
+    if any(environ.get(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return {}
+    for name in _MULTI_TASK_VARS:
+        try:
+            if int(environ.get(name) or 1) > 1:
+                return {}
+        except ValueError:
+            return {}
+    added = {name: value for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                                             ("LOCAL_RANK", "0")) if not environ.get(name)}
+    if not environ.get("MASTER_PORT"):
+        added["MASTER_PORT"] = str(free_port())
+    environ.update(added)
+    return added
+
+
+def single_process_env(port: int | None = None) -> dict:
+    """DeepSpeed's five rendezvous variables for one process (a free port when ``port`` is None)."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port() if port is None else port),
+            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
 
 
 def _int_env(env, name: str, default: int, low: int = 1) -> int:
@@ -121,6 +226,48 @@ def check_sequence_parallel(config: str) -> None:
             raise LaunchError(f"{config}: {SP_NEEDS_GPU}")
 
 
+def _port_env(env, name: str) -> int:
+    port = _int_env(env, name, DEFAULT_PORT)
+    if port > 65535:
+        raise LaunchError(f"{name}={port} is not a TCP port (1..65535)")
+    return port
+
+
+def _require_free(port: int, name: str, taken: str) -> int:
+    """``port``, or a LaunchError saying ``taken`` when something here listens on it."""
+    try:
+        free = port_is_free(port)
+    except OSError as e:
+        raise LaunchError(f"{name}={port}: cannot listen on it here ({e.strerror}); set {name} to "
+                          f"another port") from None
+    if not free:
+        raise LaunchError(taken)
+    return port
+
+
+def _rendezvous(env, nnodes: int, nproc: int, node_rank: int) -> tuple[dict, int | None]:
+    """(variables for a single process, torchrun's master port)."""
+    if nnodes > 1:
+        port = _port_env(env, "PORT")
+        if node_rank != 0:  # the port is node 0's; only node 0 can check it
+            return {}, port
+        return {}, _require_free(port, "PORT", f"PORT {port} is taken on this node (another job?); set PORT "
+                                               f"to a free port, the same on every node")
+    # One node: a free port unless PORT (or, for one process, MASTER_PORT) names one.
+    if nproc == 1 and env.get("MASTER_PORT") and env.get("RANK"):
+        return {}, None  # the user's (or an outer launcher's) rendezvous: left as it is
+    names = ("PORT",) if nproc > 1 else ("PORT", "MASTER_PORT")
+    name = next((n for n in names if env.get(n)), None)
+    if name is None:
+        port = free_port()
+    else:
+        port = _port_env(env, name)
+        _require_free(port, name, f"{name} {port} is taken on this machine (another job?); set {name} to a "
+                                  f"free port, or leave it unset to get one")
+    # One process: DeepSpeed still opens a rendezvous port (see ensure_rendezvous_env).
+    return ({}, port) if nproc > 1 else (single_process_env(port), None)
+
+
 def command(argv: list[str], env=None) -> list[str]:
     """The full command (with ``env`` prefix) that trains CONFIG."""
     env = os.environ if env is None else env
@@ -139,24 +286,24 @@ def command(argv: list[str], env=None) -> list[str]:
     if node_rank >= nnodes:
         raise LaunchError(f"NODE_RANK={node_rank} must be below NNODES={nnodes}")
     train_py = xtuner_train_script()
-    prefix = ["env", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"] if resuming else []
+    variables, master_port = _rendezvous(env, nnodes, nproc, node_rank)
+    if resuming:
+        variables["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    prefix = ["env"] + [f"{k}={v}" for k, v in variables.items()] if variables else []
     if nnodes == 1 and nproc == 1:
         return prefix + [sys.executable, train_py, config] + rest
     return prefix + [
         "torchrun", f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--nproc_per_node={nproc}",
-        f"--master_addr={env.get('ADDR') or '127.0.0.1'}",
-        f"--master_port={_int_env(env, 'PORT', DEFAULT_PORT)}",
+        f"--master_addr={env.get('ADDR') or '127.0.0.1'}", f"--master_port={master_port}",
         train_py, config, *rest, "--launcher", "pytorch",
     ]
 
 
 def main(argv=None) -> int:
+    """Print the command NUL-separated on stdout; errors are raised (see polar_xtuner.errors)."""
     out, sys.stdout = sys.stdout, sys.stderr  # stdout carries only the command
     try:
-        cmd = command(sys.argv[1:] if argv is None else argv)
-    except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cmd = command(sys.argv[1:] if argv is None else list(argv))
     finally:
         sys.stdout = out
     sys.stdout.write("\0".join(cmd) + "\0")
@@ -164,4 +311,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

@@ -37,7 +37,6 @@ changes only what breaks or misleads:
 from __future__ import annotations
 
 import logging
-import sys
 
 import torch
 from mmengine.logging import print_log
@@ -46,8 +45,13 @@ from xtuner.parallel.sequence import (gather_forward_split_backward, get_sequenc
                                       get_sequence_parallel_world_size)
 
 from .attention import available_backends, dispatch_varlen_attention, select_backend, sequence_parallel_size
-from .errors import ConfigError
+from .errors import ConfigError, abort_training
+from .launch import ensure_rendezvous_env
 from .objectives import LossSettings, pair_loss_terms
+
+# A config imports this before DeepSpeed starts: give a plain one-process `xtuner train` a free
+# rendezvous port (DeepSpeed would take 29500, so a second run on the machine failed).
+ensure_rendezvous_env()
 
 
 QLORA_NEEDS_GPU = (
@@ -153,9 +157,7 @@ class PolarRewardModel(RewardModel):
                 n = dispatch_varlen_attention(self.llm, backend)
                 print_log(f"PolarRewardModel: varlen attention backend '{backend}' on {n} layers", "current")
         except ConfigError as e:
-            # Built inside the training loop: one line and exit 2, not a traceback.
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+            abort_training(e)  # built inside the training loop: one line and exit 2, not a traceback
 
     def state_dict(self, *args, **kwargs):
         """xtuner's (the adapters alone under LoRA), plus the value head under LoRA."""

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Iterable
 
-from .schema import DataError, RecordError, iter_jsonl, normalise_field
+from .schema import DataError, RecordError, iter_records, normalise_field
 
 FORMATS = ("verl", "openrlhf")
 
@@ -40,7 +40,7 @@ def rl_rows(paths: Iterable[str], fmt: str = "verl", data_source: str = "polar",
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     rows, rejected = [], []
     for path in paths:
-        for item in iter_jsonl(path, validate=False):
+        for item in iter_records(path, validate=False):
             if item.error is not None:
                 rejected.append(f"{item.where}: {item.error.reason}")
                 continue
@@ -72,9 +72,10 @@ def rl_rows(paths: Iterable[str], fmt: str = "verl", data_source: str = "polar",
 
 def write_rows(rows: list[dict], out: str, fmt: str) -> None:
     """Write rows as parquet (verl) or jsonl (OpenRLHF), atomically: a temporary sibling, then renamed."""
+    from .outputs import atomic_file
+
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    try:
+    with atomic_file(out) as tmp:
         if fmt == "verl":
             import datasets
 
@@ -83,10 +84,6 @@ def write_rows(rows: list[dict], out: str, fmt: str) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 __all__ = ["FORMATS", "DataError", "rl_rows", "write_rows"]

@@ -8,7 +8,7 @@ must be separated by when the config sets ``margin = True``. Extra keys
 (``source``, ``category``, ``id``...) are kept.
 
 Every rule raises :class:`RecordError` naming the field, and
-:func:`iter_jsonl` adds the file and the 1-based line number, so a user can go
+:func:`iter_records` adds the file and the 1-based line number, so a user can go
 straight to the bad line.
 """
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .constants import RECORD_FIELDS
+from .errors import UserError
 
 # Who wrote a message in a prompt; answers (reference/chosen/rejected) are
 # usually "assistant" but any string role is accepted.
@@ -43,8 +44,8 @@ class RecordError(ValueError):
         self.code = code
 
 
-class DataError(ValueError):
-    """A data file cannot be used (missing, unreadable, or records invalid)."""
+class DataError(UserError):
+    """A data file cannot be used (missing, unreadable, or records invalid). Exit 2."""
 
 
 @dataclass
@@ -158,41 +159,191 @@ def check(item: Located, obj: Any) -> Located:
     return item
 
 
-def iter_jsonl(path: str, validate: bool = True) -> Iterator[Located]:
-    """Stream a .jsonl file, yielding every non-blank line checked.
+class DuplicateKeyError(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
 
-    Invalid lines are yielded with ``error`` set, never skipped silently.
-    With ``validate=False`` only the JSON is parsed (for converters).
 
-    Raises:
-        DataError: The file is missing or unreadable.
-    """
+def _no_duplicate_keys(pairs):
+    # A JSON object with a key twice has no single meaning (Python would keep
+    # the last value silently), so such a record is rejected, naming the key.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKeyError(k)
+            seen.add(k)
+    return obj
+
+
+def parse_json(text: str):
+    """json.loads that refuses duplicate keys (DuplicateKeyError) and keeps NaN literals for the rules."""
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+
+
+def _check_file(path: str) -> None:
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, expected a .jsonl file")
+        raise DataError(f"{path}: is a directory, expected a data file ({', '.join(DATA_SUFFIXES)})")
+
+
+def _sniff(path: str) -> str:
+    """The container: "gzip", "parquet" or "text", from the first bytes (not the name)."""
     try:
-        f = open(path, "rb")  # bytes, so a bad byte sequence is pinned to its line
+        with open(path, "rb") as f:
+            head = f.read(4)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        for lineno, bline in enumerate(f, 1):
-            try:
-                raw = bline.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                item = Located(path, lineno, bline.decode("utf-8", "replace").rstrip("\r\n"))
-                item.error = RecordError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, "not_utf8")
-                yield item
-                continue
-            if not raw.strip():
-                continue
-            item = Located(path, lineno, raw)
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                item.error = RecordError(f"invalid JSON ({e.msg} at column {e.colno})", None, "invalid_json")
-                yield item
-                continue
+    if head[:2] == _GZIP_MAGIC:
+        return "gzip"
+    if head == _PARQUET_MAGIC:
+        return "parquet"
+    return "text"
+
+
+def iter_records(path: str, validate: bool = True) -> Iterator[Located]:
+    """Every record of one data file, whatever its format: the one reader of the project.
+
+    JSON Lines (``.jsonl``), a JSON array (``.json``; the line is the index
+    + 1), either gzip-compressed (found by its magic bytes, whatever the
+    name), or Parquet (one record per row; the line is the row + 1). Invalid
+    records are yielded with ``error`` set, never skipped silently.
+
+    Raises:
+        DataError: The file is missing, unreadable or not one of these formats.
+    """
+    _check_file(path)
+    kind = _sniff(path)
+    if kind == "parquet":
+        yield from _iter_parquet(path, validate)
+        return
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith(".json"):
+        yield from _iter_json_array(path, kind == "gzip", validate)
+    else:
+        yield from _iter_lines(path, kind == "gzip", validate)
+
+
+def iter_jsonl(path: str, validate: bool = True) -> Iterator[Located]:
+    """Records of a data file (any format :func:`iter_records` reads; kept for callers of the old name)."""
+    return iter_records(path, validate)
+
+
+def _open_binary(path: str, gz: bool):
+    import gzip
+
+    try:
+        return gzip.open(path, "rb") if gz else open(path, "rb")  # bytes: a bad byte is pinned to its line
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _parsed(item: Located, validate: bool) -> Located:
+    try:
+        obj = parse_json(item.raw)
+    except json.JSONDecodeError as e:
+        item.error = RecordError(f"invalid JSON ({e.msg} at column {e.colno})", None, "invalid_json")
+        return item
+    except DuplicateKeyError as e:
+        item.error = RecordError(f"key '{e.key}' appears twice in one object; keep one", e.key, "duplicate_key")
+        return item
+    except RecursionError:
+        item.error = RecordError("JSON nested too deeply", None, "invalid_json")
+        return item
+    if validate:
+        return check(item, obj)
+    item.record = obj
+    return item
+
+
+def _iter_lines(path: str, gz: bool, validate: bool) -> Iterator[Located]:
+    import zlib
+
+    with _open_binary(path, gz) as f:
+        lineno = 0
+        try:
+            for lineno, bline in enumerate(f, 1):
+                if lineno == 1 and bline.startswith(b"\xef\xbb\xbf"):
+                    bline = bline[3:]  # a UTF-8 byte-order mark, as some editors write
+                try:
+                    raw = bline.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    item = Located(path, lineno, bline.decode("utf-8", "replace").rstrip("\r\n"))
+                    item.error = RecordError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, "not_utf8")
+                    yield item
+                    continue
+                if not raw.strip():
+                    continue
+                yield _parsed(Located(path, lineno, raw), validate)
+        except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
+            raise DataError(f"{path}:{lineno + 1}: cannot decompress ({e}); the file is truncated or "
+                            f"corrupt") from None
+
+
+def _iter_json_array(path: str, gz: bool, validate: bool) -> Iterator[Located]:
+    import zlib
+
+    try:
+        with _open_binary(path, gz) as f:
+            data = f.read()
+        text = data.decode("utf-8-sig")  # a byte-order mark is accepted
+        records = json.loads(text, object_pairs_hook=_no_duplicate_keys_lenient)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: a .json source must hold an array of records")
+    for i, obj in enumerate(records, 1):
+        item = Located(path, i, json.dumps(obj, ensure_ascii=False))
+        if isinstance(obj, _Duplicated):
+            item.error = RecordError(f"key '{obj.key}' appears twice in one object; keep one", obj.key,
+                                     "duplicate_key")
+            yield item
+        elif validate:
+            yield check(item, obj)
+        else:
+            item.record = obj
+            yield item
+
+
+class _Duplicated(dict):
+    """An object of a JSON array that had a duplicate key (so the whole file need not fail)."""
+
+    key = ""
+
+
+def _no_duplicate_keys_lenient(pairs):
+    try:
+        return _no_duplicate_keys(pairs)
+    except DuplicateKeyError as e:
+        out = _Duplicated(pairs)
+        out.key = e.key
+        return out
+
+
+def _iter_parquet(path: str, validate: bool) -> Iterator[Located]:
+    try:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DataError(f"{path}: cannot read it as Parquet ({e})") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for obj in batch.to_pylist():
+            row += 1
+            item = Located(path, row, json.dumps(obj, ensure_ascii=False, default=str))
             if validate:
                 yield check(item, obj)
             else:
@@ -213,7 +364,7 @@ def load_records(paths: str | list[str], max_errors_shown: int = 5) -> list[dict
         paths = [paths]
     records, errors = [], []
     for path in paths:
-        for item in iter_jsonl(path):
+        for item in iter_records(path):
             if item.error is not None:
                 errors.append(f"{item.where}: {item.error.reason}")
             else:

@@ -33,6 +33,9 @@ import time
 import urllib.error
 import urllib.request
 
+from .errors import UserError, cli
+from .hf_layout import TRUST_FLAG, remote_code_allowed
+
 ENGINES = ("vllm", "sglang", "lmdeploy")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Made by `make serve-setup`: vLLM's CPU build, apart from the training venv
@@ -42,7 +45,7 @@ HEALTH_PATH = {"vllm": "/health", "sglang": "/health", "lmdeploy": "/v1/models"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class ServeError(Exception):
+class ServeError(UserError):
     """A user or environment mistake: one ``error:`` line, exit code 2."""
 
 
@@ -215,6 +218,8 @@ def parse_args(argv=None):
     p.add_argument("--python", help="interpreter with the engine installed "
                    "(default: .venv-serve's on a machine without CUDA, else this one)")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the first answer")
+    p.add_argument(TRUST_FLAG, action="store_true",
+                   help="serve a directory whose Python code is not the code this project ships")
     args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -225,17 +230,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, extra = parse_args(argv)
-    try:
-        if not os.path.isdir(args.model_dir):
-            raise ServeError(f"{args.model_dir}: no such model directory")
-        model_dir = os.path.abspath(args.model_dir)
-        model_dtype(model_dir)  # a model mistake is reported before any environment one
-        on_gpu = cuda_available()
-        python = pick_python(args.engine, on_gpu, args.python)
-        cmd = engine_command(args.engine, model_dir, args.host, args.port, python, extra, args.dtype)
-    except ServeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not os.path.isdir(args.model_dir):
+        raise ServeError(f"{args.model_dir}: no such model directory")
+    model_dir = os.path.abspath(args.model_dir)
+    model_dtype(model_dir)  # a model mistake is reported before any environment one
+    # The engines always run the directory's code (--trust-remote-code): only ours, unless the user says so.
+    remote_code_allowed(model_dir, args.trust_remote_code)
+    on_gpu = cuda_available()
+    python = pick_python(args.engine, on_gpu, args.python)
+    cmd = engine_command(args.engine, model_dir, args.host, args.port, python, extra, args.dtype)
     address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=engine_env(args.engine, args.host, on_gpu), start_new_session=True)
@@ -262,4 +265,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

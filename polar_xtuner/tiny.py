@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Iterable
 
 from .constants import (
@@ -23,6 +22,7 @@ from .constants import (
     REWARD_TOKEN,
     UNK_TOKEN,
 )
+from .hf_layout import AUTO_MAP, copy_remote_code  # noqa: F401 - the layout the tiny model shares
 
 # Fixed ids of the tiny tokenizer's special tokens. The real tokenizer keeps
 # BOS 1 and EOS 2 as well; its reward token is 92527, ours is 4.
@@ -45,31 +45,6 @@ TINY_MODEL_SIZES = dict(
     num_key_value_heads=4,  # GQA, like the real models
     max_position_embeddings=2048,
 )
-
-
-def modeling_code_dir() -> str:
-    """Return the directory of xtuner's InternLM2 reward-model remote code."""
-    from xtuner.tools.model_converters import modeling_internlm2_reward
-
-    return os.path.dirname(modeling_internlm2_reward.__file__)
-
-
-def copy_remote_code(out_dir: str) -> None:
-    """Copy the InternLM2 reward remote code (config + modeling) into out_dir.
-
-    The files are generated from the installed xtuner at run time, so a model
-    directory works with ``trust_remote_code=True`` on a machine that has
-    neither the hub nor the original model directory.
-    """
-    src = modeling_code_dir()
-    for name in ("configuration_internlm2.py", "modeling_internlm2.py"):
-        shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
-
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_internlm2.InternLM2Config",
-    "AutoModel": "modeling_internlm2.InternLM2ForRewardModel",
-}
 
 
 def _default_corpus() -> Iterable[str]:

@@ -297,7 +297,7 @@ def test_make_rft_data_rows_load_with_datasets(tmp_path):
                                                   for m in recs[0]["reference"]]
     # refusals
     proc = run_tool("python", "tools/make_rft_data.py", str(src), "-o", str(src))
-    assert proc.returncode == 2 and "is one of the inputs" in proc.stderr and src.read_text().count("\n") == 7
+    assert proc.returncode == 2 and "would overwrite an input" in proc.stderr and src.read_text().count("\n") == 7
     proc = run_tool("python", "tools/make_rft_data.py", str(tmp_path / "none.jsonl"), "-o", str(out))
     assert proc.returncode == 2 and "no such file" in proc.stderr
 

@@ -27,7 +27,7 @@ import sys
 
 from polar_xtuner.build import build
 from polar_xtuner.converters import DEFAULT_PAIRS_PER_PROMPT, FORMATS
-from polar_xtuner.schema import DataError
+from polar_xtuner.errors import UserError, cli
 
 
 def main(argv=None) -> int:
@@ -69,15 +69,10 @@ def main(argv=None) -> int:
             meter = LengthMeter(tok, args.max_length, args.max_response_length,
                                 args.max_packed_length or 2 * args.max_length)
         except (OSError, ValueError) as e:
-            print(f"error: --tokenizer {args.tokenizer}: {e}", file=sys.stderr)
-            return 2
-    try:
-        res = build(args.sources, args.out_dir, args.val_ratio, args.val_size, args.seed,
-                    args.dedupe, progress=sys.stderr.isatty(), meter=meter, drop_overlong=args.drop_overlong,
-                    fmt=args.fmt, pairs_per_prompt=args.pairs_per_prompt)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            raise UserError(f"--tokenizer {args.tokenizer}: cannot load it ({e})") from None
+    res = build(args.sources, args.out_dir, args.val_ratio, args.val_size, args.seed,
+                args.dedupe, progress=sys.stderr.isatty(), meter=meter, drop_overlong=args.drop_overlong,
+                fmt=args.fmt, pairs_per_prompt=args.pairs_per_prompt)
     print(f"kept {res.kept} record(s) ({res.kept - res.val} train, {res.val} val), "
           f"rejected {res.rejected}, duplicates removed {res.duplicates} -> {args.out_dir}")
     for reason, n in res.reasons.most_common():
@@ -98,10 +93,10 @@ def main(argv=None) -> int:
         cut = ", ".join(f"{k} {v}" for k, v in lengths["truncated"].items())
         print(f"  truncated: {cut}; over max_packed_length: {lengths['over_max_packed_length']}")
     if res.kept == 0:
-        print("error: no valid record kept", file=sys.stderr)
-        return 2
+        raise UserError(f"no valid record kept from {', '.join(args.sources)}; "
+                        f"see {args.out_dir}/rejected.jsonl for why each was rejected")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

@@ -9,9 +9,9 @@ not. Answers are random per record, so only the reference tells them apart.
 """
 
 import argparse
-import sys
 
 from polar_xtuner.demo_data import write_demo_data
+from polar_xtuner.errors import cli
 
 
 def main(argv=None) -> int:
@@ -27,4 +27,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

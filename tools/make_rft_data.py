@@ -16,10 +16,11 @@ output path equal to an input).
 """
 
 import argparse
-import os
 import sys
 
-from polar_xtuner.rft_data import FORMATS, DataError, rl_rows, write_rows
+from polar_xtuner.errors import UserError, cli
+from polar_xtuner.outputs import check_writable, refuse_overlap
+from polar_xtuner.rft_data import FORMATS, rl_rows, write_rows
 
 
 def main(argv=None) -> int:
@@ -31,28 +32,17 @@ def main(argv=None) -> int:
     p.add_argument("--ability", default="general", help="verl's ability column")
     p.add_argument("--split", default="train", help="extra_info.split")
     args = p.parse_args(argv)
-    out = os.path.realpath(args.out)
-    if any(os.path.realpath(s) == out for s in args.sources):
-        print(f"error: --out {args.out} is one of the inputs; choose another path", file=sys.stderr)
-        return 2
-    try:
-        rows, rejected = rl_rows(args.sources, args.format, args.data_source, args.ability, args.split)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    refuse_overlap({"--out": args.out}, [("SRC", s) for s in args.sources])
+    check_writable(args.out, "--out")
+    rows, rejected = rl_rows(args.sources, args.format, args.data_source, args.ability, args.split)
     for line in rejected:
         print(f"skipped {line}", file=sys.stderr)
     if not rows:
-        print(f"error: no usable record (prompt + reference) in {', '.join(args.sources)}", file=sys.stderr)
-        return 2
-    try:
-        write_rows(rows, args.out, args.format)
-    except OSError as e:
-        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        raise UserError(f"no usable record (prompt + reference) in {', '.join(args.sources)}")
+    write_rows(rows, args.out, args.format)
     print(f"wrote {len(rows)} {args.format} rows to {args.out} ({len(rejected)} record(s) left out)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

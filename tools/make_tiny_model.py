@@ -10,8 +10,8 @@ POLAR's special tokens (<|reward|>, [UNUSED_TOKEN_130]).
 """
 
 import argparse
-import sys
 
+from polar_xtuner.errors import cli
 from polar_xtuner.tiny import TINY_REWARD_TOKEN_ID, make_tiny_model
 
 
@@ -26,4 +26,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)
