@@ -218,8 +218,8 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
         options = {"seed": seed, "pairs_per_prompt": k}
     elif pairs_per_prompt is not None:
         raise DataError(f"--pairs-per-prompt applies to --from policies only, not --from {fmt}")
-    files = expand_sources(sources)
     refuse_overlap({"-o": out_dir}, [("SRC", src) for src in sources])
+    files = expand_sources(sources)
     check_writable_dir(out_dir, "-o")
     if os.path.isdir(out_dir):
         foreign = sorted(set(os.listdir(out_dir)) - set(OUTPUTS))

@@ -100,13 +100,25 @@ def post_json(url: str, payload: dict, timeout: float) -> tuple[int, bytes]:
         conn.close()
 
 
+class BadScoreError(RemoteScoringError):
+    """A score that is not a finite number; ``index`` is the text's position in the request list."""
+
+    def __init__(self, server_type: str, value, index: int):
+        kind = "non-finite" if isinstance(value, float) else "non-numeric"
+        super().__init__(f"{server_type} answered a {kind} score ({value!r}) for text {index}")
+        self.server_type, self.value, self.index, self.kind = server_type, value, index, kind
+
+    def shifted(self, offset: int) -> "BadScoreError":
+        return BadScoreError(self.server_type, self.value, self.index + offset)
+
+
 def _as_score(value, server_type: str, index: int) -> float:
     # A bool is an int in Python, and "1.5" converts with float(): neither is a score.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RemoteScoringError(f"{server_type} answered a non-numeric score for text {index}: {value!r}")
+        raise BadScoreError(server_type, value, index)
     value = float(value)
     if not math.isfinite(value):
-        raise RemoteScoringError(f"{server_type} answered a non-finite score ({value}) for text {index}")
+        raise BadScoreError(server_type, value, index)
     return value
 
 
@@ -292,14 +304,21 @@ class RemoteScorer:
         Batches go out ``concurrency`` at a time per server, round-robin over
         the servers; the first failure that survives its retries is raised.
         """
-        batches = [texts[i:i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
-        if not batches:
+        starts = range(0, len(texts), self.batch_size)
+        if not starts:
             return []
-        workers = min(len(batches), self.concurrency * len(self.endpoints))
+        workers = min(len(starts), self.concurrency * len(self.endpoints))
+
+        def post(i: int, start: int) -> list[float]:
+            try:
+                return self._post(texts[start:start + self.batch_size], i % len(self.endpoints))
+            except BadScoreError as e:
+                raise e.shifted(start) from None  # the position in ``texts``, not in the batch
+
         if workers == 1:
-            return [s for b in batches for s in self._post(b)]
+            return [s for i, start in enumerate(starts) for s in post(i, start)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(self._post, b, i % len(self.endpoints)) for i, b in enumerate(batches)]
+            futures = [pool.submit(post, i, start) for i, start in enumerate(starts)]
             try:
                 return [s for f in futures for s in f.result()]
             except BaseException:

@@ -34,7 +34,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .errors import UserError, VerificationError, cli
+from .errors import UserError, VerificationError, cli, entry_point
 from .outputs import atomic_dir, check_writable_dir, refuse_overlap
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -436,6 +436,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     # run leaves the previous output as it was, and --force never leaves an
     # earlier model's files (an old model.safetensors beside new shards would
     # be the one that loads).
+    check_free_space(out_dir, model, torch_dtype)
     held = [model]  # handed over, so that its memory goes when the writer drops it
     del model
     with atomic_dir(out_dir) as work:
@@ -445,6 +446,26 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
                                      head if lora else None, model_dir)
     print(f"Wrote {out_dir}", flush=True)
     return max_diff
+
+
+def check_free_space(out_dir: str, model, torch_dtype) -> None:
+    """Refuse, before writing, an OUT_DIR whose file system cannot hold the weights.
+
+    Raises:
+        ConvertError: Less free space than the weights need (plus 5% and 64 MiB for the rest).
+    """
+    import shutil
+
+    import torch
+
+    need = sum(p.numel() for p in model.state_dict().values()) * torch.finfo(torch_dtype).bits // 8
+    need = int(need * 1.05) + (64 << 20)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise ConvertError(f"OUT_DIR {out_dir}: no space left on the device for the model (needs about "
+                           f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free in {parent}); free some space "
+                           f"or write elsewhere")
 
 
 def _write_and_verify(work, out_dir, config_path, cfg, ckpt, held, tokenizer, settings, dtype, torch_dtype,
@@ -586,6 +607,7 @@ def _return_freed_memory() -> None:
         pass
 
 
+@entry_point
 def main(argv=None) -> int:
     _return_freed_memory()
     p = argparse.ArgumentParser(

@@ -24,6 +24,7 @@ Anything else is a bug and keeps its traceback. Every message is one line:
 from __future__ import annotations
 
 import errno
+import functools
 import sys
 from typing import Callable, Sequence
 
@@ -104,6 +105,16 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     except KeyboardInterrupt:
         print("error: interrupted; outputs were left as they were", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def entry_point(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Sequence[str] | None], int]:
+    """Decorate a tool's ``main(argv)`` so that calling it returns the exit code :func:`run` gives."""
+
+    @functools.wraps(main)
+    def wrapped(argv: Sequence[str] | None = None) -> int:
+        return run(main, argv)
+
+    return wrapped
 
 
 def cli(main: Callable[[Sequence[str] | None], int | None]) -> None:

@@ -27,7 +27,10 @@ five variables from :func:`ensure_rendezvous_env`, which
 
 Usage (the scripts do this):
     python -m polar_xtuner.launch CONFIG [xtuner train arguments...]
-prints the command, NUL-separated, for ``mapfile -d ''``.
+prints the command, NUL-separated, for ``mapfile -d ''``;
+    python -m polar_xtuner.launch --port NAME
+prints $NAME's port when it is free (else exits 2 saying it is taken), or a
+free port when NAME is unset.
 
 Environment (xtuner's names):
     NNODES          nodes in the job (default 1)
@@ -96,12 +99,12 @@ def ensure_rendezvous_env(environ=None, program=None) -> dict:
     MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK are set it
     "discovers" them through MPI, which sets MASTER_PORT to 29500 (whatever the
     environment said), so a second run on the machine failed with EADDRINUSE
-    (and ``xtuner train`` still exited 0). Here, when none of RANK, WORLD_SIZE
-    and LOCAL_RANK is set (not a torchrun, DeepSpeed-launcher or mpirun
-    process) and no MPI launcher or srun started several tasks, the missing
-    ones are set for one process: MASTER_ADDR=127.0.0.1, MASTER_PORT=a free
-    port (a MASTER_PORT already set is kept), RANK=0, WORLD_SIZE=1,
-    LOCAL_RANK=0.
+    (and ``xtuner train`` still exited 0). Here, when neither RANK nor
+    WORLD_SIZE is set (not a torchrun or DeepSpeed-launcher process) and no MPI
+    launcher or srun started several tasks, the missing ones are set for one
+    process: MASTER_ADDR=127.0.0.1, MASTER_PORT=a free port, RANK=0,
+    WORLD_SIZE=1, LOCAL_RANK=0. A MASTER_ADDR, MASTER_PORT or LOCAL_RANK
+    already set is kept (xtuner's train.py sets LOCAL_RANK=0 itself).
 
     Called without ``environ`` (as ``polar_xtuner.model`` does at import), it
     acts on ``os.environ`` only in xtuner's ``tools/train.py``, so importing the
@@ -122,7 +125,7 @@ def ensure_rendezvous_env(environ=None, program=None) -> dict:
         if path.split(os.sep)[-3:] != ["xtuner", "tools", "train.py"]:
             return {}
     environ = os.environ if environ is None else environ
-    if any(environ.get(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+    if environ.get("RANK") or environ.get("WORLD_SIZE"):
         return {}
     for name in _MULTI_TASK_VARS:
         try:
@@ -245,6 +248,16 @@ def _require_free(port: int, name: str, taken: str) -> int:
     return port
 
 
+def local_port(env, names=("PORT",)) -> int:
+    """The port of the first of ``names`` set in ``env``, checked free; a free port when none is set."""
+    name = next((n for n in names if env.get(n)), None)
+    if name is None:
+        return free_port()
+    port = _port_env(env, name)
+    return _require_free(port, name, f"{name} {port} is taken on this machine (another job?); set {name} to "
+                                     f"a free port, or leave it unset to get one")
+
+
 def _rendezvous(env, nnodes: int, nproc: int, node_rank: int) -> tuple[dict, int | None]:
     """(variables for a single process, torchrun's master port)."""
     if nnodes > 1:
@@ -256,14 +269,7 @@ def _rendezvous(env, nnodes: int, nproc: int, node_rank: int) -> tuple[dict, int
     # One node: a free port unless PORT (or, for one process, MASTER_PORT) names one.
     if nproc == 1 and env.get("MASTER_PORT") and env.get("RANK"):
         return {}, None  # the user's (or an outer launcher's) rendezvous: left as it is
-    names = ("PORT",) if nproc > 1 else ("PORT", "MASTER_PORT")
-    name = next((n for n in names if env.get(n)), None)
-    if name is None:
-        port = free_port()
-    else:
-        port = _port_env(env, name)
-        _require_free(port, name, f"{name} {port} is taken on this machine (another job?); set {name} to a "
-                                  f"free port, or leave it unset to get one")
+    port = local_port(env, ("PORT",) if nproc > 1 else ("PORT", "MASTER_PORT"))
     # One process: DeepSpeed still opens a rendezvous port (see ensure_rendezvous_env).
     return ({}, port) if nproc > 1 else (single_process_env(port), None)
 
@@ -300,13 +306,23 @@ def command(argv: list[str], env=None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    """Print the command NUL-separated on stdout; errors are raised (see polar_xtuner.errors)."""
+    """Print the command NUL-separated on stdout; errors are raised (see polar_xtuner.errors).
+
+    ``--port NAME`` prints a rendezvous port instead: $NAME when it is set and
+    free, else a free one (scripts/demo.sh uses it for MASTER_PORT).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     out, sys.stdout = sys.stdout, sys.stderr  # stdout carries only the command
     try:
-        cmd = command(sys.argv[1:] if argv is None else list(argv))
+        if argv[:1] == ["--port"]:
+            if len(argv) != 2:
+                raise LaunchError("usage: --port NAME (the environment variable that may name a port)")
+            result = str(local_port(os.environ, (argv[1],))) + "\n"
+        else:
+            result = "\0".join(command(argv)) + "\0"
     finally:
         sys.stdout = out
-    sys.stdout.write("\0".join(cmd) + "\0")
+    sys.stdout.write(result)
     return 0
 
 

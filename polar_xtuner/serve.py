@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 
-from .errors import UserError, cli
+from .errors import UserError, cli, entry_point
 from .hf_layout import TRUST_FLAG, remote_code_allowed
 
 ENGINES = ("vllm", "sglang", "lmdeploy")
@@ -228,6 +228,7 @@ def parse_args(argv=None):
     return args, extra
 
 
+@entry_point
 def main(argv=None) -> int:
     args, extra = parse_args(argv)
     if not os.path.isdir(args.model_dir):

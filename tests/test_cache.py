@@ -1,4 +1,5 @@
 """The encoded-pairs cache: concurrent builders, corrupt entries, hits that encode nothing."""
+import contextlib
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ from polar_xtuner.schema import DataError
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 ROUNDS = 20
 WORKERS = 3
+CORRUPT_ROUNDS = range(1, ROUNDS, 4)  # the others start empty (the old rmtree race failed 3-4 in 10 of those)
 
 
 def _digest(columns: dict) -> str:
@@ -30,32 +32,118 @@ def _siblings(cache: str) -> list[str]:
     return sorted(os.listdir(cache))
 
 
-def _worker(tiny_dir, data, cache_root, rounds, barrier, results):
-    """One builder: every round, start with the others and build (or load) the round's cache."""
+def _said(err: str) -> str:
+    """Our lines of a stderr capture (without datasets' progress bars)."""
+    return "".join(line + "\n" for line in err.splitlines() if line.startswith("polar_xtuner:"))
+
+
+# Spawned processes import torch, xtuner and datasets (~10 s on 2 cores): one
+# pool of warm workers serves the concurrency and the multi-rank test.
+_BARRIER = None  # in a worker: the barrier all workers were started with
+_TOKENIZERS: dict = {}
+
+
+def _serve(tasks, results, barrier):
+    global _BARRIER
+    _BARRIER = barrier
+    from polar_xtuner import dataset  # noqa: F401 - warm up before the first task
+
+    while (task := tasks.get()) is not None:
+        name, args = task
+        try:
+            results.put((True, globals()[name](*args)))
+        except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+            results.put((False, traceback.format_exc()))
+
+
+class _Pool:
+    def __init__(self, n):
+        ctx = multiprocessing.get_context("spawn")
+        barrier = ctx.Barrier(n)
+        self.queues = [(ctx.Queue(), ctx.Queue()) for _ in range(n)]
+        self.procs = [ctx.Process(target=_serve, args=(tasks, results, barrier), daemon=True)
+                      for tasks, results in self.queues]
+        for p in self.procs:
+            p.start()
+
+    def run(self, name, args_per_worker, timeout=300):
+        """Run globals()[name](*args) in the first len(args_per_worker) workers at once; their results."""
+        for (tasks, _), args in zip(self.queues, args_per_worker):
+            tasks.put((name, args))
+        out = [results.get(timeout=timeout) for (_, results), _ in zip(self.queues, args_per_worker)]
+        assert all(ok for ok, _ in out), "\n".join(value for ok, value in out if not ok)
+        return [value for _, value in out]
+
+    def close(self):
+        for tasks, _ in self.queues:
+            tasks.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = _Pool(WORKERS)
+    yield p
+    p.close()
+
+
+def _tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
-    from polar_xtuner import dataset as Dw
+    if tiny_dir not in _TOKENIZERS:
+        _TOKENIZERS[tiny_dir] = AutoTokenizer.from_pretrained(tiny_dir)
+    return _TOKENIZERS[tiny_dir]
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+
+@contextlib.contextmanager
+def _patched_encode(replacement):
+    real = D.encode_records
+    D.encode_records = replacement(real)
+    try:
+        yield
+    finally:
+        D.encode_records = real
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    err, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        yield sys.stderr
+    finally:
+        sys.stderr = err
+
+
+def _build_rounds(tiny_dir, data, cache_root, rounds):
+    """One builder: every round, start with the others and build (or load) the round's cache.
+
+    Returns (round, "ok" or "error", data digest or traceback, whether it encoded, its lines).
+    """
+    tokenizer = _tokenizer(tiny_dir)
     encoded = []
-    real_encode = Dw.encode_records
 
-    def counting_encode(*a, **kw):
-        encoded.append(1)
-        return real_encode(*a, **kw)
+    def counting(real):
+        def encode(*a, **kw):
+            encoded.append(1)
+            return real(*a, **kw)
+        return encode
 
-    Dw.encode_records = counting_encode
-    for r in range(rounds):
-        barrier.wait(timeout=120)  # every builder starts the round at the same instant
-        encoded.clear()
-        err, sys.stderr = sys.stderr, io.StringIO()
-        try:
-            ds = Dw.encoded_pairs([data], tokenizer, 512, 128, None, cache_dir=os.path.join(cache_root, str(r)))
-            results.put((r, "ok", _digest(ds[:]), bool(encoded), sys.stderr.getvalue()))
-        except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
-            results.put((r, "error", traceback.format_exc(), bool(encoded), sys.stderr.getvalue()))
-        finally:
-            sys.stderr = err
+    out = []
+    with _patched_encode(counting):
+        for r in range(rounds):
+            _BARRIER.wait(timeout=120)  # every builder starts the round at the same instant
+            encoded.clear()
+            with _captured_stderr() as err:
+                try:
+                    ds = D.encoded_pairs([data], tokenizer, 512, 128, None,
+                                         cache_dir=os.path.join(cache_root, str(r)))
+                    out.append((r, "ok", _digest(ds[:]), bool(encoded), _said(err.getvalue())))
+                except Exception:  # noqa: BLE001 - the test fails with it
+                    out.append((r, "error", traceback.format_exc(), bool(encoded), _said(err.getvalue())))
+    return out
 
 
 def _corrupt_copy(entry: str, dst: str) -> None:
@@ -65,41 +153,86 @@ def _corrupt_copy(entry: str, dst: str) -> None:
     os.truncate(arrow, os.path.getsize(arrow) // 2)
 
 
-def test_concurrent_builders_all_succeed_and_agree(tmp_path, tiny_dir, tokenizer):
+def _small_data(tmp_path) -> str:
     data = str(tmp_path / "pairs.jsonl")
     with open(VAL) as src, open(data, "w") as dst:
-        dst.writelines(src.readlines()[:60])  # small: the rounds are about the race, not the encoding
+        dst.writelines(src.readlines()[:60])  # small: these tests are about races, not the encoding
+    return data
+
+
+def test_concurrent_builders_all_succeed_and_agree(tmp_path, tiny_dir, tokenizer, pool):
+    data = _small_data(tmp_path)
     want = _digest(D.build_polar_dataset(data, tokenizer, 512, 128, cache_dir=None)[:])
     key = D.cache_key([data], tokenizer, 512, 128, None)
     seed = str(tmp_path / "seed")
     D.encoded_pairs([data], tokenizer, 512, 128, None, cache_dir=seed)
     cache_root = tmp_path / "caches"
-    for r in range(1, ROUNDS, 2):  # odd rounds start from a corrupt entry, which every builder finds
+    for r in CORRUPT_ROUNDS:  # these start from a corrupt entry, which every builder finds
         _corrupt_copy(os.path.join(seed, key), str(cache_root / str(r) / key))
 
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(WORKERS), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(tiny_dir, data, str(cache_root), ROUNDS, barrier, results))
-             for _ in range(WORKERS)]
-    for p in procs:
-        p.start()
-    try:
-        got = [results.get(timeout=300) for _ in range(ROUNDS * WORKERS)]
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    got = [row for rows in pool.run("_build_rounds", [(tiny_dir, data, str(cache_root), ROUNDS)] * WORKERS)
+           for row in rows]
     errors = [f"round {r}: {text}" for r, status, text, _, _ in got if status != "ok"]
     assert not errors, "\n".join(errors)
+    assert len(got) == ROUNDS * WORKERS
     assert {text for _, _, text, _, _ in got} == {want}
     for r in range(ROUNDS):
         assert _siblings(str(cache_root / str(r))) == [key], r  # one entry, no temp or corrupt leftovers
         assert D._check_manifest(str(cache_root / str(r) / key))[0] is None
     overlapped = sum(sum(enc for rr, _, _, enc, _ in got if rr == r) >= 2 for r in range(ROUNDS))
     assert overlapped >= ROUNDS // 4, f"builders overlapped in only {overlapped} of {ROUNDS} rounds"
-    for r in range(1, ROUNDS, 2):  # someone found each seeded corrupt entry, and said so
+    for r in CORRUPT_ROUNDS:  # someone found each seeded corrupt entry, and said so
         assert any("is corrupt (" in err for rr, _, _, _, err in got if rr == r), r
+
+
+def _rank(rank, world, store, tiny_dir, data, cache):
+    """One rank of a CPU process group: a miss, a hit, then a corrupt entry; {phase: (digest, lines)}."""
+    import torch.distributed as dist
+
+    def refuse(real):
+        def encode(*a, **kw):
+            raise AssertionError("only rank 0 encodes")
+        return encode if rank else real
+
+    tokenizer = _tokenizer(tiny_dir)
+    entry = os.path.join(cache, D.cache_key([data], tokenizer, 512, 128, None))
+    out = {}
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        with _patched_encode(refuse):
+            for phase in ("miss", "hit", "corrupt"):
+                if phase == "corrupt" and rank == 0:
+                    os.truncate(os.path.join(entry, "data-00000-of-00001.arrow"), 1000)
+                dist.barrier()
+                with _captured_stderr() as err:
+                    ds = D.encoded_pairs([data], tokenizer, 512, 128, None, cache_dir=cache)
+                out[phase] = (_digest(ds[:]), _said(err.getvalue()))
+                del ds
+                dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+def test_ranks_validate_rank0_builds_all_load(tmp_path, tiny_dir, tokenizer, pool):
+    data = _small_data(tmp_path)
+    want = _digest(D.build_polar_dataset(data, tokenizer, 512, 128, cache_dir=None)[:])
+    cache = str(tmp_path / "cache")
+    entry = os.path.join(cache, D.cache_key([data], tokenizer, 512, 128, None))
+    store = str(tmp_path / "store")
+    got = pool.run("_rank", [(r, 2, store, tiny_dir, data, cache) for r in range(2)])
+    assert {digest for ranks in got for digest, _ in ranks.values()} == {want}
+    assert got[0]["miss"][1] == f"polar_xtuner: cached encoded pairs in {entry}\n"
+    assert got[1]["miss"][1] == ""
+    for rank in (0, 1):
+        assert got[rank]["hit"][1] == f"polar_xtuner: using cached encoded pairs {entry}\n"
+    size = os.path.getsize(os.path.join(entry, "data-00000-of-00001.arrow"))
+    assert got[0]["corrupt"][1].splitlines() == [
+        f"polar_xtuner: cache entry {entry} is corrupt (data-00000-of-00001.arrow is 1000 bytes, "
+        f"its manifest says {size}); rebuilding",
+        f"polar_xtuner: cached encoded pairs in {entry}"]
+    assert "corrupt" not in got[1]["corrupt"][1]
+    assert _siblings(cache) == [os.path.basename(entry)]
 
 
 @pytest.mark.parametrize("damage", ["truncated arrow", "flipped byte", "no manifest", "garbled manifest",

@@ -27,9 +27,10 @@ import sys
 
 from polar_xtuner.build import build
 from polar_xtuner.converters import DEFAULT_PAIRS_PER_PROMPT, FORMATS
-from polar_xtuner.errors import UserError, cli
+from polar_xtuner.errors import UserError, cli, entry_point
 
 
+@entry_point
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sources", nargs="+", metavar="SRC")

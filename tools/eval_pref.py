@@ -32,7 +32,7 @@ import sys
 
 from polar_xtuner.client import SERVER_TYPES, parse_addresses
 from polar_xtuner.encoding import EncodingSettings
-from polar_xtuner.errors import UserError, VerificationError, cli
+from polar_xtuner.errors import UserError, VerificationError, cli, entry_point
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
 from polar_xtuner.outputs import atomic_file, check_writable, refuse_overlap, write_json
 from polar_xtuner.schema import DataError, iter_records
@@ -90,6 +90,7 @@ def write_score_stats(model_dir: str, scores, data: str) -> str:
     return path
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     needed = ["tokenizer_config.json"] if args.server_type else ["config.json", "adapter_config.json"]
@@ -120,14 +121,19 @@ def main(argv=None) -> int:
     if args.server_type:
         from transformers import AutoTokenizer
 
-        from polar_xtuner.client import RemoteScorer, check_served_dtype, score_records_remote
+        from polar_xtuner.client import BadScoreError, RemoteScorer, check_served_dtype, score_records_remote
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=trust)
         scorer = RemoteScorer(args.server_type, args.server_address, os.path.basename(args.model.rstrip("/")),
                               timeout=args.timeout, max_retries=args.max_retries, batch_size=args.batch_size,
                               concurrency=args.concurrency)
-        scores = score_records_remote(scorer, tokenizer, records, settings.max_length,
-                                      settings.max_response_length)
+        try:
+            scores = score_records_remote(scorer, tokenizer, records, settings.max_length,
+                                          settings.max_response_length)
+        except BadScoreError as e:  # texts go chosen, rejected per record
+            where = good[e.index // 2].where
+            raise VerificationError(f"{where}: the server answered a {e.kind} score ({e.value!r}) for its "
+                                    f"{('chosen', 'rejected')[e.index % 2]} answer; nothing was written") from None
         print(check_served_dtype(scorer, args.model), file=sys.stderr)
     else:
         model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)

@@ -11,9 +11,10 @@ not. Answers are random per record, so only the reference tells them apart.
 import argparse
 
 from polar_xtuner.demo_data import write_demo_data
-from polar_xtuner.errors import cli
+from polar_xtuner.errors import cli, entry_point
 
 
+@entry_point
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", nargs="?", default="data/demo")

@@ -18,11 +18,12 @@ output path equal to an input).
 import argparse
 import sys
 
-from polar_xtuner.errors import UserError, cli
+from polar_xtuner.errors import UserError, cli, entry_point
 from polar_xtuner.outputs import check_writable, refuse_overlap
 from polar_xtuner.rft_data import FORMATS, rl_rows, write_rows
 
 
+@entry_point
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sources", nargs="+", metavar="SRC")

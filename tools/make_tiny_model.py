@@ -11,10 +11,11 @@ POLAR's special tokens (<|reward|>, [UNUSED_TOKEN_130]).
 
 import argparse
 
-from polar_xtuner.errors import cli
+from polar_xtuner.errors import cli, entry_point
 from polar_xtuner.tiny import TINY_REWARD_TOKEN_ID, make_tiny_model
 
 
+@entry_point
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")

@@ -1,0 +1,409 @@
+"""Fault injection: every tool either finishes or fails with one line, and nothing is lost.
+
+Each case asserts the exit code, the one ``error:`` line (no traceback), and
+that the inputs and any earlier outputs are as they were. The classes are
+listed in RELIABILITY.md.
+"""
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import REPO, copy_config, run_tool
+
+VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
+RECORD = {"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b"}
+
+
+def one_error_line(proc):
+    """The run failed cleanly: no traceback, and exactly one ``error:`` line."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def snapshot(path):
+    """file name -> digest of every file under path (empty dict if it does not exist)."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = hashlib.sha1(f.read()).hexdigest()
+    return out
+
+
+def write_records(path, n, seed=0, pad=0):
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            words = " ".join(str(rng.random()) for _ in range(pad))
+            f.write(json.dumps(dict(RECORD, chosen=f"a{i} {words}", rejected=f"b{i}")) + "\n")
+
+
+# -- overlapping paths ---------------------------------------------------------------------------------
+
+
+def test_build_refuses_outputs_over_inputs_and_foreign_files(tmp_path):
+    out = tmp_path / "out"
+    assert run_tool("python", "tools/build_dataset.py", VAL, "-o", str(out)).returncode == 0
+    write_records(tmp_path / "in.jsonl", 3)
+    before = snapshot(out)
+    for args, words in [
+        ((str(out / "train.jsonl"), "-o", str(out)), "would overwrite an input"),  # its own output as input
+        ((str(out), "-o", str(out)), "would overwrite an input"),  # the output directory is an input
+        ((VAL, "-o", os.path.dirname(VAL)), "would overwrite an input"),
+        ((str(tmp_path), "-o", str(tmp_path / "sub")), "inside the input directory"),
+    ]:
+        proc = run_tool("python", "tools/build_dataset.py", *args)
+        assert proc.returncode == 2 and words in one_error_line(proc), (args, proc.stderr)
+    assert snapshot(out) == before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    proc = run_tool("python", "tools/build_dataset.py", VAL, "-o", str(foreign))
+    assert proc.returncode == 2 and "did not write" in one_error_line(proc)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_eval_and_rft_data_refuse_outputs_over_inputs(tmp_path, tiny_dir):
+    data = tmp_path / "val.jsonl"
+    data.write_bytes(open(VAL, "rb").read())
+    model_before = snapshot(tiny_dir)
+    cases = [
+        ("--out", str(data)),
+        ("--save-scores", os.path.join(tiny_dir, "config.json")),
+        ("--plot", str(tmp_path)),
+    ]
+    for flag, path in cases:
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), flag, path)
+        assert proc.returncode == 2, (flag, proc.stderr)
+        one_error_line(proc)
+    both = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
+                    "--out", str(tmp_path / "r.json"), "--save-scores", str(tmp_path / "r.json"))
+    assert both.returncode == 2 and "each other" in one_error_line(both)
+    assert data.read_bytes() == open(VAL, "rb").read() and snapshot(tiny_dir) == model_before
+    proc = run_tool("python", "tools/make_rft_data.py", str(data), "-o", str(data))
+    assert proc.returncode == 2 and "would overwrite an input" in one_error_line(proc)
+    assert data.read_bytes() == open(VAL, "rb").read()
+
+
+@pytest.fixture(scope="module")
+def pth_run(tmp_path_factory, tiny_dir):
+    """A config and a .pth checkpoint of the tiny model, as a training run would leave them (no training)."""
+    import torch
+    from transformers import AutoModel
+
+    root = tmp_path_factory.mktemp("pth_run")
+    model = AutoModel.from_pretrained(tiny_dir, trust_remote_code=True)
+    state = {("llm." + k[6:] if k.startswith("model.") else k): v for k, v in model.state_dict().items()}
+    work = root / "work"
+    work.mkdir()
+    torch.save({"state_dict": state}, work / "iter_1.pth")
+    cfg = copy_config(str(root), "polar_faults_cfg.py", tiny_dir, VAL)
+    return {"cfg": cfg, "ckpt": str(work / "iter_1.pth"), "work": str(work), "root": root}
+
+
+def test_convert_refuses_outputs_over_inputs(pth_run):
+    for out in (pth_run["work"], os.path.dirname(pth_run["cfg"]), pth_run["ckpt"]):
+        before = snapshot(pth_run["root"])
+        proc = run_tool("bash", "tools/convert.sh", pth_run["cfg"], pth_run["ckpt"], out, "--force")
+        assert proc.returncode == 2, proc.stderr
+        assert "overwrite an input" in one_error_line(proc) or "is a file" in proc.stderr
+        assert snapshot(pth_run["root"]) == before
+
+
+# -- killed mid-run: the output is the old one or the new complete one ------------------------------------
+
+
+def _kill_after(cmd, delay, env=None):
+    full_env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **(env or {}))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return proc.returncode
+
+
+def _build_complete(out):
+    report = json.loads((out / "report.json").read_text())
+    lines = sum(1 for _ in open(out / "train.jsonl", encoding="utf-8"))
+    return report["train"] == lines and (out / "rejected.jsonl").exists()
+
+
+def test_build_killed_at_random_points_leaves_old_or_new_outputs(tmp_path):
+    src = tmp_path / "in.jsonl"
+    write_records(src, 20000, pad=8)
+    out = tmp_path / "out"
+    small = tmp_path / "small.jsonl"
+    write_records(small, 5, seed=1)
+    assert run_tool("python", "tools/build_dataset.py", str(small), "-o", str(out)).returncode == 0
+    old = snapshot(out)
+    t0 = time.perf_counter()
+    assert run_tool("python", "tools/build_dataset.py", str(src), "-o", str(tmp_path / "ref")).returncode == 0
+    full = time.perf_counter() - t0
+    new = snapshot(tmp_path / "ref")
+    rng = random.Random(0)
+    outcomes = set()
+    for _ in range(6):
+        rc = _kill_after([sys.executable, "tools/build_dataset.py", str(src), "-o", str(out)],
+                         rng.uniform(0.2, full * 1.1))
+        now = snapshot(out)
+        assert now in (old, new), sorted(now)
+        assert _build_complete(out)
+        outcomes.add("new" if now == new else "old")
+        if now == new:  # start again from the old output
+            assert run_tool("python", "tools/build_dataset.py", str(small), "-o", str(out)).returncode == 0
+        assert rc in (0, -signal.SIGKILL)
+    assert "old" in outcomes  # the kills did land mid-run
+    # the temporary directories the killed runs left are cleared by the next run
+    assert run_tool("python", "tools/build_dataset.py", str(small), "-o", str(out)).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+
+
+def test_convert_killed_at_random_points_leaves_old_or_new_model(pth_run, tmp_path):
+    out = tmp_path / "hf"
+    old_marker = out / "old.txt"
+    out.mkdir()
+    old_marker.write_text("the previous model")
+    old = snapshot(out)
+    cmd = ["bash", "tools/convert.sh", pth_run["cfg"], pth_run["ckpt"], str(out), "--force"]
+    t0 = time.perf_counter()
+    ref = tmp_path / "ref"
+    assert run_tool(*cmd[:4], str(ref)).returncode == 0
+    full = time.perf_counter() - t0
+    new_files = set(snapshot(ref))
+    rng = random.Random(1)
+    for _ in range(4):
+        _kill_after(cmd, rng.uniform(1.0, full))
+        now = snapshot(out)
+        assert now == old or set(now) == new_files, sorted(now)
+        if now != old:
+            break
+    proc = run_tool(*cmd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(snapshot(out)) == new_files  # --force: none of the old files survive
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")]
+    assert leftovers == []
+
+
+# -- full disk and read-only destinations ------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 256 KiB tmpfs (root and mount allowed), unmounted afterwards."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or no permission); the injected ENOSPC test covers it")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_fails_with_one_line_and_keeps_the_previous_output(small_fs, tmp_path, pth_run):
+    src = tmp_path / "big.jsonl"
+    write_records(src, 4000, pad=4)
+    small = tmp_path / "small.jsonl"
+    write_records(small, 5)
+    out = small_fs / "out"
+    assert run_tool("python", "tools/build_dataset.py", str(small), "-o", str(out)).returncode == 0
+    before = snapshot(out)
+    proc = run_tool("python", "tools/build_dataset.py", str(src), "-o", str(out))
+    assert proc.returncode == 2 and "no space left" in one_error_line(proc)
+    assert snapshot(out) == before and sorted(os.listdir(small_fs)) == ["out"]
+    proc = run_tool("bash", "tools/convert.sh", pth_run["cfg"], pth_run["ckpt"], str(small_fs / "hf"))
+    assert proc.returncode == 2 and "no space left" in one_error_line(proc)
+    assert sorted(os.listdir(small_fs)) == ["out"]
+
+
+def test_injected_full_disk_in_process(tmp_path, monkeypatch, capsys):
+    """Where no tmpfs can be mounted: ENOSPC raised while the output is committed."""
+    import errno
+
+    from polar_xtuner import outputs
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import build_dataset
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "out"
+    assert build_dataset.main([VAL, "-o", str(out)]) == 0
+    before = snapshot(out)
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(outputs, "_fsync", full)
+    capsys.readouterr()
+    assert build_dataset.main([VAL, "-o", str(out), "--val-ratio", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no space left" in err and err.count("\n") == 1
+    assert snapshot(out) == before
+
+
+def test_read_only_destinations_are_refused_before_any_work(tmp_path, tiny_dir, pth_run):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                      capture_output=True).returncode != 0:
+        ro.chmod(0o500)
+        if os.access(ro, os.W_OK):
+            pytest.skip("neither a read-only mount nor permissions can make a read-only directory here")
+    try:
+        proc = run_tool("python", "tools/build_dataset.py", VAL, "-o", str(ro / "out"))
+        assert proc.returncode == 2 and "not writable" in one_error_line(proc)
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL,
+                        "--out", str(ro / "r.json"))
+        assert proc.returncode == 2 and "not writable" in one_error_line(proc) and "Scoring" not in proc.stderr
+        proc = run_tool("bash", "tools/convert.sh", pth_run["cfg"], pth_run["ckpt"], str(ro / "hf"))
+        assert proc.returncode == 2 and "not writable" in one_error_line(proc)
+        assert "Loading" not in proc.stdout  # refused before the checkpoint was read
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+        ro.chmod(0o700)
+
+
+# -- scores that are not numbers, and servers that stall ---------------------------------------------------
+
+
+class RawServer:
+    """A loopback HTTP server that answers every POST with a fixed raw body, optionally trickled."""
+
+    def __init__(self, body: bytes, trickle: float = 0.0):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.body, self.trickle, self.stop = body, trickle, False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        try:
+            conn.recv(1 << 20)
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(self.body)}\r\n\r\n").encode()
+            if not self.trickle:
+                conn.sendall(head + self.body)
+                return
+            conn.sendall(head)
+            for b in self.body * 1000:  # never finishes in time
+                conn.sendall(bytes([b]))
+                time.sleep(self.trickle)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.stop = True
+        self.sock.close()
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "true", '"1.5"', "null"])
+def test_a_score_that_is_not_a_finite_number_is_an_error_naming_the_record(value, tmp_path, tiny_dir):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(RECORD) + "\n")
+    server = RawServer(f'[{{"embedding": [{value}]}}, {{"embedding": [0.5]}}]'.encode())
+    out = tmp_path / "report.json"
+    try:
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
+                        "--server-type", "sglang", "--server-address", server.address, "--out", str(out),
+                        "--max-retries", "1")
+    finally:
+        server.close()
+    line = one_error_line(proc)
+    assert proc.returncode == 3 and f"{data}:1" in line and "chosen" in line, proc.stderr
+    assert not out.exists()
+
+
+def test_timeout_bounds_the_whole_request_against_a_trickling_server(tmp_path, tiny_dir):
+    server = RawServer(b'[{"embedding": [0.5]}, {"embedding": [0.1]}]', trickle=0.2)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(RECORD) + "\n")
+    try:
+        t0 = time.perf_counter()
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
+                        "--server-type", "sglang", "--server-address", server.address,
+                        "--timeout", "2", "--max-retries", "2", timeout=120)
+        took = time.perf_counter() - t0
+    finally:
+        server.close()
+    assert proc.returncode == 3 and "within 2 s" in one_error_line(proc)
+    assert took < 30  # two attempts of 2 s plus the tool's start, not the server's pace
+
+
+# -- data reading ------------------------------------------------------------------------------------------
+
+
+def test_bom_gzip_parquet_and_duplicate_keys(tmp_path):
+    lines = [json.dumps(dict(RECORD, chosen=f"a{i}")) for i in range(3)]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    with gzip.open(tmp_path / "z.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    with gzip.open(tmp_path / "named_plain.jsonl", "wt", encoding="utf-8") as f:  # gzip under a plain name
+        f.write("\n".join(lines) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([json.loads(x) for x in lines]), tmp_path / "p.parquet")
+    (tmp_path / "dup.jsonl").write_text('{"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b", '
+                                        '"chosen": "c"}\n')
+    for name in ("bom.jsonl", "z.jsonl.gz", "named_plain.jsonl", "p.parquet"):
+        out = tmp_path / f"o_{name}"
+        proc = run_tool("python", "tools/build_dataset.py", str(tmp_path / name), "-o", str(out))
+        assert proc.returncode == 0 and "kept 3 record" in proc.stdout, (name, proc.stderr)
+    proc = run_tool("python", "tools/build_dataset.py", str(tmp_path / "dup.jsonl"), "-o", str(tmp_path / "o_dup"))
+    assert proc.returncode == 2
+    rejected = [json.loads(x) for x in open(tmp_path / "o_dup" / "rejected.jsonl")] if (
+        tmp_path / "o_dup").exists() else []
+    assert "duplicate_key" in proc.stdout or any(r["field"] == "chosen" for r in rejected), proc.stdout
+    # a truncated .gz: the file is named, no traceback
+    blob = gzip.compress(("\n".join(lines * 200) + "\n").encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    proc = run_tool("python", "tools/build_dataset.py", str(tmp_path / "cut.jsonl.gz"), "-o", str(tmp_path / "o_cut"))
+    assert proc.returncode == 2 and "cut.jsonl.gz" in one_error_line(proc) and "truncated" in proc.stderr
+    assert not (tmp_path / "o_cut").exists()
+
+
+# -- remote code ---------------------------------------------------------------------------------------------
+
+
+def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    marker = tmp_path / "planted_ran"
+    code = (model / "modeling_internlm2.py").read_text()
+    (model / "modeling_internlm2.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n" + code)
+    proc = run_tool("python", "tools/eval_pref.py", "--model", str(model), "--data", VAL)
+    assert proc.returncode == 2 and "--trust-remote-code" in one_error_line(proc)
+    assert "modeling_internlm2.py" in proc.stderr and not marker.exists()
+    proc = run_tool("python", "tools/eval_pref.py", "--model", str(model), "--data", VAL, "--trust-remote-code")
+    assert proc.returncode == 0 and marker.exists(), proc.stderr[-2000:]
+    # the shipped code, unchanged, needs no flag
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
