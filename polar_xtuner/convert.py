@@ -105,7 +105,8 @@ def load_training_state_dict(ckpt: Checkpoint) -> dict:
         # mmap: tensors stay on disk until they are assigned into the model.
         obj = torch.load(ckpt.path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ConvertError(f"checkpoint {ckpt.path}: not a PyTorch checkpoint ({e})") from None
+        raise ConvertError(f"checkpoint {ckpt.path}: not a PyTorch checkpoint, or truncated "
+                           f"({type(e).__name__}: {str(e)[:300]})") from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:

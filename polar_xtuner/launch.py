@@ -15,8 +15,9 @@ environment variables. Four things differ:
   torch's defaults, which refuse mmengine checkpoints since torch 2.6. Only
   resume from checkpoints you wrote;
 * the rendezvous port is free: on one node a free port is picked when ``PORT``
-  is unset (xtuner uses 29500, so a second run on the machine failed), and a
-  taken ``PORT`` is refused before anything starts. A single process gets the
+  is unset (one DeepSpeed process took 29500, so a second run on the machine
+  failed; xtuner's torchrun takes a random port, unchecked), and a taken
+  ``PORT`` is refused before anything starts. A single process gets the
   full ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
   set: DeepSpeed opens a rendezvous port even for one process and, missing any
   of the five, "discovers" them through MPI and resets the port to 29500.
@@ -48,7 +49,7 @@ import os
 import socket
 import sys
 
-from .errors import UserError, cli
+from .errors import UserError, cli, entry_point
 
 DEFAULT_PORT = 29500  # torchrun's and DeepSpeed's; the nodes of a job must agree on it
 # Set by MPI launchers and srun: a value above 1 means several processes that DeepSpeed's
@@ -305,8 +306,9 @@ def command(argv: list[str], env=None) -> list[str]:
     ]
 
 
+@entry_point
 def main(argv=None) -> int:
-    """Print the command NUL-separated on stdout; errors are raised (see polar_xtuner.errors).
+    """Print the command NUL-separated on stdout; an error is one ``error:`` line and exit 2.
 
     ``--port NAME`` prints a rendezvous port instead: $NAME when it is set and
     free, else a free one (scripts/demo.sh uses it for MASTER_PORT).

@@ -21,10 +21,9 @@ start=$(date +%s)
 
 # A single DeepSpeed process still opens a rendezvous port, and DeepSpeed's MPI
 # discovery resets it to 29500 unless all five variables are set: give it a
-# free one, so the demo runs beside another training run.
-if [ -z "${MASTER_PORT:-}" ]; then
-  MASTER_PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-fi
+# free one, so the demo runs beside another training run. A MASTER_PORT you set
+# is kept when free; a taken one stops the demo here with one line naming it.
+MASTER_PORT=$(python -m polar_xtuner.launch --port MASTER_PORT)
 export MASTER_PORT MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} RANK=0 WORLD_SIZE=1 LOCAL_RANK=0
 
 echo "== 1/6 tiny POLAR model -> $TINY_DIR (seed $DEMO_SEED)"

@@ -13,7 +13,8 @@
 #
 # Env:
 #   NPROC_PER_NODE  processes on this node (default: the GPUs nvidia-smi lists, else 1)
-#   PORT            rendezvous port (default 29500)
+#   PORT            rendezvous port (default: a free port on one node, 29500 across
+#                   nodes); a PORT taken on this machine stops here with one error line
 #   NNODES, NODE_RANK, ADDR  for several nodes (default 1, 0, 127.0.0.1)
 #   PYTHON          the interpreter with this project installed (default: python on PATH)
 set -euo pipefail

@@ -11,7 +11,8 @@
 #   NNODES          number of nodes
 #   NODE_RANK       this node's index, 0..NNODES-1
 #   ADDR            address of node 0, reachable from every node
-#   PORT            free TCP port on node 0 (default 29500)
+#   PORT            free TCP port on node 0, the same on every node (default 29500;
+#                   node 0 refuses a taken one with one error line)
 #   NPROC_PER_NODE  processes per node, one per GPU (default: the GPUs nvidia-smi lists)
 set -euo pipefail
 : "${NNODES:?set NNODES, the number of nodes}"

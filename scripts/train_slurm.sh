@@ -12,7 +12,8 @@
 #   SLURM_JOB_NODELIST, SLURM_NNODES  the nodes; node 0's hostname becomes ADDR
 #   SLURM_NODEID    becomes NODE_RANK in each task
 #   NPROC_PER_NODE  processes per node (default: SLURM_GPUS_ON_NODE, else the GPUs nvidia-smi lists)
-#   PORT            rendezvous port on node 0 (default 29500)
+#   PORT            rendezvous port on node 0 (default: 29500 across nodes, a free port
+#                   on one node; node 0 refuses a taken one with one error line)
 #   ADDR            overrides node 0's hostname (e.g. a fast-network address)
 set -euo pipefail
 : "${SLURM_JOB_NODELIST:?run inside a Slurm allocation (sbatch or salloc)}"
@@ -20,7 +21,6 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 export NNODES=${SLURM_NNODES:-1}
 export ADDR=${ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-export PORT=${PORT:-29500}
 if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ -z "${NPROC_PER_NODE:-}" ]; then
   export NPROC_PER_NODE=$SLURM_GPUS_ON_NODE
 fi

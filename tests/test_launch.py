@@ -1,5 +1,6 @@
-"""The launchers' command line and the CPU-ranks start-up shim (no training)."""
+"""The launchers' command line, their rendezvous port and the CPU-ranks start-up shim (no training)."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -7,15 +8,161 @@ import pytest
 
 from conftest import REPO, free_port, run_tool
 from polar_xtuner import launch
-from polar_xtuner.launch import LaunchError, command
+from polar_xtuner.launch import LaunchError, command, ensure_rendezvous_env
 
 CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
 
 
-def test_one_process_runs_xtuner_train_py_directly():
-    cmd = command([CONFIG, "--deepspeed", "x.json"], env={})
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def _env_prefix(cmd):
+    """The variables of the command's leading ``env`` (empty without one), and the rest."""
+    if cmd[0] != "env":
+        return {}, cmd
+    i = 1
+    while "=" in cmd[i]:
+        i += 1
+    return dict(a.split("=", 1) for a in cmd[1:i]), cmd[i:]
+
+
+@pytest.fixture
+def taken_port():
+    """A port something listens on (as another job's rendezvous would), for the test's duration."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_one_process_runs_xtuner_train_py_directly_on_a_free_port():
+    variables, cmd = _env_prefix(command([CONFIG, "--deepspeed", "x.json"], env={}))
     assert cmd[0] == sys.executable and cmd[1].endswith(os.path.join("xtuner", "tools", "train.py"))
     assert cmd[2:] == [CONFIG, "--deepspeed", "x.json"]
+    # all five, or DeepSpeed's MPI discovery would reset the port to 29500
+    assert set(variables) == set(RENDEZVOUS)
+    assert (variables["MASTER_ADDR"], variables["RANK"], variables["WORLD_SIZE"], variables["LOCAL_RANK"]) == \
+        ("127.0.0.1", "0", "1", "0")
+    assert launch.port_is_free(int(variables["MASTER_PORT"]))
+
+
+def test_one_process_uses_port_or_master_port_when_free_and_respects_a_full_rendezvous():
+    port = free_port()
+    for env in ({"PORT": str(port)}, {"MASTER_PORT": str(port)}, {"PORT": str(port), "MASTER_PORT": "1"}):
+        assert _env_prefix(command([CONFIG], env=env))[0]["MASTER_PORT"] == str(port)
+    # MASTER_PORT and RANK already set (by the user or an outer launcher): left to them
+    cmd = command([CONFIG], env={"MASTER_PORT": "1", "RANK": "0"})
+    assert cmd[0] == sys.executable
+
+
+def test_one_node_several_processes_get_a_free_port_or_a_free_port_they_named():
+    cmd = command([CONFIG], env={"NPROC_PER_NODE": "2"})
+    assert cmd[0] == "torchrun"
+    port = int(next(a for a in cmd if a.startswith("--master_port=")).split("=")[1])
+    assert launch.port_is_free(port)
+    named = free_port()
+    cmd = command([CONFIG], env={"NPROC_PER_NODE": "2", "PORT": str(named)})
+    assert f"--master_port={named}" in cmd and "--master_addr=127.0.0.1" in cmd
+
+
+@pytest.mark.parametrize("env", [{}, {"NPROC_PER_NODE": "2"}])
+def test_a_taken_port_is_refused_with_one_line_naming_it(env, taken_port, capsys):
+    assert launch.main([CONFIG]) == 0  # the config itself is fine
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {**env, "PORT": str(taken_port)}.items():
+            mp.setenv(name, value)
+        assert launch.main([CONFIG]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: PORT {taken_port} is taken on this machine") and "leave it unset" in err
+
+
+def test_a_taken_master_port_is_refused_for_one_process(taken_port):
+    with pytest.raises(LaunchError, match=f"MASTER_PORT {taken_port} is taken on this machine"):
+        command([CONFIG], env={"MASTER_PORT": str(taken_port)})
+
+
+def test_multi_node_checks_port_on_node_0_only(taken_port):
+    env = {"NNODES": "2", "ADDR": "10.0.0.1", "PORT": str(taken_port)}
+    with pytest.raises(LaunchError, match=f"PORT {taken_port} is taken on this node .*the same on every node"):
+        command([CONFIG], env={**env, "NODE_RANK": "0"})
+    # node 1 connects to node 0's port; whatever listens on this machine's is not its concern
+    assert f"--master_port={taken_port}" in command([CONFIG], env={**env, "NODE_RANK": "1"})
+    # across nodes the default stays 29500 (the nodes must agree without talking)
+    assert f"--master_port={launch.DEFAULT_PORT}" in command([CONFIG], env={"NNODES": "2", "NODE_RANK": "1"})
+
+
+def test_launcher_and_demo_scripts_name_a_taken_port(taken_port, tmp_path):
+    proc = run_tool("bash", "scripts/train.sh", CONFIG, env={"PORT": str(taken_port), "NPROC_PER_NODE": "1"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: PORT {taken_port} is taken on this machine (another job?); "
+                                         "set PORT to a free port, or leave it unset to get one"]
+    proc = run_tool("bash", "scripts/demo.sh", env={"MASTER_PORT": str(taken_port), "DEMO_DIR": str(tmp_path / "d")})
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.splitlines() == [f"error: MASTER_PORT {taken_port} is taken on this machine (another "
+                                         "job?); set MASTER_PORT to a free port, or leave it unset to get one"]
+    assert not (tmp_path / "d").exists()
+
+
+TRAIN_PY = os.path.join("site-packages", "xtuner", "tools", "train.py")
+
+
+def test_ensure_rendezvous_env_fills_a_plain_single_process_only():
+    env = {}
+    added = ensure_rendezvous_env(env)
+    assert env == added and set(added) == set(RENDEZVOUS) and launch.port_is_free(int(env["MASTER_PORT"]))
+    assert (env["MASTER_ADDR"], env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("127.0.0.1", "0", "1", "0")
+    # xtuner's train.py sets LOCAL_RANK=0 itself; a MASTER_PORT the user set is kept
+    env = {"LOCAL_RANK": "0", "MASTER_PORT": "1234"}
+    assert set(ensure_rendezvous_env(env)) == {"MASTER_ADDR", "RANK", "WORLD_SIZE"}
+    assert env["MASTER_PORT"] == "1234"
+    # torchrun, DeepSpeed's launcher, mpirun or srun with several tasks: untouched
+    for env in ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_PORT": "29600"}, {"WORLD_SIZE": "2"},
+                {"OMPI_COMM_WORLD_SIZE": "4"}, {"PMI_SIZE": "2"}, {"SLURM_STEP_NUM_TASKS": "8"}):
+        before = dict(env)
+        assert ensure_rendezvous_env(env) == {} and env == before
+
+
+def test_ensure_rendezvous_env_acts_only_in_xtuners_train_py():
+    assert ensure_rendezvous_env({}, program=os.path.join("x", "bin", "pytest")) == {}
+    assert set(ensure_rendezvous_env({}, program=os.path.join("/venv", TRAIN_PY))) == set(RENDEZVOUS)
+    before = dict(os.environ)
+    assert ensure_rendezvous_env() == {}  # this process is pytest: importing the model changes nothing
+    assert dict(os.environ) == before
+
+
+def test_plain_xtuner_train_process_gets_a_free_deepspeed_port_not_29500(tmp_path):
+    """What `xtuner train` (one process) does: import the model from the config, then DeepSpeed's init.
+
+    Without ensure_rendezvous_env, DeepSpeed's MPI discovery sets MASTER_PORT=29500, so a second
+    run on the machine failed with EADDRINUSE (and xtuner's CLI still exited 0).
+    """
+    script = tmp_path / "xtuner" / "tools" / "train.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(
+        "import os\n"
+        "os.environ.setdefault('LOCAL_RANK', '0')  # as xtuner's train.py does\n"
+        "import polar_xtuner.model  # the config's import, before the runner starts DeepSpeed\n"
+        "from deepspeed import comm\n"
+        "comm.init_distributed(dist_backend='gloo', verbose=False)\n"
+        "print('ok', os.environ['MASTER_PORT'], comm.get_world_size())\n")
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    holder = socket.socket()
+    try:  # 29500 taken, as by another run (if something else holds it already, just as well)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("0.0.0.0", launch.DEFAULT_PORT))
+        holder.listen()
+    except OSError:
+        pass
+    try:
+        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    word, port, world = proc.stdout.split()[-3:]
+    assert word == "ok" and port != str(launch.DEFAULT_PORT) and world == "1"
 
 
 def test_several_processes_use_torchrun_with_xtuners_variables():
@@ -54,7 +201,9 @@ def test_resume_auto_uses_last_checkpoint_or_starts_fresh(tmp_path):
     (work / "last_checkpoint").write_text(str(ckpt))
     for args in (["--resume", "auto"], ["--resume=auto"]):
         cmd = command([CONFIG, "--work-dir", str(work), *args], env={})
-        assert cmd[:2] == ["env", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"]
+        variables, _ = _env_prefix(cmd)  # one env prefix: the rendezvous and the unpickling setting
+        assert variables["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "MASTER_PORT" in variables
+        assert cmd.count("env") == 1
         i = cmd.index("--resume")
         assert cmd[i + 1] == str(ckpt) and "auto" not in cmd and "--resume=auto" not in cmd
     (work / "last_checkpoint").write_text(str(work / "gone.pth"))
@@ -68,11 +217,14 @@ def test_default_work_dir_is_xtuners():
 
 
 def test_main_prints_nul_separated_command_or_exits_2(capsys):
+    assert issubclass(LaunchError, launch.UserError)
     assert launch.main([CONFIG]) == 0
     out = capsys.readouterr().out
-    assert out.endswith("\0") and out.split("\0")[2] == CONFIG
+    assert out.endswith("\0") and _env_prefix(out.split("\0")[:-1])[1][2] == CONFIG
     assert launch.main(["missing.py"]) == 2
-    assert "error: config missing.py: no such file" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: config missing.py: no such file\n"
+    assert launch.main(["--port", "NO_SUCH_VARIABLE_HERE"]) == 0
+    assert launch.port_is_free(int(capsys.readouterr().out))
 
 
 def test_launcher_scripts_name_missing_environment():

@@ -28,6 +28,8 @@ import sys
 from polar_xtuner.build import build
 from polar_xtuner.converters import DEFAULT_PAIRS_PER_PROMPT, FORMATS
 from polar_xtuner.errors import UserError, cli, entry_point
+from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
+from polar_xtuner.outputs import check_writable_dir, refuse_overlap
 
 
 @entry_point
@@ -52,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-packed-length", type=int, default=None, help="default: 2 x --max-length")
     p.add_argument("--drop-overlong", action="store_true",
                    help="reject records that would be truncated or exceed max_packed_length (default: count them)")
+    p.add_argument(TRUST_FLAG, action="store_true",
+                   help="run Python code in --tokenizer's directory even when it is not the code this project ships")
     args = p.parse_args(argv)
     if args.drop_overlong and not args.tokenizer:
         p.error("--drop-overlong needs --tokenizer")
@@ -59,6 +63,9 @@ def main(argv=None) -> int:
         p.error("--pairs-per-prompt applies to --from policies only")
     if args.pairs_per_prompt is not None and args.pairs_per_prompt < 1:
         p.error(f"--pairs-per-prompt must be at least 1, got {args.pairs_per_prompt}")
+    # cheap checks first: the tokenizer can take a while to load
+    refuse_overlap({"-o": args.out_dir}, [("SRC", src) for src in args.sources])
+    check_writable_dir(args.out_dir, "-o")
     meter = None
     if args.tokenizer:
         from transformers import AutoTokenizer
@@ -66,9 +73,12 @@ def main(argv=None) -> int:
         from polar_xtuner.build import LengthMeter
 
         try:
-            tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=True)
+            tok = AutoTokenizer.from_pretrained(
+                args.tokenizer, trust_remote_code=remote_code_allowed(args.tokenizer, args.trust_remote_code))
             meter = LengthMeter(tok, args.max_length, args.max_response_length,
                                 args.max_packed_length or 2 * args.max_length)
+        except UserError:
+            raise
         except (OSError, ValueError) as e:
             raise UserError(f"--tokenizer {args.tokenizer}: cannot load it ({e})") from None
     res = build(args.sources, args.out_dir, args.val_ratio, args.val_size, args.seed,
