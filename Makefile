@@ -6,6 +6,8 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 # xtuner's CLI starts `python` from PATH, so the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# MKL results that do not depend on memory alignment (polar_xtuner/__init__.py says why).
+export MKL_CBWR ?= AUTO,STRICT
 
 # vLLM's CPU build serves the tiny model in tests and `make serve`; it pins a
 # different torch, so it lives in a venv of its own.

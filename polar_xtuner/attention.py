@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .precision import backend_for, half_dtype
 
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
@@ -182,11 +183,11 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
 
             q, k, v = pre_process_for_sequence_parallel_attn(q, k, v)
         q, k, v = (x[0] for x in (q, k, v))  # (T, H', D)
-        if q.dtype == torch.float32 and backend != "sdpa":
+        use = backend_for(q, backend)  # where the tensors are, not what the machine has
+        if q.dtype == torch.float32 and use != "sdpa":
             # flash kernels take half precision only (fp32 master weights under autocast)
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            q, k, v = (x.to(dtype) for x in (q, k, v))
-        out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), backend)
+            q, k, v = (x.to(half_dtype(q.device)) for x in (q, k, v))
+        out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), use)
         out = out.to(hidden_states.dtype)[None]
         if sp > 1:
             from xtuner.parallel.sequence import post_process_for_sequence_parallel_attn

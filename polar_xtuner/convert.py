@@ -32,12 +32,26 @@ import argparse
 import gc
 import json
 import os
-from dataclasses import dataclass
 
-from .errors import UserError, VerificationError, cli, entry_point
+from .checkpoint import (  # noqa: F401 - re-exported: the converter's public names
+    Checkpoint,
+    CheckpointError,
+    assign_state_dict,
+    build_empty_model,
+    cast_releasing,
+    deepspeed_dtype_name,
+    load_training_state_dict,
+    resolve_checkpoint,
+    to_hf_keys,
+    training_dtype_name,
+)
+from .errors import VerificationError, cli, entry_point
 from .outputs import atomic_dir, check_writable_dir, refuse_overlap
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from .precision import HF_NAMES as DTYPES  # short name -> HF config name
+from .precision import to_dtype
+
+ConvertError = CheckpointError  # a user mistake: bad path, config or checkpoint (exit 2)
 # Largest allowed |score difference| / max(1, |score|) after a save/load round trip.
 # fp32: the weights are compared bit for bit, so this only bounds the kernels.
 # CPU runs were seen to move the trained demo model's scores by 2.3e-3 from one
@@ -45,248 +59,6 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # hash seed or attention kernel), so 1e-4 failed good conversions.
 TOLERANCE = {"fp32": 5e-3, "bf16": 5e-2, "fp16": 1e-2}
 VERIFY_PAIRS = 8
-
-
-class ConvertError(UserError):
-    """A user mistake: bad path, config or checkpoint. Exit code 2."""
-
-
-@dataclass
-class Checkpoint:
-    """Where the weights are and in what format ("pth" or "deepspeed")."""
-
-    path: str
-    kind: str
-
-
-def resolve_checkpoint(path: str) -> Checkpoint:
-    """Find the checkpoint behind a .pth file, DeepSpeed dir or work dir."""
-    if not os.path.exists(path):
-        raise ConvertError(f"checkpoint {path}: no such file or directory")
-    if os.path.isfile(path):
-        if os.path.getsize(path) == 0:
-            raise ConvertError(f"checkpoint {path}: empty file")
-        return Checkpoint(path, "pth")
-    last = os.path.join(path, "last_checkpoint")
-    if os.path.isfile(last):  # an xtuner/mmengine work dir
-        with open(last) as f:
-            target = f.read().strip()
-        if not os.path.isabs(target) and not os.path.exists(target):
-            target = os.path.join(path, os.path.basename(target))
-        if not os.path.exists(target):
-            raise ConvertError(f"{last} names {target}, which does not exist")
-        return resolve_checkpoint(target)
-    names = os.listdir(path)
-    if any(n.endswith("model_states.pt") for n in names):
-        return Checkpoint(path, "deepspeed")
-    if not names:
-        raise ConvertError(f"checkpoint {path}: empty directory")
-    raise ConvertError(
-        f"checkpoint {path}: neither a DeepSpeed checkpoint (no *model_states.pt) "
-        "nor a work dir (no last_checkpoint)"
-    )
-
-
-def load_training_state_dict(ckpt: Checkpoint) -> dict:
-    """The training model's fp32 state dict (keys as in PolarRewardModel)."""
-    import torch
-
-    if ckpt.kind == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        parent, tag = os.path.split(os.path.abspath(ckpt.path))
-        try:
-            lazy = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag, lazy_mode=True)
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
-            raise ConvertError(f"checkpoint {ckpt.path}: cannot read the DeepSpeed states "
-                               f"({type(e).__name__}: {str(e)[:300]}); is a file truncated or missing?") from None
-        return _materialize(lazy, ckpt.path)
-    try:
-        # mmap: tensors stay on disk until they are assigned into the model.
-        obj = torch.load(ckpt.path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ConvertError(f"checkpoint {ckpt.path}: not a PyTorch checkpoint, or truncated "
-                           f"({type(e).__name__}: {str(e)[:300]})") from None
-    if isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise ConvertError(f"checkpoint {ckpt.path}: holds no state dict")
-    return obj
-
-
-def _materialize(lazy: dict, ckpt_dir: str) -> dict:
-    """DeepSpeed's lazy state dict as tensors, giving back file pages as it goes.
-
-    DeepSpeed reads the optimizer shards through a memory map; the fp32
-    master partitions it merges would stay resident as clean file pages (a
-    second copy in RSS). ZeRO-3 tensors are gathered one at a time here, and
-    after each the shards' pages go back to the OS (ZeRO-1/2 merge eagerly,
-    so their pages go after the merge).
-    """
-    import glob
-
-    ranges = [r for f in glob.glob(os.path.join(ckpt_dir, "*optim_states.pt")) for r in _mapped_ranges(f)]
-    out, first_name = {}, {}
-    for name in list(lazy):
-        value = lazy.pop(name)
-        if id(value) in first_name:  # a tensor shared by two names stays shared
-            out[name] = out[first_name[id(value)]]
-            continue
-        first_name[id(value)] = name
-        out[name] = value.contiguous()
-        _drop_pages(ranges)
-    return out
-
-
-def to_hf_keys(state_dict: dict) -> dict:
-    """Map PolarRewardModel keys (``llm.*``, ``v_head.*``) to the HF model's."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith("llm."):
-            out["model." + k[4:]] = v
-        else:
-            out[k] = v
-    return out
-
-
-def training_dtype_name(cfg) -> str:
-    """The dtype the config trained in: bf16/fp16 from AMP, else fp32."""
-    dtype = str(cfg.get("optim_wrapper", {}).get("dtype", "") or "")
-    if "bfloat16" in dtype or dtype == "bf16":
-        return "bf16"
-    if "float16" in dtype or dtype == "fp16":
-        return "fp16"
-    return "fp32"
-
-
-def deepspeed_dtype_name(ckpt: Checkpoint) -> str | None:
-    """The dtype a DeepSpeed run trained in, from the config saved with it."""
-    import glob
-
-    import torch
-
-    files = sorted(glob.glob(os.path.join(ckpt.path, "*model_states.pt")))
-    if ckpt.kind != "deepspeed" or not files:
-        return None
-    try:
-        # mmap: only the small ds_config entry is actually read.
-        ds = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False).get("ds_config") or {}
-    except Exception:  # noqa: BLE001 - fall back to the config's optimizer dtype
-        return None
-    for key, name in (("bf16", "bf16"), ("fp16", "fp16")):
-        if (ds.get(key) or {}).get("enabled") is True:
-            return name
-    return "fp32"
-
-
-def build_empty_model(model_dir: str, dtype):
-    """An InternLM2ForRewardModel with parameters on the meta device."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModel
-
-    from .evaluate import SCORING_ATTENTION
-
-    # The kernel the saved model is loaded with, so verification compares weights, not kernels.
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True, attn_implementation=SCORING_ATTENTION)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=dtype)
-    return model
-
-
-def assign_state_dict(model, state_dict: dict, dtype) -> None:
-    """Load strictly, casting tensor by tensor, without a second full copy."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
-    if shapes:
-        problems.append(f"mis-shaped: {'; '.join(shapes[:10])}")
-    if problems:
-        raise ConvertError(
-            "the checkpoint does not match the config's model (wrong config?): " + " | ".join(problems)
-        )
-    for k in list(state_dict):
-        state_dict[k] = state_dict[k].to(dtype)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    state_dict.clear()
-
-
-def _mapped_ranges(path: str) -> list[tuple[int, int]]:
-    """Address ranges where this process maps the file ``path`` (Linux)."""
-    real = os.path.realpath(path)
-    ranges = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].strip() == real:
-                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                    ranges.append((lo, hi))
-    except OSError:  # not Linux: nothing is released early, nothing breaks
-        pass
-    return ranges
-
-
-def _madvise_dontneed(start: int, end: int) -> None:
-    import ctypes
-
-    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
-
-
-def _drop_pages(ranges) -> None:
-    """Drop whole private, read-only-in-use file mappings' pages (they read back from the file)."""
-    for start, end in ranges:
-        _madvise_dontneed(start, end)
-
-
-def _drop_file_pages(tensor, ranges) -> None:
-    """Return the pages of a tensor memory-mapped from the checkpoint to the OS.
-
-    ``torch.load(mmap=True)`` maps the file privately and we only read it, so
-    its pages are clean copies of the file: dropping them frees memory now,
-    and a later read would only fetch them again. Anything not inside the
-    file's mapping is left alone (dropping anonymous memory would zero it).
-    """
-    import mmap
-
-    lo = tensor.data_ptr()
-    hi = lo + tensor.numel() * tensor.element_size()
-    if not any(a <= lo and hi <= b for a, b in ranges):
-        return
-    page = mmap.PAGESIZE
-    start, end = -(-lo // page) * page, hi // page * page  # whole pages inside the tensor only
-    if end > start:
-        _madvise_dontneed(start, end)
-
-
-def cast_releasing(model, dtype, mapped_files=()) -> None:
-    """``model.to(dtype)``, tensor by tensor, freeing each source as it goes.
-
-    With weights memory-mapped from ``mapped_files`` (a .pth, or safetensors
-    shards), ``Module.to`` would keep every source page resident until the
-    end (a bf16 conversion peaked at 1.5 fp32 copies); here each tensor's
-    pages go as it is cast.
-    """
-    ranges = [r for path in mapped_files for r in _mapped_ranges(path)]
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for value in table.values():
-                if value is None or not value.is_floating_point() or value.dtype == dtype:
-                    continue
-                old = value.data
-                value.data = old.to(dtype)
-                if ranges:
-                    _drop_file_pages(old, ranges)
-                del old
 
 
 def verify_records(cfg, n: int = VERIFY_PAIRS) -> list[dict]:
@@ -403,7 +175,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     dtype = dtype or deepspeed_dtype_name(ckpt) or training_dtype_name(cfg)
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
-    torch_dtype = getattr(torch, DTYPES[dtype])
+    torch_dtype = to_dtype(dtype)
 
     print(f"Loading {ckpt.kind} checkpoint {ckpt.path}", flush=True)
     state_dict = load_training_state_dict(ckpt)

@@ -19,10 +19,9 @@ import torch
 from tqdm import tqdm
 
 from .encoding import PolarEncoder
+from .precision import default_device, eval_dtype  # noqa: F401 - default_device is part of this module's API
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # Every scoring path (eval, conversion's check, the hooks) uses one attention
@@ -51,7 +50,7 @@ def load_model(path: str, device: str | None = None, dtype: torch.dtype | None =
 
     device = device or default_device()
     if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = eval_dtype(device)
     trust = remote_code_allowed(path, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     if os.path.isfile(os.path.join(path, "adapter_config.json")):

@@ -48,6 +48,7 @@ from .attention import available_backends, dispatch_varlen_attention, select_bac
 from .errors import ConfigError, abort_training
 from .launch import ensure_rendezvous_env
 from .objectives import LossSettings, pair_loss_terms
+from .precision import half_dtype
 
 # A config imports this before DeepSpeed starts: give a plain one-process `xtuner train` a free
 # rendezvous port (DeepSpeed would take 29500, so a second run on the machine failed).
@@ -72,10 +73,8 @@ def flash_attn_available() -> bool:
 
 
 def training_dtype() -> torch.dtype:
-    """The dtype to train in on this machine: bf16 where the GPU has it."""
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The dtype flash_attention_2 training loads in (half precision: see :mod:`polar_xtuner.precision`)."""
+    return half_dtype("cuda") if torch.cuda.is_available() else torch.float32
 
 
 class PolarRewardModel(RewardModel):

@@ -9,6 +9,8 @@
 #        DEMO_TRAIN (default data/demo/train.jsonl), DEMO_OPTIONS (extra xtuner
 #        --cfg-options, space-separated, e.g. "model.center_rewards_coefficient=0.01").
 set -euo pipefail
+# bit-reproducible MKL results on CPU (see polar_xtuner/__init__.py)
+export MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-work_dirs/demo}
 MIN_ACCURACY=${MIN_ACCURACY:-0.90}

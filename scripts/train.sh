@@ -18,6 +18,8 @@
 #   NNODES, NODE_RANK, ADDR  for several nodes (default 1, 0, 127.0.0.1)
 #   PYTHON          the interpreter with this project installed (default: python on PATH)
 set -euo pipefail
+# bit-reproducible MKL results on CPU (see polar_xtuner/__init__.py)
+export MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [ "${NPROC_PER_NODE:-0}" -gt 0 ] || NPROC_PER_NODE=1
