@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .errors import EXIT_VERIFY, PolarError
+from .constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 
 SERVER_TYPES = ("sglang", "vllm", "lmdeploy")
 
@@ -389,12 +390,14 @@ def serving_inputs(scorer: RemoteScorer, encoder, texts: list[str]) -> list:
     return encoder.input_ids([t[: -len(REWARD_TOKEN)] if t.endswith(REWARD_TOKEN) else t for t in texts])
 
 
-def score_records_remote(scorer: RemoteScorer, tokenizer, records, max_length=16384,
-                         max_response_length=4096) -> list[tuple[float, float]]:
+def score_records_remote(scorer: RemoteScorer, tokenizer, records, max_length=DEFAULT_MAX_LENGTH,
+                         max_response_length=DEFAULT_MAX_RESPONSE_LENGTH) -> list[tuple[float, float]]:
     """(chosen, rejected) scores of records from a served model."""
     from .encoding import PolarEncoder, pair_items
 
     enc = PolarEncoder(tokenizer, max_length, max_response_length)
     texts = enc.serving_texts(pair_items(records), [r.get("wrapper", "sft") for r in records])
     flat = scorer.score(serving_inputs(scorer, enc, texts))
-    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(records))]
+    from .pairs import unflatten
+
+    return unflatten(flat)

@@ -23,3 +23,15 @@ IGNORE_INDEX = -100
 # Tokens that the template adds around the parts: BOS, two separators and the
 # reward token. xtuner's tokenize_ref reserves the same budget.
 TEMPLATE_RESERVED_TOKENS = 4
+
+# POLAR's published encoding lengths (examples/xtuner_configs): the defaults
+# wherever a model directory or config does not say otherwise.
+DEFAULT_MAX_LENGTH = 16384
+DEFAULT_MAX_RESPONSE_LENGTH = 4096
+# A packed training row holds 2 x max_length tokens (one pair at full length).
+PACKED_ROWS_PER_MAX_LENGTH = 2
+
+
+def packed_length(max_length: int, max_packed_length: int | None = None) -> int:
+    """The packed row length: the one given, else 2 x max_length."""
+    return max_packed_length or PACKED_ROWS_PER_MAX_LENGTH * max_length

@@ -32,6 +32,7 @@ from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_
 from xtuner.dataset.preference_dataset import PackedDatasetWrapper
 from xtuner.utils import DEFAULT_PAD_TOKEN_INDEX
 
+from .constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, packed_length
 from .errors import UserError, abort_training
 from .schema import DataError, load_records
 
@@ -259,6 +260,9 @@ def _check_manifest(entry: str) -> tuple[str | None, int]:
         version, fmt, rows, files = (manifest["polar_cache"], manifest["format"], int(manifest["rows"]),
                                      dict(manifest["files"]))
         listed = [(name, int(v["size"]), str(v["blake2b"])) for name, v in files.items()]
+        for name, _, _ in listed:
+            if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+                raise ValueError(f"{name!r} is outside the entry")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         return f"malformed {CACHE_MANIFEST}: {_one_line(e)}", 0
     if version != MANIFEST_VERSION or fmt != CACHE_FORMAT:
@@ -323,8 +327,16 @@ def _open_entry(path: str):
     return dataset, why, ident
 
 
+def _owner() -> str:
+    """Where this process's pid means something: the host, and its pid namespace (containers)."""
+    try:
+        return f"{socket.gethostname()}~{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
 def _sibling(path: str, kind: str) -> str:
-    return f"{path}.{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return f"{path}.{kind}-{_owner()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _remove(path: str) -> None:
@@ -346,8 +358,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_siblings(cache_dir: str) -> None:
-    """Remove temp and half-deleted entries left by killed builders on this host (never a live one's)."""
-    host = socket.gethostname()
+    """Remove temp and half-deleted entries left by killed builders here (never a live one's).
+
+    Only names from this host and pid namespace are judged: elsewhere the
+    same pid is another process.
+    """
+    host = _owner()
     try:
         names = os.listdir(cache_dir)
     except OSError:
@@ -390,8 +406,11 @@ def _write_error(cache_dir: str, e: OSError) -> DataError:
                      f"(None: no cache)")
 
 
-def _publish(dataset, path: str) -> bool:
-    """Write ``dataset`` beside ``path`` and rename it into place; False when another builder was first.
+def _publish(dataset, path: str):
+    """Write ``dataset`` beside ``path`` and rename it into place.
+
+    Returns:
+        The published entry's identity, or None when another builder was first.
 
     The rename of a whole directory is atomic and never replaces an entry
     that is there (on POSIX it fails with ENOTEMPTY or EEXIST): the entry in
@@ -401,20 +420,23 @@ def _publish(dataset, path: str) -> bool:
     _remove_stale_siblings(cache_dir)
     tmp = _sibling(path, "tmp")
     try:
+        os.makedirs(cache_dir, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as e:
+        raise _write_error(cache_dir, e) from None
+    try:
         try:
-            os.makedirs(cache_dir, exist_ok=True)
-            os.mkdir(tmp)
             dataset.save_to_disk(tmp)
             _write_manifest(tmp, len(dataset))
-        except OSError as e:
-            raise _write_error(cache_dir, e) from None
-        try:
+            ident = _identity(tmp)  # a rename keeps it
             os.rename(tmp, path)
         except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                return False
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.isdir(tmp):
+                return None  # another builder's entry is in place: use it
+            if e.errno == errno.ENOENT and os.path.isdir(cache_dir) and not os.path.lexists(tmp):
+                return None  # our temp was taken away under us: look again
             raise _write_error(cache_dir, e) from None
-        return True
+        return ident
     finally:
         if os.path.lexists(tmp):
             _remove(tmp)
@@ -443,9 +465,9 @@ def _cached(path: str, build, quiet: bool = False):
             _move_aside(path, ident)
         if built is None:
             built = build()
-        if _publish(built, path):
+        ident = _publish(built, path)
+        if ident is not None:
             print(f"polar_xtuner: cached encoded pairs in {path}", file=sys.stderr)
-            ident = _identity(path)
             try:
                 return load_from_disk(path)
             except Exception:
@@ -483,8 +505,8 @@ def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_respons
                                              reward_token_id))
 
     def build():
-        encoder = PolarEncoder(tokenizer, max_length, max_response_length, reward_token_id)
-        return encode_records(load_records(data_files), encoder)
+        records = load_records(data_files)
+        return encode_records(records, PolarEncoder(tokenizer, max_length, max_response_length, reward_token_id))
 
     if get_world_size() == 1 or get_rank() == 0:
         dataset = _cached(path, build)
@@ -503,8 +525,8 @@ def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_respons
 def build_polar_dataset(
     data_files: str | Sequence[str],
     tokenizer,
-    max_length: int = 16384,
-    max_response_length: int = 4096,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH,
     reward_token_id: int | None = None,
     use_varlen_attn: bool = False,
     max_packed_length: int | None = None,
@@ -541,7 +563,7 @@ def build_polar_dataset(
             dataset = encoded_pairs(files, _build_tokenizer(tokenizer), max_length, max_response_length,
                                     reward_token_id, cache_dir)
             if use_varlen_attn:
-                dataset = pack_pairs(dataset, max_packed_length or 2 * max_length, shuffle_before_pack, seed)
+                dataset = pack_pairs(dataset, packed_length(max_length, max_packed_length), shuffle_before_pack, seed)
             elif isinstance(dataset, dict):
                 from datasets import Dataset
 

@@ -17,8 +17,10 @@ from typing import Sequence
 
 import torch
 from tqdm import tqdm
+from .constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 
 from .encoding import PolarEncoder
+from .pairs import accuracy, mean_margin, unflatten
 from .precision import default_device, eval_dtype  # noqa: F401 - default_device is part of this module's API
 
 
@@ -115,8 +117,8 @@ def score_ids(model, ids_list: Sequence[list[int]], pad_id: int, padding_side: s
     return scores
 
 
-def score_records(model, tokenizer, records: Sequence[dict], max_length: int = 16384,
-                  max_response_length: int = 4096, batch_size: int = 16,
+def score_records(model, tokenizer, records: Sequence[dict], max_length: int = DEFAULT_MAX_LENGTH,
+                  max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH, batch_size: int = 16,
                   padding_side: str | None = None, progress: bool = False) -> list[tuple[float, float]]:
     """(chosen score, rejected score) for each validated record."""
     if not records:
@@ -127,7 +129,7 @@ def score_records(model, tokenizer, records: Sequence[dict], max_length: int = 1
     ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
     flat = score_ids(model, ids, pad_id(tokenizer), padding_side or tokenizer.padding_side,
                      batch_size, progress)
-    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(records))]
+    return unflatten(flat)
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float:
@@ -139,10 +141,7 @@ def _quantile(sorted_vals: list[float], q: float) -> float:
 
 
 def _accuracy_block(pairs: list[tuple[float, float]]) -> dict:
-    n = len(pairs)
-    wins = sum(c > r for c, r in pairs)
-    ties = sum(c == r for c, r in pairs)
-    return {"accuracy": wins / n if n else float("nan"), "n": n, "ties": ties}
+    return {"accuracy": accuracy(pairs), "n": len(pairs), "ties": sum(c == r for c, r in pairs)}
 
 
 def preference_report(scores: Sequence[tuple[float, float]], records: Sequence[dict] | None = None,
@@ -159,7 +158,7 @@ def preference_report(scores: Sequence[tuple[float, float]], records: Sequence[d
     report = _accuracy_block(pairs)
     margins = sorted(c - r for c, r in pairs)
     report["margin"] = {
-        "mean": sum(margins) / len(margins) if margins else float("nan"),
+        "mean": mean_margin(pairs),
         **{f"q{int(q * 100):02d}": _quantile(margins, q) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
     }
     if n_bootstrap and pairs:
@@ -216,7 +215,7 @@ def plot_scores(scores: Sequence[tuple[float, float]], path: str) -> None:
     a.legend()
     b.hist(margins, bins=bins, color="gray")
     b.axvline(0, color="red", linestyle="--")
-    acc = sum(m > 0 for m in margins) / len(margins) if margins else float("nan")
+    acc = accuracy(list(scores))
     b.set_title(f"chosen - rejected (accuracy {acc:.3f}, n={len(margins)})")
     b.set_xlabel("margin")
     fig.tight_layout()

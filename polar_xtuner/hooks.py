@@ -76,6 +76,7 @@ class PolarEvalHook(Hook):
     def evaluate(self, runner, step: int) -> float:
         """Score the val file with the current weights; log and return the accuracy."""
         from .evaluate import score_ids
+        from .pairs import accuracy, mean_margin, unflatten
 
         model = runner.model
         while hasattr(model, "module"):  # DeepSpeed / DDP wrappers
@@ -86,12 +87,11 @@ class PolarEvalHook(Hook):
             flat = score_ids(model, self._ids, self._pad, "right", self.batch_size)
         finally:
             model.train(was_training)
-        chosen, rejected = flat[0::2], flat[1::2]
-        acc = sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
-        margin = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
+        pairs = unflatten(flat)
+        acc, margin = accuracy(pairs), mean_margin(pairs)
         self.history.append((step, acc))
         if get_rank() == 0:
             runner.visualizer.add_scalars({"val/pref_accuracy": acc, "val/margin": margin}, step=step)
             print_log(f"PolarEvalHook: iter {step} val/pref_accuracy {acc:.4f} "
-                      f"margin {margin:.4f} (n={len(chosen)})", "current")
+                      f"margin {margin:.4f} (n={len(pairs)})", "current")
         return acc

@@ -26,6 +26,7 @@ import argparse
 import sys
 
 from polar_xtuner.build import build
+from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, packed_length
 from polar_xtuner.converters import DEFAULT_PAIRS_PER_PROMPT, FORMATS
 from polar_xtuner.errors import UserError, cli, entry_point
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
@@ -49,8 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--pairs-per-prompt", type=int, default=None, metavar="K",
                    help=f"--from policies: most triples per prompt (default {DEFAULT_PAIRS_PER_PROMPT})")
     p.add_argument("--tokenizer", help="tokenizer (model dir) for token-length statistics")
-    p.add_argument("--max-length", type=int, default=16384, help="as in the training config")
-    p.add_argument("--max-response-length", type=int, default=4096, help="as in the training config")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="as in the training config")
+    p.add_argument("--max-response-length", type=int, default=DEFAULT_MAX_RESPONSE_LENGTH,
+                   help="as in the training config")
     p.add_argument("--max-packed-length", type=int, default=None, help="default: 2 x --max-length")
     p.add_argument("--drop-overlong", action="store_true",
                    help="reject records that would be truncated or exceed max_packed_length (default: count them)")
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
             tok = AutoTokenizer.from_pretrained(
                 args.tokenizer, trust_remote_code=remote_code_allowed(args.tokenizer, args.trust_remote_code))
             meter = LengthMeter(tok, args.max_length, args.max_response_length,
-                                args.max_packed_length or 2 * args.max_length)
+                                packed_length(args.max_length, args.max_packed_length))
         except UserError:
             raise
         except (OSError, ValueError) as e:

@@ -31,6 +31,7 @@ import os
 import sys
 
 from polar_xtuner.client import SERVER_TYPES, parse_addresses
+from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.errors import UserError, VerificationError, cli, entry_point
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
@@ -45,9 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--save-scores", help="write one line of scores per input record here")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    p.add_argument("--max-length", type=int, help="token budget per sequence (default: the model's, else 16384)")
+    p.add_argument("--max-length", type=int, help=f"token budget per sequence (default: the model's, else {DEFAULT_MAX_LENGTH})")
     p.add_argument("--max-response-length", type=int,
-                   help="cap for reference and answers (default: the model's, else 4096)")
+                   help=f"cap for reference and answers (default: the model's, else {DEFAULT_MAX_RESPONSE_LENGTH})")
     p.add_argument("--plot", help="draw score distributions and the margin histogram to this PNG")
     p.add_argument("--server-type", choices=SERVER_TYPES, help="score on a served model")
     p.add_argument("--server-address", default="127.0.0.1:30000",
