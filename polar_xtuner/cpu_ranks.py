@@ -120,4 +120,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .errors import cli
+
+    cli(main)

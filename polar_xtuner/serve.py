@@ -252,11 +252,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _unwind)
     signal.signal(signal.SIGINT, _unwind)
     try:
-        try:
-            took = wait_ready(f"http://{address}{HEALTH_PATH[args.engine]}", proc, args.ready_timeout)
-        except ServeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        # the engine exiting, or never answering, is an environment fault: one line, exit 2
+        took = wait_ready(f"http://{address}{HEALTH_PATH[args.engine]}", proc, args.ready_timeout)
         print(f"\nPOLAR reward server ready after {took:.0f} s: http://{address} ({args.engine})\n"
               f"evaluate with:\n  python tools/eval_pref.py --model {args.model_dir} --data PAIRS.jsonl "
               f"--server-type {args.engine} --server-address {address}\n", flush=True)
