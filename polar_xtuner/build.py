@@ -47,7 +47,7 @@ def iter_source(path: str, fmt: str = "polar", options: dict | None = None) -> I
     if fmt == "polar":
         yield from iter_records(path)
         return
-    from .converters import CONVERTERS
+    from .data_formats import CONVERTERS
 
     convert = CONVERTERS[fmt]
     if options:
@@ -195,7 +195,7 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
         meter: With a tokenizer: token-length statistics in the report.
         drop_overlong: With a meter: reject records that would be truncated
             or exceed max_packed_length (otherwise they are only counted).
-        fmt: Input format: "polar", or one of :mod:`polar_xtuner.converters`.
+        fmt: Input format: "polar", or one of :mod:`polar_xtuner.data_formats`.
         pairs_per_prompt: With ``fmt="policies"``: most triples per prompt
             (drawn with ``seed``); the report counts them per prompt and policy.
 
@@ -208,7 +208,7 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
         raise DataError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     if drop_overlong and meter is None:
         raise DataError("--drop-overlong needs --tokenizer")
-    from .converters import DEFAULT_PAIRS_PER_PROMPT, TAKES_OPTIONS
+    from .data_formats import DEFAULT_PAIRS_PER_PROMPT, TAKES_OPTIONS
 
     options = None
     if fmt in TAKES_OPTIONS:

@@ -27,7 +27,7 @@ import sys
 
 from polar_xtuner.build import build
 from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, packed_length
-from polar_xtuner.converters import DEFAULT_PAIRS_PER_PROMPT, FORMATS
+from polar_xtuner.data_formats import DEFAULT_PAIRS_PER_PROMPT, FORMATS
 from polar_xtuner.errors import UserError, cli, entry_point
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
 from polar_xtuner.outputs import check_writable_dir, refuse_overlap
