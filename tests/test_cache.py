@@ -5,19 +5,19 @@ import io
 import json
 import multiprocessing
 import os
+import queue
 import shutil
-import socket
 import subprocess
 import sys
+import time
 import traceback
 
 import pytest
 
-from conftest import REPO
+from common import VAL
 from polar_xtuner import dataset as D
 from polar_xtuner.schema import DataError
 
-VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 ROUNDS = 20
 WORKERS = 3
 CORRUPT_ROUNDS = range(1, ROUNDS, 4)  # the others start empty (the old rmtree race failed 3-4 in 10 of those)
@@ -45,9 +45,7 @@ _TOKENIZERS: dict = {}
 
 def _serve(tasks, results, barrier):
     global _BARRIER
-    _BARRIER = barrier
-    from polar_xtuner import dataset  # noqa: F401 - warm up before the first task
-
+    _BARRIER = barrier  # (unpickling _serve imported this module, and with it polar_xtuner.dataset)
     while (task := tasks.get()) is not None:
         name, args = task
         try:
@@ -59,9 +57,9 @@ def _serve(tasks, results, barrier):
 class _Pool:
     def __init__(self, n):
         ctx = multiprocessing.get_context("spawn")
-        barrier = ctx.Barrier(n)
+        self.barrier = ctx.Barrier(n)  # kept: its semaphore lives as long as this reference
         self.queues = [(ctx.Queue(), ctx.Queue()) for _ in range(n)]
-        self.procs = [ctx.Process(target=_serve, args=(tasks, results, barrier), daemon=True)
+        self.procs = [ctx.Process(target=_serve, args=(tasks, results, self.barrier), daemon=True)
                       for tasks, results in self.queues]
         for p in self.procs:
             p.start()
@@ -70,17 +68,27 @@ class _Pool:
         """Run globals()[name](*args) in the first len(args_per_worker) workers at once; their results."""
         for (tasks, _), args in zip(self.queues, args_per_worker):
             tasks.put((name, args))
-        out = [results.get(timeout=timeout) for (_, results), _ in zip(self.queues, args_per_worker)]
+        out = [self._get(i, timeout) for i in range(len(args_per_worker))]
         assert all(ok for ok, _ in out), "\n".join(value for ok, value in out if not ok)
         return [value for _, value in out]
+
+    def _get(self, i, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return self.queues[i][1].get(timeout=1)
+            except queue.Empty:
+                assert self.procs[i].is_alive(), f"worker {i} died (exit code {self.procs[i].exitcode})"
+        raise AssertionError(f"worker {i} gave no result in {timeout} s")
 
     def close(self):
         for tasks, _ in self.queues:
             tasks.put(None)
-        for p in self.procs:
-            p.join(timeout=30)
+        for p in self.procs:  # stateless: no need to wait for a slow interpreter exit
+            p.join(timeout=1)
             if p.is_alive():
                 p.kill()
+                p.join()
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +305,7 @@ def test_stale_temps_of_dead_builders_go_live_ones_stay(tmp_path, tokenizer):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    host = socket.gethostname()
+    host = D._owner()  # the host and pid namespace the pids are from
     try:
         names = {"dead": f"{key}.tmp-{host}-{dead.pid}-0a1b2c3d",
                  "dead_aside": f"{key}.corrupt-{host}-{dead.pid}-0a1b2c3e",
