@@ -127,27 +127,39 @@ class LengthMeter:
         self.over_packed = 0
 
     def measure(self, records: list[dict]) -> list[str | None]:
-        """Record lengths; return per record why it is overlong (or None)."""
+        """Record lengths; return per record why it is overlong (or None).
+
+        A field far longer than truncation keeps is tokenized in windows
+        (:class:`polar_xtuner.encoding.ClippedIds`): its length is recorded as
+        the lower bound the windows give, and the reason says "at least". Such
+        a field is over its limit by construction, so the truncation counts
+        stay exact; the pair lengths come from the built sequences, as always.
+        """
         from .encoding import pair_items
 
         items = pair_items(records)
         fields = self.enc.encode_fields(items)  # tokenized once, for lengths and features
         p_ids, r_ids, c_ids = fields
-        lens = {"prompt": [len(x) for x in p_ids], "reference": [len(x) for x in r_ids],
-                "chosen": [len(x) for x in c_ids[0::2]], "rejected": [len(x) for x in c_ids[1::2]]}
+        per_field = {"prompt": p_ids, "reference": r_ids, "chosen": c_ids[0::2], "rejected": c_ids[1::2]}
+        lens = {f: [getattr(x, "at_least", len(x)) for x in ids] for f, ids in per_field.items()}
+        clipped = {f: [hasattr(x, "at_least") for x in ids] for f, ids in per_field.items()}
         pairs = [len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in self.enc.encode_pairs(records, fields)]
+
+        def tokens(f, i):
+            return f"{f} {'at least ' if clipped[f][i] else ''}{lens[f][i]} tokens"
+
         reasons = []
         for i in range(len(records)):
             why = []
             for f in ("reference", "chosen", "rejected"):
                 if lens[f][i] > self.max_response_length:
                     self.truncated[f] += 1
-                    why.append(f"{f} {lens[f][i]} tokens > max_response_length {self.max_response_length}")
+                    why.append(f"{tokens(f, i)} > max_response_length {self.max_response_length}")
             cut = [min(lens[f][i], self.max_response_length) for f in ("reference", "chosen", "rejected")]
             budget = self.enc.prompt_budget(cut[0], max(cut[1:]))
             if lens["prompt"][i] > budget:
                 self.truncated["prompt"] += 1
-                why.append(f"prompt {lens['prompt'][i]} tokens > its budget {max(budget, 0)}")
+                why.append(f"{tokens('prompt', i)} > its budget {max(budget, 0)}")
             if pairs[i] > self.max_packed_length:
                 self.over_packed += 1
                 why.append(f"pair {pairs[i]} tokens > max_packed_length {self.max_packed_length}")
