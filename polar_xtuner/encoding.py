@@ -11,7 +11,8 @@ head's output there. Before the text is built:
 * each field's message contents are joined with "\\n" (a string is kept);
 * ``r`` and ``c`` are encoded with special tokens and cut to
   ``max_response_length`` tokens (``cut_side="right"`` keeps the head, as in
-  xtuner training; POLAR's client defaults to ``"left"``);
+  xtuner training and POLAR's ``reward_func.py``; xtuner's ``RewardModelClient``
+  defaults to ``"left"``);
 * the prompt keeps its last ``budget`` tokens, where
   ``budget = (max_length - 4 - len(r) - max(len(c))) // 2`` over the candidates
   scored together (so chosen and rejected share one prompt, as in training);
@@ -39,8 +40,10 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from .constants import (
+from .constants import (  # the DEFAULT_* lengths are re-exported: used where nothing says otherwise
     CHOSEN_LABEL,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_RESPONSE_LENGTH,
     IGNORE_INDEX,
     REJECTED_LABEL,
     REWARD_SEP,
@@ -54,9 +57,6 @@ from .schema import join_contents
 # trained with travel with it, so evaluation and serving clients truncate as
 # training did.
 ENCODING_FILE = "polar_encoding.json"
-# POLAR's published lengths, used where neither a flag nor the model says otherwise.
-DEFAULT_MAX_LENGTH = 16384
-DEFAULT_MAX_RESPONSE_LENGTH = 4096
 
 
 @dataclass(frozen=True)
@@ -313,8 +313,8 @@ class PolarEncoder:
     """
 
     tokenizer: Any
-    max_length: int = 16384
-    max_response_length: int = 4096
+    max_length: int = DEFAULT_MAX_LENGTH
+    max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH
     reward_token_id: int | None = None
     cut_side: str = "right"
 

@@ -10,7 +10,7 @@ import pytest
 
 from common import REPO, run_tool
 from polar_xtuner import encoding
-from polar_xtuner.build import LengthMeter
+from polar_xtuner.data_check import LengthMeter
 from polar_xtuner.encoding import ClippedIds, PolarEncoder, pair_items
 from polar_xtuner.schema import validate_record
 

@@ -25,7 +25,7 @@ unreadable, or conflicting options.
 import argparse
 import sys
 
-from polar_xtuner.build import build
+from polar_xtuner.data_check import build
 from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, packed_length
 from polar_xtuner.data_formats import DEFAULT_PAIRS_PER_PROMPT, FORMATS
 from polar_xtuner.errors import UserError, cli, entry_point
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        from polar_xtuner.build import LengthMeter
+        from polar_xtuner.data_check import LengthMeter
 
         try:
             tok = AutoTokenizer.from_pretrained(
