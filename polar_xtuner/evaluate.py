@@ -46,15 +46,35 @@ def load_model(path: str, device: str | None = None, dtype: torch.dtype | None =
     Raises:
         UserError: The directory holds code we did not ship and trust_remote_code is off.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .hf_layout import remote_code_allowed
+    from .errors import UserError
+    from .hf_layout import check_model_dir, load_failure, remote_code_allowed
 
     device = device or default_device()
     if dtype is None:
         dtype = eval_dtype(device)
+    check_model_dir(path)
     trust = remote_code_allowed(path, trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+        raise load_failure(path, "tokenizer", e) from None
+    try:
+        return _load_weights(path, device, dtype, trust, trust_remote_code), tokenizer
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, MemoryError):
+            raise
+        raise load_failure(path, "model", e) from None
+
+
+def _load_weights(path, device, dtype, trust, trust_remote_code):
+    from transformers import AutoModel
+
+    from .hf_layout import remote_code_allowed
+
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         # A LoRA adapter directory (tools/convert.sh --adapter): its base model
         # plus the adapters and trained head, merged in memory.
@@ -69,7 +89,7 @@ def load_model(path: str, device: str | None = None, dtype: torch.dtype | None =
         model = AutoModel.from_pretrained(
             path, trust_remote_code=trust, torch_dtype=dtype, attn_implementation=SCORING_ATTENTION
         )
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def pad_id(tokenizer) -> int:

@@ -129,3 +129,50 @@ def remote_code_allowed(path: str, trust_remote_code: bool = False, flag: str = 
         return True
     raise UserError(f"{path} holds Python code this project did not ship ({', '.join(unknown)}), which loading "
                     f"the model would run; inspect it, then pass {flag} to allow it")
+
+
+def check_model_dir(path: str, flag: str = "--model", weights: bool = True) -> None:
+    """Refuse a model directory that is missing a piece, before anything loads from it.
+
+    A directory needs config.json (or adapter_config.json for a LoRA adapter
+    directory), a tokenizer (tokenizer_config.json with tokenizer.json or a
+    SentencePiece model) and, with ``weights``, weights (safetensors or
+    PyTorch, or an index of shards whose every shard exists).
+
+    Raises:
+        UserError: naming the directory and what is missing.
+    """
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such directory")
+    have = set(os.listdir(path))
+    missing = []
+    adapter = "adapter_config.json" in have
+    if not adapter and "config.json" not in have:
+        missing.append("config.json")
+    if "tokenizer_config.json" not in have:
+        missing.append("tokenizer_config.json")
+    elif not ({"tokenizer.json", "tokenizer.model"} & have):
+        missing.append("tokenizer.json or tokenizer.model")
+    if weights:
+        names = ("adapter_model.safetensors", "adapter_model.bin") if adapter else (
+            "model.safetensors", "pytorch_model.bin")
+        index = next((n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if n in have), None)
+        if index and not adapter:
+            try:
+                with open(os.path.join(path, index), encoding="utf-8") as f:
+                    shards = set(json.load(f)["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"{flag} {path}: {index} is unreadable ({e}); the directory is damaged, "
+                                f"convert again") from None
+            missing += sorted(shards - have)
+        elif not set(names) & have:
+            missing.append(" or ".join(names))
+    if missing:
+        raise UserError(f"{flag} {path}: incomplete model directory, missing {', '.join(missing)}; convert it "
+                        f"again with tools/convert.sh (which writes a directory whole or not at all)")
+
+
+def load_failure(path: str, what: str, e: Exception, flag: str = "--model") -> UserError:
+    """One line for a model directory whose files are present but do not load."""
+    return UserError(f"{flag} {path}: its {what} does not load ({type(e).__name__}: {str(e)[:300]}); a file is "
+                     f"damaged or truncated: convert it again")

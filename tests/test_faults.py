@@ -427,3 +427,27 @@ def test_truncated_deepspeed_checkpoint_is_named(which, tmp_path, tiny_dir, pth_
     line = one_error_line(proc)
     assert proc.returncode == 2 and str(ckpt) in line and "truncated" in line, proc.stderr[-2000:]
     assert not (tmp_path / "hf").exists()
+
+
+# -- incomplete or damaged model directories -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["no_tokenizer", "tokenizer_cut_at_4096", "weights_cut", "no_weights"])
+def test_damaged_model_dir_is_one_line_naming_it(damage, tmp_path, tiny_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    if damage == "no_tokenizer":
+        for p in model.glob("tokenizer*"):
+            p.unlink()
+    elif damage == "tokenizer_cut_at_4096":
+        (model / "tokenizer.json").write_bytes((model / "tokenizer.json").read_bytes()[:4096])
+    elif damage == "weights_cut":
+        w = model / "model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    else:
+        (model / "model.safetensors").unlink()
+    proc = run_tool("python", "tools/eval_pref.py", "--model", str(model), "--data", VAL)
+    line = one_error_line(proc)
+    assert proc.returncode == 2 and str(model) in line, proc.stderr[-2000:]

@@ -34,7 +34,7 @@ from polar_xtuner.client import SERVER_TYPES, parse_addresses
 from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.errors import UserError, VerificationError, cli, entry_point
-from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
+from polar_xtuner.hf_layout import TRUST_FLAG, check_model_dir, load_failure, remote_code_allowed
 from polar_xtuner.outputs import atomic_file, check_writable, refuse_overlap, write_json
 from polar_xtuner.schema import DataError, iter_records
 
@@ -94,9 +94,7 @@ def write_score_stats(model_dir: str, scores, data: str) -> str:
 @entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
-    needed = ["tokenizer_config.json"] if args.server_type else ["config.json", "adapter_config.json"]
-    if not any(os.path.isfile(os.path.join(args.model, n)) for n in needed):
-        raise UserError(f"--model {args.model}: not a model directory (no {' or '.join(needed)})")
+    check_model_dir(args.model, weights=not args.server_type)  # served: --model gives the tokenizer only
     check_outputs(args)  # before reading or scoring anything
     try:
         items = list(iter_records(args.data))
@@ -124,7 +122,10 @@ def main(argv=None) -> int:
 
         from polar_xtuner.client import BadScoreError, RemoteScorer, check_served_dtype, score_records_remote
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=trust)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=trust)
+        except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+            raise load_failure(args.model, "tokenizer", e) from None
         scorer = RemoteScorer(args.server_type, args.server_address, os.path.basename(args.model.rstrip("/")),
                               timeout=args.timeout, max_retries=args.max_retries, batch_size=args.batch_size,
                               concurrency=args.concurrency)
