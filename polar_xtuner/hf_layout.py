@@ -167,6 +167,9 @@ def check_model_dir(path: str, flag: str = "--model", weights: bool = True) -> N
             missing += sorted(shards - have)
         elif not set(names) & have:
             missing.append(" or ".join(names))
+    if not {"config.json", "adapter_config.json", "tokenizer_config.json"} & have:
+        raise UserError(f"{flag} {path}: not a model directory (no config.json or tokenizer_config.json); "
+                        f"pass a directory written by tools/convert.sh")
     if missing:
         raise UserError(f"{flag} {path}: incomplete model directory, missing {', '.join(missing)}; convert it "
                         f"again with tools/convert.sh (which writes a directory whole or not at all)")
