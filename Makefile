@@ -73,8 +73,10 @@ serve: setup serve-setup
 test: setup serve-setup rl-setup
 	$(PY) -m pytest -v -rs --durations=15
 
+# The unit tier: no subprocess tools, no training, no server, nothing over ~20 s, no GPU
+# (markers in pyproject.toml); under 3 minutes on 2 cores.
 test-fast: setup
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m "not integration and not slow and not serving and not gpu"
 
 bench: setup serve-setup
 	$(PY) bench/bench.py --out bench/results.json

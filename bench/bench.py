@@ -44,9 +44,9 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from polar_xtuner.demo_data import generate  # noqa: E402
+# Run as `python bench/bench.py`: the package is installed (editable) by `make setup`, and
+# bench/ is the script's own directory, so its siblings import without sys.path edits.
+from polar_xtuner.demo_data import generate
 
 
 def chat_like_lengths(n: int, max_length: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -197,9 +197,14 @@ def startup(tiny_dir, data_file: str, rounds: int = 2) -> dict:
         cfg_text = text
         for key, value in (("pretrained_model_name_or_path", tiny_dir), ("data_files", data_file),
                            ("data_cache_dir", cache)):
-            cfg_text = re.sub(rf"^{key} = .*$", f"{key} = {value!r}", cfg_text, count=1, flags=re.M)
-        cfg_text = cfg_text.replace("train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)",
-                                    "train_cfg = dict(type=TrainLoop, max_iters=1)")
+            cfg_text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", cfg_text, flags=re.M)
+            if n != 1:
+                raise RuntimeError(f"the demo config has {n} lines `{key} = ...`, expected 1; update bench/bench.py")
+        old_loop = "train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)"
+        if cfg_text.count(old_loop) != 1:
+            raise RuntimeError(f"the demo config has {cfg_text.count(old_loop)} lines `{old_loop}`, expected 1; "
+                               "update bench/bench.py")
+        cfg_text = cfg_text.replace(old_loop, "train_cfg = dict(type=TrainLoop, max_iters=1)")
         cfg = os.path.join(tmp, f"polar_bench_startup_{kind}.py")
         with open(cfg, "w", encoding="utf-8") as f:
             f.write(cfg_text)

@@ -22,7 +22,6 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 SHAPES = {
     "1.8b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
@@ -92,8 +91,11 @@ def measure(shape: str, work: str, zero: int | None = None) -> dict:
         subprocess.run([sys.executable, os.path.abspath(__file__), "--write-deepspeed", model_dir, work, str(zero)],
                        check=True, cwd=REPO, capture_output=True)
     text = open(os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py"), encoding="utf-8").read()
-    text = re.sub(r"^pretrained_model_name_or_path = .*$", f"pretrained_model_name_or_path = {model_dir!r}",
-                  text, count=1, flags=re.M)
+    text, n = re.subn(r"^pretrained_model_name_or_path = .*$", f"pretrained_model_name_or_path = {model_dir!r}",
+                      text, flags=re.M)
+    if n != 1:
+        raise RuntimeError(f"the demo config has {n} lines `pretrained_model_name_or_path = ...`, expected 1; "
+                           "update bench/convert_memory.py")
     cfg = os.path.join(work, "polar_bench_convert_mem.py")
     with open(cfg, "w", encoding="utf-8") as f:
         f.write(text)

@@ -43,10 +43,10 @@ import time
 
 import torch
 
+# `bench` and `convert_memory` below are this script's siblings (bench/ is its own directory
+# on sys.path); polar_xtuner is installed editable by `make setup`.
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
-sys.path.insert(0, REPO)
-sys.path.insert(0, BENCH)
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0}
 

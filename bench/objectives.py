@@ -22,12 +22,11 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from demo_seeds import cpu_name  # bench/ is the script's own directory
+from polar_xtuner.demo_data import with_margins, write_jsonl
+from polar_xtuner.schema import load_records
 
-from demo_seeds import cpu_name  # noqa: E402 - bench/ is the script's own directory
-from polar_xtuner.demo_data import with_margins, write_jsonl  # noqa: E402
-from polar_xtuner.schema import load_records  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {
     "published (Bradley-Terry)": "",

@@ -1,12 +1,37 @@
+"""Fixtures and hooks only; plain helpers and constants live in tests/common.py."""
 import os
-import re
-import sys
+
+# Bit-reproducible MKL results on CPU (see polar_xtuner/__init__.py), before anything imports torch.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = os.path.join(REPO, "tests", "assets")
-TINY_CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
+# Re-exported for the files that still say `from conftest import ...`; new code imports from common.
+from common import (  # noqa: F401
+    ASSETS,
+    REPO,
+    TINY_CONFIG,
+    VAL,
+    build_reward_model,
+    copy_config,
+    free_port,
+    publish_varlen_args,
+    run_tool,
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, with the reason, where torch sees none."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu); torch.cuda.is_available() is False here")
+    for item in gpu_items:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -47,63 +72,3 @@ def demo_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     demo_dir.proc = proc
     return demo_dir
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_tool(*args, cwd=REPO, env=None, timeout=900):
-    """Run a repository tool with this interpreter; return the CompletedProcess."""
-    import subprocess
-
-    full_env = dict(os.environ)
-    # xtuner's CLI starts `python` from PATH: make it this interpreter.
-    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
-    # A single-process DeepSpeed run still opens a rendezvous port (29500 by
-    # default); a free one lets test runs and other jobs coexist.
-    full_env.setdefault("MASTER_PORT", str(free_port()))
-    full_env.setdefault("PORT", str(free_port()))  # torchrun's, for NPROC_PER_NODE > 1
-    full_env.update(env or {})
-    return subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def publish_varlen_args(cu=None, max_seqlen=None):
-    """What xtuner's VarlenAttnArgsToMessageHubHook does before a step (rank 0)."""
-    from mmengine import MessageHub
-
-    hub = MessageHub.get_instance("varlen_attn_args")
-    hub.update_info("cumulative_len_rank_0", cu)
-    hub.update_info("max_seqlen_rank_0", max_seqlen)
-
-
-def build_reward_model(tiny_dir, use_varlen_attn=True, **kw):
-    """PolarRewardModel over a model directory, as a config builds it."""
-    import torch
-
-    from polar_xtuner.model import PolarRewardModel
-
-    torch.manual_seed(0)
-    kw = {"loss_type": "ranking", "penalty_type": "none", **kw}
-    return PolarRewardModel.from_model_dir(
-        tiny_dir, use_varlen_attn=use_varlen_attn, use_activation_checkpointing=False, **kw,
-    ).eval()
-
-
-def copy_config(dst_dir, name, model_dir, data_file, append="", **settings):
-    """A copy of the demo config pointing at test paths (the README's 'copied config' way)."""
-    text = open(TINY_CONFIG, encoding="utf-8").read()
-    settings = {"pretrained_model_name_or_path": model_dir, "data_files": data_file, **settings}
-    for key, value in settings.items():
-        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
-        assert n == 1, key
-    text += append
-    path = os.path.join(dst_dir, name)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path

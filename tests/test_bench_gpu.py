@@ -11,8 +11,10 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from common import REPO, free_port
 
+# bench/ is a directory of scripts, not a package: its scripts import their siblings
+# (`from bench import ...`) the way they do when run as `python bench/gpu.py`.
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 from gpu import matmul_params, row_flops  # noqa: E402
@@ -57,6 +59,22 @@ def test_gpu_bench_runs_on_cpu(tmp_path):
     assert "zero2_mfu" not in res  # no peak FLOP/s known for a CPU: no made-up MFU
 
 
+@pytest.mark.gpu
+@pytest.mark.integration
+def test_gpu_bench_runs_on_cuda(tmp_path):
+    """`make bench-gpu`'s code path on a real GPU, at the tiny shape: figures, MFU and peak memory."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "gpu.py"), "--shape", "tiny", "--device", "cuda",
+         "--stages", "2", "--steps", "3", "--eval-pairs", "16", "--peak-tflops", "100", "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, MASTER_PORT=str(free_port())), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["zero2_train_tokens_per_s_per_gpu"] > 0 and res["eval_pairs_per_s"] > 0
+    assert 0 < res["zero2_mfu"] < 1 and res["zero2_peak_memory_gib"] > 0
+
+
+@pytest.mark.integration  # runs bench/gpu.py in a subprocess
 def test_gpu_bench_refuses_bad_arguments():
     script = os.path.join(REPO, "bench", "gpu.py")
     proc = subprocess.run([sys.executable, script, "--device", "cpu", "--stages", "4"],

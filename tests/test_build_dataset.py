@@ -2,7 +2,11 @@
 import json
 import os
 
-from conftest import ASSETS, REPO, run_tool
+import pytest
+
+from common import ASSETS, REPO, run_tool
+
+pytestmark = pytest.mark.integration  # every test runs tools/build_dataset.py in a subprocess
 
 BAD = os.path.join(ASSETS, "bad_records.jsonl")
 UNI = os.path.join(ASSETS, "unicode_records.jsonl")

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from conftest import REPO, run_tool
+from common import REPO, run_tool
 from polar_xtuner.client import RemoteScorer, RemoteScoringError, parse_scores, score_records_remote
 from polar_xtuner.demo_data import generate
 from polar_xtuner.evaluate import score_records
@@ -145,6 +145,7 @@ def test_wrong_shape_and_unreachable_are_errors():
         parse_scores("lmdeploy", {"data": [{"data": 1.0}]}, 2)
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_eval_cli_against_servers(tiny_dir, tmp_path):
     from polar_xtuner.evaluate import load_model
 
@@ -175,6 +176,7 @@ def test_eval_cli_against_servers(tiny_dir, tmp_path):
     assert proc.returncode == 3 and "failed after 2 attempt" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path):
     bad = f"{REPO}/tests/assets/bad_records.jsonl"
     scores = tmp_path / "s.jsonl"
@@ -254,6 +256,7 @@ def test_batches_are_spread_over_servers_and_in_flight_together():
         RemoteScorer("vllm", "localhost")
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path):
     import shutil
 

@@ -8,7 +8,7 @@ import pytest
 from mmengine.config import Config
 from mmengine.config.lazy import LazyAttr, LazyObject
 
-from conftest import REPO
+from common import REPO, run_tool
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 DS_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "deepspeed", "*.json")))
@@ -93,9 +93,8 @@ def test_policy_discrimination_config_keeps_the_papers_values():
     assert recs and all(r["policy"] != r["rejected_policy"] for r in recs)
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_example_triples_are_what_the_tool_builds(tmp_path):
-    from conftest import run_tool
-
     proc = run_tool("python", "tools/build_dataset.py", "data/examples/policies.jsonl", "--from", "policies",
                     "-o", str(tmp_path))
     assert proc.returncode == 0, proc.stderr

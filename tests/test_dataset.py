@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import ASSETS, REPO
+from common import ASSETS, REPO
 from polar_xtuner.dataset import build_polar_dataset, cache_key
 
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")

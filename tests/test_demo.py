@@ -5,7 +5,10 @@ import re
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from common import run_tool
+
+# every test runs (or reads) a whole `make demo` pipeline: ~110 s each, measured
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_demo_learns(demo_run):
@@ -22,8 +25,6 @@ def test_demo_learns(demo_run):
 
 def test_encoding_settings_travel_with_the_model(demo_run, tmp_path):
     """The converter saves training's lengths in the model dir, and eval_pref reads them from there."""
-    from conftest import run_tool
-
     saved = json.load(open(os.path.join(demo_run, "hf", "polar_encoding.json")))
     assert saved == {"max_length": 1024, "max_response_length": 128, "reward_token_id": 4}  # the demo config's
     report = json.load(open(os.path.join(demo_run, "eval.json")))
@@ -40,7 +41,6 @@ def test_encoding_settings_travel_with_the_model(demo_run, tmp_path):
 
 def test_demo_learns_with_every_loss_option_on(tmp_path):
     """Margins from the data, centering and the fp32 loss together: still >= 0.90, each term logged."""
-    from conftest import run_tool
     from polar_xtuner.demo_data import with_margins, write_jsonl
     from polar_xtuner.schema import load_records
 

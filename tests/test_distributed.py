@@ -12,9 +12,10 @@ import signal
 import pytest
 import torch
 
-from conftest import ASSETS, REPO, copy_config, run_tool
+from common import ASSETS, REPO, copy_config, run_tool
 
-pytestmark = pytest.mark.integration
+# every test reads the module's training runs (~50 s) or trains itself (~20 s), measured
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 DS = os.path.join(REPO, "configs", "deepspeed")

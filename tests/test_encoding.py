@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import ASSETS
+from common import ASSETS
 from polar_xtuner.demo_data import generate
 from polar_xtuner.encoding import PolarEncoder, resolve_reward_token_id
 from polar_xtuner.schema import validate_record

@@ -54,6 +54,7 @@ def write_records(path, n, seed=0, pad=0):
 # -- overlapping paths ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_build_refuses_outputs_over_inputs_and_foreign_files(tmp_path):
     out = tmp_path / "out"
     assert run_tool("python", "tools/build_dataset.py", VAL, "-o", str(out)).returncode == 0
@@ -76,6 +77,7 @@ def test_build_refuses_outputs_over_inputs_and_foreign_files(tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_eval_and_rft_data_refuse_outputs_over_inputs(tmp_path, tiny_dir):
     data = tmp_path / "val.jsonl"
     data.write_bytes(open(VAL, "rb").read())
@@ -114,6 +116,7 @@ def pth_run(tmp_path_factory, tiny_dir):
     return {"cfg": cfg, "ckpt": str(work / "iter_1.pth"), "work": str(work), "root": root}
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_convert_refuses_outputs_over_inputs(pth_run):
     for out in (pth_run["work"], os.path.dirname(pth_run["cfg"]), pth_run["ckpt"]):
         before = snapshot(pth_run["root"])
@@ -143,6 +146,7 @@ def _build_complete(out):
     return report["train"] == lines and (out / "rejected.jsonl").exists()
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_build_killed_at_random_points_leaves_old_or_new_outputs(tmp_path):
     src = tmp_path / "in.jsonl"
     write_records(src, 20000, pad=8)
@@ -173,6 +177,7 @@ def test_build_killed_at_random_points_leaves_old_or_new_outputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_convert_killed_at_random_points_leaves_old_or_new_model(pth_run, tmp_path):
     out = tmp_path / "hf"
     old_marker = out / "old.txt"
@@ -214,6 +219,7 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_full_disk_fails_with_one_line_and_keeps_the_previous_output(small_fs, tmp_path, pth_run):
     src = tmp_path / "big.jsonl"
     write_records(src, 4000, pad=4)
@@ -256,6 +262,7 @@ def test_injected_full_disk_in_process(tmp_path, monkeypatch, capsys):
     assert snapshot(out) == before
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_read_only_destinations_are_refused_before_any_work(tmp_path, tiny_dir, pth_run):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -322,6 +329,7 @@ class RawServer:
         self.sock.close()
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "true", '"1.5"', "null"])
 def test_a_score_that_is_not_a_finite_number_is_an_error_naming_the_record(value, tmp_path, tiny_dir):
     data = tmp_path / "pairs.jsonl"
@@ -339,6 +347,7 @@ def test_a_score_that_is_not_a_finite_number_is_an_error_naming_the_record(value
     assert not out.exists()
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_timeout_bounds_the_whole_request_against_a_trickling_server(tmp_path, tiny_dir):
     server = RawServer(b'[{"embedding": [0.5]}, {"embedding": [0.1]}]', trickle=0.2)
     data = tmp_path / "pairs.jsonl"
@@ -358,6 +367,7 @@ def test_timeout_bounds_the_whole_request_against_a_trickling_server(tmp_path, t
 # -- data reading ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_bom_gzip_parquet_and_duplicate_keys(tmp_path):
     lines = [json.dumps(dict(RECORD, chosen=f"a{i}")) for i in range(3)]
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
@@ -391,6 +401,7 @@ def test_bom_gzip_parquet_and_duplicate_keys(tmp_path):
 # -- remote code ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir):
     import shutil
 
@@ -412,6 +423,7 @@ def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir):
 # -- truncated checkpoints ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 @pytest.mark.parametrize("which", ["model_states", "optim_states"])
 def test_truncated_deepspeed_checkpoint_is_named(which, tmp_path, tiny_dir, pth_run):
     from conftest import free_port
@@ -432,6 +444,7 @@ def test_truncated_deepspeed_checkpoint_is_named(which, tmp_path, tiny_dir, pth_
 # -- incomplete or damaged model directories -------------------------------------------------------------
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 @pytest.mark.parametrize("damage", ["no_tokenizer", "tokenizer_cut_at_4096", "weights_cut", "no_weights"])
 def test_damaged_model_dir_is_one_line_naming_it(damage, tmp_path, tiny_dir):
     import shutil

@@ -93,6 +93,7 @@ def test_multi_node_checks_port_on_node_0_only(taken_port):
     assert f"--master_port={launch.DEFAULT_PORT}" in command([CONFIG], env={"NNODES": "2", "NODE_RANK": "1"})
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_launcher_and_demo_scripts_name_a_taken_port(taken_port, tmp_path):
     proc = run_tool("bash", "scripts/train.sh", CONFIG, env={"PORT": str(taken_port), "NPROC_PER_NODE": "1"})
     assert proc.returncode == 2 and proc.stdout == ""
@@ -227,6 +228,7 @@ def test_main_prints_nul_separated_command_or_exits_2(capsys):
     assert launch.port_is_free(int(capsys.readouterr().out))
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_launcher_scripts_name_missing_environment():
     proc = run_tool("bash", "scripts/train_multi_node.sh", CONFIG, env={"NNODES": "", "NODE_RANK": "", "ADDR": ""})
     assert proc.returncode != 0 and "set NNODES" in proc.stderr
@@ -236,6 +238,7 @@ def test_launcher_scripts_name_missing_environment():
     assert proc.returncode == 2 and "error: config missing.py: no such file" in proc.stderr
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_slurm_launcher_maps_slurm_variables(tmp_path):
     """Fake srun/scontrol: srun runs its command as node 1; train.sh prints what it would run."""
     bin_dir = tmp_path / "bin"

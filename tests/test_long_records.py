@@ -178,6 +178,7 @@ def record_files(tmp_path_factory):
     return paths
 
 
+@pytest.mark.integration  # runs a repository tool or script in a subprocess
 @pytest.mark.parametrize("tool", ["build_dataset", "eval_pref"])
 def test_peak_memory_is_bounded_by_the_lengths(tiny_dir, record_files, tmp_path, tool):
     def run(name):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import REPO, build_reward_model, run_tool
+from common import REPO, build_reward_model, copy_config, run_tool
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["wqkv", "wo", "w1", "w2", "w3"], bias="none")
 TINY_LORA = os.path.join(REPO, "configs", "POLAR_tiny_lora_varlenattn_demo.py")
@@ -34,10 +34,9 @@ def _save_pth(path, sd):
     torch.save({"state_dict": {k: v.detach().clone() for k, v in sd.items()}, "meta": {}}, path)
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_convert_refuses_an_untrained_or_missing_head(tiny_dir, tmp_path):
     """A head equal to the base's, or none: one line, exit 2, nothing written."""
-    from conftest import copy_config
-
     cfg = copy_config(str(tmp_path), "polar_lora_refuse.py", tiny_dir, VAL,
                       append="\nfrom peft import LoraConfig\nmodel['lora'] = dict(type=LoraConfig, **%r)\n" % LORA)
     sd = _lora_model(tiny_dir).state_dict()
@@ -96,6 +95,7 @@ def _train(tmp_path, tiny_dir, stage, **overrides):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~180 s measured
 def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir):
     from safetensors.torch import load_file
 
@@ -135,6 +135,7 @@ def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~55 s measured
 def test_lora_under_zero3_converts(tmp_path, tiny_dir):
     from safetensors.torch import load_file
 
@@ -146,6 +147,7 @@ def test_lora_under_zero3_converts(tmp_path, tiny_dir):
     assert not torch.equal(load_file(str(tmp_path / "merged" / "model.safetensors"))["v_head.weight"], base_head)
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_serve_refuses_an_adapter_directory_with_what_to_do(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     proc = run_tool("bash", "tools/serve.sh", str(tmp_path))

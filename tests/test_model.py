@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import build_reward_model
+from common import build_reward_model
 from polar_xtuner.demo_data import generate
 from polar_xtuner.encoding import PolarEncoder
 

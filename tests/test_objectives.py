@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import build_reward_model, publish_varlen_args
+from common import build_reward_model, publish_varlen_args
 from polar_xtuner.demo_data import generate
 from polar_xtuner.encoding import PolarEncoder
 from polar_xtuner.errors import ConfigError

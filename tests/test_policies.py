@@ -4,8 +4,10 @@ import os
 
 import pytest
 
-from conftest import REPO, copy_config, run_tool
+from common import REPO, copy_config, run_tool
 from polar_xtuner.demo_data import generate_policy_samples, write_jsonl
+
+pytestmark = pytest.mark.integration  # every test runs tools/build_dataset.py (or xtuner train) in a subprocess
 
 EXAMPLE = os.path.join(REPO, "data", "examples", "policies.jsonl")
 
@@ -107,7 +109,7 @@ def test_option_errors_exit_2(tmp_path):
     assert proc.returncode == 2 and "at least 1" in proc.stderr
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # trains the tiny model: ~40 s measured
 def test_tiny_continued_pretraining_tells_two_policies_apart(tmp_path, tiny_dir):
     """Trained on triples of the toy policies, held-out accuracy >= 0.90 (chance 0.5)."""
     write_jsonl(str(tmp_path / "train_src.jsonl"), generate_policy_samples(1200, 0))

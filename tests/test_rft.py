@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_tool
+from common import REPO, run_tool
 from polar_xtuner import rft
 from polar_xtuner.client import RemoteScorer, RemoteScoringError
 from polar_xtuner.demo_data import generate
@@ -219,6 +219,7 @@ def test_thinking_is_stripped_unless_turned_off(monkeypatch, tiny_dir, tiny_mode
     assert a == b and c != a
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_normalisation_uses_the_saved_stats(monkeypatch, tmp_path, tiny_dir, tiny_model, tokenizer):
     import shutil
 
@@ -270,6 +271,7 @@ def test_settings_errors_name_the_variable(monkeypatch, tmp_path):
         rft.parse_label("just a reference")
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_make_rft_data_rows_load_with_datasets(tmp_path):
     import datasets
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from conftest import ASSETS
+from common import ASSETS
 from polar_xtuner.schema import DataError, RecordError, iter_jsonl, load_records, validate_record
 
 BAD = os.path.join(ASSETS, "bad_records.jsonl")
@@ -79,8 +79,11 @@ def test_non_utf8_line_is_rejected_with_its_line(tmp_path):
 
 
 def test_record_error_is_a_value_error():
-    with pytest.raises(RecordError):
+    assert issubclass(RecordError, ValueError)
+    # callers that know only ValueError catch it, and it is still the typed error with its field
+    with pytest.raises(ValueError) as e:
         validate_record({"prompt": "x"})
+    assert type(e.value) is RecordError and e.value.code == "missing_field"
 
 
 @pytest.mark.parametrize("margin", [True, "1.0", None, [1], float("nan"), float("inf")])

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import ASSETS, REPO, free_port, run_tool
+from common import ASSETS, REPO, free_port, run_tool
 
 SP_CONFIG = os.path.join(REPO, "configs", "POLAR_7B_full_varlenattn_sp4_custom_dataset.py")
 
@@ -20,6 +20,7 @@ def test_sp_config_variant():
     assert cfg.model.use_varlen_attn is True
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_launcher_refuses_sequence_parallel_on_cpu():
     import torch
 

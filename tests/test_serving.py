@@ -17,10 +17,17 @@ import sys
 
 import pytest
 
-from conftest import REPO, free_port, run_tool
+from common import REPO, free_port, run_tool
 from polar_xtuner.serve import CPU_SERVE_VENV, ServeError, cuda_available, stop, wait_ready
 
-real_engine = [pytest.mark.integration, pytest.mark.serving]
+
+def real_engine(test):
+    """A test against a real vLLM server on the demo's model: integration, serving and slow
+    (the session's demo run and the engine's start take ~2.5 min before the first, measured)."""
+    for mark in (pytest.mark.integration, pytest.mark.serving, pytest.mark.slow):
+        test = mark(test)
+    return test
+
 
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 SERVE_PY = os.path.join(CPU_SERVE_VENV, "bin", "python")
@@ -104,8 +111,7 @@ def serve_sh(served_model, tmp_path_factory):
         log.close()
 
 
-@real_engine[0]
-@real_engine[1]
+@real_engine
 def test_serve_sh_scores_equal_local(serve_sh, served_model, local_scores, tmp_path):
     address, log_path = serve_sh
     out, scores = tmp_path / "remote.json", tmp_path / "remote_scores.jsonl"
@@ -123,15 +129,13 @@ def test_serve_sh_scores_equal_local(serve_sh, served_model, local_scores, tmp_p
     assert json.load(open(out))["accuracy"] == local_report["accuracy"]
 
 
-@real_engine[0]
-@real_engine[1]
+@real_engine
 def test_polar_client_gets_the_same_raw_scores(serve_sh, served_model, local_scores):
     polar = _polar_client_scores(served_model, serve_sh[0])
     assert _close(polar, local_scores[0])
 
 
-@real_engine[0]
-@real_engine[1]
+@real_engine
 def test_rl_reward_functions_on_the_real_server(serve_sh, served_model, local_scores, monkeypatch):
     """verl's reward loop, verl's batch manager and OpenRLHF's reward_func, called as they call them."""
     import asyncio
@@ -170,8 +174,7 @@ def test_rl_reward_functions_on_the_real_server(serve_sh, served_model, local_sc
         assert all(abs(a - b) <= REMOTE_TOL * max(1.0, abs(b)) for a, b in zip(got, local))
 
 
-@real_engine[0]
-@real_engine[1]
+@real_engine
 def test_bare_vllm_defaults_still_give_raw_scores(served_model, local_scores, tmp_path):
     port = free_port()
     cmd = [SERVE_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", served_model, "--runner", "pooling",
@@ -195,6 +198,7 @@ def test_bare_vllm_defaults_still_give_raw_scores(served_model, local_scores, tm
     assert _close(polar, sig) and not _close(polar, local)
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_serve_sh_refuses_bad_input(tmp_path):
     res = run_tool("bash", "tools/serve.sh", str(tmp_path / "missing"))
     assert res.returncode == 2 and res.stderr.startswith("error:") and "no such model directory" in res.stderr
@@ -270,6 +274,7 @@ def test_engine_commands(tmp_path):
     assert cmd[:4] == ["/x/bin/lmdeploy", "serve", "api_server", str(tmp_path)] and "--backend" in cmd
 
 
+@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_serve_sh_stops_its_engine_on_sigterm(tmp_path):
     """SIGTERM (or Ctrl-C) to serve.sh ends the engine too, at once, and leaves nothing behind."""
     import time
@@ -313,8 +318,7 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 RL_PY = os.path.join(REPO, ".venv-rl", "bin", "python")
 
 
-@real_engine[0]
-@real_engine[1]
+@real_engine
 def test_verl_and_openrlhf_code_paths_on_the_real_server(serve_sh, served_model, local_scores, tmp_path):
     """verl 0.9.1's reward loop and OpenRLHF 0.11.2's agent executor, installed, call polar_xtuner.rft."""
     if not os.path.exists(os.path.join(REPO, ".venv-rl", ".installed")):

@@ -6,8 +6,8 @@ from polar_xtuner.attention import available_backends, select_backend
 from polar_xtuner.demo_data import generate
 from polar_xtuner.encoding import PolarEncoder
 
-from conftest import build_reward_model as build_model
-from conftest import publish_varlen_args as publish
+from common import build_reward_model as build_model
+from common import publish_varlen_args as publish
 
 
 @pytest.fixture
@@ -111,9 +111,22 @@ def test_sequence_parallel_refusals(tiny_dir, monkeypatch, capsys, sp, varlen, m
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_padded_model_is_untouched(tiny_dir, tokenizer):
+def _patched_attention(model):
+    """Which InternLM2 attention modules carry an instance-level forward (the varlen patch)."""
+    attention = [m for m in model.llm.modules() if hasattr(m, "wqkv")]
+    assert attention
+    return ["forward" in vars(m) for m in attention]
+
+
+def test_padded_model_is_untouched(tiny_dir, tokenizer, tiny_model):
     model = build_model(tiny_dir, use_varlen_attn=False)
     assert model.varlen_attn_backend is None and model.use_varlen_attn is False
+    assert not any(_patched_attention(model))
+    assert all(_patched_attention(build_model(tiny_dir)))  # the check can tell: the varlen build patches
+    # its score is the plain HF reward model's, read at the reward token
     ids = _pairs(tokenizer, 1)[0]["chosen_ids"]
-    assert isinstance(_score_alone(model, ids), float)
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        reference = tiny_model(input_ids=t, attention_mask=torch.ones_like(t))[0].item()
+    assert _score_alone(model, ids) == pytest.approx(reference, abs=1e-5)
 

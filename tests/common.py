@@ -1,0 +1,74 @@
+"""Plain helpers and constants shared by the tests (fixtures live in conftest.py).
+
+Import them as ``from common import ...``: pytest puts tests/ on sys.path
+(rootdir conftest, no __init__.py), so this module is found from every test
+file and from conftest.py alike.
+"""
+import os
+import re
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(REPO, "tests", "assets")
+TINY_CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
+VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_tool(*args, cwd=REPO, env=None, timeout=900):
+    """Run a repository tool with this interpreter; return the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ)
+    # xtuner's CLI starts `python` from PATH: make it this interpreter.
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
+    # A single-process DeepSpeed run still opens a rendezvous port (29500 by
+    # default); a free one lets test runs and other jobs coexist.
+    full_env.setdefault("MASTER_PORT", str(free_port()))
+    full_env.setdefault("PORT", str(free_port()))  # torchrun's, for NPROC_PER_NODE > 1
+    full_env.update(env or {})
+    return subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def publish_varlen_args(cu=None, max_seqlen=None):
+    """What xtuner's VarlenAttnArgsToMessageHubHook does before a step (rank 0)."""
+    from mmengine import MessageHub
+
+    hub = MessageHub.get_instance("varlen_attn_args")
+    hub.update_info("cumulative_len_rank_0", cu)
+    hub.update_info("max_seqlen_rank_0", max_seqlen)
+
+
+def build_reward_model(tiny_dir, use_varlen_attn=True, **kw):
+    """PolarRewardModel over a model directory, as a config builds it."""
+    import torch
+
+    from polar_xtuner.model import PolarRewardModel
+
+    torch.manual_seed(0)
+    kw = {"loss_type": "ranking", "penalty_type": "none", **kw}
+    return PolarRewardModel.from_model_dir(
+        tiny_dir, use_varlen_attn=use_varlen_attn, use_activation_checkpointing=False, **kw,
+    ).eval()
+
+
+def copy_config(dst_dir, name, model_dir, data_file, append="", **settings):
+    """A copy of the demo config pointing at test paths (the README's 'copied config' way)."""
+    text = open(TINY_CONFIG, encoding="utf-8").read()
+    settings = {"pretrained_model_name_or_path": model_dir, "data_files": data_file, **settings}
+    for key, value in settings.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
+        assert n == 1, key
+    text += append
+    path = os.path.join(dst_dir, name)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
