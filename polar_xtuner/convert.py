@@ -382,7 +382,6 @@ def _return_freed_memory() -> None:
 
 @entry_point
 def main(argv=None) -> int:
-    _return_freed_memory()
     p = argparse.ArgumentParser(
         prog="tools/convert.sh", description="Convert a trained POLAR checkpoint to a verified HF model.")
     p.add_argument("config", help="the xtuner config used for training")
@@ -410,4 +409,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _return_freed_memory()  # process-wide malloc setting: only for the tool's own process
     cli(main)
