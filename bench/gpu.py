@@ -43,6 +43,8 @@ import time
 
 import torch
 
+from polar_xtuner.precision import bf16_supported, eval_dtype
+
 # `bench` and `convert_memory` below are this script's siblings (bench/ is its own directory
 # on sys.path); polar_xtuner is installed editable by `make setup`.
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -105,7 +107,7 @@ def ds_config(stage: str, device: str) -> dict:
     # what xtuner fills in from the config: batch 1, accumulation 1 here, max_norm 1
     cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, gradient_clipping=1.0)
     if cfg.get("bf16", {}).get("enabled") == "auto":
-        cfg["bf16"]["enabled"] = device == "cuda" and torch.cuda.is_bf16_supported()
+        cfg["bf16"]["enabled"] = bf16_supported(device)
     return cfg
 
 
@@ -173,7 +175,7 @@ def eval_throughput(model_dir: str, device: str, pairs: int, max_length: int) ->
     feats = synthetic_pairs(chat_like_lengths(pairs, max_length, seed=3), config.vocab_size,
                             config.reward_token_id)
     ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = eval_dtype(device)
     model, _ = load_model(model_dir, device=device, dtype=dtype)
     score_ids(model, ids[:32], pad_id=0)  # warm-up
     if device == "cuda":
