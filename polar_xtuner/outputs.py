@@ -118,6 +118,7 @@ def _tmp_sibling(path: str, keep_ext: bool = True) -> str:
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[str]:
     """Yield a temporary sibling path to write; it replaces ``path`` only if the block succeeds."""
+    remove_stale_temps(path)
     tmp = _tmp_sibling(path)
     try:
         yield tmp

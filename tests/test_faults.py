@@ -464,3 +464,21 @@ def test_damaged_model_dir_is_one_line_naming_it(damage, tmp_path, tiny_dir):
     proc = run_tool("python", "tools/eval_pref.py", "--model", str(model), "--data", VAL)
     line = one_error_line(proc)
     assert proc.returncode == 2 and str(model) in line, proc.stderr[-2000:]
+
+
+def test_temporaries_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    from polar_xtuner.outputs import atomic_dir, write_json
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    (tmp_path / f".r.tmp-{dead_pid}-0000abcd.json").write_text("half")
+    (tmp_path / f".r.tmp-{os.getpid()}-1111abcd.json").write_text("mine, in flight")
+    (tmp_path / f".out.tmp-{dead_pid}-2222abcd").mkdir()
+    write_json(str(tmp_path / "r.json"), {"ok": True})
+    with atomic_dir(str(tmp_path / "out")) as work:
+        open(os.path.join(work, "f"), "w").write("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["r.json", "out", f".r.tmp-{os.getpid()}-1111abcd.json"])
+    with pytest.raises(ValueError):
+        write_json(str(tmp_path / "bad.json"), {"x": float("nan")})  # strict JSON, and nothing written
+    assert not (tmp_path / "bad.json").exists()
