@@ -10,6 +10,8 @@ from mmengine.config.lazy import LazyAttr, LazyObject
 
 from common import REPO, run_tool
 
+from polar_xtuner.constants import POLAR_REWARD_TOKEN_ID
+
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 DS_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "deepspeed", "*.json")))
 
@@ -88,7 +90,7 @@ def test_policy_discrimination_config_keeps_the_papers_values():
     cfg = Config.fromfile(os.path.join(REPO, "configs", "POLAR_1_8B_policy_discrimination_pretrain.py"))
     assert cfg.pretrained_model_name_or_path == "internlm/POLAR-1_8B-Base"
     assert (cfg.lr, cfg.max_epochs, cfg.max_response_length) == (1.4e-5, 1, 4096)  # arXiv 2507.05197 App. D.1
-    assert cfg.max_length == 2 * 1024 + 2 * 4096 + 4 and cfg.reward_token_id == 92527
+    assert cfg.max_length == 2 * 1024 + 2 * 4096 + 4 and cfg.reward_token_id == POLAR_REWARD_TOKEN_ID
     recs = [json.loads(line) for line in open(os.path.join(REPO, cfg.data_files))]
     assert recs and all(r["policy"] != r["rejected_policy"] for r in recs)
 
@@ -109,7 +111,7 @@ def test_example_triples_are_what_the_tool_builds(tmp_path):
 def test_gpu_configs_keep_published_values(name, model, lr):
     cfg = Config.fromfile(os.path.join(REPO, "configs", name))
     assert cfg.pretrained_model_name_or_path == model and cfg.lr == lr
-    assert cfg.model.use_varlen_attn is True and cfg.reward_token_id == 92527
+    assert cfg.model.use_varlen_attn is True and cfg.reward_token_id == POLAR_REWARD_TOKEN_ID
     assert (cfg.max_length, cfg.max_response_length) == (16384, 4096)
     assert (cfg.batch_size, cfg.accumulative_counts, cfg.max_epochs) == (1, 2, 1)
     assert (cfg.save_steps, cfg.save_total_limit) == (500, 2)
