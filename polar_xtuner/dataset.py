@@ -20,7 +20,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import sys
 from typing import Sequence
@@ -34,6 +33,7 @@ from xtuner.utils import DEFAULT_PAD_TOKEN_INDEX
 
 from .constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, packed_length
 from .errors import UserError, abort_training
+from .outputs import pid_alive, remove_path
 from .schema import DataError, load_records
 
 ENCODE_CHUNK = 1000  # records per batched tokenizer call
@@ -339,24 +339,6 @@ def _sibling(path: str, kind: str) -> str:
     return f"{path}.{kind}-{_owner()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            os.remove(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
 def _remove_stale_siblings(cache_dir: str) -> None:
     """Remove temp and half-deleted entries left by killed builders here (never a live one's).
 
@@ -373,8 +355,8 @@ def _remove_stale_siblings(cache_dir: str) -> None:
         if m is None or m.groupdict().get("host", host) != host:  # another node's pid says nothing here
             continue
         pid = int(m["pid"])
-        if pid != os.getpid() and not _pid_alive(pid):
-            _remove(os.path.join(cache_dir, name))
+        if pid != os.getpid() and not pid_alive(pid):
+            remove_path(os.path.join(cache_dir, name))
 
 
 def _move_aside(path: str, ident) -> None:
@@ -397,7 +379,7 @@ def _move_aside(path: str, ident) -> None:
         with contextlib.suppress(OSError):
             os.rename(aside, path)
             return
-    _remove(aside)
+    remove_path(aside)
 
 
 def _write_error(cache_dir: str, e: OSError) -> DataError:
@@ -439,7 +421,7 @@ def _publish(dataset, path: str):
         return ident
     finally:
         if os.path.lexists(tmp):
-            _remove(tmp)
+            remove_path(tmp)
 
 
 def _cached(path: str, build, quiet: bool = False):

@@ -182,22 +182,26 @@ def remove_stale_temps(path: str) -> None:
             if not entry.startswith(prefix):
                 continue
             pid = entry[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                victim = os.path.join(parent, entry)
-                shutil.rmtree(victim, ignore_errors=True) if os.path.isdir(victim) else _unlink(victim)
+            if pid.isdigit() and not pid_alive(int(pid)):
+                remove_path(os.path.join(parent, entry))
 
 
-def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.remove(path)
+def remove_path(path: str) -> None:
+    """Remove a file, or a directory tree (never following a symlink to one); missing is fine."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists here (EPERM: it does, another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except OSError:
         return True
     return True
 
