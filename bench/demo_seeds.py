@@ -2,12 +2,13 @@
 
 Usage:
     python bench/demo_seeds.py [--seeds 0 1 2 3 4] [--threads 1 2] [--jobs 2]
-        [--out bench/demo_seeds.json]
+        [--config configs/POLAR_tiny_full_varlenattn_demo.py] [--out bench/demo_seeds.json]
 
 Each run is ``scripts/demo.sh`` with ``DEMO_SEED=S`` (the tiny model's random
 weights, xtuner's ``randomness.seed`` and the packing order all change with it)
 and ``OMP_NUM_THREADS=T`` (a different thread count sums in a different order,
-which is how the demo's result came to depend on the CPU). It records the
+which is how the demo's result came to depend on the CPU). ``--config`` runs another
+demo config through the same pipeline (``DEMO_CONFIG``), e.g. the LoRA one. It records the
 held-out accuracy, the validation curve and the wall time of each run, and
 prints the table that bench/README.md keeps. Runs with one thread may go
 ``--jobs`` at a time; runs with more threads always go alone, so their wall
@@ -41,12 +42,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_one(seed: int, threads: int, root: str) -> dict:
+def run_one(seed: int, threads: int, root: str, config: str | None = None) -> dict:
     """One whole demo; returns its figures (accuracy None when it failed)."""
     demo_dir = os.path.join(root, f"seed{seed}_threads{threads}")
     env = dict(os.environ, DEMO_DIR=demo_dir, TINY_DIR=os.path.join(demo_dir, "tiny_polar"),
                DEMO_SEED=str(seed), MIN_ACCURACY="0", OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
+    if config:
+        env["DEMO_CONFIG"] = config
     env.pop("MASTER_PORT", None)  # demo.sh picks a free one per run
     start = time.time()
     proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True)
@@ -67,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--jobs", type=int, default=2, help="one-thread runs at a time")
+    p.add_argument("--config", help="demo config (scripts/demo.sh's DEMO_CONFIG); default the full demo")
     p.add_argument("--root", default=os.path.join(REPO, "work_dirs", "demo_seeds"))
     p.add_argument("--out", default=os.path.join(REPO, "bench", "demo_seeds.json"))
     args = p.parse_args(argv)
@@ -76,18 +80,19 @@ def main(argv=None) -> int:
     rows = []
     single = [(s, 1) for s in args.seeds if 1 in args.threads]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for row in pool.map(lambda st: run_one(*st, args.root), single):
+        for row in pool.map(lambda st: run_one(*st, args.root, args.config), single):
             rows.append(row)
             print(json.dumps(row), flush=True)
     for t in sorted(set(args.threads) - {1}):
         for s in args.seeds:
-            row = run_one(s, t, args.root)
+            row = run_one(s, t, args.root, args.config)
             rows.append(row)
             print(json.dumps(row), flush=True)
 
     accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
     summary = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "config": args.config or "configs/POLAR_tiny_full_varlenattn_demo.py",
         "date": time.strftime("%Y-%m-%d"),
         "runs": rows,
         "min_accuracy": min(accs) if accs else None,

@@ -7,7 +7,9 @@
 #        DEMO_SEED (default 0: the tiny model's weights, the training seed and the
 #        packing order), TINY_DIR (default work_dirs/tiny_polar, the untrained model),
 #        DEMO_TRAIN (default data/demo/train.jsonl), DEMO_OPTIONS (extra xtuner
-#        --cfg-options, space-separated, e.g. "model.center_rewards_coefficient=0.01").
+#        --cfg-options, space-separated, e.g. "model.center_rewards_coefficient=0.01"),
+#        DEMO_CONFIG (default configs/POLAR_tiny_full_varlenattn_demo.py; the LoRA
+#        demo, configs/POLAR_tiny_lora_varlenattn_demo.py, runs the same way).
 set -euo pipefail
 # bit-reproducible MKL results on CPU (see polar_xtuner/__init__.py)
 export MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
@@ -18,7 +20,7 @@ DEMO_SEED=${DEMO_SEED:-0}
 TINY_DIR=${TINY_DIR:-work_dirs/tiny_polar}
 DEMO_TRAIN=${DEMO_TRAIN:-data/demo/train.jsonl}
 DEMO_OPTIONS=${DEMO_OPTIONS:-}
-CONFIG=configs/POLAR_tiny_full_varlenattn_demo.py
+CONFIG=${DEMO_CONFIG:-configs/POLAR_tiny_full_varlenattn_demo.py}
 start=$(date +%s)
 
 # A single DeepSpeed process still opens a rendezvous port, and DeepSpeed's MPI

@@ -129,9 +129,9 @@ def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir):
     m, a = results["merged"][1], results["adapter"][1]
     worst = max(abs(x - y) / max(1.0, abs(y)) for pm, pa in zip(m, a) for x, y in zip(pm, pa))
     assert worst < 1e-4, worst
-    # LoRA over the tiny model's *random* base learns slowly: 0.68 after the demo's
-    # 504 steps here (full tuning: 1.00). Issue #18 asks for 0.80; see the README.
-    assert results["merged"][0]["accuracy"] >= 0.60, results["merged"][0]["accuracy"]
+    # Issue #18's bar. Measured 0.99 here (seed 0); bench/README.md has the seeds.
+    assert results["merged"][0]["accuracy"] >= 0.80, results["merged"][0]["accuracy"]
+    assert results["adapter"][0]["accuracy"] == results["merged"][0]["accuracy"]
 
 
 @pytest.mark.integration
