@@ -41,7 +41,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
-serve-setup: $(SERVE_VENV)/.installed
+serve-setup: $(SERVE_VENV)/.plugin
 
 $(SERVE_VENV)/.installed:
 	$(PYTHON) -m venv $(SERVE_VENV)
@@ -49,6 +49,13 @@ $(SERVE_VENV)/.installed:
 	@# pip also pulls CUDA builds of these three, which break `import vllm` on CPU.
 	$(SERVE_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
 	$(SERVE_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+# This package, without its training dependencies, for its vLLM plugin
+# (polar_xtuner/vllm_plugin.py: last-token scores with prefix caching).
+$(SERVE_VENV)/.plugin: $(SERVE_VENV)/.installed pyproject.toml
+	$(SERVE_VENV)/bin/pip install --no-deps -e .
+	$(SERVE_VENV)/bin/python -c "from importlib.metadata import entry_points as e; assert 'polar_reward' in e(group='vllm.general_plugins').names"
 	touch $@
 
 rl-setup: $(RL_VENV)/.installed

@@ -21,7 +21,9 @@ interleaved (A, B, A, B ...) so that machine noise hits both sides alike:
 * remote scoring pairs/s against one vLLM server (the CPU build from
   .venv-serve, started as tools/serve.sh starts it): our client (batches in
   flight together) vs xtuner's ``RewardModelClient`` (POLAR's published
-  client) on the same records, scores checked equal (alternating, median of 3);
+  client) on the same records, scores checked equal (alternating, median of 3,
+  the prefix cache emptied before each run); then both again against stock
+  vLLM's per-token serving, the baseline of our vLLM plugin;
 * peak memory of tools/convert.sh on a POLAR-1.8B-shaped random checkpoint
   (bench/convert_memory.py; fp32 and bf16 output) over one fp32 copy of the
   weights. It needs about 20 GB of disk and a few minutes.
@@ -245,53 +247,116 @@ def eval_throughput(tiny_dir, repeats: int = 5) -> dict:
             "eval_speedup_batched_vs_single": batched / single}
 
 
-def remote_throughput(tiny_dir, n_pairs: int = 1000, repeats: int = 3) -> dict:
-    """Pairs/s of our remote scorer vs POLAR's client against one real vLLM server."""
+def long_records(n: int, seed: int, words: int = 300) -> list[dict]:
+    """Demo records made long, each with a prompt and reference of its own.
+
+    Every prompt opens with a context of ``words`` random words and every
+    reference with a reasoning of ``words // 2``, drawn per record, so two
+    records share no more than the start of the template, and only a pair's
+    chosen and rejected texts share a long prefix, as an RL prompt's
+    rollouts do. About 780 tokens per text with the tiny tokenizer.
+    """
+    from polar_xtuner.demo_data import TOPICS
+
+    rng = random.Random(seed)
+    vocab = sorted({w for answers, *_ in TOPICS.values() for w in answers if w.isascii()})
+    out = []
+    for rec in generate(n, seed):
+        rec = json.loads(json.dumps(rec))
+        context = " ".join(rng.choice(vocab) for _ in range(words))
+        reasoning = " ".join(rng.choice(vocab) for _ in range(words // 2))
+        rec["prompt"][-1]["content"] = f"Context: {context}. {rec['prompt'][-1]['content']}"
+        rec["reference"][-1]["content"] = f"Reasoning: {reasoning}. {rec['reference'][-1]['content']}"
+        out.append(rec)
+    return out
+
+
+def _remote_round(tiny_dir, record_sets: dict, pooler: str | None, repeats: int) -> tuple[dict, dict]:
+    """Median seconds of each client on each record set, against one vLLM server started as tools/serve.sh starts it.
+
+    ``pooler`` overrides the server's pooler config (None: serve.sh's). The
+    prefix cache is emptied before every timed run, so each run computes
+    what a first scoring of these texts computes. Returns the times and our
+    client's scores per set.
+    """
     import subprocess
 
+    from transformers import AutoTokenizer
     from xtuner.utils import RewardModelClient
 
-    from polar_xtuner.client import RemoteScorer, score_records_remote
-    from transformers import AutoTokenizer
-
+    from polar_xtuner.client import RemoteScorer, post_json, score_records_remote
     from polar_xtuner.serve import CPU_SERVE_VENV, engine_command, engine_env, stop, wait_ready
 
     python = os.path.join(CPU_SERVE_VENV, "bin", "python")
     if not os.path.exists(python):
         raise RuntimeError(f"no vLLM CPU build at {CPU_SERVE_VENV}; run `make serve-setup`")
     port = free_port()
-    cmd = engine_command("vllm", tiny_dir, "127.0.0.1", port, python, max_model_len=1024)
+    extra = ["--pooler-config", pooler] if pooler else []
+    cmd = engine_command("vllm", tiny_dir, "127.0.0.1", port, python, extra, max_model_len=1024, cpu=True)
     log = open(os.path.join(os.path.dirname(tiny_dir), "vllm_bench.log"), "w")
     proc = subprocess.Popen(cmd, env=engine_env("vllm", "127.0.0.1", False), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    times, scores = {}, {}
     try:
-        wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=900)
+        wait_ready(base + "/health", proc, timeout=900)
         tok = AutoTokenizer.from_pretrained(tiny_dir)
-        recs = list(generate(n_pairs, 11))
         ours = RemoteScorer("vllm", f"127.0.0.1:{port}", batch_size=32, concurrency=4)
         theirs = RewardModelClient(tiny_dir, max_length=1024, max_response_length=128, response_cut_side="right",
                                    server_type="vllm", server_address=f"127.0.0.1:{port}")
-        data = [{"prompt": r["prompt"], "reference": r["reference"], "output": r[k]}
-                for r in recs for k in ("chosen", "rejected")]
-        score_records_remote(ours, tok, recs[:8], 1024, 128)  # warm both paths once
-        theirs(data[:16])
-        times = {"ours": [], "polar": []}
-        for i in range(repeats):
-            for kind in (("ours", "polar") if i % 2 == 0 else ("polar", "ours")):
-                t0 = time.perf_counter()
-                if kind == "ours":
-                    got = [s for pair in score_records_remote(ours, tok, recs, 1024, 128) for s in pair]
-                else:
-                    ref = theirs(data)
-                times[kind].append(time.perf_counter() - t0)
-        if ref is None or max(abs(a - b) for a, b in zip(got, ref)) > 1e-4:
-            raise RuntimeError("our client and POLAR's disagree on the same server's scores")
+        for name, recs in record_sets.items():
+            data = [{"prompt": r["prompt"], "reference": r["reference"], "output": r[k]}
+                    for r in recs for k in ("chosen", "rejected")]
+            score_records_remote(ours, tok, recs[:8], 1024, 128)  # warm both paths once
+            theirs(data[:16])
+            runs = {"ours": [], "polar": []}
+            for i in range(repeats):
+                for kind in (("ours", "polar") if i % 2 == 0 else ("polar", "ours")):
+                    status, body = post_json(base + "/reset_prefix_cache", {}, 60)  # VLLM_SERVER_DEV_MODE
+                    if status != 200:
+                        raise RuntimeError(f"vLLM refused /reset_prefix_cache: HTTP {status} {body[:200]!r}")
+                    t0 = time.perf_counter()
+                    if kind == "ours":
+                        got = [s for pair in score_records_remote(ours, tok, recs, 1024, 128) for s in pair]
+                    else:
+                        ref = theirs(data)
+                    runs[kind].append(time.perf_counter() - t0)
+            if ref is None or max(abs(a - b) for a, b in zip(got, ref)) > 1e-4:
+                raise RuntimeError(f"{name}: our client and POLAR's disagree on the same server's scores")
+            times[name] = {k: statistics.median(v) for k, v in runs.items()}
+            scores[name] = got
     finally:
         stop(proc)
         log.close()
-    a = n_pairs / statistics.median(times["ours"])
-    b = n_pairs / statistics.median(times["polar"])
-    return {"remote_pairs_per_s": a, "remote_pairs_per_s_polar_client": b, "remote_speedup_vs_polar_client": a / b}
+    return times, scores
+
+
+def remote_throughput(tiny_dir, n_pairs: int = 1000, n_long: int = 200, repeats: int = 3) -> dict:
+    """Pairs/s of our remote scorer vs POLAR's client against real vLLM servers.
+
+    On the demo's short records (``remote_*``, about 40 tokens a text) and on
+    long ones (``remote_long_*``, about 780), against the server tools/serve.sh
+    starts (with our vLLM plugin: last-token scores, prefix caching) and
+    against stock vLLM's per-token serving of the same model (``*_stock_vllm``,
+    ``"task": "token_classify"``), the plugin's baseline in the same run.
+    """
+    sets = {"short": list(generate(n_pairs, 11)), "long": long_records(n_long, 12)}
+    served, got = _remote_round(tiny_dir, sets, None, repeats)
+    stock, got_stock = _remote_round(tiny_dir, sets, json.dumps({"use_activation": False, "task": "token_classify"}),
+                                     repeats)
+    out = {}
+    for name, key in (("short", "remote"), ("long", "remote_long")):
+        if max(abs(a - b) for a, b in zip(got[name], got_stock[name])) > 1e-4:
+            raise RuntimeError(f"{name}: last-token and per-token serving disagree on the scores")
+        n = len(sets[name])
+        a, b = n / served[name]["ours"], n / served[name]["polar"]
+        c, d = n / stock[name]["ours"], n / stock[name]["polar"]
+        out.update({f"{key}_pairs_per_s": a, f"{key}_pairs_per_s_polar_client": b,
+                    f"{key}_speedup_vs_polar_client": a / b,
+                    f"{key}_pairs_per_s_stock_vllm": c, f"{key}_pairs_per_s_polar_client_stock_vllm": d,
+                    f"{key}_speedup_vs_polar_client_stock_vllm": c / d,
+                    f"{key}_plugin_speedup": a / c, f"{key}_plugin_speedup_polar_client": b / d})
+    return out
 
 
 def free_port() -> int:

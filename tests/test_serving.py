@@ -7,7 +7,9 @@ held-out demo pairs:
 * ``tools/serve.sh`` + ``eval_pref --server-type vllm`` give the local scores;
 * POLAR's own client (xtuner's ``RewardModelClient``) gets the same raw scores;
 * a server started with vLLM's bare defaults (sigmoid on) still gives raw
-  scores through our client, while POLAR's client gets the sigmoids.
+  scores through our client, while POLAR's client gets the sigmoids;
+* the plugin (polar_xtuner/vllm_plugin.py) answers the last token's score
+  and reads the prefix cache, and stands aside on a vLLM it does not fit.
 """
 import json
 import math
@@ -35,7 +37,7 @@ SERVE_PY = os.path.join(CPU_SERVE_VENV, "bin", "python")
 
 @pytest.fixture(scope="module")
 def served_model(demo_run):
-    if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".installed")):
+    if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".plugin")):
         pytest.fail(f"vLLM's CPU build is missing at {CPU_SERVE_VENV}: run `make serve-setup` (make test does)")
     return os.path.join(demo_run, "hf")
 
@@ -133,6 +135,82 @@ def test_serve_sh_scores_equal_local(serve_sh, served_model, local_scores, tmp_p
 def test_polar_client_gets_the_same_raw_scores(serve_sh, served_model, local_scores):
     polar = _polar_client_scores(served_model, serve_sh[0])
     assert _close(polar, local_scores[0])
+
+
+def _prefix_cache_hits(address) -> float:
+    """vLLM's count of prompt tokens read from the prefix cache (its /metrics)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=30).read().decode()
+    return sum(float(v) for v in re.findall(r"^vllm:prefix_cache_hits(?:_total)?(?:\{[^}]*\})? (\S+)$", text, re.M))
+
+
+@real_engine
+def test_plugin_answers_the_last_token_and_reuses_shared_prefixes(serve_sh, served_model, local_scores):
+    """One row per text (not one per token), and a pair's rejected text reads its chosen's prefix from cache."""
+    from transformers import AutoTokenizer
+
+    from polar_xtuner.client import RemoteScorer, serving_inputs
+    from polar_xtuner.encoding import EncodingSettings, PolarEncoder, pair_items
+    from polar_xtuner.schema import load_records
+    from polar_xtuner.serve import CPU_BLOCK_SIZE
+
+    address, log_path = serve_sh
+    assert "polar_xtuner vLLM plugin" not in open(log_path).read()  # no fallback warning
+    s = EncodingSettings.from_model_dir(served_model)
+    enc = PolarEncoder(AutoTokenizer.from_pretrained(served_model), s.max_length, s.max_response_length)
+    recs = load_records(VAL)
+    scorer = RemoteScorer("vllm", address)
+    all_ids = serving_inputs(scorer, enc, enc.serving_texts(pair_items(recs), ["sft"] * len(recs)))
+    # pairs whose texts share a whole cache block, so each rejected text has one to read
+    keep = [i for i in range(len(recs))
+            if len(os.path.commonprefix([all_ids[2 * i], all_ids[2 * i + 1]])) > CPU_BLOCK_SIZE][:40]
+    assert len(keep) >= 20, len(keep)
+    ids = [all_ids[2 * i + k] for i in keep for k in (0, 1)]
+
+    from polar_xtuner.client import post_json
+
+    status, body = post_json(f"http://{address}/pooling", {"input": [ids[0]], "use_activation": False}, 60)
+    rows = json.loads(body)["data"][0]["data"]
+    assert status == 200 and len(ids[0]) > 1 and len(rows) == 1 and len(rows[0]) == 1, rows
+    assert abs(rows[0][0] - local_scores[0][0][0]) <= REMOTE_TOL * max(1.0, abs(local_scores[0][0][0]))
+
+    status, body = post_json(f"http://{address}/reset_prefix_cache", {}, 60)  # earlier tests scored these texts
+    assert status == 200, body
+    before = _prefix_cache_hits(address)
+    chosen = scorer.score(ids[0::2])  # first the chosen texts, then the rejected ones: their prefix is cached
+    after_chosen = _prefix_cache_hits(address)
+    rejected = scorer.score(ids[1::2])
+    after = _prefix_cache_hits(address)
+    assert after - after_chosen >= CPU_BLOCK_SIZE * len(keep), (before, after_chosen, after)
+    assert _close(list(zip(chosen, rejected)), [local_scores[0][i] for i in keep])
+
+
+@pytest.mark.integration
+@pytest.mark.serving  # vLLM from .venv-serve, in a subprocess; no server
+def test_plugin_stands_aside_on_a_vllm_it_does_not_fit():
+    """Registered where vLLM has what it builds on; otherwise vLLM keeps its own class, with one warning."""
+    if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".plugin")):
+        pytest.fail(f"vLLM's CPU build is missing at {CPU_SERVE_VENV}: run `make serve-setup` (make test does)")
+    code = "\n".join([
+        "import polar_xtuner.vllm_plugin as p",
+        "from vllm import ModelRegistry",
+        "arch = 'InternLM2ForRewardModel'",
+        "own = ModelRegistry.models[arch].module_name",
+        "p.register()",
+        "print('FIT', ModelRegistry.models[arch].module_name)",
+        "ModelRegistry.register_model(arch, own + ':' + arch)",
+        "p._NEEDED = p._NEEDED + (('vllm.no_such_module', 'X'),)",
+        "p.register()",
+        "print('MISFIT', ModelRegistry.models[arch].module_name)",
+    ])
+    res = subprocess.run([SERVE_PY, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "FIT polar_xtuner.vllm_plugin" in res.stdout
+    assert "MISFIT vllm.model_executor.models.internlm2" in res.stdout
+    warnings = [l for l in res.stderr.splitlines() if "this vLLM lacks" in l]
+    assert len(warnings) == 1 and "vllm.no_such_module:X" in warnings[0], res.stderr[-2000:]
 
 
 @real_engine
@@ -263,6 +341,11 @@ def test_engine_commands(tmp_path):
     for flag in ("--runner pooling", "--trust-remote-code", "--dtype float32", "--max-model-len 1024",
                  '--pooler-config {"use_activation": false}'):
         assert flag in joined
+    assert "--block-size" not in cmd  # GPU: vLLM's own block size
+    cmd = engine_command("vllm", str(tmp_path), "127.0.0.1", 8000, "py", cpu=True)
+    assert cmd[cmd.index("--block-size") + 1] == "32"
+    cmd = engine_command("vllm", str(tmp_path), "127.0.0.1", 8000, "py", ["--block-size=64"], cpu=True)
+    assert cmd.count("--block-size") == 0 and cmd[-1] == "--block-size=64"
     # the user's own flags win and are passed through unchanged
     cmd = engine_command("vllm", str(tmp_path), "0.0.0.0", 8000, "py", ["--dtype=bfloat16", "--max-num-seqs", "8"])
     assert "float32" not in cmd and cmd[-3:] == ["--dtype=bfloat16", "--max-num-seqs", "8"]
