@@ -261,8 +261,7 @@ def long_records(n: int, seed: int, words: int = 300) -> list[dict]:
     rng = random.Random(seed)
     vocab = sorted({w for answers, *_ in TOPICS.values() for w in answers if w.isascii()})
     out = []
-    for rec in generate(n, seed):
-        rec = json.loads(json.dumps(rec))
+    for rec in generate(n, seed):  # fresh records: edited in place
         context = " ".join(rng.choice(vocab) for _ in range(words))
         reasoning = " ".join(rng.choice(vocab) for _ in range(words // 2))
         rec["prompt"][-1]["content"] = f"Context: {context}. {rec['prompt'][-1]['content']}"

@@ -35,10 +35,14 @@ VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 SERVE_PY = os.path.join(CPU_SERVE_VENV, "bin", "python")
 
 
-@pytest.fixture(scope="module")
-def served_model(demo_run):
+def _need_serve_venv():
     if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".plugin")):
         pytest.fail(f"vLLM's CPU build is missing at {CPU_SERVE_VENV}: run `make serve-setup` (make test does)")
+
+
+@pytest.fixture(scope="module")
+def served_model(demo_run):
+    _need_serve_venv()
     return os.path.join(demo_run, "hf")
 
 
@@ -151,7 +155,7 @@ def test_plugin_answers_the_last_token_and_reuses_shared_prefixes(serve_sh, serv
     """One row per text (not one per token), and a pair's rejected text reads its chosen's prefix from cache."""
     from transformers import AutoTokenizer
 
-    from polar_xtuner.client import RemoteScorer, serving_inputs
+    from polar_xtuner.client import RemoteScorer, post_json, serving_inputs
     from polar_xtuner.encoding import EncodingSettings, PolarEncoder, pair_items
     from polar_xtuner.schema import load_records
     from polar_xtuner.serve import CPU_BLOCK_SIZE
@@ -168,8 +172,6 @@ def test_plugin_answers_the_last_token_and_reuses_shared_prefixes(serve_sh, serv
             if len(os.path.commonprefix([all_ids[2 * i], all_ids[2 * i + 1]])) > CPU_BLOCK_SIZE][:40]
     assert len(keep) >= 20, len(keep)
     ids = [all_ids[2 * i + k] for i in keep for k in (0, 1)]
-
-    from polar_xtuner.client import post_json
 
     status, body = post_json(f"http://{address}/pooling", {"input": [ids[0]], "use_activation": False}, 60)
     rows = json.loads(body)["data"][0]["data"]
@@ -191,8 +193,7 @@ def test_plugin_answers_the_last_token_and_reuses_shared_prefixes(serve_sh, serv
 @pytest.mark.serving  # vLLM from .venv-serve, in a subprocess; no server
 def test_plugin_stands_aside_on_a_vllm_it_does_not_fit():
     """Registered where vLLM has what it builds on; otherwise vLLM keeps its own class, with one warning."""
-    if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".plugin")):
-        pytest.fail(f"vLLM's CPU build is missing at {CPU_SERVE_VENV}: run `make serve-setup` (make test does)")
+    _need_serve_venv()
     code = "\n".join([
         "import polar_xtuner.vllm_plugin as p",
         "from vllm import ModelRegistry",
