@@ -51,13 +51,12 @@ ALLOWED = {
     "pretrained_model_name_or_path": {
         "POLAR_7B_full_varlenattn_custom_dataset.py", "POLAR_7B_full_varlenattn_sp4_custom_dataset.py",
         "POLAR_7B_lora_varlenattn_custom_dataset.py", "POLAR_7B_qlora_varlenattn_custom_dataset.py"},
-    # published 7B fine-tuning lr 2e-5; LoRA ~10x full tuning; policy discrimination: the paper's 1.4e-5;
-    # the tiny LoRA demo's own rate
+    # published 7B fine-tuning lr 2e-5; LoRA ~10x full tuning; policy discrimination: the paper's 1.4e-5
+    # (the tiny LoRA demo keeps the tiny full demo's rate: bench/README.md, "LoRA on the demo")
     "lr": {
         "POLAR_7B_full_varlenattn_custom_dataset.py", "POLAR_7B_full_varlenattn_sp4_custom_dataset.py",
         "POLAR_1_8B_lora_varlenattn_custom_dataset.py", "POLAR_7B_lora_varlenattn_custom_dataset.py",
-        "POLAR_7B_qlora_varlenattn_custom_dataset.py", "POLAR_1_8B_policy_discrimination_pretrain.py",
-        "POLAR_tiny_lora_varlenattn_demo.py"},
+        "POLAR_7B_qlora_varlenattn_custom_dataset.py", "POLAR_1_8B_policy_discrimination_pretrain.py"},
     # sp4: 4x the lengths (a row split over 4 ranks); policy discrimination: the paper's prefix/answer lengths
     "max_length": {"POLAR_7B_full_varlenattn_sp4_custom_dataset.py",
                    "POLAR_1_8B_policy_discrimination_pretrain.py"},
