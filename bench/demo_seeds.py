@@ -42,14 +42,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_one(seed: int, threads: int, root: str, config: str | None = None) -> dict:
+DEFAULT_CONFIG = "configs/POLAR_tiny_full_varlenattn_demo.py"
+
+
+def run_one(seed: int, threads: int, root: str, config: str = DEFAULT_CONFIG) -> dict:
     """One whole demo; returns its figures (accuracy None when it failed)."""
     demo_dir = os.path.join(root, f"seed{seed}_threads{threads}")
     env = dict(os.environ, DEMO_DIR=demo_dir, TINY_DIR=os.path.join(demo_dir, "tiny_polar"),
                DEMO_SEED=str(seed), MIN_ACCURACY="0", OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
-    if config:
-        env["DEMO_CONFIG"] = config
+               MKL_NUM_THREADS=str(threads), DEMO_CONFIG=config)
     env.pop("MASTER_PORT", None)  # demo.sh picks a free one per run
     start = time.time()
     proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True)
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--jobs", type=int, default=2, help="one-thread runs at a time")
-    p.add_argument("--config", help="demo config (scripts/demo.sh's DEMO_CONFIG); default the full demo")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="demo config (scripts/demo.sh's DEMO_CONFIG)")
     p.add_argument("--root", default=os.path.join(REPO, "work_dirs", "demo_seeds"))
     p.add_argument("--out", default=os.path.join(REPO, "bench", "demo_seeds.json"))
     args = p.parse_args(argv)
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
     summary = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-        "config": args.config or "configs/POLAR_tiny_full_varlenattn_demo.py",
+        "config": args.config,
         "date": time.strftime("%Y-%m-%d"),
         "runs": rows,
         "min_accuracy": min(accs) if accs else None,

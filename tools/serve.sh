@@ -9,8 +9,9 @@
 # not its default sigmoid), --trust-remote-code, the model's dtype and max_length;
 # sglang --is-embedding; lmdeploy --backend pytorch. Without CUDA, vLLM's CPU build
 # from .venv-serve (`make serve-setup`) runs it, with --block-size 32; our vLLM
-# plugin, installed there, scores the last token with prefix caching (README, "Serve"). Waits until the server answers,
-# prints the address and the eval_pref command, and stays in the foreground
+# plugin, installed there, scores the last token with prefix caching (README,
+# "Serve"). Waits until the server answers, prints the address and the
+# eval_pref command, and stays in the foreground
 # (Ctrl-C stops the engine and its workers). Exit codes: 2 bad input, 1 the engine
 # failed to start, else the engine's own.
 set -euo pipefail
