@@ -21,9 +21,11 @@ interleaved (A, B, A, B ...) so that machine noise hits both sides alike:
 * remote scoring pairs/s against one vLLM server (the CPU build from
   .venv-serve, started as tools/serve.sh starts it): our client (batches in
   flight together) vs xtuner's ``RewardModelClient`` (POLAR's published
-  client) on the same records, scores checked equal (alternating, median of 3,
-  the prefix cache emptied before each run); then both again against stock
-  vLLM's per-token serving, the baseline of our vLLM plugin;
+  client) on the same records, scores checked equal (rotating order, median
+  of 3, the prefix cache emptied before each run), on short pairs, long pairs
+  and RL groups of rollouts; the server's own time (pre-built ids), the
+  ceiling of any client's speedup there; then all again against stock vLLM's
+  per-token serving, the baseline of our vLLM plugin;
 * peak memory of tools/convert.sh on a POLAR-1.8B-shaped random checkpoint
   (bench/convert_memory.py; fp32 and bf16 output) over one fp32 copy of the
   weights. It needs about 20 GB of disk and a few minutes.
@@ -270,28 +272,82 @@ def long_records(n: int, seed: int, words: int = 300) -> list[dict]:
     return out
 
 
-def _remote_round(tiny_dir, record_sets: dict, pooler: str | None, repeats: int) -> tuple[dict, dict]:
-    """Median seconds of each client on each record set, against one vLLM server started as tools/serve.sh starts it.
+def rollout_groups(n_prompts: int, n_rollouts: int, seed: int, words: int = 200) -> tuple[list, list, list]:
+    """RL-shaped scoring work: ``n_rollouts`` responses per prompt, all against its reference.
+
+    As in a GRPO step, the rollouts of one prompt share the whole
+    ``prompt + reference + prompt`` part of their texts and differ only in
+    the response. Each prompt opens with ``words`` random words of context,
+    its reference with ``words // 3`` of reasoning and each response with
+    ``words // 3`` of its own; about 560 tokens per text with the tiny
+    tokenizer. Returns flat (prompts, references, responses), a prompt's
+    rollouts next to each other, the order an RL batch arrives in.
+    """
+    from polar_xtuner.demo_data import TOPICS
+
+    rng = random.Random(seed)
+    vocab = sorted({w for answers, *_ in TOPICS.values() for w in answers if w.isascii()})
+
+    def say(n: int) -> str:
+        return " ".join(rng.choice(vocab) for _ in range(n))
+
+    prompts, references, responses = [], [], []
+    for rec in generate(n_prompts, seed):
+        prompt = [{"role": "user", "content": f"Context: {say(words)}. {rec['prompt'][-1]['content']}"}]
+        reference = [{"role": "assistant", "content": f"Reasoning: {say(words // 3)}. {rec['reference'][-1]['content']}"}]
+        for i in range(n_rollouts):
+            answer = rec["chosen" if i % 2 else "rejected"][-1]["content"]
+            prompts.append(prompt)
+            references.append(reference)
+            responses.append(f"{say(words // 3)}. {answer}")
+    return prompts, references, responses
+
+
+# Record sets of the remote benchmark: key prefix, the unit counted, and how
+# the records are cut (the same lengths for both clients).
+REMOTE_SETS = {"short": ("remote", "pairs"), "long": ("remote_long", "pairs"), "rl": ("remote_rl", "rollouts")}
+REMOTE_MAX_LENGTH, REMOTE_MAX_RESPONSE_LENGTH = 1024, 128
+
+
+def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tuple[dict, dict]:
+    """Median seconds per client and set against one vLLM server started as tools/serve.sh starts it.
+
+    ``work`` maps a name of :data:`REMOTE_SETS` to its records (pair sets)
+    or to (prompts, references, responses) (the RL set). Three runs per set:
+
+    * ``ours``: the public path from records to scores, the one
+      ``eval_pref --server-type vllm`` takes for pairs and the RL reward
+      functions take for rollouts (:class:`polar_xtuner.rft.PolarReward`);
+    * ``polar``: xtuner's ``RewardModelClient`` called once on all of them,
+      as POLAR's verl recipe calls it per batch;
+    * ``server_only``: our scorer sending ids built before the clock starts,
+      the server's own time: no client can score these faster against this
+      server, so ``polar / server_only`` bounds any client's speedup.
 
     ``pooler`` overrides the server's pooler config (None: serve.sh's). The
     prefix cache is emptied before every timed run, so each run computes
     what a first scoring of these texts computes. Returns the times and our
-    client's scores per set.
+    client's scores per set (checked equal to POLAR's client's).
     """
     import subprocess
 
     from transformers import AutoTokenizer
     from xtuner.utils import RewardModelClient
 
-    from polar_xtuner.client import RemoteScorer, post_json, score_records_remote
+    from polar_xtuner.client import RemoteScorer, post_json, score_records_remote, serving_inputs
+    from polar_xtuner.encoding import EncodingSettings, PolarEncoder, pair_items
+    from polar_xtuner.rl_reward import PolarReward, RFTSettings
     from polar_xtuner.serve import CPU_SERVE_VENV, engine_command, engine_env, stop, wait_ready
 
     python = os.path.join(CPU_SERVE_VENV, "bin", "python")
     if not os.path.exists(python):
         raise RuntimeError(f"no vLLM CPU build at {CPU_SERVE_VENV}; run `make serve-setup`")
+    lengths = (REMOTE_MAX_LENGTH, REMOTE_MAX_RESPONSE_LENGTH)
+    # As tools/convert.sh leaves a model: its lengths recorded, which the RL reward reads.
+    EncodingSettings(*lengths).save(tiny_dir)
     port = free_port()
     extra = ["--pooler-config", pooler] if pooler else []
-    cmd = engine_command("vllm", tiny_dir, "127.0.0.1", port, python, extra, max_model_len=1024, cpu=True)
+    cmd = engine_command("vllm", tiny_dir, "127.0.0.1", port, python, extra, max_model_len=REMOTE_MAX_LENGTH, cpu=True)
     log = open(os.path.join(os.path.dirname(tiny_dir), "vllm_bench.log"), "w")
     proc = subprocess.Popen(cmd, env=engine_env("vllm", "127.0.0.1", False), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -300,27 +356,46 @@ def _remote_round(tiny_dir, record_sets: dict, pooler: str | None, repeats: int)
     try:
         wait_ready(base + "/health", proc, timeout=900)
         tok = AutoTokenizer.from_pretrained(tiny_dir)
-        ours = RemoteScorer("vllm", f"127.0.0.1:{port}", batch_size=32, concurrency=4)
-        theirs = RewardModelClient(tiny_dir, max_length=1024, max_response_length=128, response_cut_side="right",
-                                   server_type="vllm", server_address=f"127.0.0.1:{port}")
-        for name, recs in record_sets.items():
-            data = [{"prompt": r["prompt"], "reference": r["reference"], "output": r[k]}
-                    for r in recs for k in ("chosen", "rejected")]
-            score_records_remote(ours, tok, recs[:8], 1024, 128)  # warm both paths once
+        theirs = RewardModelClient(tiny_dir, *lengths, response_cut_side="right", server_type="vllm",
+                                   server_address=f"127.0.0.1:{port}")
+        for name, recs in work.items():
+            if REMOTE_SETS[name][1] == "pairs":
+                scorer = RemoteScorer("vllm", f"127.0.0.1:{port}", batch_size=32, concurrency=4)
+                enc = PolarEncoder(tok, *lengths)
+                data = [{"prompt": r["prompt"], "reference": r["reference"], "output": r[k]}
+                        for r in recs for k in ("chosen", "rejected")]
+                ids = serving_inputs(scorer, enc, enc.serving_texts(pair_items(recs)))
+
+                def ours(recs=recs, scorer=scorer):
+                    return [s for pair in score_records_remote(scorer, tok, recs, *lengths) for s in pair]
+            else:
+                prompts, references, responses = recs
+                reward = PolarReward(RFTSettings(server_address=f"127.0.0.1:{port}", model=tiny_dir), tokenizer=tok)
+                scorer = reward.scorer
+                data = [{"prompt": p, "reference": r, "output": c} for p, r, c in zip(*recs)]
+                ids = serving_inputs(scorer, reward.encoder, reward.texts(*recs))
+
+                def ours(recs=recs, reward=reward):
+                    return reward.score(*recs)
+
+            ours()  # warm every path once
             theirs(data[:16])
-            runs = {"ours": [], "polar": []}
+            runs = {"ours": [], "polar": [], "server_only": []}
+            kinds = list(runs)
             for i in range(repeats):
-                for kind in (("ours", "polar") if i % 2 == 0 else ("polar", "ours")):
+                for kind in kinds[i % 3:] + kinds[:i % 3]:  # each goes first once in three
                     status, body = post_json(base + "/reset_prefix_cache", {}, 60)  # VLLM_SERVER_DEV_MODE
                     if status != 200:
                         raise RuntimeError(f"vLLM refused /reset_prefix_cache: HTTP {status} {body[:200]!r}")
                     t0 = time.perf_counter()
                     if kind == "ours":
-                        got = [s for pair in score_records_remote(ours, tok, recs, 1024, 128) for s in pair]
-                    else:
+                        got = ours()
+                    elif kind == "polar":
                         ref = theirs(data)
+                    else:
+                        scorer.score(ids)
                     runs[kind].append(time.perf_counter() - t0)
-            if ref is None or max(abs(a - b) for a, b in zip(got, ref)) > 1e-4:
+            if ref is None or len(ref) != len(got) or max(abs(a - b) for a, b in zip(got, ref)) > 1e-4:
                 raise RuntimeError(f"{name}: our client and POLAR's disagree on the same server's scores")
             times[name] = {k: statistics.median(v) for k, v in runs.items()}
             scores[name] = got
@@ -330,31 +405,38 @@ def _remote_round(tiny_dir, record_sets: dict, pooler: str | None, repeats: int)
     return times, scores
 
 
-def remote_throughput(tiny_dir, n_pairs: int = 1000, n_long: int = 200, repeats: int = 3) -> dict:
-    """Pairs/s of our remote scorer vs POLAR's client against real vLLM servers.
+def remote_throughput(tiny_dir, n_pairs: int = 1000, n_long: int = 200, n_groups: int = 32, n_rollouts: int = 8,
+                      repeats: int = 3) -> dict:
+    """Pairs (or rollouts)/s of our remote scoring vs POLAR's client against real vLLM servers.
 
-    On the demo's short records (``remote_*``, about 40 tokens a text) and on
-    long ones (``remote_long_*``, about 780), against the server tools/serve.sh
-    starts (with our vLLM plugin: last-token scores, prefix caching) and
-    against stock vLLM's per-token serving of the same model (``*_stock_vllm``,
+    Three workloads (:data:`REMOTE_SETS`): the demo's short pairs
+    (``remote_*``, about 40 tokens a text), long pairs (``remote_long_*``,
+    about 780) and RL-shaped groups of rollouts (``remote_rl_*``, 8 per
+    prompt, about 560 tokens). Each against the server tools/serve.sh starts
+    (with our vLLM plugin: last-token scores, prefix caching) and against
+    stock vLLM's per-token serving of the same model (``*_stock_vllm``,
     ``"task": "token_classify"``), the plugin's baseline in the same run.
+    ``*_ceiling_vs_polar_client`` is POLAR's client's time over the server's
+    own (see :func:`_remote_round`): the most any client could gain there.
     """
-    sets = {"short": list(generate(n_pairs, 11)), "long": long_records(n_long, 12)}
-    served, got = _remote_round(tiny_dir, sets, None, repeats)
-    stock, got_stock = _remote_round(tiny_dir, sets, json.dumps({"use_activation": False, "task": "token_classify"}),
+    work = {"short": list(generate(n_pairs, 11)), "long": long_records(n_long, 12),
+            "rl": rollout_groups(n_groups, n_rollouts, 13)}
+    served, got = _remote_round(tiny_dir, work, None, repeats)
+    stock, got_stock = _remote_round(tiny_dir, work, json.dumps({"use_activation": False, "task": "token_classify"}),
                                      repeats)
     out = {}
-    for name, key in (("short", "remote"), ("long", "remote_long")):
+    for name, (key, unit) in REMOTE_SETS.items():
         if max(abs(a - b) for a, b in zip(got[name], got_stock[name])) > 1e-4:
             raise RuntimeError(f"{name}: last-token and per-token serving disagree on the scores")
-        n = len(sets[name])
-        a, b = n / served[name]["ours"], n / served[name]["polar"]
-        c, d = n / stock[name]["ours"], n / stock[name]["polar"]
-        out.update({f"{key}_pairs_per_s": a, f"{key}_pairs_per_s_polar_client": b,
-                    f"{key}_speedup_vs_polar_client": a / b,
-                    f"{key}_pairs_per_s_stock_vllm": c, f"{key}_pairs_per_s_polar_client_stock_vllm": d,
-                    f"{key}_speedup_vs_polar_client_stock_vllm": c / d,
-                    f"{key}_plugin_speedup": a / c, f"{key}_plugin_speedup_polar_client": b / d})
+        n = len(work[name]) if unit == "pairs" else len(work[name][0])
+        for suffix, t in (("", served[name]), ("_stock_vllm", stock[name])):
+            out[f"{key}_{unit}_per_s{suffix}"] = n / t["ours"]
+            out[f"{key}_{unit}_per_s_polar_client{suffix}"] = n / t["polar"]
+            out[f"{key}_speedup_vs_polar_client{suffix}"] = t["polar"] / t["ours"]
+            out[f"{key}_{unit}_per_s_server_only{suffix}"] = n / t["server_only"]
+            out[f"{key}_ceiling_vs_polar_client{suffix}"] = t["polar"] / t["server_only"]
+        out[f"{key}_plugin_speedup"] = stock[name]["ours"] / served[name]["ours"]
+        out[f"{key}_plugin_speedup_polar_client"] = stock[name]["polar"] / served[name]["polar"]
     return out
 
 
