@@ -360,7 +360,7 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tup
                                    server_address=f"127.0.0.1:{port}")
         for name, recs in work.items():
             if REMOTE_SETS[name][1] == "pairs":
-                scorer = RemoteScorer("vllm", f"127.0.0.1:{port}", batch_size=32, concurrency=4)
+                scorer = RemoteScorer("vllm", f"127.0.0.1:{port}")  # eval_pref's defaults
                 enc = PolarEncoder(tok, *lengths)
                 data = [{"prompt": r["prompt"], "reference": r["reference"], "output": r[k]}
                         for r in recs for k in ("chosen", "rejected")]

@@ -40,6 +40,12 @@ from .errors import EXIT_VERIFY, PolarError
 from .constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 
 SERVER_TYPES = ("sglang", "vllm", "lmdeploy")
+# Request sizes. On vLLM's CPU build (2026-11-29, bench/README.md), requests of
+# 32 short texts ran at 0.75x the speed of 64-1000 (each request's fixed
+# cost), while 780-token texts ran best at 8-16 a request (6-12k tokens) and
+# at 0.8x in requests of 50k tokens and more.
+DEFAULT_BATCH_TEXTS = 256
+DEFAULT_BATCH_TOKENS = 16384
 
 
 class RemoteScoringError(PolarError, RuntimeError):
@@ -198,8 +204,15 @@ class RemoteScorer:
         timeout: Seconds a request may take in all (connect, wait, read).
         max_retries: Attempts per batch before giving up.
         backoff: Seconds before the first retry, doubled after each.
-        batch_size: Texts per request.
+        batch_size: The most texts per request.
+        batch_tokens: The most tokens per request; a longer text goes alone.
+            Token-id inputs (vLLM) count their ids; text inputs count their
+            characters, which bound their tokens from above.
         concurrency: Requests in flight per server address.
+
+    A request's work on the server grows with its tokens, and each request
+    has a fixed cost too: many short texts go in one request, long ones in
+    several (see :meth:`batches`).
     """
 
     server_type: str
@@ -208,7 +221,8 @@ class RemoteScorer:
     timeout: float = 60.0
     max_retries: int = 3
     backoff: float = 0.5
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_TEXTS
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
     concurrency: int = 4
     _checked: set = field(default_factory=set, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -218,8 +232,8 @@ class RemoteScorer:
             raise ValueError(f"server type must be one of {', '.join(SERVER_TYPES)}, got {self.server_type!r}")
         if self.max_retries < 1:
             raise ValueError("max_retries must be >= 1")
-        if self.batch_size < 1 or self.concurrency < 1:
-            raise ValueError("batch_size and concurrency must be >= 1")
+        if self.batch_size < 1 or self.batch_tokens < 1 or self.concurrency < 1:
+            raise ValueError("batch_size, batch_tokens and concurrency must be >= 1")
         if not self.timeout > 0:
             raise ValueError("timeout must be > 0")
         self.urls = parse_addresses(self.address)
@@ -299,27 +313,48 @@ class RemoteScorer:
             f"(tools/serve.sh does)"
         )
 
+    def batches(self, texts: list) -> list[tuple[int, int]]:
+        """``(start, end)`` of each request's texts, in order.
+
+        A request takes at most ``batch_size`` texts and ``batch_tokens``
+        tokens (a longer text goes alone), and no more than its share of the
+        texts over every request slot (servers x ``concurrency``), so that a
+        small round still reaches every server.
+        """
+        slots = len(self.endpoints) * self.concurrency
+        cap = min(self.batch_size, max(1, -(-len(texts) // slots)))
+        spans, start, tokens = [], 0, 0
+        for i, text in enumerate(texts):
+            if i > start and (i - start == cap or tokens + len(text) > self.batch_tokens):
+                spans.append((start, i))
+                start, tokens = i, 0
+            tokens += len(text)
+        if start < len(texts):
+            spans.append((start, len(texts)))
+        return spans
+
     def score(self, texts: list) -> list[float]:
         """Scores of texts (or, for vLLM, token-id lists), in order; raises instead of returning None.
 
         Batches go out ``concurrency`` at a time per server, round-robin over
         the servers; the first failure that survives its retries is raised.
         """
-        starts = range(0, len(texts), self.batch_size)
-        if not starts:
+        spans = self.batches(texts)
+        if not spans:
             return []
-        workers = min(len(starts), self.concurrency * len(self.endpoints))
+        workers = min(len(spans), self.concurrency * len(self.endpoints))
 
-        def post(i: int, start: int) -> list[float]:
+        def post(i: int, span: tuple[int, int]) -> list[float]:
+            start, end = span
             try:
-                return self._post(texts[start:start + self.batch_size], i % len(self.endpoints))
+                return self._post(texts[start:end], i % len(self.endpoints))
             except BadScoreError as e:
                 raise e.shifted(start) from None  # the position in ``texts``, not in the batch
 
         if workers == 1:
-            return [s for i, start in enumerate(starts) for s in post(i, start)]
+            return [s for i, span in enumerate(spans) for s in post(i, span)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(post, i, start) for i, start in enumerate(starts)]
+            futures = [pool.submit(post, i, span) for i, span in enumerate(spans)]
             try:
                 return [s for f in futures for s in f.result()]
             except BaseException:

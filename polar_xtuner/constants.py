@@ -28,6 +28,8 @@ TEMPLATE_RESERVED_TOKENS = 4
 # wherever a model directory or config does not say otherwise.
 DEFAULT_MAX_LENGTH = 16384
 DEFAULT_MAX_RESPONSE_LENGTH = 4096
+# Sequences per forward pass when scoring locally (eval_pref, evaluate).
+DEFAULT_EVAL_BATCH_SIZE = 16
 # A packed training row holds 2 x max_length tokens (one pair at full length).
 PACKED_ROWS_PER_MAX_LENGTH = 2
 

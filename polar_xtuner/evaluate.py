@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 from tqdm import tqdm
-from .constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
+from .constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 
 from .encoding import PolarEncoder
 from .pairs import accuracy, mean_margin, unflatten
@@ -99,7 +99,7 @@ def pad_id(tokenizer) -> int:
 
 @torch.no_grad()
 def score_ids(model, ids_list: Sequence[list[int]], pad_id: int, padding_side: str = "left",
-              batch_size: int = 16, progress: bool = False) -> list[float]:
+              batch_size: int = DEFAULT_EVAL_BATCH_SIZE, progress: bool = False) -> list[float]:
     """Score token-id sequences (each ending with the reward token).
 
     ``model`` is a HF ``InternLM2ForRewardModel`` or the training
@@ -138,7 +138,7 @@ def score_ids(model, ids_list: Sequence[list[int]], pad_id: int, padding_side: s
 
 
 def score_records(model, tokenizer, records: Sequence[dict], max_length: int = DEFAULT_MAX_LENGTH,
-                  max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH, batch_size: int = 16,
+                  max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH, batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
                   padding_side: str | None = None, progress: bool = False) -> list[tuple[float, float]]:
     """(chosen score, rejected score) for each validated record."""
     if not records:

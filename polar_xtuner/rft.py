@@ -33,7 +33,8 @@ by ``POLAR_CONFIG`` whose keys are the lower-case names without ``POLAR_``
 ``POLAR_FALLBACK_SCORE``  a number to use when scoring fails (default: raise);
                           every use is logged and counted
 ``POLAR_TIMEOUT``, ``POLAR_MAX_RETRIES``, ``POLAR_BATCH_SIZE``,
-``POLAR_CONCURRENCY``     as in ``tools/eval_pref.py``
+``POLAR_BATCH_TOKENS``,   as in ``tools/eval_pref.py``'s remote scoring
+``POLAR_CONCURRENCY``
 ========================  ====================================================
 
 In verl the same settings can travel in the trainer's own config, which

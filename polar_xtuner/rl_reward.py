@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 # Absolute imports: OpenRLHF (and verl given a file path) load this file on its
 # own, outside the package, where relative imports fail.
-from polar_xtuner.client import SERVER_TYPES, RemoteScorer, RemoteScoringError, parse_addresses, serving_inputs
+from polar_xtuner.client import (DEFAULT_BATCH_TEXTS, DEFAULT_BATCH_TOKENS, SERVER_TYPES, RemoteScorer,
+                                 RemoteScoringError, parse_addresses, serving_inputs)
 from polar_xtuner.encoding import EncodingSettings, PolarEncoder
 
 log = logging.getLogger("polar_xtuner.rft")
@@ -50,7 +51,8 @@ class RFTSettings:
     fallback_score: float | None = None
     timeout: float = 120.0
     max_retries: int = 3
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_TEXTS
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
     concurrency: int = 4
 
     @classmethod
@@ -125,7 +127,7 @@ def _parse_setting(key: str, raw: Any, where: str):
             if not value > 0:
                 raise ValueError("must be > 0")
             return value
-        if key in ("max_retries", "batch_size", "concurrency"):
+        if key in ("max_retries", "batch_size", "batch_tokens", "concurrency"):
             if isinstance(raw, bool) or int(raw) != float(raw) or int(raw) < 1:
                 raise ValueError("must be a whole number >= 1")
             return int(raw)
@@ -204,8 +206,9 @@ class PolarReward:
 
     Thread-safe. Concurrent :meth:`submit` calls (verl's reward loop awaits a
     whole batch at once; OpenRLHF calls from many threads) are gathered for a
-    few milliseconds into one scoring round, sent in batches of
-    ``batch_size`` with ``concurrency`` requests in flight per server.
+    few milliseconds into one scoring round, sent in requests of at most
+    ``batch_size`` texts and ``batch_tokens`` tokens, ``concurrency`` of them
+    in flight per server.
 
     Args:
         settings: Where the servers are and how to score.
@@ -242,7 +245,8 @@ class PolarReward:
         self.stats = reward_stats(model_dir) if settings.normalize else None
         self.scorer = RemoteScorer(settings.server_type, address, model_name=model_dir or "POLAR",
                                    timeout=settings.timeout, max_retries=settings.max_retries,
-                                   batch_size=settings.batch_size, concurrency=settings.concurrency)
+                                   batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
+                                   concurrency=settings.concurrency)
         self.fallback_uses = 0
         self.gather_s = gather_ms / 1000
         self._lock = threading.Lock()

@@ -92,7 +92,7 @@ def test_remote_scores_equal_local_scores(mode, tiny_model, tokenizer):
     recs = list(generate(10, 9))
     server = FakePolarServer(mode, tiny_model, tokenizer)
     try:
-        scorer = RemoteScorer(mode, server.address, batch_size=6)
+        scorer = RemoteScorer(mode, server.address, batch_size=6, concurrency=1)
         remote = score_records_remote(scorer, tokenizer, recs, 512, 128)
     finally:
         server.close()
@@ -116,7 +116,8 @@ def test_remote_scores_equal_local_scores(mode, tiny_model, tokenizer):
 def test_retries_then_succeeds():
     server = FakePolarServer("lmdeploy", fail_first=2)
     try:
-        scores = RemoteScorer("lmdeploy", server.address, max_retries=3, backoff=0.01).score(["ab", "abc"])
+        scorer = RemoteScorer("lmdeploy", server.address, max_retries=3, backoff=0.01, concurrency=1)  # one request
+        scores = scorer.score(["ab", "abc"])
     finally:
         server.close()
     assert scores == [2.0, 3.0] and len(server.requests) == 3
@@ -213,7 +214,7 @@ def test_vllm_sigmoid_trap_is_caught_or_avoided(tiny_model, tokenizer):
     # An older server that ignores the field but never had the activation: its raw scores are kept.
     server = FakePolarServer("vllm", scores=[-3.5, 2.25], activation="never")
     try:
-        assert RemoteScorer("vllm", server.address).score(["a", "b", "c"]) == [-3.5, 2.25, -3.5]
+        assert RemoteScorer("vllm", server.address, concurrency=1).score(["a", "b", "c"]) == [-3.5, 2.25, -3.5]
     finally:
         server.close()
 
@@ -235,6 +236,26 @@ def test_vllm_base64_scores_are_read_and_checked():
         parse_scores("vllm", {"data": [{"data": nan}]}, 1)
     with pytest.raises(RemoteScoringError, match="unexpected shape"):
         parse_scores("vllm", {"data": [{"data": base64.b64encode(b"abc").decode()}]}, 1)
+
+
+def test_requests_are_cut_by_texts_tokens_and_slots():
+    scorer = RemoteScorer("vllm", "127.0.0.1:1", batch_size=4, batch_tokens=10, concurrency=1)
+    ids = [[0] * n for n in (3, 3, 3, 2, 9, 20, 1, 1, 1, 1, 1)]
+    # 3+3+3 fits and a 4th would pass 10 tokens; 9 alone; 20 goes alone though over; then 4 texts at most
+    assert scorer.batches(ids) == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 10), (10, 11)]
+    assert scorer.batches([]) == []
+    # text inputs count characters, an upper bound on their tokens
+    assert RemoteScorer("sglang", "127.0.0.1:1", batch_tokens=5, concurrency=1).batches(["abc", "de", "f"]) == [
+        (0, 2), (2, 3)]
+    # a small round is shared out over every server's slots (2 servers x 2) rather than sent as one request
+    two = RemoteScorer("vllm", "127.0.0.1:1,127.0.0.1:2", concurrency=2)
+    assert two.batches([[0]] * 10) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    # the defaults: many short texts share a request, long ones go a few at a time
+    default = RemoteScorer("vllm", "127.0.0.1:1")
+    assert [e - s for s, e in default.batches([[0] * 40] * 2000)] == [256] * 7 + [208]
+    assert {e - s for s, e in default.batches([[0] * 780] * 400)} == {21, 1}  # 21 x 780 <= 16384 < 22 x 780
+    with pytest.raises(ValueError, match="batch_tokens"):
+        RemoteScorer("vllm", "127.0.0.1:1", batch_tokens=0)
 
 
 def test_batches_are_spread_over_servers_and_in_flight_together():

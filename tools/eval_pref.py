@@ -2,7 +2,7 @@
 
 Usage:
     python tools/eval_pref.py --model PATH --data FILE.jsonl [--out report.json]
-        [--save-scores scores.jsonl] [--batch-size N]
+        [--save-scores scores.jsonl] [--batch-size N] [--batch-tokens N]
         [--max-length N --max-response-length N] [--plot FILE.png]
         [--server-type sglang|vllm|lmdeploy --server-address HOST:PORT[,HOST:PORT...]]
         [--concurrency N] [--write-stats]
@@ -30,8 +30,8 @@ import math
 import os
 import sys
 
-from polar_xtuner.client import SERVER_TYPES, parse_addresses
-from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
+from polar_xtuner.client import DEFAULT_BATCH_TEXTS, DEFAULT_BATCH_TOKENS, SERVER_TYPES, parse_addresses
+from polar_xtuner.constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.errors import UserError, VerificationError, cli, entry_point
 from polar_xtuner.hf_layout import TRUST_FLAG, check_model_dir, load_failure, remote_code_allowed
@@ -45,7 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="prompt/reference/chosen/rejected .jsonl")
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--save-scores", help="write one line of scores per input record here")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--batch-size", type=int,
+                   help=f"sequences per forward pass (default {DEFAULT_EVAL_BATCH_SIZE}); with --server-type, the most "
+                        f"texts per request (default {DEFAULT_BATCH_TEXTS})")
     p.add_argument("--max-length", type=int, help=f"token budget per sequence (default: the model's, else {DEFAULT_MAX_LENGTH})")
     p.add_argument("--max-response-length", type=int,
                    help=f"cap for reference and answers (default: the model's, else {DEFAULT_MAX_RESPONSE_LENGTH})")
@@ -54,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--server-address", default="127.0.0.1:30000",
                    help="HOST:PORT of the server, or several comma-separated (requests are spread over them)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight per server")
+    p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                   help="the most tokens per server request; a longer text goes alone (text servers: "
+                        "counted in characters, which bound the tokens)")
     p.add_argument("--write-stats", action="store_true",
                    help="save the scores' mean and std into the model dir (for RL reward normalisation)")
     p.add_argument("--timeout", type=float, default=60.0,
@@ -63,7 +68,7 @@ def parse_args(argv=None):
                    help="run Python code in --model even when it is not the code this project ships "
                         "(converted models never need it)")
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_retries", "concurrency", "max_length", "max_response_length"):
+    for name in ("batch_size", "batch_tokens", "max_retries", "concurrency", "max_length", "max_response_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -127,7 +132,8 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
             raise load_failure(args.model, "tokenizer", e) from None
         scorer = RemoteScorer(args.server_type, args.server_address, os.path.basename(args.model.rstrip("/")),
-                              timeout=args.timeout, max_retries=args.max_retries, batch_size=args.batch_size,
+                              timeout=args.timeout, max_retries=args.max_retries,
+                              batch_size=args.batch_size or DEFAULT_BATCH_TEXTS, batch_tokens=args.batch_tokens,
                               concurrency=args.concurrency)
         try:
             scores = score_records_remote(scorer, tokenizer, records, settings.max_length,
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
     else:
         model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
         scores = score_records(model, tokenizer, records, settings.max_length, settings.max_response_length,
-                               args.batch_size, progress=True)
+                               args.batch_size or DEFAULT_EVAL_BATCH_SIZE, progress=True)
     for (c, r), rec_item in zip(scores, good):
         if not (math.isfinite(c) and math.isfinite(r)):
             raise VerificationError(f"{rec_item.where}: the model scored this pair {c}/{r}, not a finite "
