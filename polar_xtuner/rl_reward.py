@@ -128,9 +128,13 @@ def _parse_setting(key: str, raw: Any, where: str):
                 raise ValueError("must be > 0")
             return value
         if key in ("max_retries", "batch_size", "batch_tokens", "concurrency"):
-            if isinstance(raw, bool) or int(raw) != float(raw) or int(raw) < 1:
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                value = math.nan  # "abc", "1.5x": refused below, with the rule
+            if isinstance(raw, bool) or not value.is_integer() or value < 1:
                 raise ValueError("must be a whole number >= 1")
-            return int(raw)
+            return int(value)
         if isinstance(raw, list):
             raw = ",".join(map(str, raw))
         return str(raw)

@@ -192,6 +192,9 @@ def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path):
     assert proc.returncode == 2 and "not a model directory" in proc.stderr
     proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(tmp_path / "no.jsonl"))
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", bad, "--server-type", "vllm",
+                    "--batch-tokens", "0")
+    assert proc.returncode == 2 and "--batch-tokens must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_vllm_sigmoid_trap_is_caught_or_avoided(tiny_model, tokenizer):

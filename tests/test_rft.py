@@ -250,6 +250,11 @@ def test_settings_errors_name_the_variable(monkeypatch, tmp_path):
     with pytest.raises(rft.RFTConfigError, match="POLAR_BATCH_SIZE='0'"):
         rft.RFTSettings.from_env()
     monkeypatch.setenv("POLAR_BATCH_SIZE", "8")
+    monkeypatch.setenv("POLAR_BATCH_TOKENS", "1.5")
+    with pytest.raises(rft.RFTConfigError, match="POLAR_BATCH_TOKENS='1.5'.*whole number"):
+        rft.RFTSettings.from_env()
+    monkeypatch.setenv("POLAR_BATCH_TOKENS", "4096")
+    assert rft.RFTSettings.from_env().batch_tokens == 4096
     monkeypatch.setenv("POLAR_SERVER_TYPE", "triton")
     with pytest.raises(rft.RFTConfigError, match="POLAR_SERVER_TYPE"):
         rft.RFTSettings.from_env()
