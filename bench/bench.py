@@ -279,7 +279,7 @@ def rollout_groups(n_prompts: int, n_rollouts: int, seed: int, words: int = 200)
     ``prompt + reference + prompt`` part of their texts and differ only in
     the response. Each prompt opens with ``words`` random words of context,
     its reference with ``words // 3`` of reasoning and each response with
-    ``words // 3`` of its own; about 560 tokens per text with the tiny
+    ``words // 3`` of its own; about 600 tokens per text with the tiny
     tokenizer. Returns flat (prompts, references, responses), a prompt's
     rollouts next to each other, the order an RL batch arrives in.
     """
@@ -412,7 +412,7 @@ def remote_throughput(tiny_dir, n_pairs: int = 1000, n_long: int = 200, n_groups
     Three workloads (:data:`REMOTE_SETS`): the demo's short pairs
     (``remote_*``, about 40 tokens a text), long pairs (``remote_long_*``,
     about 780) and RL-shaped groups of rollouts (``remote_rl_*``, 8 per
-    prompt, about 560 tokens). Each against the server tools/serve.sh starts
+    prompt, about 600 tokens). Each against the server tools/serve.sh starts
     (with our vLLM plugin: last-token scores, prefix caching) and against
     stock vLLM's per-token serving of the same model (``*_stock_vllm``,
     ``"task": "token_classify"``), the plugin's baseline in the same run.
