@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common import REPO, run_tool
-from polar_xtuner.client import RemoteScorer, RemoteScoringError, parse_scores, score_records_remote
+from polar_xtuner.client import BadScoreError, RemoteScorer, RemoteScoringError, parse_scores, score_records_remote
 from polar_xtuner.demo_data import generate
 from polar_xtuner.evaluate import score_records
 
@@ -259,6 +259,22 @@ def test_requests_are_cut_by_texts_tokens_and_slots():
     assert {e - s for s, e in default.batches([[0] * 780] * 400)} == {21, 1}  # 21 x 780 <= 16384 < 22 x 780
     with pytest.raises(ValueError, match="batch_tokens"):
         RemoteScorer("vllm", "127.0.0.1:1", batch_tokens=0)
+
+
+def test_a_bad_score_is_named_by_its_place_in_the_whole_round():
+    class OneBadText(FakePolarServer):
+        def score(self, texts):
+            return [float("nan") if t == "bad" else 1.0 for t in texts]
+
+    server = OneBadText("lmdeploy")
+    try:
+        for concurrency in (1, 4):  # the bad text in the second of two requests, or alone in the fourth of four
+            scorer = RemoteScorer("lmdeploy", server.address, batch_size=2, concurrency=concurrency)
+            with pytest.raises(BadScoreError, match="text 3"):
+                scorer.score(["a", "b", "c", "bad"])
+    finally:
+        server.close()
+    assert sorted(len(b["input"]) for _, b in server.requests) == [1, 1, 1, 1, 2, 2]
 
 
 def test_batches_are_spread_over_servers_and_in_flight_together():

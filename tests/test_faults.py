@@ -336,10 +336,10 @@ def test_a_score_that_is_not_a_finite_number_is_an_error_naming_the_record(value
     data.write_text(json.dumps(RECORD) + "\n")
     server = RawServer(f'[{{"embedding": [{value}]}}, {{"embedding": [0.5]}}]'.encode())
     out = tmp_path / "report.json"
-    try:
+    try:  # one request for the record's two texts (the server answers two scores, whatever it is asked)
         proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
                         "--server-type", "sglang", "--server-address", server.address, "--out", str(out),
-                        "--max-retries", "1")
+                        "--max-retries", "1", "--concurrency", "1")
     finally:
         server.close()
     line = one_error_line(proc)
