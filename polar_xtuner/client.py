@@ -46,6 +46,9 @@ SERVER_TYPES = ("sglang", "vllm", "lmdeploy")
 # at 0.8x in requests of 50k tokens and more.
 DEFAULT_BATCH_TEXTS = 256
 DEFAULT_BATCH_TOKENS = 16384
+# Texts of a server's first batch asked again with the activation on (the
+# sigmoid check); a round is not cut finer than this, so the check has them.
+PROBE_TEXTS = 4
 
 
 class RemoteScoringError(PolarError, RuntimeError):
@@ -297,7 +300,7 @@ class RemoteScorer:
             if endpoint in self._checked:
                 return
             self._checked.add(endpoint)
-        probe_texts = texts[:4]
+        probe_texts = texts[:PROBE_TEXTS]
         probe, err = self._request(endpoint, self._payload(probe_texts, raw=False), len(probe_texts))
         if probe is None:
             raise RemoteScoringError(f"{endpoint}: the activation check failed: {err}")
@@ -319,10 +322,11 @@ class RemoteScorer:
         A request takes at most ``batch_size`` texts and ``batch_tokens``
         tokens (a longer text goes alone), and no more than its share of the
         texts over every request slot (servers x ``concurrency``), so that a
-        small round still reaches every server.
+        small round still reaches every server; but not fewer than
+        ``PROBE_TEXTS`` for that share, which the sigmoid check reads.
         """
         slots = len(self.endpoints) * self.concurrency
-        cap = min(self.batch_size, max(1, -(-len(texts) // slots)))
+        cap = min(self.batch_size, max(PROBE_TEXTS, -(-len(texts) // slots)))
         spans, start, tokens = [], 0, 0
         for i, text in enumerate(texts):
             if i > start and (i - start == cap or tokens + len(text) > self.batch_tokens):

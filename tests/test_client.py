@@ -250,9 +250,11 @@ def test_requests_are_cut_by_texts_tokens_and_slots():
     # text inputs count characters, an upper bound on their tokens
     assert RemoteScorer("sglang", "127.0.0.1:1", batch_tokens=5, concurrency=1).batches(["abc", "de", "f"]) == [
         (0, 2), (2, 3)]
-    # a small round is shared out over every server's slots (2 servers x 2) rather than sent as one request
+    # a small round is shared out over every server's slots (2 servers x 2) rather than sent as one request,
+    # in requests of at least 4 texts (the sigmoid check's probe)
     two = RemoteScorer("vllm", "127.0.0.1:1,127.0.0.1:2", concurrency=2)
-    assert two.batches([[0]] * 10) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert two.batches([[0]] * 20) == [(0, 5), (5, 10), (10, 15), (15, 20)]
+    assert two.batches([[0]] * 10) == [(0, 4), (4, 8), (8, 10)]
     # the defaults: many short texts share a request, long ones go a few at a time
     default = RemoteScorer("vllm", "127.0.0.1:1")
     assert [e - s for s, e in default.batches([[0] * 40] * 2000)] == [256] * 7 + [208]
@@ -268,13 +270,13 @@ def test_a_bad_score_is_named_by_its_place_in_the_whole_round():
 
     server = OneBadText("lmdeploy")
     try:
-        for concurrency in (1, 4):  # the bad text in the second of two requests, or alone in the fourth of four
+        for concurrency in (1, 4):  # the bad text in the second of two requests, one after the other or together
             scorer = RemoteScorer("lmdeploy", server.address, batch_size=2, concurrency=concurrency)
             with pytest.raises(BadScoreError, match="text 3"):
                 scorer.score(["a", "b", "c", "bad"])
     finally:
         server.close()
-    assert sorted(len(b["input"]) for _, b in server.requests) == [1, 1, 1, 1, 2, 2]
+    assert [len(b["input"]) for _, b in server.requests] == [2] * 4
 
 
 def test_batches_are_spread_over_servers_and_in_flight_together():
