@@ -15,6 +15,14 @@ environment lookup per interpreter, does nothing outside torchrun workers
 mmengine imports it. When CUDA is available the wrapper calls the original
 unchanged, so GPU runs are not affected.
 
+The same hook makes DeepSpeed's asynchronous all-gathers complete before they
+return on CPU ranks. DeepSpeed 0.16's ZeRO-3 launches one async all-gather per
+parameter and waits only for the last; on CUDA one stream orders them, but
+gloo runs each on its own thread, so a parameter could be read before its
+gather finished: a ZeRO-3 run on two CPU ranks turned NaN about one run in
+eight under load (upstream fix: deepspeedai/DeepSpeed#8539, September 2026).
+Waiting at launch costs the overlap, which CPU ranks (tests, demos) do not need.
+
 Usage:
     python -m polar_xtuner.cpu_ranks --install     # write the .pth file
     python -m polar_xtuner.cpu_ranks --uninstall   # remove it
@@ -28,6 +36,9 @@ import os
 import sys
 
 TARGET = "mmengine.dist.utils"
+DS_COMM = "deepspeed.comm"
+# deepspeed.comm's collectives that ZeRO launches with async_op=True.
+DS_GATHERS = ("all_gather", "all_gather_into_tensor", "allgather_fn")
 PTH_NAME = "polar_xtuner_cpu_ranks.pth"
 # The whole .pth line runs at start-up: keep it to an environment check.
 PTH_LINE = ("import os; 'LOCAL_RANK' in os.environ and "
@@ -54,18 +65,44 @@ def _without_cuda_set_device(init):
     return wrapper
 
 
+def _completed_on_cpu(gather):
+    """Wrap an async deepspeed.comm all-gather so that its work is done when it returns (CPU only)."""
+
+    @functools.wraps(gather)
+    def wrapper(*args, **kwargs):
+        handle = gather(*args, **kwargs)
+        if handle is not None and kwargs.get("async_op") and not _cuda():
+            handle.wait()  # gloo: finished, not only enqueued; a later wait() returns at once
+        return handle
+
+    wrapper.polar_cpu_ranks = True
+    return wrapper
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def patch(module) -> None:
-    """Patch an imported ``mmengine.dist.utils`` (idempotent)."""
+    """Patch an imported ``mmengine.dist.utils`` or ``deepspeed.comm`` (idempotent)."""
+    if module.__name__ == DS_COMM:
+        for name in DS_GATHERS:
+            fn = getattr(module, name, None)
+            if fn is not None and not getattr(fn, "polar_cpu_ranks", False):
+                setattr(module, name, _completed_on_cpu(fn))
+        return
     init = module._init_dist_pytorch
     if not getattr(init, "polar_cpu_ranks", False):
         module._init_dist_pytorch = _without_cuda_set_device(init)
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Finds ``mmengine.dist.utils`` with the other finders, patches it once loaded."""
+    """Finds the patched modules with the other finders, patches each once loaded."""
 
     def find_spec(self, name, path, target=None):
-        if name != TARGET:
+        if name not in (TARGET, DS_COMM):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -86,10 +123,12 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Patch mmengine now if it is imported, else when it is."""
-    if TARGET in sys.modules:
-        patch(sys.modules[TARGET])
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+    """Patch mmengine and deepspeed.comm now where imported, else when they are."""
+    for name in (TARGET, DS_COMM):
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if not all(name in sys.modules for name in (TARGET, DS_COMM)) and not any(
+            isinstance(f, _PatchOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())
 
 

@@ -22,6 +22,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ranks_failure(stderr: str, tail: int = 3000) -> str:
+    """An assertion message for a failed multi-rank run: each rank's last error line, then the tail.
+
+    torchrun prefixes a rank's traceback with ``[rankN]:`` and prints the
+    rank that failed first (the root cause) before the one it then stopped,
+    so the tail alone often shows only the second rank's symptom.
+    """
+    last = {}
+    for line in stderr.splitlines():
+        m = re.match(r"\[rank(\d+)\]:\s*(\S*(Error|Exception)\b.*)", line)
+        if m:
+            last[int(m.group(1))] = m.group(2)
+    head = "".join(f"rank {r}: {msg}\n" for r, msg in sorted(last.items()))
+    return head + stderr[-tail:]
+
+
 def run_tool(*args, cwd=REPO, env=None, timeout=900):
     """Run a repository tool with this interpreter; return the CompletedProcess."""
     import subprocess

@@ -12,7 +12,7 @@ import signal
 import pytest
 import torch
 
-from common import ASSETS, REPO, copy_config, run_tool
+from common import ASSETS, REPO, copy_config, ranks_failure, run_tool
 
 # every test reads the module's training runs (~50 s) or trains itself (~20 s), measured
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -80,7 +80,7 @@ def runs(tmp_path_factory, narrow_dir):
     work = str(tmp / "one_zero2")
     proc = run_tool("bash", "scripts/train.sh", one, "--work-dir", work,
                     "--deepspeed", os.path.join(DS, "polar_zero2_cpu.json"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, ranks_failure(proc.stderr)
     out["one_zero2"] = (work, proc.stdout + proc.stderr)
 
     # ZeRO-3 on two ranks through the multi-node launcher (one node of one).
@@ -88,7 +88,7 @@ def runs(tmp_path_factory, narrow_dir):
     proc = run_tool("bash", "scripts/train_multi_node.sh", two, "--work-dir", work,
                     "--deepspeed", os.path.join(DS, "polar_zero3_cpu.json"),
                     env={"NNODES": "1", "NODE_RANK": "0", "ADDR": "127.0.0.1", "NPROC_PER_NODE": "2"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, ranks_failure(proc.stderr)
     out["two_zero3"] = (work, proc.stdout + proc.stderr)
     for key in ("two_zero2", "one_zero2", "two_zero3"):
         work, log = out[key]
@@ -132,7 +132,7 @@ def test_two_rank_zero3_converts_to_deepspeeds_reconstruction(runs):
     work, _ = runs["two_zero3"]
     out = str(runs["tmp"] / "hf_zero3")
     proc = run_tool("bash", "tools/convert.sh", runs["one_cfg"], work, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, ranks_failure(proc.stderr)
     assert "largest relative score difference" in proc.stdout
     saved = load_file(os.path.join(out, "model.safetensors"))
     want = {("model." + k[4:] if k.startswith("llm.") else k): v for k, v in
@@ -158,7 +158,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(runs, narrow_dir):
     assert max(steps(proc.stdout + proc.stderr)) in (49, 50)
 
     proc = run_tool("bash", "scripts/train.sh", one, "--work-dir", work, *ds, "--resume", "auto")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, ranks_failure(proc.stderr)
     log = proc.stdout + proc.stderr
     assert "--resume auto: resuming from" in log and "resumed epoch: 0, iter: 40" in log
     resumed, full = steps(log), steps(runs["one_zero2"][1])
@@ -170,3 +170,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(runs, narrow_dir):
     for name in b:
         assert torch.equal(a[name], b[name]), name
 
+
+
+def test_a_failed_run_message_names_every_rank_error():
+    stderr = ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"x.py\", line 1\n"
+              "[rank1]: ValueError: bad row 7\n"
+              "[rank0]: Traceback (most recent call last):\n"
+              "[rank0]: RuntimeError: [gloo] Connection closed by peer\n" + "x" * 5000)
+    msg = ranks_failure(stderr)
+    assert msg.startswith("rank 0: RuntimeError: [gloo] Connection closed by peer\nrank 1: ValueError: bad row 7\n")
+    assert msg.endswith("x" * 3000) and len(msg) < 3200

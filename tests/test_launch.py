@@ -336,3 +336,27 @@ def test_shim_is_inert_outside_torchrun_and_idempotent():
         assert u._init_dist_pytorch is once and once.__wrapped__ is original
     finally:
         u._init_dist_pytorch = original
+
+
+def test_cpu_ranks_make_deepspeed_async_gathers_complete(monkeypatch):
+    """ZeRO-3 waits only for its last async all-gather; on gloo each runs on its own thread (DeepSpeed#8539)."""
+    import types
+
+    from polar_xtuner import cpu_ranks
+
+    monkeypatch.setattr(cpu_ranks, "_cuda", lambda: False)  # as on a CPU rank, whatever this machine has
+
+    waits = []
+
+    class Work:
+        def wait(self):
+            waits.append(1)
+
+    comm = types.ModuleType(cpu_ranks.DS_COMM)
+    for name in cpu_ranks.DS_GATHERS:
+        setattr(comm, name, lambda *a, async_op=False, **kw: Work() if async_op else None)
+    cpu_ranks.patch(comm)
+    cpu_ranks.patch(comm)  # idempotent: one wrapper
+    assert comm.all_gather_into_tensor(0, 1, async_op=True) is not None and waits == [1]
+    assert comm.allgather_fn(0, 1, group=None, async_op=True) is not None and waits == [1, 1]
+    assert comm.all_gather([0], 1) is None and waits == [1, 1]  # a synchronous call is left alone

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from common import ASSETS, REPO, free_port, run_tool
+from common import ASSETS, REPO, free_port, ranks_failure, run_tool
 
 SP_CONFIG = os.path.join(REPO, "configs", "POLAR_7B_full_varlenattn_sp4_custom_dataset.py")
 
@@ -38,6 +38,6 @@ def test_ulysses_varlen_attention_on_two_cpu_ranks(tiny_dir):
     states and, summed, its gradients (see tests/assets/sp_worker.py)."""
     proc = run_tool("torchrun", "--nproc_per_node=2", f"--master_port={free_port()}",
                     os.path.join(ASSETS, "sp_worker.py"), tiny_dir, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, ranks_failure(proc.stderr)
     # Both ranks write to one pipe; a line of one may land inside the other's output.
     assert sorted(re.findall(r"OK (\d+) ", proc.stdout)) == ["0", "1"], proc.stdout[-2000:]
