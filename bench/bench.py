@@ -335,7 +335,7 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tup
     from xtuner.utils import RewardModelClient
 
     from polar_xtuner.client import RemoteScorer, post_json, score_records_remote, serving_inputs
-    from polar_xtuner.encoding import EncodingSettings, PolarEncoder, pair_items
+    from polar_xtuner.encoding import PolarEncoder, pair_items
     from polar_xtuner.rl_reward import PolarReward, RFTSettings
     from polar_xtuner.serve import CPU_SERVE_VENV, engine_command, engine_env, stop, wait_ready
 
@@ -343,8 +343,6 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tup
     if not os.path.exists(python):
         raise RuntimeError(f"no vLLM CPU build at {CPU_SERVE_VENV}; run `make serve-setup`")
     lengths = (REMOTE_MAX_LENGTH, REMOTE_MAX_RESPONSE_LENGTH)
-    # As tools/convert.sh leaves a model: its lengths recorded, which the RL reward reads.
-    EncodingSettings(*lengths).save(tiny_dir)
     port = free_port()
     extra = ["--pooler-config", pooler] if pooler else []
     cmd = engine_command("vllm", tiny_dir, "127.0.0.1", port, python, extra, max_model_len=REMOTE_MAX_LENGTH, cpu=True)
@@ -419,6 +417,10 @@ def remote_throughput(tiny_dir, n_pairs: int = 1000, n_long: int = 200, n_groups
     ``*_ceiling_vs_polar_client`` is POLAR's client's time over the server's
     own (see :func:`_remote_round`): the most any client could gain there.
     """
+    from polar_xtuner.encoding import EncodingSettings
+
+    # As tools/convert.sh leaves a model: its lengths recorded, which the RL reward reads.
+    EncodingSettings(REMOTE_MAX_LENGTH, REMOTE_MAX_RESPONSE_LENGTH).save(tiny_dir)
     work = {"short": list(generate(n_pairs, 11)), "long": long_records(n_long, 12),
             "rl": rollout_groups(n_groups, n_rollouts, 13)}
     served, got = _remote_round(tiny_dir, work, None, repeats)

@@ -65,13 +65,13 @@ def _without_cuda_set_device(init):
     return wrapper
 
 
-def _completed_on_cpu(gather):
-    """Wrap an async deepspeed.comm all-gather so that its work is done when it returns (CPU only)."""
+def _completed(gather):
+    """Wrap an async deepspeed.comm all-gather so that its work is done when it returns."""
 
     @functools.wraps(gather)
     def wrapper(*args, **kwargs):
         handle = gather(*args, **kwargs)
-        if handle is not None and kwargs.get("async_op") and not _cuda():
+        if handle is not None and kwargs.get("async_op"):
             handle.wait()  # gloo: finished, not only enqueued; a later wait() returns at once
         return handle
 
@@ -85,24 +85,35 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def patch(module) -> None:
-    """Patch an imported ``mmengine.dist.utils`` or ``deepspeed.comm`` (idempotent)."""
-    if module.__name__ == DS_COMM:
-        for name in DS_GATHERS:
-            fn = getattr(module, name, None)
-            if fn is not None and not getattr(fn, "polar_cpu_ranks", False):
-                setattr(module, name, _completed_on_cpu(fn))
-        return
+def _patch_mmengine(module) -> None:
     init = module._init_dist_pytorch
     if not getattr(init, "polar_cpu_ranks", False):
         module._init_dist_pytorch = _without_cuda_set_device(init)
+
+
+def _patch_deepspeed_comm(module) -> None:
+    if _cuda():  # one stream orders the gathers: leave DeepSpeed's overlap alone
+        return
+    for name in DS_GATHERS:
+        fn = getattr(module, name, None)
+        if fn is not None and not getattr(fn, "polar_cpu_ranks", False):
+            setattr(module, name, _completed(fn))
+
+
+# What is patched, by module, once it is imported.
+PATCHES = {TARGET: _patch_mmengine, DS_COMM: _patch_deepspeed_comm}
+
+
+def patch(module) -> None:
+    """Patch an imported ``mmengine.dist.utils`` or ``deepspeed.comm`` (idempotent)."""
+    PATCHES[module.__name__](module)
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     """Finds the patched modules with the other finders, patches each once loaded."""
 
     def find_spec(self, name, path, target=None):
-        if name not in (TARGET, DS_COMM):
+        if name not in PATCHES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -124,10 +135,10 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Patch mmengine and deepspeed.comm now where imported, else when they are."""
-    for name in (TARGET, DS_COMM):
+    for name in PATCHES:
         if name in sys.modules:
             patch(sys.modules[name])
-    if not all(name in sys.modules for name in (TARGET, DS_COMM)) and not any(
+    if not all(name in sys.modules for name in PATCHES) and not any(
             isinstance(f, _PatchOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())
 

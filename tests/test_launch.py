@@ -360,3 +360,9 @@ def test_cpu_ranks_make_deepspeed_async_gathers_complete(monkeypatch):
     assert comm.all_gather_into_tensor(0, 1, async_op=True) is not None and waits == [1]
     assert comm.allgather_fn(0, 1, group=None, async_op=True) is not None and waits == [1, 1]
     assert comm.all_gather([0], 1) is None and waits == [1, 1]  # a synchronous call is left alone
+    # with CUDA, one stream orders the gathers: DeepSpeed's functions stay as they are
+    monkeypatch.setattr(cpu_ranks, "_cuda", lambda: True)
+    gpu = types.ModuleType(cpu_ranks.DS_COMM)
+    gpu.all_gather = original = lambda *a, **kw: None
+    cpu_ranks.patch(gpu)
+    assert gpu.all_gather is original
