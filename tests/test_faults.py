@@ -236,6 +236,28 @@ def test_full_disk_fails_with_one_line_and_keeps_the_previous_output(small_fs, t
     assert sorted(os.listdir(small_fs)) == ["out"]
 
 
+@pytest.mark.integration  # runs make and a repository script in a subprocess
+def test_venv_installs_are_refused_before_they_start_on_a_small_disk(small_fs):
+    """A CI run once failed after a minute of pip, ENOSPC mid-install: now each venv is sized first."""
+    for target, var in (("setup", "VENV"), ("serve-setup", "SERVE_VENV"), ("rl-setup", "RL_VENV")):
+        venv = small_fs / var.lower()
+        proc = subprocess.run(["make", "-s", "-C", REPO, target, f"{var}={venv}"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = one_error_line(proc)
+        assert f" {venv}: it needs about" in line and f"GiB is free on {small_fs}" in line, line
+    assert os.listdir(small_fs) == []
+    # What an unfinished install already holds counts: pip keeps it on the next run.
+    need = ["bash", os.path.join(REPO, "scripts", "need_space.sh"), str(small_fs / "venv"), "0.0002", "a venv"]
+    (small_fs / "part").write_bytes(b"x" * 100 * 1024)  # 156 of 256 KiB left: too little for ~210
+    proc = subprocess.run(need, capture_output=True, text=True)
+    assert proc.returncode == 2 and "a venv" in one_error_line(proc)
+    (small_fs / "venv").mkdir()
+    os.rename(small_fs / "part", small_fs / "venv" / "part")  # the same 100 KiB, now the venv's
+    proc = subprocess.run(need, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_injected_full_disk_in_process(tmp_path, monkeypatch, capsys):
     """Where no tmpfs can be mounted: ENOSPC raised while the output is committed."""
     import errno
