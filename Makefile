@@ -19,7 +19,7 @@ SERVE_PORT ?= 30000
 RL_VENV ?= .venv-rl
 RL_PACKAGES ?= verl==0.9.1 torch==2.13.0
 
-.PHONY: setup serve-setup rl-setup demo serve test test-fast bench bench-gpu clean
+.PHONY: setup serve-setup rl-setup demo serve test test-fast bench bench-gpu gpu-wheels clean
 
 BNB_VERSION := 0.50.2
 # Each venv's size in GiB once built (measured on x86_64), checked before its
@@ -101,6 +101,11 @@ bench: setup serve-setup
 # peak memory) and evaluation pairs/s; see bench/gpu.py.
 bench-gpu: setup
 	$(PY) bench/gpu.py --out bench/results_gpu.json
+
+# The wheels the lent GPU machine lacks (xtuner, mmengine, DeepSpeed, transformers
+# 4.48 and their needs), in .whl/ for scripts/gpu_check.sh; see scripts/gpu_wheels.sh.
+gpu-wheels:
+	bash scripts/gpu_wheels.sh .whl
 
 clean:
 	rm -rf work_dirs

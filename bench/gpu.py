@@ -111,8 +111,16 @@ def ds_config(stage: str, device: str) -> dict:
     return cfg
 
 
-def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length: int) -> dict:
-    """Tokens/s, model FLOP/s and peak memory of ``steps`` DeepSpeed steps (this process)."""
+def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length: int, profile: bool = False,
+                save_dir: str | None = None) -> dict:
+    """Tokens/s, model FLOP/s and peak memory of ``steps`` DeepSpeed steps (this process).
+
+    Args:
+        profile: Run one more step under the PyTorch profiler and report the
+            kernels that took the most device time.
+        save_dir: Save the DeepSpeed checkpoint there afterwards, as
+            ``iter_1.pth/`` (the layout xtuner's runs write and the converter reads).
+    """
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29541"))
     import deepspeed
@@ -121,27 +129,26 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
 
     from polar_xtuner.model import PolarRewardModel
 
+    on_gpu = device == "cuda"
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     rows = packed_rows(config, steps, max_length)
     n_params = matmul_params(config)
     torch.manual_seed(0)
+    # CPU tensors run SDPA whatever the machine has; name that backend, not the machine's best
     model = PolarRewardModel.from_model_dir(model_dir, use_varlen_attn=True, loss_type="ranking",
-                                            penalty_type="none").train()
+                                            penalty_type="none",
+                                            varlen_attn_backend=None if on_gpu else "sdpa").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, device),
                                       dist_init_required=True)
     hub = MessageHub.get_instance("varlen_attn_args")
-    on_gpu = device == "cuda"
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times, tokens, flops = [], [], []
     for row in rows:
-        data = dict(row)
-        cu = data.pop("cumulative_len")[0]
-        hub.update_info("cumulative_len_rank_0", cu.to(engine.device))
-        hub.update_info("max_seqlen_rank_0", data.pop("max_seqlen"))
-        data = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in data.items()}
+        cu = row["cumulative_len"][0]
+        data = _feed(row, hub, engine.device)
         t0 = time.perf_counter()
         loss = engine(data, mode="loss")["loss"]
         engine.backward(loss)
@@ -154,6 +161,9 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
         flops.append(row_flops(n_params, config, sample_lengths))
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(f"ZeRO-{stage}: non-finite loss {loss.item()}")
+    top_kernels = _profile_step(engine, rows[-1], hub) if profile else None
+    if save_dir:
+        engine.save_checkpoint(save_dir, tag="iter_1.pth")
     warm = 2  # first steps pay allocation and kernel selection (main() asks for at least 3)
     seconds = sum(times[warm:])
     out = {"tokens_per_s": sum(tokens[warm:]) / seconds, "model_flops_per_s": sum(flops[warm:]) / seconds,
@@ -161,7 +171,111 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
            "params_matmul": n_params, "mean_row_tokens": sum(tokens) / len(tokens)}
     if on_gpu:
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    if top_kernels is not None:
+        out["top_kernels"] = top_kernels
     return out
+
+
+def _feed(row: dict, hub, device) -> dict:
+    """A collated packed row for the model; its boundaries go where the varlen attention reads them."""
+    data = dict(row)
+    hub.update_info("cumulative_len_rank_0", data.pop("cumulative_len")[0].to(device))
+    hub.update_info("max_seqlen_rank_0", data.pop("max_seqlen"))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in data.items()}
+
+
+def _profile_step(engine, row: dict, hub, top: int = 15) -> list[dict]:
+    """One training step under the PyTorch profiler: the kernels with the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.device.type == "cuda" if hasattr(engine.device, "type") else "cuda" in str(engine.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        loss = engine(_feed(row, hub, engine.device), mode="loss")["loss"]
+        engine.backward(loss)
+        engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if cuda:  # kernels only: CPU-side operator rows also carry the device time of their kernels
+        events = [e for e in events if getattr(e, "device_type", None) is not None
+                  and "CUDA" in str(e.device_type)] or events
+    total = sum(getattr(e, attr) for e in events) or 1
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"name": e.key[:120], "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total,
+             "calls": e.count} for e in events[:top]]
+
+
+def packed_vs_padded(model_dir: str, device: str, max_length: int, steps: int = 8) -> dict:
+    """Real tokens/s of forward+backward on packed varlen rows against padded SDPA batches.
+
+    The same chat-like pairs, in the same order: packed into rows of
+    2 x max_length tokens, or batched with padding to the longest sequence of
+    the batch under the same token budget per batch (pairs are added while
+    2 x pairs x longest <= 2 x max_length). One model serves both (with no
+    boundaries published, its attention is the stock padded SDPA). bf16 on a
+    GPU, fp32 on CPU; no optimizer step, so the figure is the model's own.
+    """
+    from mmengine import MessageHub
+    from transformers import AutoConfig
+    from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
+    from xtuner.dataset.preference_dataset import PackedDatasetWrapper
+
+    from bench import chat_like_lengths, synthetic_pairs
+    from polar_xtuner.model import PolarRewardModel
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+    on_gpu = device == "cuda"
+    budget = 2 * max_length
+    feats = synthetic_pairs(chat_like_lengths(40 * steps, max_length, seed=4), config.vocab_size,
+                            config.reward_token_id)
+    packed = PackedDatasetWrapper(feats, max_packed_length=budget, shuffle_before_pack=False)
+    rows = [preference_collate_fn([packed[i]], use_varlen_attn=True)["data"] for i in range(len(packed))]
+    batches, cur, longest = [], [], 0
+    for f in feats:
+        n = max(len(f["chosen_ids"]), len(f["rejected_ids"]))
+        if cur and 2 * (len(cur) + 1) * max(longest, n) > budget:
+            batches.append(preference_collate_fn(cur, use_varlen_attn=False)["data"])
+            cur, longest = [], 0
+        cur.append(f)
+        longest = max(longest, n)
+    if cur:
+        batches.append(preference_collate_fn(cur, use_varlen_attn=False)["data"])
+    model = PolarRewardModel.from_model_dir(model_dir, use_varlen_attn=True, loss_type="ranking",
+                                            penalty_type="none",
+                                            varlen_attn_backend=None if on_gpu else "sdpa").train()
+    model = model.to(device=device, dtype=torch.bfloat16 if bf16_supported(device) else torch.float32)
+    hub = MessageHub.get_instance("varlen_attn_args")
+
+    def run(kind, items):
+        model.zero_grad(set_to_none=True)
+        for i, item in enumerate(items + items[:1]):  # the first one again, as a warm-up, not timed
+            if kind == "packed":
+                data = _feed(item, hub, device)
+            else:
+                hub.update_info("cumulative_len_rank_0", None)
+                data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in item.items()}
+            if i == 1:
+                if on_gpu:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            loss = model(data, mode="loss")["loss"]
+            loss.backward()
+        if on_gpu:
+            torch.cuda.synchronize()
+        hub.update_info("cumulative_len_rank_0", None)
+        return time.perf_counter() - t0
+
+    # warm-up is item 0; items 1.. and item 0 again are timed: every pair once
+    t_packed = run("packed", rows)
+    t_padded = run("padded", batches)
+    tokens = sum(len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in feats)
+    padded_slots = sum(int(b["input_ids"].numel()) for b in batches)
+    return {"pairs": len(feats), "real_tokens": tokens, "packed_rows": len(rows), "padded_batches": len(batches),
+            "padded_real_fraction": tokens / padded_slots,
+            "packed_tokens_per_s": tokens / t_packed, "padded_tokens_per_s": tokens / t_padded,
+            "speedup_packed_vs_padded": t_padded / t_packed, "backend": model.varlen_attn_backend}
 
 
 def eval_throughput(model_dir: str, device: str, pairs: int, max_length: int) -> dict:

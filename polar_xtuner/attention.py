@@ -11,7 +11,11 @@ with one of three backends:
 
 * ``flash_attn``: ``flash_attn_varlen_func`` (GPU, flash-attn installed);
 * ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, PyTorch
-  2.10+, no flash-attn build needed; called with a causal window and GQA on);
+  2.10+, no flash-attn build needed). Its signature changed between releases
+  (2.10: ``is_causal``, no GQA; 2.11: a causal ``window_size``, no GQA;
+  2.12+: both ``window_size`` and ``enable_gqa``), so the call is built from
+  the installed function's signature (:func:`torch_varlen_call`), repeating
+  the key/value heads where the kernel has no GQA;
 * ``sdpa``: PyTorch SDPA over the samples laid out as padded rows, exact on
   any device (CPU, tests).
 
@@ -26,9 +30,12 @@ forward runs unchanged.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import sys
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +46,66 @@ from .precision import backend_for, half_dtype
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
 
-def _has_torch_varlen() -> bool:
+@dataclass(frozen=True)
+class VarlenSignature:
+    """What the installed ``varlen_attn`` accepts, read from its signature.
+
+    Attributes:
+        causal: How to ask for causal attention: ``"window_size"`` (a
+            ``(-1, 0)`` window; the default ``(-1, -1)`` is bidirectional) or
+            ``"is_causal"`` (PyTorch 2.10).
+        gqa: It takes ``enable_gqa`` (fewer key/value heads than query heads).
+    """
+
+    causal: str
+    gqa: bool
+
+
+def varlen_signature(fn) -> VarlenSignature | None:
+    """The capabilities of a ``varlen_attn`` function, or None if it cannot attend causally."""
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        causal = "window_size"
+    elif "is_causal" in params:
+        causal = "is_causal"
+    else:
+        return None
+    return VarlenSignature(causal=causal, gqa="enable_gqa" in params)
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_varlen():
+    """(varlen_attn, its signature) of this PyTorch, or (None, None)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return True
+        return None, None
+    return varlen_attn, varlen_signature(varlen_attn)
+
+
+def torch_varlen_call(fn, sig: VarlenSignature, q, k, v, cu_seqlens, max_seqlen: int):
+    """Causal ``varlen_attn`` within packed samples, with the arguments ``fn`` accepts.
+
+    Where the kernel has no GQA, each key/value head is repeated for the query
+    heads that share it (InternLM2 groups query heads per key/value head, as
+    ``repeat_interleave`` does).
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    kwargs = {}
+    if hq != hkv:
+        if sig.gqa:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+    if sig.causal == "window_size":
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def _has_torch_varlen() -> bool:
+    return _installed_varlen()[1] is not None
 
 
 def available_backends() -> list[str]:
@@ -71,7 +132,7 @@ def select_backend(requested: str | None = None) -> str:
         raise ConfigError(f"varlen_attn_backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     if requested not in avail:
         how = {"flash_attn": "install flash-attn on a CUDA machine",
-               "torch_varlen": "use a CUDA machine with PyTorch >= 2.10"}[requested]
+               "torch_varlen": f"use a CUDA machine with PyTorch >= 2.10 (this is {torch.__version__})"}[requested]
         raise ConfigError(
             f"varlen_attn_backend={requested!r} is not available here ({how}); "
             f"available: {', '.join(avail)}"
@@ -114,11 +175,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str):
 
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
     if backend == "torch_varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        # The default window (-1, -1) is *bidirectional*; (-1, 0) is causal.
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                           window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1])
+        fn, sig = _installed_varlen()
+        if sig is None:
+            raise ConfigError(f"varlen_attn_backend='torch_varlen': PyTorch {torch.__version__} has no causal "
+                              "varlen_attn; use varlen_attn_backend='sdpa' or PyTorch >= 2.10")
+        return torch_varlen_call(fn, sig, q, k, v, cu_seqlens, max_seqlen)
     return _padded_sdpa(q, k, v, cu_seqlens)
 
 
