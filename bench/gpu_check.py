@@ -50,7 +50,9 @@ sys.path.insert(0, BENCH)
 CONFIG = os.path.join(REPO, "configs", "POLAR_1_8B_full_varlenattn_custom_dataset.py")
 # Tolerances of ||out - ref|| / ||ref|| against fp64 (forward and every gradient).
 TOLERANCE = {"bf16": 2e-2, "fp32": 1e-4}
-# Per-step budgets in seconds (GPU run, CPU smoke): the whole GPU run fits in 8 minutes.
+# Per-step budgets in seconds (GPU run, CPU smoke). A step may run to 3x its budget
+# (pytest steps: 1x) while the run's --budget lasts. Measured on the H200 run of
+# 2026-12-04: the steps before pytest took 530 s, pytest -m gpu over 60 s, the unit tier 102 s.
 STEPS = [
     ("versions", 40, 120),
     ("exactness", 45, 120),
@@ -63,7 +65,7 @@ STEPS = [
     ("convert_zero3", 70, 200),
     ("packed_vs_padded", 40, 150),
     ("scoring", 30, 120),
-    ("pytest_gpu", 60, 60),
+    ("pytest_gpu", 150, 60),
     ("pytest_unit", 120, 60),
 ]
 NEEDS = {"train_xtuner": "model", "convert_zero2": "train_xtuner", "zero1": "model", "zero2": "model",
@@ -335,7 +337,7 @@ def _convert(ctx: Context, checkpoint: str, name: str, config: str) -> dict:
     out_dir = ctx.path(f"hf_{name}")
     t0 = time.perf_counter()
     proc = _run(["bash", "tools/convert.sh", config, checkpoint, out_dir, "--dtype",
-                 "bf16" if not ctx.smoke else "fp32", "--force"], f"convert_{name}.log", ctx)
+                 "bf16", "--force"], f"convert_{name}.log", ctx)
     print(proc.tail[-2000:])
     res = {"exit": proc.returncode, "seconds": time.perf_counter() - t0, "checkpoint": os.path.basename(checkpoint)}
     for line in proc.tail.splitlines():
@@ -417,7 +419,7 @@ def step_zero3(ctx):
 def step_packed_vs_padded(ctx: Context) -> dict:
     from gpu import packed_vs_padded
 
-    return packed_vs_padded(ctx.model_dir, ctx.device, ctx.max_length, steps=1 if ctx.smoke else 8)
+    return packed_vs_padded(ctx.model_dir, ctx.device, ctx.max_length, steps=1 if ctx.smoke else 4)
 
 
 def step_scoring(ctx: Context) -> dict:
@@ -459,9 +461,8 @@ def step_pytest_gpu(ctx: Context) -> dict:
 
 
 def step_pytest_unit(ctx: Context) -> dict:
-    if ctx.smoke:
-        return _pytest(ctx, ["tests/test_precision.py"] if os.path.exists(
-            os.path.join(REPO, "tests", "test_precision.py")) else ["tests/test_schema.py"], "pytest_unit.log", 300)
+    if ctx.smoke:  # one small unit file: the plumbing, not the tier (the suite runs the tier itself)
+        return _pytest(ctx, ["tests/test_schema.py"], "pytest_unit.log", 300)
     return _pytest(ctx, ["-m", "not integration and not slow and not serving and not gpu"],
                    "pytest_unit.log", 600)
 

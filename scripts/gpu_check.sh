@@ -24,7 +24,11 @@ fi
 PY=${PYTHON:-python3}
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/polar_gpu_check.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
-if compgen -G ".whl/*.whl" > /dev/null; then
+pyver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+if compgen -G ".whl/*.whl" > /dev/null && [ "$pyver" != 3.12 ]; then
+  # make gpu-wheels fetches the GPU machine's cp312 builds; elsewhere the installed packages serve
+  echo "note: .whl/ holds Python 3.12 wheels (the GPU machine's); Python $pyver uses its installed packages" >&2
+elif compgen -G ".whl/*.whl" > /dev/null; then
   echo "installing $(ls .whl/*.whl | wc -l) carried wheels into $scratch/site" >&2
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$scratch/site" .whl/*.whl \
     || { echo "error: installing the carried wheels from .whl/ failed" >&2; exit 1; }

@@ -1,0 +1,85 @@
+"""scripts/gpu_check.sh: the prepared GPU run, kept from rotting by its CPU smoke run.
+
+The GPU run happens only where a GPU is lent (bench/results_gpu.json holds its
+figures); here every one of its steps runs at the tiny shape on CPU, through the
+same code: the users' `xtuner train` command, the converter on ZeRO-2 and ZeRO-3
+checkpoints, the ZeRO throughput runs, packed against padded, scoring and pytest.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common import REPO
+
+SCRIPT = os.path.join(REPO, "scripts", "gpu_check.sh")
+
+
+def _env():
+    venv_bin = os.path.dirname(sys.executable)
+    return dict(os.environ, PYTHON=sys.executable, PATH=venv_bin + os.pathsep + os.environ["PATH"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # every step at the tiny shape: about 2.5 minutes on 2 cores
+def test_cpu_smoke_runs_every_step(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(["bash", SCRIPT, str(out), "--cpu-smoke", "--budget", "1200"], capture_output=True,
+                          text=True, cwd=REPO, env=_env(), timeout=1500)
+    res = json.loads((out / "results.json").read_text())
+    steps = res["steps"]
+    failed = {k: v.get("error") or v.get("skipped") for k, v in steps.items() if not v.get("ok")}
+    assert proc.returncode == 0 and not failed, (failed, proc.stdout[-2000:], (out / "log.txt").read_text()[-4000:])
+    assert res["mode"] == "cpu-smoke" and res["all_ok"] is True
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from gpu_check import STEPS
+
+    assert list(steps) == [name for name, *_ in STEPS]  # every step ran, in order
+    assert "sdpa" in steps["versions"]["varlen_backends"] and steps["versions"]["xtuner"] == "0.2.0"
+    assert steps["exactness"]["all_within_tolerance"] and len(steps["exactness"]["cases"]) == 4  # sdpa only on CPU
+    train = steps["train_xtuner"]
+    assert train["iterations"] >= 3 and train["tokens_per_s"] > 0 and train["checkpoints"]
+    for stage in ("zero1", "zero2", "zero3"):
+        assert steps[stage]["tokens_per_s"] > 0 and steps[stage]["backend"] == "sdpa"
+    assert steps["zero2"]["top_kernels"]  # the profiled step
+    for conv in ("convert_zero2", "convert_zero3"):
+        assert "largest relative score difference" in steps[conv]["verification"]
+        assert "model.safetensors" in steps[conv]["files"]
+    assert steps["packed_vs_padded"]["speedup_packed_vs_padded"] > 0
+    assert steps["scoring"]["eval_pairs_per_s"] > 0
+    assert "passed" in steps["pytest_gpu"]["summary"] and "passed" in steps["pytest_unit"]["summary"]
+    log = (out / "log.txt").read_text()
+    assert "===== train_xtuner" in log and "===== pytest_unit" in log
+
+
+@pytest.mark.integration  # runs the script in a subprocess
+def test_refusals_are_one_line_with_exit_2(tmp_path):
+    import torch
+
+    proc = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, cwd=REPO, env=_env())
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: bash scripts/gpu_check.sh RESULTS_DIR")
+    proc = subprocess.run(["bash", SCRIPT, str(tmp_path / "r"), "--cpu-smoke", "--only", "versions,train"],
+                          capture_output=True, text=True, cwd=REPO, env=_env())
+    assert proc.returncode == 2 and "error: --only: unknown step(s) train" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = subprocess.run(["bash", SCRIPT, str(tmp_path / "r")], capture_output=True, text=True, cwd=REPO,
+                              env=_env())
+        assert proc.returncode == 2 and "no CUDA device here; use --cpu-smoke" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_a_step_that_fails_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
+    """The driver keeps going: a failing step's error is in results.json, later steps still run."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import gpu_check
+
+    out = tmp_path / "r"
+    rc = gpu_check.main([str(out), "--cpu-smoke", "--only", "model,zero1,pytest_unit", "--work",
+                         str(tmp_path / "w"), "--budget", "0"])
+    res = json.loads((out / "results.json").read_text())
+    assert rc == 1 and res["all_ok"] is False
+    assert res["steps"]["model"] == {"ok": False, "skipped": "the run's time budget was spent"}
+    assert res["steps"]["zero1"]["skipped"] == "needs step model, which did not pass"
+    assert set(res["steps"]) == {"model", "zero1", "pytest_unit"}
