@@ -30,7 +30,7 @@ import json
 import random
 from typing import Iterator
 
-from .schema import RecordError, join_contents
+from .schema import RecordError, finite_number, join_contents, refuse_non_finite
 
 FORMATS = ("polar", "ranked", "policies", "pairwise")
 DEFAULT_PAIRS_PER_PROMPT = 4
@@ -57,15 +57,18 @@ def from_ranked(obj) -> Iterator[dict]:
                           "responses", "too_few_responses")
     scored = []
     for i, r in enumerate(responses):
-        if not isinstance(r, dict) or "response" not in r or not isinstance(r.get("score"), (int, float)):
+        if not isinstance(r, dict) or "response" not in r or "score" not in r:
             raise RecordError(f"'responses[{i}]' must be {{\"response\": ..., \"score\": number}}",
                               "responses", "bad_message")
-        scored.append((float(r["score"]), i, _text(r["response"], f"responses[{i}].response")))
+        scored.append((finite_number(r["score"], f"responses[{i}].score", "responses"), i,
+                       _text(r["response"], f"responses[{i}].response")))
     scored.sort(key=lambda t: (-t[0], t[1]))
     if scored[0][0] == scored[1][0]:
         raise RecordError("two responses share the top score; the reference must be the unique best",
                           "responses", "tied_reference")
     extra = {k: v for k, v in obj.items() if k not in ("prompt", "responses")}
+    for k, v in extra.items():
+        refuse_non_finite(v, k)
     ref = scored[0][2]
     rest = scored[1:]
     for a in range(len(rest)):
@@ -138,6 +141,8 @@ def from_policies(obj, seed: int = 0, pairs_per_prompt: int = DEFAULT_PAIRS_PER_
     else:
         order = (rng.randrange(total) for _ in range(50 * pairs_per_prompt))
     extra = {k: v for k, v in obj.items() if k not in ("prompt", "samples")}
+    for k, v in extra.items():
+        refuse_non_finite(v, k)
     seen, made = set(), 0
     for idx in order:
         if made == pairs_per_prompt:

@@ -44,6 +44,32 @@ class RecordError(ValueError):
         self.code = code
 
 
+def finite_number(value, where: str, field: str | None = None) -> float:
+    """``value`` as a float, or a RecordError naming ``where``.
+
+    JSON numbers only: a bool is an int in Python and a string is not a number,
+    and NaN or +-Infinity (which Python's json reads) would poison a loss, a
+    ranking or a report.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecordError(f"'{where}' must be a finite number, got {json.dumps(value)}",
+                          field or where.split("[")[0].split(".")[0], "bad_number")
+    return float(value)
+
+
+def refuse_non_finite(value: Any, where: str) -> None:
+    """Refuse NaN or +-Infinity anywhere inside ``value`` (kept keys are written out as JSON again)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(f"'{where}' is {json.dumps(value)}, which is not a finite number",
+                          where.split("[")[0].split(".")[0], "bad_number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            refuse_non_finite(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            refuse_non_finite(v, f"{where}[{i}]")
+
+
 class DataError(UserError):
     """A data file cannot be used (missing, unreadable, or records invalid). Exit 2."""
 
@@ -143,10 +169,13 @@ def validate_record(obj: Any) -> dict:
     if join_contents(out["chosen"]) == join_contents(out["rejected"]):
         raise RecordError("'chosen' is identical to 'rejected'", "chosen", "chosen_equals_rejected")
     if "margin" in obj:
-        m = obj["margin"]
-        # bool is an int in Python, and NaN/inf would poison the loss
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
-            raise RecordError(f"'margin' must be a finite number, got {json.dumps(m)}", "margin", "bad_margin")
+        try:
+            finite_number(obj["margin"], "margin")
+        except RecordError as e:
+            raise RecordError(e.reason, "margin", "bad_margin") from None
+    for key, value in obj.items():
+        if key not in RECORD_FIELDS and key != "margin":
+            refuse_non_finite(value, key)
     return out
 
 

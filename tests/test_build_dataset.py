@@ -115,12 +115,17 @@ def test_ranked_converter_refusals_name_the_line(tmp_path):
                                                  {"response": "c", "score": 1}]}),
         json.dumps({"prompt": "q", "responses": [{"response": "a"}, {"response": "b", "score": 2},
                                                  {"response": "c", "score": 1}]}),
+        # NaN was read, sorted anywhere and could become the reference
+        '{"prompt": "q", "responses": [{"response": "a", "score": NaN}, {"response": "b", "score": 2}, '
+        '{"response": "c", "score": 1}]}',
     ]) + "\n")
     proc = run_tool("python", "tools/build_dataset.py", str(bad), "--from", "ranked", "-o", str(tmp_path / "o"))
     assert proc.returncode == 2
     rejected = _lines(tmp_path / "o" / "rejected.jsonl")
-    assert [(r["line"], r["field"]) for r in rejected] == [(1, "responses"), (2, "responses"), (3, "responses")]
+    assert [(r["line"], r["field"]) for r in rejected] == [(1, "responses"), (2, "responses"), (3, "responses"),
+                                                           (4, "responses")]
     assert "three or more" in rejected[0]["reason"] and "top score" in rejected[1]["reason"]
+    assert "'responses[0].score' must be a finite number, got NaN" in rejected[3]["reason"]
 
 
 def test_pairwise_without_reference_is_refused_with_what_is_needed(tmp_path):

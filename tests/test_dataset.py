@@ -1,6 +1,7 @@
 """build_polar_dataset: the config-facing builder, its cache and its packing."""
 import gc
 import os
+import re
 import shutil
 
 import pytest
@@ -34,6 +35,29 @@ def test_cache_key_follows_data_and_settings(tmp_path, tokenizer):
     with open(data, "a") as f:
         f.write(open(VAL).readline())
     assert cache_key([data], tokenizer, 512, 128, None) != key
+
+
+def test_a_one_byte_edit_that_keeps_size_and_mtime_misses_the_cache(tmp_path, tokenizer, capsys):
+    """The key follows the bytes: size and mtime kept, the edited pair is encoded anew."""
+    data = str(tmp_path / "val.jsonl")
+    shutil.copy(VAL, data)
+    cache = str(tmp_path / "cache")
+    first = build_polar_dataset(data, tokenizer, 512, 128, cache_dir=cache)
+    st = os.stat(data)
+    raw = bytearray(open(data, "rb").read())
+    # the first answer that starts with an ASCII letter: one byte, the same byte count after the edit
+    i = next(m.end() for m in re.finditer(rb'"content": "', raw)
+             if raw[m.end()] < 128 and chr(raw[m.end()]).isalpha())
+    raw[i] = ord("X") if raw[i] != ord("X") else ord("Y")
+    with open(data, "wb") as f:
+        f.write(raw)
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.path.getsize(data), os.stat(data).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    capsys.readouterr()
+    again = build_polar_dataset(data, tokenizer, 512, 128, cache_dir=cache)
+    assert "using cached encoded pairs" not in capsys.readouterr().err
+    assert again[:] != first[:]  # the edited record's token ids, not the old ones
+    assert again[:] == build_polar_dataset(data, tokenizer, 512, 128)[:]
 
 
 def test_packed_rows_respect_the_limit_and_keep_every_pair(tokenizer):

@@ -309,6 +309,28 @@ def test_make_rft_data_rows_load_with_datasets(tmp_path):
     assert proc.returncode == 2 and "no such file" in proc.stderr
 
 
+def test_the_output_format_follows_the_extension(tmp_path):
+    """A .jsonl output is JSON Lines and a .parquet one Parquet; a --format that contradicts the name is refused."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in generate(3, 5)))
+    out = tmp_path / "rl.jsonl"
+    proc = run_tool("python", "tools/make_rft_data.py", str(src), "-o", str(out))  # no --format: the name decides
+    assert proc.returncode == 0, proc.stderr
+    assert [sorted(json.loads(line)) for line in open(out)] == [["label", "prompt"]] * 3
+    pq = tmp_path / "rl.parquet"
+    assert run_tool("python", "tools/make_rft_data.py", str(src), "-o", str(pq)).returncode == 0
+    assert pq.read_bytes()[:4] == b"PAR1"
+    for name, fmt, message in [("x.parquet", "openrlhf", "--format openrlhf writes .jsonl, but --out"),
+                               ("x.jsonl", "verl", "--format verl writes .parquet, but --out"),
+                               ("x.txt", None, "the extension must be .parquet (verl) or .jsonl (openrlhf)"),
+                               ("x", "verl", "got none")]:
+        proc = run_tool("python", "tools/make_rft_data.py", str(src), "-o", str(tmp_path / name),
+                        *(["--format", fmt] if fmt else []))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (name, proc.stderr)
+        assert not (tmp_path / name).exists()
+
+
 def test_the_file_loads_by_path_as_openrlhf_and_verl_load_it():
     """OpenRLHF execs rft.py as a module named "reward_func", outside the package (verl's path= alike)."""
     import importlib.util

@@ -22,38 +22,39 @@ Exit codes: 0 at least one record kept; 2 nothing kept, a file missing or
 unreadable, or conflicting options.
 """
 
-import argparse
 import sys
 
 from polar_xtuner.data_check import build
-from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, packed_length
+from polar_xtuner.constants import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, TEMPLATE_RESERVED_TOKENS,
+                                    packed_length)
 from polar_xtuner.data_formats import DEFAULT_PAIRS_PER_PROMPT, FORMATS
 from polar_xtuner.errors import UserError, cli, entry_point
+from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
 from polar_xtuner.outputs import check_writable_dir, refuse_overlap
 
 
 @entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("sources", nargs="+", metavar="SRC")
-    p.add_argument("-o", "--out-dir", required=True)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("sources", nargs="+", metavar="SRC", type=non_empty)
+    p.add_argument("-o", "--out-dir", required=True, type=non_empty)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--val-ratio", type=float, default=0.0, help="share of records for val.jsonl")
-    g.add_argument("--val-size", type=int, default=0, help="number of records for val.jsonl")
-    p.add_argument("--seed", type=int, default=0, help="seed of the val split (and of --from policies' triples)")
+    g.add_argument("--val-ratio", type=float_in(0, 1, high_open=True), default=0.0, help="share of records for val.jsonl")
+    g.add_argument("--val-size", type=int_at_least(0), default=0, help="number of records for val.jsonl")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the val split (and of --from policies' triples)")
     p.add_argument("--dedupe", action="store_true", help="drop exact duplicate records")
     p.add_argument("--from", dest="fmt", choices=FORMATS, default="polar",
                    help="input format: POLAR records (default), ranked responses (best = reference), "
                         "policies (samples of several policies -> policy-discrimination triples), "
                         "or pairwise without reference (refused, with what is needed)")
-    p.add_argument("--pairs-per-prompt", type=int, default=None, metavar="K",
+    p.add_argument("--pairs-per-prompt", type=int_at_least(1), default=None, metavar="K",
                    help=f"--from policies: most triples per prompt (default {DEFAULT_PAIRS_PER_PROMPT})")
-    p.add_argument("--tokenizer", help="tokenizer (model dir) for token-length statistics")
-    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="as in the training config")
-    p.add_argument("--max-response-length", type=int, default=DEFAULT_MAX_RESPONSE_LENGTH,
+    p.add_argument("--tokenizer", type=non_empty, help="tokenizer (model dir) for token-length statistics")
+    p.add_argument("--max-length", type=int_at_least(TEMPLATE_RESERVED_TOKENS + 1), default=DEFAULT_MAX_LENGTH, help="as in the training config")
+    p.add_argument("--max-response-length", type=int_at_least(1), default=DEFAULT_MAX_RESPONSE_LENGTH,
                    help="as in the training config")
-    p.add_argument("--max-packed-length", type=int, default=None, help="default: 2 x --max-length")
+    p.add_argument("--max-packed-length", type=int_at_least(TEMPLATE_RESERVED_TOKENS + 1), default=None, help="default: 2 x --max-length")
     p.add_argument("--drop-overlong", action="store_true",
                    help="reject records that would be truncated or exceed max_packed_length (default: count them)")
     p.add_argument(TRUST_FLAG, action="store_true",

@@ -8,19 +8,18 @@ chosen answer agrees with the reference's final answer, the rejected one does
 not. Answers are random per record, so only the reference tells them apart.
 """
 
-import argparse
-
 from polar_xtuner.demo_data import write_demo_data
 from polar_xtuner.errors import cli, entry_point
+from polar_xtuner.flags import ArgumentParser, int_at_least, non_empty
 
 
 @entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out_dir", nargs="?", default="data/demo")
-    p.add_argument("--train", type=int, default=8000, help="training pairs")
-    p.add_argument("--val", type=int, default=200, help="held-out pairs")
-    p.add_argument("--seed", type=int, default=0)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", nargs="?", default="data/demo", type=non_empty)
+    p.add_argument("--train", type=int_at_least(1), default=8000, help="training pairs")
+    p.add_argument("--val", type=int_at_least(0), default=200, help="held-out pairs")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     args = p.parse_args(argv)
     counts = write_demo_data(args.out_dir, args.train, args.val, args.seed)
     print(f"wrote {counts['train']} train and {counts['val']} val pairs to {args.out_dir}")

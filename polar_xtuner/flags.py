@@ -1,0 +1,90 @@
+"""Command-line flags that are checked before any work starts.
+
+Every tool builds its parser with :class:`ArgumentParser`, whose refusals are
+one ``error:`` line naming the flag and what it takes (exit 2), like the
+tools' other errors, and gives numeric flags a type from here, so that a value
+out of range is refused while the arguments are read, not as a traceback
+minutes later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+
+from .errors import EXIT_USER
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line refusals: ``error: argument --x: ...``, exit 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USER)
+
+
+def _number(kind, text: str):
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("empty value")
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < low or (high is not None and value > high):
+            rule = f"of at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be an integer {rule}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite number between low and high (each end open or closed)."""
+
+    def parse(text: str) -> float:
+        value = _number(float, text)
+        bad = value < low or (low_open and value == low)
+        if high is not None:
+            bad |= value > high or (high_open and value == high)
+        if bad:
+            left = "(" if low_open else "["
+            right = "" if high is None else (f", {high:g})" if high_open else f", {high:g}]")
+            rule = f"> {low:g}" if high is None and low_open else f">= {low:g}" if high is None \
+                else f"in {left}{low:g}{right}"
+            raise argparse.ArgumentTypeError(f"must be a number {rule}, got {text.strip()}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def non_empty(text: str) -> str:
+    """An argparse type: a path or name that is not empty or blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty value")
+    return text
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.I)
+
+
+def size(text: str) -> str:
+    """An argparse type: a size such as 5GB or 500MiB, as transformers' max_shard_size takes it."""
+    m = _SIZE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a size such as 5GB or 500MB, got {text!r}")
+    return text.strip()

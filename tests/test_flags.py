@@ -1,0 +1,73 @@
+"""Every numeric, path and name flag of every tool is checked before work starts.
+
+A table walks each flag with a value out of range, a value of the wrong type
+and an empty value: each is one ``error:`` line naming the flag, exit 2, no
+traceback, and nothing written. The tools are called in-process (their
+``main(argv)``), so the walk costs no interpreter starts.
+"""
+import importlib.util
+import os
+
+import pytest
+
+from common import REPO
+from polar_xtuner.flags import float_in, int_at_least, size
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+# tool -> (arguments that are otherwise valid, {flag: [out of range, wrong type]}); every flag is also tried empty
+TABLE = {
+    "build_dataset": (["SRC.jsonl", "-o", "OUT"], {
+        "--val-ratio": ["1", "x"], "--val-size": ["-1", "1.5"], "--seed": ["-3", "one"],
+        "--pairs-per-prompt": ["0", "2.0"], "--max-length": ["4", "1e3"], "--max-response-length": ["0", "?"],
+        "--max-packed-length": ["3", "big"], "--tokenizer": [], "-o": [],
+    }),
+    "make_rft_data": (["SRC.jsonl", "-o", "OUT.parquet"], {
+        "--data-source": [], "--ability": [], "--split": [], "-o": [],
+    }),
+    "make_demo_data": (["OUT"], {"--train": ["0", "many"], "--val": ["-1", "0.5"], "--seed": ["-1", "s"]}),
+    "make_tiny_model": (["OUT"], {"--seed": ["-1", "nan"]}),
+}
+CASES = [(tool, flag, value) for tool, (_, flags) in TABLE.items() for flag, values in flags.items()
+         for value in [*values, "", "  "]]
+
+
+@pytest.mark.parametrize("tool, flag, value", CASES, ids=[f"{t}{f}={v!r}" for t, f, v in CASES])
+def test_a_bad_flag_value_is_one_line_naming_the_flag(tool, flag, value, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative outputs land here, and there must be none
+    base, _ = TABLE[tool]
+    argv = list(base)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    with pytest.raises(SystemExit) as e:
+        _tool(tool)(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: argument {flag}") and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("parse, good, bad", [
+    (int_at_least(1), ["1", " 7 "], ["0", "-1", "1.0", "x", "", "1e3"]),
+    (int_at_least(0, 10), ["0", "10"], ["11", "-1"]),
+    (float_in(0, 1, high_open=True), ["0", "0.5", "0.999"], ["1", "-0.1", "nan", "inf", "x", ""]),
+    (float_in(0, low_open=True), ["1e-3", "600"], ["0", "-1", "nan", "-inf"]),
+    (size, ["5GB", "500MB", "1.5GiB"], ["5", "GB", "0GB", "-1GB", "", "5 PB"]),
+])
+def test_flag_types(parse, good, bad):
+    import argparse
+
+    for text in good:
+        parse(text)
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
