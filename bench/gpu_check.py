@@ -265,10 +265,7 @@ def _cfg_options(ctx: Context) -> list[str]:
             f"train_dataloader.dataset.data_files={ctx.data}",
             f"train_dataloader.dataset.reward_token_id={reward_token_id}",
             f"train_dataloader.dataset.cache_dir={ctx.path('data_cache')}",
-            "default_hooks.logger.interval=1",
-            # 3% warm-up of a short epoch rounds to 0 iterations, which mmengine refuses
-            # (ValueError: end should be larger than begin); a fifth of the epoch here
-            "param_scheduler.0.end=0.2", "param_scheduler.1.begin=0.2"]
+            "default_hooks.logger.interval=1"]
     if ctx.smoke:  # the tiny model's positions; rows of 2 x max_length as in the recipe
         opts += [f"train_dataloader.dataset.max_length={ctx.max_length}",
                  f"train_dataloader.dataset.max_response_length={ctx.max_length // 4}",

@@ -27,7 +27,7 @@ from mmengine.hooks import (
     LoggerHook,
     ParamSchedulerHook,
 )
-from mmengine.optim import AmpOptimWrapper, CosineAnnealingLR, LinearLR
+from mmengine.optim import AmpOptimWrapper
 from mmengine.visualization import TensorboardVisBackend, Visualizer
 from torch.optim import AdamW
 from transformers import AutoModel, AutoTokenizer
@@ -38,6 +38,7 @@ from xtuner.parallel.sequence import SequenceParallelSampler
 from polar_xtuner.dataset import build_polar_dataset, polar_collate_fn
 from polar_xtuner.hooks import PolarEvalHook
 from polar_xtuner.model import PolarRewardModel
+from polar_xtuner.schedulers import WarmupCosineAnnealingLR, WarmupLinearLR
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -157,7 +158,7 @@ optim_wrapper = dict(
 # Linear warm-up from ~0 over the first 3% of the epoch, then cosine to 0.1 x lr.
 param_scheduler = [
     dict(
-        type=LinearLR,
+        type=WarmupLinearLR,
         start_factor=lr * 0.1,
         by_epoch=True,
         begin=0,
@@ -165,7 +166,7 @@ param_scheduler = [
         convert_to_iter_based=True,
     ),
     dict(
-        type=CosineAnnealingLR,
+        type=WarmupCosineAnnealingLR,
         eta_min=lr * 0.1,
         by_epoch=True,
         begin=warmup_ratio * max_epochs,
