@@ -29,38 +29,137 @@ class Checkpoint:
     kind: str
 
 
+POINTER = "last_checkpoint"  # the file in which xtuner/mmengine name a work dir's latest checkpoint
+
+
 def resolve_checkpoint(path: str) -> Checkpoint:
-    """Find the checkpoint behind a .pth file, DeepSpeed dir or work dir."""
+    """Find the checkpoint behind a .pth file, DeepSpeed dir or work dir.
+
+    A work dir's ``last_checkpoint`` is read with :func:`checkpoint_in_work_dir`:
+    the checkpoint it names is looked up inside the work dir.
+
+    Raises:
+        CheckpointError: No checkpoint there, naming the path (or the pointer file).
+    """
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path}: no such file or directory")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, POINTER)) and not _is_deepspeed_dir(path):
+        return _checkpoint_at(checkpoint_in_work_dir(path))
+    return _checkpoint_at(path)
+
+
+def _is_deepspeed_dir(path: str) -> bool:
+    return any(n.endswith("model_states.pt") for n in os.listdir(path))
+
+
+def _checkpoint_at(path: str) -> Checkpoint:
+    """The checkpoint at ``path`` itself: a .pth file or a DeepSpeed directory (no pointer is followed)."""
     if os.path.isfile(path):
         if os.path.getsize(path) == 0:
             raise CheckpointError(f"checkpoint {path}: empty file")
         return Checkpoint(path, "pth")
-    last = os.path.join(path, "last_checkpoint")
-    if os.path.isfile(last):  # an xtuner/mmengine work dir
-        with open(last) as f:
-            target = f.read().strip()
-        if not os.path.isabs(target) and not os.path.exists(target):
-            target = os.path.join(path, os.path.basename(target))
-        if not os.path.exists(target):
-            raise CheckpointError(f"{last} names {target}, which does not exist")
-        return resolve_checkpoint(target)
-    names = os.listdir(path)
-    if any(n.endswith("model_states.pt") for n in names):
+    if _is_deepspeed_dir(path):
         return Checkpoint(path, "deepspeed")
-    if not names:
+    if not os.listdir(path):
         raise CheckpointError(f"checkpoint {path}: empty directory")
     raise CheckpointError(
         f"checkpoint {path}: neither a DeepSpeed checkpoint (no *model_states.pt) "
-        "nor a work dir (no last_checkpoint)"
+        f"nor a work dir (no {POINTER})"
     )
 
 
-def load_training_state_dict(ckpt: Checkpoint) -> dict:
-    """The training model's fp32 state dict (keys as in PolarRewardModel)."""
+def checkpoint_in_work_dir(work_dir: str) -> str:
+    """The checkpoint a work dir's ``last_checkpoint`` names, looked up by its file name inside the work dir.
+
+    xtuner writes the absolute path the run saved to, so a work dir that was
+    copied or moved names the original's checkpoint; the one inside the
+    directory given is what the user means (a line on stderr says so when the
+    two differ). The training scripts' ``--resume auto`` and the converter
+    both read the pointer here.
+
+    Raises:
+        CheckpointError: The pointer is unreadable or empty, names itself or the
+            directory, or names a checkpoint that is not inside the directory.
+    """
+    pointer = os.path.join(work_dir, POINTER)
+    fix = (f"write the path of one of its checkpoints (iter_N.pth) into {pointer}, or pass that checkpoint "
+           f"instead of the work dir")
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            named = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: cannot read it ({e}); {fix}") from None
+    if not named:
+        raise CheckpointError(f"{pointer} is empty; {fix}")
+    name = os.path.basename(named.rstrip("/" + os.sep))
+    inside = os.path.join(work_dir, name)
+    itself = {os.path.realpath(work_dir), os.path.realpath(pointer)}
+    if name in ("", ".", "..", POINTER) or itself & {
+            os.path.realpath(inside), os.path.realpath(named), os.path.realpath(os.path.join(work_dir, named))}:
+        raise CheckpointError(f"{pointer} names {named}, which is the pointer or the work dir itself, not a "
+                              f"checkpoint; {fix}")
+    if not os.path.exists(inside):
+        raise CheckpointError(f"{pointer} names {named}, which does not exist in {work_dir} (looked for {inside}); "
+                              f"{fix}")
+    if os.path.isabs(named) and os.path.realpath(named) != os.path.realpath(inside):
+        import sys
+
+        print(f"note: {pointer} names {named}; using {inside}, the checkpoint of that name in {work_dir} "
+              f"(a copied or moved work dir?)", file=sys.stderr)
+    return inside
+
+
+def damaged_checkpoint(path: str, reason: str) -> CheckpointError:
+    """The error for a checkpoint file that does not load, naming the file itself."""
+    return CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint, or truncated ({reason}); copy it again "
+                           f"from where it was saved, or convert an earlier checkpoint")
+
+
+def checkpoint_files(ckpt: Checkpoint) -> list[str]:
+    """The files a checkpoint is read from: the .pth, or DeepSpeed's model and optimizer states."""
+    import glob
+
+    if ckpt.kind == "pth":
+        return [ckpt.path]
+    return sorted(f for pattern in ("*model_states.pt", "*optim_states.pt")
+                  for f in glob.glob(os.path.join(ckpt.path, pattern)))
+
+
+def check_checkpoint_files(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint with a truncated or damaged file before reading it (cheap: no tensor is read).
+
+    Raises:
+        CheckpointError: naming the file.
+    """
+    from .hf_layout import file_damage
+
+    for path in checkpoint_files(ckpt):
+        reason = file_damage(path)
+        if reason:
+            raise damaged_checkpoint(path, reason)
+
+
+def _unreadable_file(ckpt: Checkpoint) -> tuple[str, str] | None:
+    """(file, why) for the first checkpoint file that does not unpickle, or None."""
     import torch
 
+    for path in checkpoint_files(ckpt):
+        try:
+            torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - whatever fails names the file
+            return path, f"{type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+def load_training_state_dict(ckpt: Checkpoint) -> dict:
+    """The training model's fp32 state dict (keys as in PolarRewardModel).
+
+    Raises:
+        CheckpointError: A file is truncated or damaged (named), or holds no state dict.
+    """
+    import torch
+
+    check_checkpoint_files(ckpt)
     if ckpt.kind == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -68,15 +167,17 @@ def load_training_state_dict(ckpt: Checkpoint) -> dict:
         try:
             lazy = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag, lazy_mode=True)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+            bad = _unreadable_file(ckpt)
+            if bad:
+                raise damaged_checkpoint(*bad) from None
             raise CheckpointError(f"checkpoint {ckpt.path}: cannot read the DeepSpeed states "
-                               f"({type(e).__name__}: {str(e)[:300]}); is a file truncated or missing?") from None
+                                  f"({type(e).__name__}: {str(e)[:300]}); is a file truncated or missing?") from None
         return _materialize(lazy, ckpt.path)
     try:
         # mmap: tensors stay on disk until they are assigned into the model.
         obj = torch.load(ckpt.path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"checkpoint {ckpt.path}: not a PyTorch checkpoint, or truncated "
-                           f"({type(e).__name__}: {str(e)[:300]})") from None
+        raise damaged_checkpoint(ckpt.path, f"{type(e).__name__}: {str(e)[:300]}") from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:

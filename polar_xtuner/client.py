@@ -15,28 +15,33 @@ lmdeploy   POST /pooling {"input"}                             ``data[i]["data"]
 vLLM (0.10 and later) applies a sigmoid to a reward model's pooled scores
 unless told otherwise, which squeezes POLAR's scores into (0, 1) and turns
 large margins into ties. Every vLLM request therefore asks for raw scores
-(``"use_activation": false``), and the first answer of each server is checked
-against a sigmoid probe: a server that ignores the request field and answers
-with scores in [0, 1] is refused rather than trusted.
+(``"use_activation": false``), and the first answer of each server is checked:
+scores outside [0, 1] are raw; scores all inside are asked again with the
+activation on, and a server that ignores the request field is refused rather
+than trusted. Answers are matched to texts by their ``index`` where the server
+gives one.
 
-Unlike POLAR's client, a failed request never turns into ``None``: requests
-time out, are retried a bounded number of times with backoff (on the next
-server when there are several), and then raise :class:`RemoteScoringError`
-with the last status and a snippet of the body. Several requests are kept in
-flight, spread over all the server addresses given.
+Unlike POLAR's client, a failed request never turns into ``None``: each
+request is bounded by a wall-clock deadline (connecting, sending, the first
+byte and the whole body, however slowly the server trickles it), retried a
+bounded number of times with backoff (on the next server when there are
+several), and then raises :class:`RemoteScoringError` with the last status and
+a snippet of the body. Several requests are kept in flight, spread over all
+the server addresses given.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import EXIT_VERIFY, PolarError
+from .errors import EXIT_USER, EXIT_VERIFY, PolarError
 from .constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 
 SERVER_TYPES = ("sglang", "vllm", "lmdeploy")
@@ -57,57 +62,120 @@ class RemoteScoringError(PolarError, RuntimeError):
     exit_code = EXIT_VERIFY
 
 
-def post_json(url: str, payload: dict, timeout: float) -> tuple[int, bytes]:
-    """POST JSON and return (status, body), all within ``timeout`` seconds.
+class TextTooLongError(RemoteScoringError):
+    """The server refused a text longer than its context limit: a length setting to fix. Exit 2.
 
-    ``requests``' timeout bounds each socket read, so a server that trickles
-    a byte a second would hold a request forever; here a watchdog shuts the
-    socket down at the deadline, whatever the server does.
+    Still a :class:`RemoteScoringError`, so the RL functions' fallback score
+    covers it like any other failed request.
+    """
+
+    exit_code = EXIT_USER
+
+
+# How servers word a refused over-long input (vLLM 0.8-0.32: "This model's maximum context length is 512
+# tokens. However, your prompt contains 600 input tokens, ..."; sglang: "... exceeds the maximum allowed
+# length (512 tokens)"), and where the limit is said.
+_TOO_LONG = re.compile(r"maximum context length|max_model_len|context length|maximum allowed length|"
+                       r"too long|exceeds? the max", re.I)
+_LIMIT = re.compile(r"maximum context length is (\d+)|max_model_len\W{0,3}(\d+)|maximum allowed length\D{0,3}(\d+)",
+                    re.I)
+
+
+def _snippet(text: str, n: int = 200) -> str:
+    """The start of a server's answer for an error message, on one line."""
+    return " ".join(text[:n].split())
+
+
+def too_long_error(endpoint: str, status: int, text: str) -> TextTooLongError | None:
+    """The error for a server's refusal of an over-long text (None when the refusal is something else)."""
+    if status not in (400, 413, 422) or not _TOO_LONG.search(text):
+        return None
+    m = _LIMIT.search(text)
+    limit = next((g for g in m.groups() if g), None) if m else None
+    said = f" of {limit} tokens" if limit else ""
+    return TextTooLongError(
+        f"{endpoint} refused a text longer than its limit{said} (HTTP {status}: {_snippet(text, 300)}); score with "
+        f"--max-length {limit or 'N'} (or less) so texts are cut to fit, or serve with a longer limit "
+        f"(vLLM --max-model-len); the RL functions take the lengths of the model's polar_encoding.json")
+
+
+def http_request(method: str, url: str, body: bytes | None = None, timeout: float = 60.0,
+                 headers: dict | None = None) -> tuple[int, bytes]:
+    """One HTTP request, answered whole within ``timeout`` seconds of wall-clock time, or an error.
+
+    The deadline covers everything: resolving and connecting, sending, the
+    first byte and the whole body. A socket timeout alone bounds each read,
+    so a server that sends a byte every half second would hold a request for
+    ever; and ``http.client`` forgets its socket (``conn.sock = None``) as
+    soon as a response will close the connection (HTTP/1.0, ``Connection:
+    close``), so a watchdog that shuts ``conn.sock`` finds nothing to shut.
+    Here the request runs in a worker thread that hands over its own
+    reference to the socket, and the caller waits at most ``timeout``: at the
+    deadline it shuts the socket (the worker's blocked read returns) and
+    raises, whatever the worker is doing, even resolving a name.
 
     Raises:
-        TimeoutError: The deadline passed.
-        OSError: The connection failed.
+        TimeoutError: No complete answer by the deadline.
+        OSError: The connection failed, or the answer was cut short or malformed.
     """
     import http.client
     import socket
     from urllib.parse import urlsplit
 
-    deadline = time.monotonic() + timeout
     u = urlsplit(url)
     cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-    conn = cls(u.hostname, u.port, timeout=timeout)
-    expired = threading.Event()
+    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    state: dict = {}
+    lock = threading.Lock()
+    done = threading.Event()
 
-    def expire():
-        expired.set()
-        sock = conn.sock
+    def work():
+        conn = cls(u.hostname, u.port, timeout=timeout)
+        res = None
+        try:
+            conn.connect()
+            with lock:
+                if state.get("expired"):
+                    return
+                state["sock"] = conn.sock  # ours: http.client drops conn.sock when a response closes the connection
+            conn.request(method, path, body=body, headers=headers or {})
+            res = conn.getresponse()
+            state["result"] = (res.status, res.read())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            state["error"] = e
+        finally:
+            if res is not None:
+                res.close()
+            conn.close()
+            done.set()
+
+    threading.Thread(target=work, name="polar-http", daemon=True).start()
+    if not done.wait(timeout):
+        with lock:
+            state["expired"] = True
+            sock = state.get("sock")
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
+            try:  # the plain socket's shutdown, also under TLS: it wakes the worker's read
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
-
-    watchdog = threading.Timer(timeout, expire)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        body = json.dumps(payload).encode()
-        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-        res = conn.getresponse()
-        data = res.read()
-        if expired.is_set() or time.monotonic() > deadline:
-            raise TimeoutError(f"no complete answer within {timeout:g} s")
-        return res.status, data
-    except (OSError, http.client.HTTPException) as e:
-        if expired.is_set():
-            raise TimeoutError(f"no complete answer within {timeout:g} s") from None
-        if isinstance(e, OSError):
-            raise
+        raise TimeoutError(f"no complete answer within {timeout:g} s")
+    if "result" in state:
+        return state["result"]
+    e = state["error"]
+    if isinstance(e, http.client.HTTPException):  # IncompleteRead (a body cut short), BadStatusLine, ...
         raise OSError(f"{type(e).__name__}: {e}") from None
-    finally:
-        watchdog.cancel()
-        conn.close()
+    raise e  # an OSError; anything else is a bug and keeps its traceback
+
+
+def post_json(url: str, payload: dict, timeout: float) -> tuple[int, bytes]:
+    """POST JSON and return (status, body), all within ``timeout`` seconds (see :func:`http_request`).
+
+    Raises:
+        TimeoutError: The deadline passed.
+        OSError: The connection failed or the answer was cut short.
+    """
+    return http_request("POST", url, json.dumps(payload).encode(), timeout, {"Content-Type": "application/json"})
 
 
 class BadScoreError(RemoteScoringError):
@@ -145,25 +213,54 @@ def _last_token_score(data):
     return data[-1][0]
 
 
-def parse_scores(server_type: str, body, n: int) -> list[float]:
-    """Read n scores from a server's JSON body.
+def _in_request_order(server_type: str, entries: list, n: int) -> list:
+    """A response's entries in the order of the request's texts, by their ``index`` where given.
+
+    vLLM and lmdeploy number each answer (``data[i]["index"]``); nothing
+    promises that the list comes in the request's order. Entries without
+    any index are taken in order.
 
     Raises:
-        RemoteScoringError: The body does not have the backend's shape, or a
-            score is not a finite number.
+        RemoteScoringError: Some entries have an index and some do not, or the
+            indices are not each of 0..n-1 once.
     """
+    indices = [e.get("index") if isinstance(e, dict) else None for e in entries]
+    if all(i is None for i in indices):
+        return entries
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in indices) and sorted(indices) == list(range(n)):
+        ordered = [None] * n
+        for i, e in zip(indices, entries):
+            ordered[i] = e
+        return ordered
+    shown = ", ".join(map(repr, indices[:20])) + (", ..." if len(indices) > 20 else "")
+    raise RemoteScoringError(f"{server_type} answered with indices [{shown}] for {n} texts, not each of "
+                             f"0..{n - 1} once; its scores cannot be matched to the texts")
+
+
+def parse_scores(server_type: str, body, n: int) -> list[float]:
+    """Read n scores from a server's JSON body, in the request's order.
+
+    Raises:
+        RemoteScoringError: The body does not have the backend's shape, its
+            indices do not match the request, or a score is not a finite number.
+    """
+    if server_type not in SERVER_TYPES:
+        raise RemoteScoringError(f"unknown server type {server_type!r}")
     try:
+        entries = body if server_type == "sglang" else body["data"]
+        if not isinstance(entries, list):
+            raise TypeError(f"expected a list of answers, got {type(entries).__name__}")
+        if len(entries) == n:
+            entries = _in_request_order(server_type, entries, n)
         if server_type == "sglang":
-            raw = [e["embedding"][0] for e in body]
+            raw = [e["embedding"][0] for e in entries]
         elif server_type == "vllm":
-            raw = [_last_token_score(e["data"]) for e in body["data"]]
-        elif server_type == "lmdeploy":
-            raw = [e["data"] for e in body["data"]]
+            raw = [_last_token_score(e["data"]) for e in entries]
         else:
-            raise RemoteScoringError(f"unknown server type {server_type!r}")
+            raw = [e["data"] for e in entries]
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise RemoteScoringError(
-            f"{server_type} answered in an unexpected shape ({type(e).__name__}: {e}): {str(body)[:200]}"
+            f"{server_type} answered in an unexpected shape ({type(e).__name__}: {e}): {_snippet(str(body))}"
         ) from None
     if len(raw) != n:
         raise RemoteScoringError(f"{server_type} returned {len(raw)} scores for {n} texts")
@@ -195,6 +292,19 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
+# bf16 keeps 8 significant bits (a relative step of 4e-3), and one text's score
+# moves with the batch it is computed in: relations between two answers hold
+# within this relative tolerance, not to the last bit.
+SIGMOID_RTOL = 1e-2
+
+
+def _is_sigmoid_of(p: float, r: float, rtol: float = SIGMOID_RTOL) -> bool:
+    """Whether p is sigmoid(r), compared as logits (a sigmoid near 0 or 1 hides r's digits)."""
+    if 0.0 < p < 1.0:
+        return abs(math.log(p) - math.log1p(-p) - r) <= rtol * max(1.0, abs(r))
+    return abs(p - _sigmoid(r)) <= rtol  # saturated at 0 or 1 in the server's precision
+
+
 @dataclass
 class RemoteScorer:
     """Scores texts on one or several POLAR servers.
@@ -204,8 +314,10 @@ class RemoteScorer:
         address: "host:port", several comma-separated, or a list of them
             (full http:// URLs work too). Batches are spread over all.
         model_name: The served model's name (sglang's "model" field).
-        timeout: Seconds a request may take in all (connect, wait, read).
-        max_retries: Attempts per batch before giving up.
+        timeout: Seconds a request may take in all, wall clock: connecting,
+            sending, the first byte and the whole body.
+        max_retries: Attempts per batch before giving up; a batch fails
+            within :attr:`batch_deadline_s`.
         backoff: Seconds before the first retry, doubled after each.
         batch_size: The most texts per request.
         batch_tokens: The most tokens per request; a longer text goes alone.
@@ -254,27 +366,45 @@ class RemoteScorer:
                     "embed_dtype": "float32", "endianness": "little"}
         return {"input": texts}
 
+    @property
+    def batch_deadline_s(self) -> float:
+        """The longest one batch can take before it fails: ``timeout`` per attempt plus the backoff between.
+
+        ``timeout * max_retries + backoff * (2 ** (max_retries - 1) - 1)``;
+        a vLLM server's first batch may add one more ``timeout`` for the
+        sigmoid probe (:meth:`_check_raw`), which is asked only when the
+        scores alone cannot tell.
+        """
+        return self.timeout * self.max_retries + self.backoff * (2 ** (self.max_retries - 1) - 1)
+
     def _request(self, endpoint: str, payload: dict, n: int):
         """One POST; returns scores, or a retryable error text. Raises on a final error."""
         try:
             status, raw = post_json(endpoint, payload, self.timeout)
-        except OSError as e:  # TimeoutError and connection failures: worth retrying
+        except OSError as e:  # TimeoutError, connection failures, a body cut short: worth retrying
             return None, f"{type(e).__name__}: {e}"
         text = raw.decode("utf-8", "replace")
         if status >= 500 or status == 429:  # worth retrying
-            return None, f"HTTP {status}: {text[:200]}"
+            return None, f"HTTP {status}: {_snippet(text)}"
         if status != 200:
-            raise RemoteScoringError(f"{endpoint} answered HTTP {status}: {text[:200]}")
+            raise too_long_error(endpoint, status, text) or RemoteScoringError(
+                f"{endpoint} answered HTTP {status}: {_snippet(text)}")
+        if not text.strip():  # as a connection cut before the body: worth retrying
+            return None, f"HTTP {status} with an empty body"
         try:
             # NaN/Infinity literals parse here and are refused as scores by parse_scores
             body = json.loads(text)
         except ValueError:
-            raise RemoteScoringError(f"{endpoint} answered non-JSON: {text[:200]}") from None
+            raise RemoteScoringError(f"{endpoint} answered non-JSON: {_snippet(text)}") from None
         return parse_scores(self.server_type, body, n), None
 
     def _post(self, texts: list[str], first: int = 0) -> list[float]:
-        """Score one batch, starting on server ``first`` and moving on when one fails."""
+        """Score one batch, starting on server ``first`` and moving on when one fails.
+
+        Gives up within :attr:`batch_deadline_s` (plus the probe's timeout).
+        """
         last = "no attempt"
+        start = time.monotonic()
         for attempt in range(self.max_retries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
@@ -284,15 +414,20 @@ class RemoteScorer:
                 self._check_raw(endpoint, texts, scores)
                 return scores
             last = f"{endpoint}: {last}"
-        raise RemoteScoringError(f"scoring failed after {self.max_retries} attempt(s); last error: {last}")
+        raise RemoteScoringError(
+            f"scoring failed after {self.max_retries} attempt(s) in {time.monotonic() - start:.1f} s (--timeout "
+            f"{self.timeout:g} s each, at most {self.batch_deadline_s:g} s with the backoff); last error: {last}")
 
     def _check_raw(self, endpoint: str, texts: list[str], raw: list[float]) -> None:
         """Once per vLLM server: make sure the scores we got are not sigmoids.
 
-        The same texts are asked again with the activation on. A server that
-        honours the field answers sigmoid(raw); one that ignores it answers
-        the same numbers twice, and then scores all inside [0, 1] are taken
-        to be sigmoids we cannot undo.
+        Decided by the values, within what bf16 serving gives (scores of one
+        text drift by 1e-4 and more between batches): a score outside [0, 1]
+        is no sigmoid's, so the answers are raw. When all lie inside [0, 1]
+        the first texts are asked again with the activation on: a server that
+        honours the field answers sigmoid(raw) (within ``SIGMOID_RTOL``, as
+        logits); one that ignores it answers the same numbers again, and
+        scores that may be sigmoids we cannot undo are refused.
         """
         if self.server_type != "vllm":
             return
@@ -300,16 +435,14 @@ class RemoteScorer:
             if endpoint in self._checked:
                 return
             self._checked.add(endpoint)
+        if any(not 0.0 <= r <= 1.0 for r in raw):
+            return
         probe_texts = texts[:PROBE_TEXTS]
         probe, err = self._request(endpoint, self._payload(probe_texts, raw=False), len(probe_texts))
         if probe is None:
             raise RemoteScoringError(f"{endpoint}: the activation check failed: {err}")
-        honoured = all(abs(p - _sigmoid(r)) <= 1e-2 * max(1.0, abs(p)) for p, r in zip(probe, raw))
-        ignored = all(abs(p - r) <= 1e-6 * max(1.0, abs(r)) for p, r in zip(probe, raw))
-        if honoured and not ignored:
-            return
-        if ignored and any(not 0.0 <= r <= 1.0 for r in raw[:len(probe)]):
-            return  # no activation either way: these are raw scores
+        if all(_is_sigmoid_of(p, r) for p, r in zip(probe, raw)):
+            return  # the activation comes only when asked for: these are raw scores
         raise RemoteScoringError(
             f"{endpoint} does not give raw scores (its answers look like sigmoid outputs and it ignores "
             f"'use_activation': false); start vLLM with --pooler-config '{{\"use_activation\": false}}' "
@@ -375,18 +508,16 @@ class RemoteScorer:
         """
         if self.server_type != "vllm":
             return None
-        import requests
-
         try:
-            res = requests.get(self.urls[0] + "/server_info", params={"config_format": "json"},
-                               timeout=self.timeout)
-            if res.status_code != 200:
+            status, body = http_request("GET", self.urls[0] + "/server_info?config_format=json",
+                                        timeout=self.timeout)
+            if status != 200:
                 return None
-            info = res.json()
+            info = json.loads(body)
             if isinstance(info.get("vllm_config"), str):  # older servers send it as text
                 return None
             dtype = info["vllm_config"]["model_config"]["dtype"]
-        except (requests.RequestException, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         return str(dtype).replace("torch.", "")
 

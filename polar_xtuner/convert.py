@@ -22,8 +22,13 @@ weight cast to the output dtype, and the scores of a few pairs must stay within
 the dtype's tolerance of the trained weights' scores (the largest difference
 is printed).
 
-Exit codes: 0 success, 2 bad input (paths, config, checkpoint), 3 the
-verification failed.
+CHECKPOINT as a work dir: the checkpoint its ``last_checkpoint`` names is
+looked up by name inside the work dir (a copied work dir converts its own
+checkpoint). A truncated checkpoint, base-model or written file is named.
+
+Exit codes: 0 success, 2 bad input (paths, config, checkpoint, a truncated
+file), 3 the verification failed, 130/143 interrupted (SIGINT/SIGTERM; OUT_DIR
+left as it was).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from .checkpoint import (  # noqa: F401 - re-exported: the converter's public na
     training_dtype_name,
 )
 from .errors import VerificationError, cli, entry_point
-from .outputs import atomic_dir, check_writable_dir, refuse_overlap
+from .outputs import atomic_dir, check_writable_dir, output_target, refuse_overlap
 from .precision import HF_NAMES as DTYPES  # short name -> HF config name
 from .precision import to_dtype
 
@@ -165,6 +170,10 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad config
         raise ConvertError(f"config {config_path}: cannot read it ({e})") from None
     ckpt = resolve_checkpoint(checkpoint)
+    if os.path.isdir(str(model_dir)):  # its config and tokenizer are read (a LoRA's weights too): named if cut short
+        from .hf_layout import check_files_whole
+
+        check_files_whole(model_dir, "the config's model", "copy or download the base model again", weights=False)
     inputs = [("CONFIG", config_path), ("CHECKPOINT", checkpoint)]
     if os.path.isdir(str(model_dir)):
         inputs.append(("the config's model", model_dir))
@@ -200,7 +209,12 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     gc.collect()
     model.eval()
 
-    tokenizer = BUILDER.build(cfg.tokenizer)
+    try:
+        tokenizer = BUILDER.build(cfg.tokenizer)
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer file fails in many ways
+        from .hf_layout import load_failure
+
+        raise load_failure(str(model_dir), "tokenizer", e, "the config's model") from None
     settings = training_encoding(cfg, model.config.reward_token_id)
     enc_kwargs = dict(max_length=settings.max_length, max_response_length=settings.max_response_length)
     records = verify_records(cfg) if verify else []
@@ -245,7 +259,7 @@ def check_free_space(out_dir: str, model, torch_dtype) -> None:
 
     need = sum(p.numel() for p in model.state_dict().values()) * torch.finfo(torch_dtype).bits // 8
     need = int(need * 1.05) + (64 << 20)
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    parent = os.path.dirname(output_target(out_dir))  # through a symlinked OUT_DIR
     free = shutil.disk_usage(parent).free
     if free < need:
         raise ConvertError(f"OUT_DIR {out_dir}: no space left on the device for the model (needs about "

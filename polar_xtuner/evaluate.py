@@ -44,17 +44,21 @@ def load_model(path: str, device: str | None = None, dtype: torch.dtype | None =
         (model, tokenizer)
 
     Raises:
-        UserError: The directory holds code we did not ship and trust_remote_code is off.
+        UserError: The directory holds code we did not ship and trust_remote_code is off;
+            a piece is missing, or a file (named) is truncated; it is a training work dir.
     """
     from transformers import AutoTokenizer
 
     from .errors import UserError
-    from .hf_layout import check_model_dir, load_failure, remote_code_allowed
+    from .hf_layout import check_files_whole, check_model_dir, load_failure, remote_code_allowed
 
     device = device or default_device()
     if dtype is None:
         dtype = eval_dtype(device)
-    check_model_dir(path)
+    check_model_dir(path)  # every file too: a truncated one is named before loading
+    base = _adapter_base(path)
+    if base and os.path.isdir(base):  # an adapter directory's local base model: its weights load too
+        check_files_whole(base, f"{path}'s base model", "copy the base model again")
     trust = remote_code_allowed(path, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
@@ -68,6 +72,17 @@ def load_model(path: str, device: str | None = None, dtype: torch.dtype | None =
         if isinstance(e, MemoryError):
             raise
         raise load_failure(path, "model", e) from None
+
+
+def _adapter_base(path: str) -> str | None:
+    """An adapter directory's ``base_model_name_or_path`` (None for a full model or when unreadable)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            return json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_weights(path, device, dtype, trust, trust_remote_code):

@@ -34,10 +34,30 @@ TRUST_FLAG = "--trust-remote-code"
 
 
 def modeling_code_dir() -> str:
-    """The directory of the InternLM2 reward-model code this project ships (from xtuner)."""
-    from xtuner.tools.model_converters import modeling_internlm2_reward
+    """The directory of the InternLM2 reward-model code this project ships (from xtuner).
 
-    return os.path.dirname(modeling_internlm2_reward.__file__)
+    Found without importing xtuner, so that serving (tools/serve.sh, run by
+    any python3 with the engine) checks a model's code without xtuner and
+    its torch: this interpreter's xtuner, else the training venv's beside the
+    package (``.venv``).
+
+    Raises:
+        UserError: Neither has xtuner; the line says what is missing.
+    """
+    import importlib.util
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.find_spec("xtuner")  # a top-level spec: xtuner itself is not imported
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    roots += sorted(glob.glob(os.path.join(repo, ".venv", "lib", "python3*", "site-packages", "xtuner")))
+    for root in roots:
+        src = os.path.join(root, "tools", "model_converters", "modeling_internlm2_reward")
+        if all(os.path.isfile(os.path.join(src, n)) for n in CODE_FILES):
+            return src
+    raise UserError(f"cannot check a model directory's Python code: the InternLM2 code it is checked against "
+                    f"comes with xtuner, which is installed neither for {sys.executable} nor in {repo}/.venv; "
+                    f"run `make setup` (or install xtuner), or pass {TRUST_FLAG} to run the directory's code unchecked")
 
 
 def copy_remote_code(out_dir: str) -> None:
@@ -140,8 +160,12 @@ def check_model_dir(path: str, flag: str = "--model", weights: bool = True) -> N
     PyTorch, or an index of shards whose every shard exists).
 
     Raises:
-        UserError: naming the directory and what is missing.
+        UserError: naming the directory and what is missing, or the weight
+            file that is truncated; a training work dir, with what to do.
     """
+    problem = training_run_problem(path, f"{flag} {path}")
+    if problem:
+        raise UserError(problem)
     if not os.path.isdir(path):
         raise UserError(f"{flag} {path}: no such directory")
     have = set(os.listdir(path))
@@ -173,9 +197,129 @@ def check_model_dir(path: str, flag: str = "--model", weights: bool = True) -> N
     if missing:
         raise UserError(f"{flag} {path}: incomplete model directory, missing {', '.join(missing)}; convert it "
                         f"again with tools/convert.sh (which writes a directory whole or not at all)")
+    check_files_whole(path, flag, weights=weights)
 
 
 def load_failure(path: str, what: str, e: Exception, flag: str = "--model") -> UserError:
     """One line for a model directory whose files are present but do not load."""
     return UserError(f"{flag} {path}: its {what} does not load ({type(e).__name__}: {str(e)[:300]}); a file is "
                      f"damaged or truncated: convert it again")
+
+
+def training_run_problem(path: str, label: str) -> str | None:
+    """The line refusing a training work dir or checkpoint where a converted model is needed; None otherwise.
+
+    Transformers' own error for such a directory is 500 characters about the
+    hub, and the code check would advise ``--trust-remote-code`` for the
+    config copy xtuner keeps there; neither says that the run must be
+    converted first.
+
+    Args:
+        path: What the user gave.
+        label: How the user gave it (``"--tokenizer PATH"``, ``"POLAR_MODEL=PATH"``).
+    """
+    if os.path.isfile(path) and path.endswith((".pth", ".pt")):
+        found = "a training checkpoint file"
+    elif os.path.isdir(path):
+        names = set(os.listdir(path))
+        if {"config.json", "adapter_config.json"} & names:
+            return None
+        if "last_checkpoint" in names or any(n.startswith("iter_") and n.endswith(".pth") for n in names):
+            found = "a training work dir (it has last_checkpoint / iter_*.pth)"
+        elif any(n.endswith("model_states.pt") for n in names):
+            found = "a DeepSpeed training checkpoint (it has *model_states.pt)"
+        else:
+            return None
+    else:
+        return None
+    return (f"{label} is {found}, not a model directory; convert it first with tools/convert.sh "
+            f"(bash tools/convert.sh CONFIG {path} OUT_DIR) and use OUT_DIR")
+
+
+JSON_FILES = ("config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def weight_files(path: str) -> list[str]:
+    """The weight files of a model or adapter directory (safetensors, or PyTorch .bin), sorted."""
+    return sorted(os.path.join(path, n) for n in os.listdir(path)
+                  if n.endswith(".safetensors") or (n.endswith(".bin") and n.startswith(("pytorch_model",
+                                                                                          "adapter_model"))))
+
+
+def check_files_whole(path: str, flag: str = "--model", fix: str = "convert it again with tools/convert.sh",
+                      weights: bool = True) -> None:
+    """Refuse a model directory with a file cut short, naming that file (no tensor is read).
+
+    Checked: the JSON files (config, tokenizer, index) parse, and each weight
+    file's layout fits its size (:func:`file_damage`).
+
+    Raises:
+        UserError: ``<flag> <dir>: <file> is truncated or damaged (<why>); <fix>``.
+    """
+    for name in JSON_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    json.load(f)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{flag} {path}: {file} is truncated or damaged (not JSON: {str(e)[:120]}); "
+                                f"{fix}") from None
+    for file in weight_files(path) if weights else []:
+        reason = file_damage(file)
+        if reason:
+            raise UserError(f"{flag} {path}: {file} is truncated or damaged ({reason}); {fix}")
+
+
+def file_damage(path: str) -> str | None:
+    """Why a weight or checkpoint file cannot be whole, or None when its layout holds together.
+
+    Cheap: a safetensors header, or the zip directory of a ``torch.save``
+    file, is checked against the file's size; no tensor is read. A file cut
+    short (a copy or a save that did not finish) is always caught; damage
+    inside the data is left to the loader.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "an empty file"
+        with open(path, "rb") as f:
+            if path.endswith(".safetensors"):
+                return _safetensors_damage(f, size)
+            return _torch_file_damage(f, size)
+    except OSError as e:
+        return f"cannot read it: {e.strerror}"
+
+
+def _safetensors_damage(f, size: int) -> str | None:
+    if size < 8:
+        return f"{size} bytes, less than a safetensors header"
+    n = int.from_bytes(f.read(8), "little")
+    if n > size - 8:
+        return f"its header claims {n} bytes, the file holds {size - 8} after the length: it is cut short"
+    try:
+        header = json.loads(f.read(n))
+        need = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return "its header is not safetensors metadata"
+    data = size - 8 - n
+    if need > data:
+        return f"its tensors need {need} bytes of data, the file holds {data}: it is cut short"
+    return None
+
+
+def _torch_file_damage(f, size: int) -> str | None:
+    import zipfile
+
+    if f.read(4) != b"PK\x03\x04":
+        return None  # torch's legacy (pre-1.6) format: only loading it can tell
+    try:
+        with zipfile.ZipFile(f) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError):
+        return "its zip directory, at the end of the file, is missing or damaged: it is cut short"
+    for info in infos:
+        if info.header_offset + info.compress_size > size:
+            return f"its record {info.filename} ends past the end of the file: it is cut short"
+    return None

@@ -7,9 +7,10 @@ environment variables. Four things differ:
 
 * the launchers run it directly, so a failed run exits non-zero (``xtuner
   train`` drops its child's exit code and always exits 0);
-* ``--resume auto`` resumes from the work dir's ``last_checkpoint`` (or starts
-  from scratch, saying so, when there is none); xtuner 0.2.0 would look for a
-  file named "auto";
+* ``--resume auto`` resumes from the checkpoint the work dir's
+  ``last_checkpoint`` names, looked up inside the work dir as the converter
+  does (or starts from scratch, saying so, when there is none); xtuner 0.2.0
+  would look for a file named "auto";
 * when resuming, checkpoints are unpickled with ``weights_only=False``
   (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``): xtuner reads the seed back with
   torch's defaults, which refuse mmengine checkpoints since torch 2.6. Only
@@ -192,15 +193,16 @@ def resolve_resume(config: str, args: list[str]) -> tuple[list[str], bool]:
         if not os.path.exists(value):
             raise LaunchError(f"--resume {value}: no such checkpoint")
         return args, True
+    from .checkpoint import POINTER, CheckpointError, checkpoint_in_work_dir
+
     work_dir = work_dir_of(config, args)
-    marker = os.path.join(work_dir, "last_checkpoint")
-    if not os.path.isfile(marker):
+    if not os.path.isfile(os.path.join(work_dir, POINTER)):
         print(f"--resume auto: no checkpoint in {work_dir}; starting from scratch", file=sys.stderr)
         return args[:i] + args[i + width:], False
-    with open(marker) as f:
-        path = f.read().strip()
-    if not os.path.exists(path):
-        raise LaunchError(f"{marker} names {path}, which does not exist")
+    try:  # the converter's rule: the checkpoint of that name inside this work dir
+        path = checkpoint_in_work_dir(work_dir)
+    except CheckpointError as e:
+        raise LaunchError(f"--resume auto: {e}") from None
     print(f"--resume auto: resuming from {path}", file=sys.stderr)
     return args[:i] + ["--resume", path] + args[i + width:], True
 

@@ -18,6 +18,8 @@ RewardModel dropped it from LoRA checkpoints).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -101,13 +103,29 @@ def _load_adapters(peft_model, adapters: dict, prefix: str = "") -> None:
 
 
 def load_base(model_dir: str, dtype=torch.float32):
-    """The config's base reward model, with its weights (the adapters apply on top)."""
+    """The config's base reward model, with its weights (the adapters apply on top).
+
+    Raises:
+        UserError: A weight file of a local base model is truncated (named),
+            or the weights do not load.
+    """
     from transformers import AutoModel
 
     from .evaluate import SCORING_ATTENTION
+    from .hf_layout import check_files_whole, load_failure
 
-    return AutoModel.from_pretrained(model_dir, trust_remote_code=True, torch_dtype=dtype,
-                                     attn_implementation=SCORING_ATTENTION).eval()
+    flag = "the config's model"
+    if os.path.isdir(model_dir):
+        check_files_whole(model_dir, flag, "copy or download the base model again")
+    try:
+        return AutoModel.from_pretrained(model_dir, trust_remote_code=True, torch_dtype=dtype,
+                                         attn_implementation=SCORING_ATTENTION).eval()
+    except OSError:
+        raise  # a missing file or hub name: the converter says which model
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+        if isinstance(e, MemoryError):
+            raise
+        raise load_failure(model_dir, "model", e, flag) from None
 
 
 def adapted_model(cfg, model_dir: str, state_dict: dict):

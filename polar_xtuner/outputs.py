@@ -10,6 +10,19 @@ Every tool writes through these helpers:
   rename it into place only when complete, so an interrupted or failed run
   leaves the previous output as it was and nothing complete-looking behind;
 * :func:`write_json` writes strict JSON (no bare NaN or Infinity).
+
+Rules every writer follows:
+
+* the folder an output goes into must exist (a missing one is refused in one
+  line naming it, exit 2): a mistyped path never creates a tree of folders;
+* an output path that is a symbolic link is written through: the file or
+  directory it points to is replaced atomically and the link is kept;
+* what is written has the modes the user's umask gives new files, even where
+  a writer made it through a private temporary file (safetensors writes
+  0600 files);
+* inside :func:`polar_xtuner.errors.run` (every tool), an output replaced
+  during the run is kept aside until the run ends, and put back when a
+  SIGINT or SIGTERM ends it (:class:`Transaction`).
 """
 
 from __future__ import annotations
@@ -20,10 +33,11 @@ import errno
 import json
 import os
 import shutil
+import stat
 import uuid
 from typing import Iterable, Iterator, Mapping, Union
 
-from .errors import UserError
+from .errors import UserError, deferred_signals, raise_if_interrupted
 
 Pairs = Union[Mapping[str, Union[str, None]], Iterable[tuple]]
 
@@ -75,31 +89,49 @@ def _pairs(items: Pairs) -> list[tuple]:
 
 
 def check_writable(path: str, flag: str) -> None:
-    """Make sure a file can be created beside ``path`` (its parent is created if needed).
+    """Make sure a file can be created at ``path``: its folder exists and takes a file.
 
     Raises:
-        UserError: The parent cannot be created or written (read-only, no
+        UserError: The folder is missing or cannot be written (read-only, no
             permission, no space), or ``path`` is a directory.
     """
     if os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a directory, expected a file path")
-    _probe_dir(os.path.dirname(os.path.abspath(path)), flag, path)
+    _probe_dir(os.path.dirname(output_target(path)), flag, path)
 
 
 def check_writable_dir(path: str, flag: str) -> None:
     """Make sure the directory ``path`` can be created, or replaced, by :func:`atomic_dir`.
 
     Raises:
-        UserError: Its parent cannot be written, or ``path`` is a file.
+        UserError: Its parent is missing or cannot be written, or ``path`` is a file.
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a file, expected a directory")
-    _probe_dir(os.path.dirname(_real(path)), flag, path)
+    _probe_dir(os.path.dirname(output_target(path)), flag, path)
+
+
+def output_target(path: str) -> str:
+    """The absolute path an output at ``path`` is written to: a symbolic link's target, else ``path``."""
+    path = os.path.abspath(path)
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def require_parent(path: str, flag: str | None = None) -> None:
+    """Refuse an output whose folder does not exist (folders are not created on the way).
+
+    Raises:
+        UserError: naming the missing folder.
+    """
+    parent = os.path.dirname(output_target(path))
+    if not os.path.isdir(parent):
+        what = f"{flag} {path}" if flag else path
+        raise UserError(f"{what}: the folder {parent} does not exist; create it first, or write elsewhere")
 
 
 def _probe_dir(parent: str, flag: str, path: str) -> None:
+    require_parent(path, flag)
     try:
-        os.makedirs(parent, exist_ok=True)
         probe = os.path.join(parent, f".{_TMP}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         with open(probe, "wb") as f:
             f.write(b"\0")  # a full disk shows up here, not after hours of work
@@ -108,25 +140,35 @@ def _probe_dir(parent: str, flag: str, path: str) -> None:
         raise UserError(f"{flag} {path}: not writable ({e.strerror}: {parent}); choose a writable path") from None
 
 
-def _tmp_sibling(path: str, keep_ext: bool = True) -> str:
+def _tmp_sibling(path: str, keep_ext: bool = True, marker: str = _TMP) -> str:
     parent, name = os.path.split(os.path.abspath(path))
     stem, ext = os.path.splitext(name) if keep_ext else (name, "")
     # The extension stays last: matplotlib picks a plot's format from it.
-    return os.path.join(parent, f".{stem}{_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
+    return os.path.join(parent, f".{stem}{marker}{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}")
 
 
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[str]:
-    """Yield a temporary sibling path to write; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary sibling path to write; it replaces ``path`` only if the block succeeds.
+
+    A symbolic link at ``path`` is written through (its target is replaced).
+
+    Raises:
+        UserError: The folder of ``path`` does not exist.
+    """
+    require_parent(path)
+    path = output_target(path)
     remove_stale_temps(path)
     tmp = _tmp_sibling(path)
     try:
         yield tmp
+        _apply_umask(tmp)
         _fsync(tmp)
-        os.replace(tmp, path)
+        _swap_in(tmp, path, is_dir=False)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with deferred_signals():  # cleaning up is not cut short by a second signal
+            if os.path.lexists(tmp):
+                remove_path(tmp)
 
 
 def write_json(path: str, obj, indent: int = 2) -> None:
@@ -171,19 +213,20 @@ def _exchange(a: str, b: str) -> bool:
 def remove_stale_temps(path: str) -> None:
     """Remove temporary siblings that killed runs left beside ``path`` (their process is gone)."""
     parent, name = os.path.split(os.path.abspath(path))
-    stem = os.path.splitext(name)[0]
     try:
         entries = os.listdir(parent)
     except OSError:
         return
+    # Files keep their extension last (.r.tmp-PID-x.json), directories keep their whole name.
+    prefixes = {f".{stem}{marker}" for stem in {os.path.splitext(name)[0], name} for marker in (_TMP, _OLD)}
     for entry in entries:
-        for marker in (_TMP, _OLD):
-            prefix = f".{stem}{marker}"
+        for prefix in prefixes:
             if not entry.startswith(prefix):
                 continue
             pid = entry[len(prefix):].split("-", 1)[0]
             if pid.isdigit() and not pid_alive(int(pid)):
                 remove_path(os.path.join(parent, entry))
+            break
 
 
 def remove_path(path: str) -> None:
@@ -214,25 +257,153 @@ def atomic_dir(path: str) -> Iterator[str]:
     atomic rename where Linux allows it (renameat2 RENAME_EXCHANGE), so at
     every instant ``path`` is either the old output or the new complete one;
     elsewhere the swap is two renames. A failure or kill inside the block
-    leaves ``path`` untouched.
+    leaves ``path`` untouched. A symbolic link at ``path`` is written through.
+
+    Raises:
+        UserError: The folder of ``path`` does not exist.
     """
-    path = os.path.abspath(path)
+    require_parent(path)
+    path = output_target(path)
     remove_stale_temps(path)
     tmp = _tmp_sibling(path, keep_ext=False)
-    os.makedirs(tmp)
+    os.mkdir(tmp)
     try:
         yield tmp
+        _apply_umask(tmp)
         _fsync(tmp)
-        if os.path.isdir(path):
+        _swap_in(tmp, path, is_dir=True)
+    finally:
+        with deferred_signals():  # cleaning up is not cut short by a second signal
+            if os.path.lexists(tmp):
+                remove_path(tmp)
+
+
+def _swap_in(tmp: str, path: str, is_dir: bool) -> None:
+    """Put ``tmp`` at ``path``; the old output is deleted, or kept aside while a :class:`Transaction` is open.
+
+    Runs with signals deferred: a signal that arrived before it replaces
+    nothing, one that arrives during it is raised when the swap is complete
+    (and the transaction puts the old output back).
+    """
+    with deferred_signals():
+        raise_if_interrupted()
+        tx = Transaction.current
+        old = None
+        if is_dir and os.path.isdir(path):
             if _exchange(tmp, path):
-                shutil.rmtree(tmp)  # now the old output
+                old = tmp  # now the old output
             else:
-                old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{_OLD}{os.getpid()}")
+                old = _tmp_sibling(path, keep_ext=False, marker=_OLD)
                 os.rename(path, old)
                 os.rename(tmp, path)
-                shutil.rmtree(old)
-        else:
+        elif is_dir:
             os.rename(tmp, path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            if tx is not None and os.path.lexists(path):
+                old = _tmp_sibling(path, marker=_OLD)
+                _keep_aside(path, old)
+            os.replace(tmp, path)
+        if tx is None:
+            if old is not None:
+                remove_path(old)
+            return
+        if old is not None and old == tmp:
+            kept = _tmp_sibling(path, keep_ext=False, marker=_OLD)
+            os.rename(old, kept)
+            old = kept
+        tx.replaced.append((path, old, is_dir))
+
+
+def _keep_aside(path: str, backup: str) -> None:
+    """A second name for the old file (a hard link; a copy where links are not allowed)."""
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)
+
+
+class Transaction:
+    """The outputs one tool run replaced, so that an interrupted run can put the old ones back.
+
+    :func:`polar_xtuner.errors.run` opens one around ``main``: while it is
+    open, :func:`atomic_file` and :func:`atomic_dir` keep each replaced
+    output aside (``.NAME.old-PID-*``, removed by the next run if this one is
+    killed) instead of deleting it. :meth:`commit` deletes them;
+    :meth:`rollback` puts them back, newest first, and removes outputs that
+    did not exist before.
+    """
+
+    current: "Transaction | None" = None
+
+    def __init__(self) -> None:
+        self.replaced: list[tuple[str, str | None, bool]] = []  # (path, old output kept aside or None, is_dir)
+        self._outer = Transaction.current
+        Transaction.current = self
+
+    def commit(self) -> None:
+        """Keep the new outputs: delete the old ones."""
+        with deferred_signals():
+            for _, old, _ in self.replaced:
+                if old is not None:
+                    remove_path(old)
+            self.replaced.clear()
+
+    def rollback(self) -> None:
+        """Put every replaced output back as it was before the run."""
+        with deferred_signals():
+            for path, old, is_dir in reversed(self.replaced):
+                if old is None:  # there was none before
+                    remove_path(path)
+                elif not is_dir:
+                    os.replace(old, path)
+                elif _exchange(old, path):
+                    remove_path(old)  # now the new output
+                else:
+                    trash = _tmp_sibling(path, keep_ext=False, marker=_OLD)
+                    os.rename(path, trash)
+                    os.rename(old, path)
+                    remove_path(trash)
+            self.replaced.clear()
+
+    def close(self) -> None:
+        """End the transaction; what was not rolled back stays (a bug's traceback keeps the new outputs)."""
+        self.commit()
+        if Transaction.current is self:
+            Transaction.current = self._outer
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (and put it back)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: str) -> None:
+    """Give ``path`` (a file, or a tree) the modes the user's umask gives new files.
+
+    Some writers go through a private temporary file (safetensors' writer
+    leaves 0600 files), so a converted model would be unreadable to the
+    group while every other file is not.
+    """
+    mask = _umask()
+
+    def fix(p: str, full: int) -> None:
+        mode = os.lstat(p).st_mode
+        if stat.S_ISLNK(mode):
+            return
+        if stat.S_ISREG(mode) and not mode & 0o111:
+            full = 0o666
+        os.chmod(p, full & ~mask)
+
+    fix(path, 0o777)
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                fix(os.path.join(root, name), 0o777)

@@ -16,7 +16,6 @@ for ``--data.input_key prompt --data.label_key label --data.apply_chat_template`
 from __future__ import annotations
 
 import json
-import os
 from typing import Iterable
 
 from .schema import DataError, RecordError, iter_records, normalise_field
@@ -71,10 +70,13 @@ def rl_rows(paths: Iterable[str], fmt: str = "verl", data_source: str = "polar",
 
 
 def write_rows(rows: list[dict], out: str, fmt: str) -> None:
-    """Write rows as parquet (verl) or jsonl (OpenRLHF), atomically: a temporary sibling, then renamed."""
+    """Write rows as parquet (verl) or jsonl (OpenRLHF), atomically: a temporary sibling, then renamed.
+
+    Raises:
+        UserError: The folder of ``out`` does not exist (it is not created: see polar_xtuner.outputs).
+    """
     from .outputs import atomic_file
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     with atomic_file(out) as tmp:
         if fmt == "verl":
             import datasets

@@ -124,8 +124,8 @@ def _parse_setting(key: str, raw: Any, where: str):
             return value
         if key in ("timeout",):
             value = float(raw)
-            if not value > 0:
-                raise ValueError("must be > 0")
+            if not (math.isfinite(value) and value > 0):  # inf would wait for ever
+                raise ValueError("must be a finite number > 0")
             return value
         if key in ("max_retries", "batch_size", "batch_tokens", "concurrency"):
             try:
@@ -212,7 +212,9 @@ class PolarReward:
     whole batch at once; OpenRLHF calls from many threads) are gathered for a
     few milliseconds into one scoring round, sent in requests of at most
     ``batch_size`` texts and ``batch_tokens`` tokens, ``concurrency`` of them
-    in flight per server.
+    in flight per server. A batch that fails does so within
+    ``scorer.batch_deadline_s`` (``timeout`` per attempt, wall clock, plus
+    the backoff between attempts), whatever the server does.
 
     Args:
         settings: Where the servers are and how to score.
@@ -236,6 +238,11 @@ class PolarReward:
         if tokenizer is None:
             if not settings.model:
                 raise RFTConfigError("POLAR_MODEL is not set (the converted model dir: tokenizer and lengths)")
+            from polar_xtuner.hf_layout import training_run_problem
+
+            problem = training_run_problem(settings.model, f"POLAR_MODEL={settings.model}")
+            if problem:  # transformers would answer with 500 characters about the hub
+                raise RFTConfigError(problem)
             if not os.path.isdir(settings.model):
                 raise RFTConfigError(f"POLAR_MODEL={settings.model}: no such directory")
             from transformers import AutoTokenizer

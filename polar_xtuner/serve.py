@@ -5,7 +5,8 @@ it answers, and then left running in the foreground: the address and the
 matching ``tools/eval_pref.py`` command are printed once it is ready. Ctrl-C
 (or SIGTERM) stops the engine and its worker processes.
 
-Standard library only, so it runs under whichever interpreter holds the
+Standard library only (xtuner included: the shipped model code is found
+without importing it), so it runs under whichever interpreter holds the
 engine (vLLM's CPU build lives in its own venv, ``.venv-serve``).
 
 ==========  ===============================================================
@@ -24,7 +25,6 @@ lmdeploy    ``--backend pytorch --dtype D`` (bfloat16 / float16 only)
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,10 +32,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from .errors import UserError, cli, entry_point
+from .flags import ArgumentParser, float_in, int_at_least, non_empty
 from .hf_layout import TRUST_FLAG, remote_code_allowed
 
 ENGINES = ("vllm", "sglang", "lmdeploy")
@@ -180,22 +179,61 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
                interval: float = 1.0) -> float:
     """Poll url until it answers 200; return the seconds it took.
 
+    Gives up ``timeout`` seconds after it starts, whatever the server does:
+    each poll is bounded in wall-clock time (at most 5 s, and never past the
+    deadline), so a server that accepts and then stalls or trickles cannot
+    hold it.
+
     Raises:
         ServeError: The process exited first, or the timeout passed.
     """
+    from .client import http_request
+
     start = time.monotonic()
+    deadline = start + timeout
     while True:
         if proc is not None and proc.poll() is not None:
             raise ServeError(f"the engine exited with code {proc.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as res:
-                if res.status == 200:
-                    return time.monotonic() - start
-        except (urllib.error.URLError, OSError, ValueError):
-            pass
-        if time.monotonic() - start > timeout:
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise ServeError(f"{url} did not answer within {timeout:.0f} s")
-        time.sleep(interval)
+        try:
+            status, _ = http_request("GET", url, timeout=min(5.0, left))
+            if status == 200:
+                return time.monotonic() - start
+        except (OSError, ValueError):
+            pass
+        time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that is taken before the engine spends its start-up (12 s and more) finding out.
+
+    Binds as the engines do (``SO_REUSEADDR``: a port in TIME_WAIT is free to
+    them too). Another process may still take the port before the engine
+    binds it; :func:`main` names the port then as well.
+
+    Raises:
+        ServeError: The port is in use, or the address cannot be bound here.
+    """
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ServeError(f"--host {host}: cannot resolve it ({e.strerror}); pass an address of this machine") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ServeError(f"--port {port}: {host}:{port} is already in use (another server, or an earlier "
+                                 f"serve.sh still running); pick another --port or stop what holds it") from None
+            raise ServeError(f"--host {host} --port {port}: cannot bind it ({e.strerror}); pass an address of "
+                             f"this machine and a port you may use") from None
 
 
 def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
@@ -213,26 +251,24 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tools/serve.sh",
         description="Serve a converted POLAR model (raw reward scores) and print how to evaluate it.",
         epilog="Arguments after the known ones (or after --) go to the engine unchanged.",
     )
-    p.add_argument("model_dir", help="a model directory written by tools/convert.sh")
+    p.add_argument("model_dir", type=non_empty, help="a model directory written by tools/convert.sh")
     p.add_argument("--engine", choices=ENGINES, default="vllm")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--dtype", help="compute dtype (default: the dtype the model was saved in)")
-    p.add_argument("--python", help="interpreter with the engine installed "
+    p.add_argument("--host", default="127.0.0.1", type=non_empty, help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int_at_least(1, 65535), default=30000)
+    p.add_argument("--dtype", type=non_empty, help="compute dtype (default: the dtype the model was saved in)")
+    p.add_argument("--python", type=non_empty, help="interpreter with the engine installed "
                    "(default: .venv-serve's on a machine without CUDA, else this one)")
-    p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the first answer")
+    p.add_argument("--ready-timeout", type=float_in(0, low_open=True), default=900.0, help="seconds to wait for the first answer")
     p.add_argument(TRUST_FLAG, action="store_true",
                    help="serve a directory whose Python code is not the code this project ships")
     args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
-    if not 0 < args.port < 65536:
-        p.error("--port must be in 1..65535")
     return args, extra
 
 
@@ -244,10 +280,16 @@ def main(argv=None) -> int:
     model_dir = os.path.abspath(args.model_dir)
     model_dtype(model_dir)  # a model mistake is reported before any environment one
     # The engines always run the directory's code (--trust-remote-code): only ours, unless the user says so.
-    remote_code_allowed(model_dir, args.trust_remote_code)
+    try:
+        remote_code_allowed(model_dir, args.trust_remote_code)
+    except UserError as e:
+        if not args.trust_remote_code:
+            raise
+        print(f"note: {TRUST_FLAG}: running {model_dir}'s Python code unchecked ({e})", file=sys.stderr)
     on_gpu = cuda_available()
     python = pick_python(args.engine, on_gpu, args.python)
     cmd = engine_command(args.engine, model_dir, args.host, args.port, python, extra, args.dtype, cpu=not on_gpu)
+    check_port(args.host, args.port)
     address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=engine_env(args.engine, args.host, on_gpu), start_new_session=True)
@@ -261,7 +303,12 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, _unwind)
     try:
         # the engine exiting, or never answering, is an environment fault: one line, exit 2
-        took = wait_ready(f"http://{address}{HEALTH_PATH[args.engine]}", proc, args.ready_timeout)
+        try:
+            took = wait_ready(f"http://{address}{HEALTH_PATH[args.engine]}", proc, args.ready_timeout)
+        except ServeError:
+            if proc.poll() is not None:
+                check_port(args.host, args.port)  # taken since the check: name the port, not the exit code
+            raise
         print(f"\nPOLAR reward server ready after {took:.0f} s: http://{address} ({args.engine})\n"
               f"evaluate with:\n  python tools/eval_pref.py --model {args.model_dir} --data PAIRS.jsonl "
               f"--server-type {args.engine} --server-address {address}\n", flush=True)

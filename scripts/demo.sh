@@ -34,6 +34,7 @@ echo "== 1/6 tiny POLAR model -> $TINY_DIR (seed $DEMO_SEED)"
 python tools/make_tiny_model.py "$TINY_DIR" --seed "$DEMO_SEED"
 
 echo "== 2/6 check the data"
+mkdir -p "$DEMO_DIR"  # the tools never create an output's missing folder (RELIABILITY.md)
 python tools/build_dataset.py "$DEMO_TRAIN" -o "$DEMO_DIR/data"
 
 echo "== 3/6 evaluate the untrained model"

@@ -15,6 +15,10 @@ from polar_xtuner.flags import float_in, int_at_least, size
 
 
 def _tool(name):
+    if name == "serve":  # tools/serve.sh runs polar_xtuner.serve
+        from polar_xtuner.serve import main
+
+        return main
     spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -33,6 +37,14 @@ TABLE = {
     }),
     "make_demo_data": (["OUT"], {"--train": ["0", "many"], "--val": ["-1", "0.5"], "--seed": ["-1", "s"]}),
     "make_tiny_model": (["OUT"], {"--seed": ["-1", "nan"]}),
+    "eval_pref": (["--model", "M", "--data", "D.jsonl"], {
+        "--model": [], "--data": [], "--out": [], "--save-scores": [], "--plot": [], "--server-address": [],
+        "--batch-size": ["0", "2.5"], "--max-length": ["3", "x"], "--max-response-length": ["0", "1k"],
+        "--concurrency": ["0", "many"], "--batch-tokens": ["-5", "1.0"], "--timeout": ["0", "nan"],
+        "--max-retries": ["0", "three"],
+    }),
+    "serve": (["M"], {"--port": ["0", "http"], "--host": [], "--dtype": [], "--python": [],
+                      "--ready-timeout": ["-1", "inf"]}),
 }
 CASES = [(tool, flag, value) for tool, (_, flags) in TABLE.items() for flag, values in flags.items()
          for value in [*values, "", "  "]]
@@ -71,3 +83,28 @@ def test_flag_types(parse, good, bad):
     for text in bad:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+# every POLAR_* variable of the RL reward functions: (bad values), each refused naming the variable
+POLAR_VARIABLES = {
+    "POLAR_TIMEOUT": ["0", "-1", "inf", "nan", "soon"],
+    "POLAR_MAX_RETRIES": ["0", "1.5", "x", "true"],
+    "POLAR_BATCH_SIZE": ["0", "-2", "2.5", "many"],
+    "POLAR_BATCH_TOKENS": ["0", "1.5", "k"],
+    "POLAR_CONCURRENCY": ["0", "four"],
+    "POLAR_FALLBACK_SCORE": ["nan", "inf", "-inf", "low"],
+    "POLAR_STRIP_THINKING": ["maybe", "2"],
+    "POLAR_NORMALIZE": ["sure", "-1"],
+    "POLAR_SERVER_TYPE": ["tgi", "VLLM "],
+}
+ENV_CASES = [(name, value) for name, values in POLAR_VARIABLES.items() for value in values]
+
+
+@pytest.mark.parametrize("name, value", ENV_CASES, ids=[f"{n}={v}" for n, v in ENV_CASES])
+def test_a_bad_polar_variable_is_refused_naming_it(name, value):
+    from polar_xtuner.rl_reward import RFTConfigError, RFTSettings
+
+    with pytest.raises(RFTConfigError) as e:
+        RFTSettings.from_env({name: value})
+    assert "\n" not in str(e.value) and str(e.value).startswith("POLAR_")
+    assert name in str(e.value)

@@ -30,7 +30,7 @@ from polar_xtuner.constants import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LEN
 from polar_xtuner.data_formats import DEFAULT_PAIRS_PER_PROMPT, FORMATS
 from polar_xtuner.errors import UserError, cli, entry_point
 from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty
-from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
+from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed, training_run_problem
 from polar_xtuner.outputs import check_writable_dir, refuse_overlap
 
 
@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     check_writable_dir(args.out_dir, "-o")
     meter = None
     if args.tokenizer:
+        problem = training_run_problem(args.tokenizer, f"--tokenizer {args.tokenizer}")
+        if problem:  # before the code check, which would advise --trust-remote-code for xtuner's config copy
+            raise UserError(problem)
         from transformers import AutoTokenizer
 
         from polar_xtuner.data_check import LengthMeter

@@ -19,61 +19,59 @@ reward functions' POLAR_NORMALIZE=1 (polar_xtuner/rft.py).
 A directory's Python code runs only when it is the code this project ships
 (every converted model), or with --trust-remote-code.
 Exit codes: 0 done, 2 bad input or environment (missing model or data, no
-valid pair, an output over an input or not writable), 3 the scores cannot be
-trusted (the server failed after bounded retries, or a score is not a finite
-number).
+valid pair, an output over an input or not writable, texts longer than the
+server's limit: see --max-length), 3 the scores cannot be trusted (the server
+failed after bounded retries, or a score is not a finite number). A server
+request gives up after --timeout seconds in all (connecting, sending, the
+first byte and the whole body), a batch after --max-retries of them plus the
+backoff between.
 """
 
-import argparse
 import json
 import math
 import os
 import sys
 
 from polar_xtuner.client import DEFAULT_BATCH_TEXTS, DEFAULT_BATCH_TOKENS, SERVER_TYPES, parse_addresses
-from polar_xtuner.constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
+from polar_xtuner.constants import (DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH,
+                                    TEMPLATE_RESERVED_TOKENS)
 from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.errors import UserError, VerificationError, cli, entry_point
+from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty
 from polar_xtuner.hf_layout import TRUST_FLAG, check_model_dir, load_failure, remote_code_allowed
 from polar_xtuner.outputs import atomic_file, check_writable, refuse_overlap, write_json
 from polar_xtuner.schema import DataError, iter_records
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="HF POLAR model directory")
-    p.add_argument("--data", required=True, help="prompt/reference/chosen/rejected .jsonl")
-    p.add_argument("--out", help="write the report as JSON here")
-    p.add_argument("--save-scores", help="write one line of scores per input record here")
-    p.add_argument("--batch-size", type=int,
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, type=non_empty, help="HF POLAR model directory")
+    p.add_argument("--data", required=True, type=non_empty, help="prompt/reference/chosen/rejected .jsonl")
+    p.add_argument("--out", type=non_empty, help="write the report as JSON here")
+    p.add_argument("--save-scores", type=non_empty, help="write one line of scores per input record here")
+    p.add_argument("--batch-size", type=int_at_least(1),
                    help=f"sequences per forward pass (default {DEFAULT_EVAL_BATCH_SIZE}); with --server-type, the most "
                         f"texts per request (default {DEFAULT_BATCH_TEXTS})")
-    p.add_argument("--max-length", type=int, help=f"token budget per sequence (default: the model's, else {DEFAULT_MAX_LENGTH})")
-    p.add_argument("--max-response-length", type=int,
+    p.add_argument("--max-length", type=int_at_least(TEMPLATE_RESERVED_TOKENS + 1), help=f"token budget per sequence (default: the model's, else {DEFAULT_MAX_LENGTH})")
+    p.add_argument("--max-response-length", type=int_at_least(1),
                    help=f"cap for reference and answers (default: the model's, else {DEFAULT_MAX_RESPONSE_LENGTH})")
-    p.add_argument("--plot", help="draw score distributions and the margin histogram to this PNG")
+    p.add_argument("--plot", type=non_empty, help="draw score distributions and the margin histogram to this PNG")
     p.add_argument("--server-type", choices=SERVER_TYPES, help="score on a served model")
-    p.add_argument("--server-address", default="127.0.0.1:30000",
+    p.add_argument("--server-address", default="127.0.0.1:30000", type=non_empty,
                    help="HOST:PORT of the server, or several comma-separated (requests are spread over them)")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight per server")
-    p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+    p.add_argument("--concurrency", type=int_at_least(1), default=4, help="requests in flight per server")
+    p.add_argument("--batch-tokens", type=int_at_least(1), default=DEFAULT_BATCH_TOKENS,
                    help="the most tokens per server request; a longer text goes alone (text servers: "
                         "counted in characters, which bound the tokens)")
     p.add_argument("--write-stats", action="store_true",
                    help="save the scores' mean and std into the model dir (for RL reward normalisation)")
-    p.add_argument("--timeout", type=float, default=60.0,
+    p.add_argument("--timeout", type=float_in(0, low_open=True), default=60.0,
                    help="seconds a server request may take in all (connecting, waiting and reading)")
-    p.add_argument("--max-retries", type=int, default=3, help="attempts per server request")
+    p.add_argument("--max-retries", type=int_at_least(1), default=3, help="attempts per server request")
     p.add_argument(TRUST_FLAG, action="store_true",
                    help="run Python code in --model even when it is not the code this project ships "
                         "(converted models never need it)")
-    args = p.parse_args(argv)
-    for name in ("batch_size", "batch_tokens", "max_retries", "concurrency", "max_length", "max_response_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.timeout > 0:
-        p.error("--timeout must be > 0")
+    args = p.parse_args(argv)  # numbers and paths are checked by their types (polar_xtuner/flags.py)
     if args.server_type:
         try:
             parse_addresses(args.server_address)
@@ -125,7 +123,8 @@ def main(argv=None) -> int:
     if args.server_type:
         from transformers import AutoTokenizer
 
-        from polar_xtuner.client import BadScoreError, RemoteScorer, check_served_dtype, score_records_remote
+        from polar_xtuner.client import (BadScoreError, RemoteScorer, TextTooLongError, check_served_dtype,
+                                         score_records_remote)
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=trust)
@@ -138,6 +137,9 @@ def main(argv=None) -> int:
         try:
             scores = score_records_remote(scorer, tokenizer, records, settings.max_length,
                                           settings.max_response_length)
+        except TextTooLongError as e:  # the lengths in use say which --max-length would fit
+            raise TextTooLongError(f"{e} (texts are cut to {settings.max_length} tokens now, from "
+                                   f"{settings.source})") from None
         except BadScoreError as e:  # texts go chosen, rejected per record
             where = good[e.index // 2].where
             raise VerificationError(f"{where}: the server answered a {e.kind} score ({e.value!r}) for its "

@@ -12,10 +12,12 @@
 # plugin, installed there, scores the last token with prefix caching (README,
 # "Serve"). Waits until the server answers, prints the address and the
 # eval_pref command, and stays in the foreground
-# (Ctrl-C stops the engine and its workers). Exit codes: 2 bad input, 1 the engine
-# failed to start, else the engine's own.
+# (Ctrl-C stops the engine and its workers). Exit codes: 2 bad input or environment
+# (a --port already taken is refused before the engine starts; an engine that exits
+# before it answers), else the engine's own.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-# polar_xtuner.serve uses the standard library only: any python3 can run it.
+# polar_xtuner.serve uses the standard library only: any python3 can run it, with or
+# without xtuner (the shipped model code it checks against is found, not imported).
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python3}" -m polar_xtuner.serve "$@"
