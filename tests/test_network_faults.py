@@ -142,6 +142,7 @@ def eval_in_process(capsys, tiny_dir, tmp_path, server_type, address, *flags):
 # -- 1. deadlines ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 18 cases that each wait out their deadline: about a minute together
 @pytest.mark.parametrize("fault_server", KINDS, indirect=True)
 @pytest.mark.parametrize("server_type", ["vllm", "lmdeploy", "sglang"])
 def test_remote_scoring_gives_up_within_its_deadline(fault_server, server_type):
@@ -154,6 +155,7 @@ def test_remote_scoring_gives_up_within_its_deadline(fault_server, server_type):
     assert fault_server.requests == 2  # bounded retries
 
 
+@pytest.mark.slow  # each case waits out its deadline
 @pytest.mark.parametrize("fault_server", KINDS, indirect=True)
 def test_eval_pref_gives_up_within_its_deadline(fault_server, capsys, tiny_dir, tmp_path):
     code, errors, took = eval_in_process(capsys, tiny_dir, tmp_path, "vllm", fault_server.address,
