@@ -1,7 +1,7 @@
 # A tiny random POLAR model trained on the demo data, for 2 CPU cores: the
 # same structure as the POLAR-1.8B/7B configs at toy sizes (`make demo` runs it).
 #
-# Launch (from the repository root, after `python tools/make_tiny_model.py work_dirs/tiny_polar`):
+# Launch (from the repository root, after `mkdir -p work_dirs && python tools/make_tiny_model.py work_dirs/tiny_polar`):
 #   xtuner train configs/POLAR_tiny_full_varlenattn_demo.py --deepspeed configs/deepspeed/polar_zero2_cpu.json
 # Two CPU ranks (gloo; `make setup` installs the start-up shim mmengine needs):
 #   NPROC_PER_NODE=2 xtuner train configs/POLAR_tiny_full_varlenattn_demo.py --deepspeed configs/deepspeed/polar_zero3_cpu.json

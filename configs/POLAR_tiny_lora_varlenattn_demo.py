@@ -1,7 +1,7 @@
 # LoRA on the tiny random POLAR model and the demo data, for 2 CPU cores: the
 # structure of the POLAR-1.8B/7B LoRA configs at toy sizes.
 #
-# Launch (from the repository root, after `python tools/make_tiny_model.py work_dirs/tiny_polar`):
+# Launch (from the repository root, after `mkdir -p work_dirs && python tools/make_tiny_model.py work_dirs/tiny_polar`):
 #   xtuner train configs/POLAR_tiny_lora_varlenattn_demo.py --deepspeed configs/deepspeed/polar_zero2_cpu.json
 # Convert (merged model, or --adapter for a PEFT directory):
 #   bash tools/convert.sh configs/POLAR_tiny_lora_varlenattn_demo.py work_dirs/POLAR_tiny_lora_varlenattn_demo OUT

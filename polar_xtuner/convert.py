@@ -33,7 +33,6 @@ left as it was).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -51,6 +50,7 @@ from .checkpoint import (  # noqa: F401 - re-exported: the converter's public na
     training_dtype_name,
 )
 from .errors import VerificationError, cli, entry_point
+from .flags import ArgumentParser, non_empty, size
 from .outputs import atomic_dir, check_writable_dir, output_target, refuse_overlap
 from .precision import HF_NAMES as DTYPES  # short name -> HF config name
 from .precision import to_dtype
@@ -431,15 +431,15 @@ def _return_freed_memory() -> None:
 
 @entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tools/convert.sh", description="Convert a trained POLAR checkpoint to a verified HF model.")
-    p.add_argument("config", help="the xtuner config used for training")
-    p.add_argument("checkpoint", help=".pth file, DeepSpeed checkpoint dir, or work dir")
-    p.add_argument("out_dir", help="output directory (HF model layout)")
+    p.add_argument("config", type=non_empty, help="the xtuner config used for training")
+    p.add_argument("checkpoint", type=non_empty, help=".pth file, DeepSpeed checkpoint dir, or work dir")
+    p.add_argument("out_dir", type=non_empty, help="output directory (HF model layout)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: the training dtype: DeepSpeed's, else the config's AMP dtype, "
                         "else fp32)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GB", type=size, help="largest safetensors shard (default 5GB)")
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty OUT_DIR whole (none of its old files survive)")
     p.add_argument("--no-verify", action="store_true", help="skip scoring the output")

@@ -279,6 +279,10 @@ def _outcome(main, argv) -> int | None:
                 _state.deciding = True  # the first thing after main: from here signals are only recorded
         except PolarError as e:
             return _report(message(e), e.exit_code)
+        except ModuleNotFoundError as e:  # a lazy import in main: the wrong interpreter, not a bug
+            if missing_module(e) is None:
+                raise
+            return _report(missing_module(e), EXIT_USER)
         except OSError as e:
             if describe_os_error(e) is None and _state.received is None:
                 raise
@@ -325,6 +329,38 @@ def abort_training(e: PolarError) -> None:
     raise SystemExit(e.exit_code) from None
 
 
+def missing_module(e: BaseException) -> str | None:
+    """The one line for a third-party module this interpreter lacks, or None for anything else.
+
+    A tool started with another interpreter than the project's (``python``
+    from outside the venv) fails importing torch or xtuner: that is the
+    environment, exit 2, not a bug's traceback.
+    """
+    name = getattr(e, "name", None) or ""
+    if not isinstance(e, ModuleNotFoundError) or not name or name.split(".")[0] == __package__:
+        return None
+    tool = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "this tool"
+    return (f"error: {sys.executable} has no module {name!r}, which {tool} needs: run it with the project's "
+            f"environment (make setup, then .venv/bin/python or `source .venv/bin/activate`; the .sh tools "
+            f"take PYTHON=...)")
+
+
+def _environment_hook(previous):
+    """A ``sys.excepthook`` for a missing module raised while the tool imports, before ``main`` runs."""
+
+    def hook(kind, value, tb):
+        line = missing_module(value)
+        if line is None:
+            return previous(kind, value, tb)
+        print(line, file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(EXIT_USER)  # nothing was written yet: the import failed before main
+
+    return hook
+
+
+if _started_as_tool():
+    sys.excepthook = _environment_hook(sys.excepthook)
 if _started_as_tool() and _install() is not None:
     # A tool's process: handle a Ctrl-C or SIGTERM from the first import on (torch takes seconds).
     _state.phase = "starting"

@@ -232,7 +232,7 @@ def format_report(report: dict) -> str:
 
 
 def plot_scores(scores: Sequence[tuple[float, float]], path: str) -> None:
-    """Chosen vs rejected score distributions and the margin histogram, as PNG."""
+    """Chosen vs rejected score distributions and the margin histogram, in the format of ``path``'s extension."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -79,12 +79,21 @@ def non_empty(text: str) -> str:
     return text
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.I)
+# The units transformers' max_shard_size reads (convert_file_size_to_int): a whole
+# number of KB/MB/GB (powers of 10) or KiB/MiB/GiB (powers of 2).
+_SIZE = re.compile(r"^\s*(\d+)\s*(KB|MB|GB|KIB|MIB|GIB)\s*$", re.I)
+_UNIT = {"KB": "KB", "MB": "MB", "GB": "GB", "KIB": "KiB", "MIB": "MiB", "GIB": "GiB"}
 
 
 def size(text: str) -> str:
-    """An argparse type: a size such as 5GB or 500MiB, as transformers' max_shard_size takes it."""
+    """An argparse type: a size in bytes such as 5GB or 500MiB, as transformers' max_shard_size takes it.
+
+    Returns:
+        The size spelled as transformers reads it (``5gb`` becomes ``5GB``: a
+        lower-case ``b`` would mean bits there).
+    """
     m = _SIZE.match(text)
-    if not m or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a size such as 5GB or 500MB, got {text!r}")
-    return text.strip()
+    if not m or int(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of KB, MB, GB, KiB, MiB or GiB such as 5GB or 500MiB, got {text!r}")
+    return f"{int(m.group(1))}{_UNIT[m.group(2).upper()]}"

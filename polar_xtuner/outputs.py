@@ -100,6 +100,28 @@ def check_writable(path: str, flag: str) -> None:
     _probe_dir(os.path.dirname(output_target(path)), flag, path)
 
 
+def require_extension(path: str, flag: str, allowed: dict[str, str]) -> str:
+    """Refuse an output whose extension does not name what is written to it.
+
+    Args:
+        path: The output path as given.
+        flag: The flag that named it, for the message.
+        allowed: Each accepted extension (lower case, with its dot) and what it holds.
+
+    Returns:
+        The extension, lower case.
+
+    Raises:
+        UserError: naming the flag and the extensions it takes.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in allowed:
+        takes = " or ".join(f"{e} ({what})" for e, what in allowed.items())
+        got = f"the extension {ext}" if ext else "no extension"
+        raise UserError(f"{flag} {path}: {got}; this output is written as {takes}, so name it so")
+    return ext
+
+
 def check_writable_dir(path: str, flag: str) -> None:
     """Make sure the directory ``path`` can be created, or replaced, by :func:`atomic_dir`.
 

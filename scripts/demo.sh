@@ -31,7 +31,8 @@ MASTER_PORT=$(python -m polar_xtuner.launch --port MASTER_PORT)
 export MASTER_PORT MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} RANK=0 WORLD_SIZE=1 LOCAL_RANK=0
 
 echo "== 1/6 tiny POLAR model -> $TINY_DIR (seed $DEMO_SEED)"
-python tools/make_tiny_model.py "$TINY_DIR" --seed "$DEMO_SEED"
+mkdir -p "$(dirname "$TINY_DIR")"
+python tools/make_tiny_model.py "$TINY_DIR" --seed "$DEMO_SEED" --force  # the same seed writes the same model
 
 echo "== 2/6 check the data"
 mkdir -p "$DEMO_DIR"  # the tools never create an output's missing folder (RELIABILITY.md)

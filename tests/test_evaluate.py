@@ -55,3 +55,14 @@ def test_encoding_settings_file(tmp_path):
         (tmp_path / ENCODING_FILE).write_text(bad)
         with pytest.raises(ValueError, match=ENCODING_FILE):
             EncodingSettings.from_model_dir(str(tmp_path))
+
+
+@pytest.mark.parametrize("ext, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF")])
+def test_the_plot_is_written_in_the_format_its_extension_names(ext, magic, tmp_path):
+    from polar_xtuner.evaluate import plot_scores
+    from polar_xtuner.outputs import atomic_file
+
+    path = tmp_path / f"scores{ext}"
+    with atomic_file(str(path)) as tmp:  # as eval_pref writes it: the temporary name keeps the extension
+        plot_scores([(1.0, 0.5), (0.2, 0.4), (0.9, -0.3)], tmp)
+    assert path.read_bytes().startswith(magic)

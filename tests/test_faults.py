@@ -18,7 +18,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, copy_config, run_tool
+from common import REPO, TINY_CONFIG, copy_config, run_tool
 
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 RECORD = {"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b"}
@@ -504,3 +504,22 @@ def test_temporaries_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     with pytest.raises(ValueError):
         write_json(str(tmp_path / "bad.json"), {"x": float("nan")})  # strict JSON, and nothing written
     assert not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.integration  # starts the tools with an interpreter that lacks torch
+def test_a_tool_run_by_an_interpreter_without_its_packages_says_so_in_one_line(tmp_path, tiny_dir):
+    # An interpreter outside the project's venv, as `python tools/...` from the wrong shell gives:
+    # torch cannot be imported, whether a tool imports it at start or lazily inside main.
+    (tmp_path / "sitecustomize.py").write_text('import sys\nsys.modules["torch"] = None\n')
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "out"
+    cases = [
+        ("python", "tools/make_tiny_model.py", str(out)),
+        ("bash", "tools/convert.sh", TINY_CONFIG, str(tmp_path), str(out)),
+        ("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL),  # torch is imported inside main
+    ]
+    for cmd in cases:
+        proc = run_tool(*cmd, env=env)
+        assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
+        assert "has no module 'torch'" in one_error_line(proc) and "make setup" in proc.stderr, cmd
+    assert sorted(os.listdir(tmp_path)) == ["sitecustomize.py"]

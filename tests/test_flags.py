@@ -19,6 +19,10 @@ def _tool(name):
         from polar_xtuner.serve import main
 
         return main
+    if name == "convert":  # tools/convert.sh runs polar_xtuner.convert
+        from polar_xtuner.convert import main
+
+        return main
     spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -43,6 +47,7 @@ TABLE = {
         "--concurrency": ["0", "many"], "--batch-tokens": ["-5", "1.0"], "--timeout": ["0", "nan"],
         "--max-retries": ["0", "three"],
     }),
+    "convert": (["C.py", "CKPT", "OUT"], {"--max-shard-size": ["0GB", "1.5GiB"]}),
     "serve": (["M"], {"--port": ["0", "http"], "--host": [], "--dtype": [], "--python": [],
                       "--ready-timeout": ["-1", "inf"]}),
 }
@@ -68,12 +73,38 @@ def test_a_bad_flag_value_is_one_line_naming_the_flag(tool, flag, value, capsys,
     assert os.listdir(tmp_path) == []
 
 
+# tool -> (its arguments, the positions of its positional arguments, by name): each is tried empty
+POSITIONALS = {
+    "build_dataset": (["SRC.jsonl", "-o", "OUT"], {"SRC": 0}),
+    "make_rft_data": (["SRC.jsonl", "-o", "OUT.parquet"], {"SRC": 0}),
+    "make_demo_data": (["OUT"], {"out_dir": 0}),
+    "make_tiny_model": (["OUT"], {"out_dir": 0}),
+    "convert": (["C.py", "CKPT", "OUT"], {"config": 0, "checkpoint": 1, "out_dir": 2}),
+    "serve": (["M"], {"model_dir": 0}),
+}
+POSITIONAL_CASES = [(tool, name) for tool, (_, names) in POSITIONALS.items() for name in names]
+
+
+@pytest.mark.parametrize("tool, name", POSITIONAL_CASES, ids=[f"{t}-{n}" for t, n in POSITIONAL_CASES])
+def test_an_empty_positional_argument_is_one_line_naming_it(tool, name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv, names = POSITIONALS[tool]
+    argv = list(argv)
+    argv[names[name]] = " "
+    with pytest.raises(SystemExit) as e:
+        _tool(tool)(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: argument {name}"), err
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("parse, good, bad", [
     (int_at_least(1), ["1", " 7 "], ["0", "-1", "1.0", "x", "", "1e3"]),
     (int_at_least(0, 10), ["0", "10"], ["11", "-1"]),
     (float_in(0, 1, high_open=True), ["0", "0.5", "0.999"], ["1", "-0.1", "nan", "inf", "x", ""]),
     (float_in(0, low_open=True), ["1e-3", "600"], ["0", "-1", "nan", "-inf"]),
-    (size, ["5GB", "500MB", "1.5GiB"], ["5", "GB", "0GB", "-1GB", "", "5 PB"]),
+    (size, ["5GB", "500MB", "2GiB", "5gb"], ["5", "GB", "0GB", "-1GB", "", "5 PB", "1.5GiB", "5TB", "100B"]),
 ])
 def test_flag_types(parse, good, bad):
     import argparse
@@ -83,6 +114,14 @@ def test_flag_types(parse, good, bad):
     for text in bad:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_every_accepted_size_is_the_one_transformers_reads():
+    from transformers.utils.hub import convert_file_size_to_int
+
+    cases = {"5GB": 5 * 10**9, "5gb": 5 * 10**9, " 500MiB ": 500 * 2**20, "64kib": 64 * 2**10, "7MB": 7 * 10**6}
+    for text, expected in cases.items():
+        assert convert_file_size_to_int(size(text)) == expected, text
 
 
 # every POLAR_* variable of the RL reward functions: (bad values), each refused naming the variable

@@ -162,3 +162,56 @@ def test_the_library_writers_refuse_a_missing_folder_too(tmp_path):
         with atomic_dir(str(tmp_path / "no" / "d")):
             pass
     assert os.listdir(tmp_path) == []
+
+
+def _tool_main(name):
+    import importlib.util
+
+    from common import REPO
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_the_tiny_model_tool_follows_the_umask_and_keeps_a_folder_it_was_not_told_to_replace(umask, tmp_path,
+                                                                                               capsys):
+    main = _tool_main("make_tiny_model")
+    out = tmp_path / "tiny"
+    old = os.umask(umask)
+    try:
+        assert main([str(out)]) == 0
+    finally:
+        os.umask(old)
+    modes = {p: stat.S_IMODE(os.stat(out / p).st_mode) for p in os.listdir(out)}
+    assert "model.safetensors" in modes  # safetensors' writer alone made it 0600
+    assert all(m == 0o666 & ~umask for m in modes.values()), {p: oct(m) for p, m in modes.items()}
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main([str(mine)]) == 2
+    assert "--force" in one_error_line(capsys.readouterr().err)
+    assert os.listdir(mine) == ["notes.txt"]
+    assert main([str(tmp_path / "no" / "tiny")]) == 2
+    assert "does not exist" in one_error_line(capsys.readouterr().err)
+    assert main([str(mine), "--force"]) == 0 and "notes.txt" not in os.listdir(mine)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag, name", [
+    ("--plot", "scores.txt"), ("--plot", "scores"), ("--out", "report.jsonl"), ("--out", "report.txt"),
+    ("--save-scores", "scores.json"), ("--save-scores", "scores.csv"),
+])
+def test_an_evaluation_output_named_for_another_format_is_refused_before_scoring(flag, name, tiny_dir, tmp_path,
+                                                                                  capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(open(VAL, encoding="utf-8").read())
+    rc = _tool_main("eval_pref")(["--model", tiny_dir, "--data", str(src), flag, str(tmp_path / name)])
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and line.startswith(f"error: {flag} ") and ("extension" in line), line
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]

@@ -3,7 +3,7 @@
 Usage:
     python tools/eval_pref.py --model PATH --data FILE.jsonl [--out report.json]
         [--save-scores scores.jsonl] [--batch-size N] [--batch-tokens N]
-        [--max-length N --max-response-length N] [--plot FILE.png]
+        [--max-length N --max-response-length N] [--plot FILE.png|.svg|.pdf]
         [--server-type sglang|vllm|lmdeploy --server-address HOST:PORT[,HOST:PORT...]]
         [--concurrency N] [--write-stats]
 
@@ -19,8 +19,9 @@ reward functions' POLAR_NORMALIZE=1 (polar_xtuner/rft.py).
 A directory's Python code runs only when it is the code this project ships
 (every converted model), or with --trust-remote-code.
 Exit codes: 0 done, 2 bad input or environment (missing model or data, no
-valid pair, an output over an input or not writable, texts longer than the
-server's limit: see --max-length), 3 the scores cannot be trusted (the server
+valid pair, an output over an input, not writable or named with another
+format's extension, texts longer than the server's limit: see
+--max-length), 3 the scores cannot be trusted (the server
 failed after bounded retries, or a score is not a finite number). A server
 request gives up after --timeout seconds in all (connecting, sending, the
 first byte and the whole body), a batch after --max-retries of them plus the
@@ -39,7 +40,7 @@ from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.errors import UserError, VerificationError, cli, entry_point
 from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty
 from polar_xtuner.hf_layout import TRUST_FLAG, check_model_dir, load_failure, remote_code_allowed
-from polar_xtuner.outputs import atomic_file, check_writable, refuse_overlap, write_json
+from polar_xtuner.outputs import atomic_file, check_writable, refuse_overlap, require_extension, write_json
 from polar_xtuner.schema import DataError, iter_records
 
 
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int_at_least(TEMPLATE_RESERVED_TOKENS + 1), help=f"token budget per sequence (default: the model's, else {DEFAULT_MAX_LENGTH})")
     p.add_argument("--max-response-length", type=int_at_least(1),
                    help=f"cap for reference and answers (default: the model's, else {DEFAULT_MAX_RESPONSE_LENGTH})")
-    p.add_argument("--plot", type=non_empty, help="draw score distributions and the margin histogram to this PNG")
+    p.add_argument("--plot", type=non_empty, help="draw score distributions and the margin histogram to this .png, .svg or .pdf")
     p.add_argument("--server-type", choices=SERVER_TYPES, help="score on a served model")
     p.add_argument("--server-address", default="127.0.0.1:30000", type=non_empty,
                    help="HOST:PORT of the server, or several comma-separated (requests are spread over them)")
@@ -182,6 +183,14 @@ def main(argv=None) -> int:
     return 0
 
 
+# What each output is, so that its name says so (the plot's format follows its extension).
+OUTPUT_EXTENSIONS = {
+    "--out": {".json": "the report, JSON"},
+    "--save-scores": {".jsonl": "one JSON line per record"},
+    "--plot": {".png": "PNG", ".svg": "SVG", ".pdf": "PDF"},
+}
+
+
 def check_outputs(args) -> None:
     """Refuse outputs that are an input or cannot be written, before any scoring.
 
@@ -193,6 +202,7 @@ def check_outputs(args) -> None:
     for flag, path in outputs:
         if path:
             check_writable(path, flag)
+            require_extension(path, flag, OUTPUT_EXTENSIONS[flag])
     if args.write_stats:
         check_writable(os.path.join(args.model, "polar_reward_stats.json"), "--write-stats")
 

@@ -1,16 +1,22 @@
 """Write a tiny random POLAR reward model and its tokenizer.
 
 Usage:
-    python tools/make_tiny_model.py OUT_DIR [--seed 0]
+    python tools/make_tiny_model.py OUT_DIR [--seed 0] [--force]
 
 The directory loads with AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True)
 and AutoTokenizer.from_pretrained(OUT_DIR): an InternLM2ForRewardModel with every
 field of the real POLAR config at toy sizes, and a byte-level BPE tokenizer with
 POLAR's special tokens (<|reward|>, [UNUSED_TOKEN_130]).
+The directory is written whole or not at all, with the modes your umask gives.
+A non-empty OUT_DIR is refused unless --force, which replaces it whole; its
+folder must exist. Exit codes: 0 written, 2 a bad flag or output.
 """
 
-from polar_xtuner.errors import cli, entry_point
+import os
+
+from polar_xtuner.errors import UserError, cli, entry_point
 from polar_xtuner.flags import ArgumentParser, int_at_least, non_empty
+from polar_xtuner.outputs import atomic_dir, check_writable_dir
 from polar_xtuner.tiny import TINY_REWARD_TOKEN_ID, make_tiny_model
 
 
@@ -19,8 +25,13 @@ def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", type=non_empty)
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random weights")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR whole")
     args = p.parse_args(argv)
-    make_tiny_model(args.out_dir, seed=args.seed)
+    check_writable_dir(args.out_dir, "OUT_DIR")
+    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir) and not args.force:
+        raise UserError(f"OUT_DIR {args.out_dir} is not empty; pass --force to replace it whole")
+    with atomic_dir(args.out_dir) as tmp:  # all of it or nothing, modes by the umask
+        make_tiny_model(tmp, seed=args.seed)
     print(f"wrote {args.out_dir} (reward token id {TINY_REWARD_TOKEN_ID})")
     return 0
 
