@@ -27,7 +27,7 @@ FLOP/s over the GPU's dense bf16 peak (989 TFLOP/s for H100/H200 SXM, from
 the name; ``--peak-tflops`` otherwise).
 
 With one GPU, ZeRO has one rank to partition over, so the per-stage peak
-memory shows each stage's own overhead on one GPU; the README's ZeRO table
+memory shows each stage's own overhead on one GPU; docs/training.md's ZeRO table
 gives the per-GPU model-state arithmetic for N GPUs.
 """
 

@@ -8,7 +8,7 @@ Bradley-Terry loss, ``margin`` (records get a margin of 2.0 on the English
 topics and 0.5 on the Chinese ones; ``polar_xtuner.demo_data.with_margins``), ``center_rewards_coefficient=0.01``
 and ``loss_in_fp32``. For each it records the held-out accuracy and the
 held-out scores' mean, standard deviation and mean chosen-rejected gap, and
-prints the table bench/README.md and the README keep.
+prints the table bench/README.md and docs/training.md keep.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 # POLAR-7B LoRA fine-tuning with packed (varlen) attention, on your own data.
 #
 # Launch (from the repository root; one 40-48 GB GPU, or 24 GB GPUs with ZeRO-3
-# or a shorter max_packed_length; see the README's memory table):
+# or a shorter max_packed_length; see docs/training.md's memory table):
 #   xtuner train configs/POLAR_7B_lora_varlenattn_custom_dataset.py --deepspeed deepspeed_zero2
 #   NPROC_PER_NODE=8 xtuner train configs/POLAR_7B_lora_varlenattn_custom_dataset.py --deepspeed deepspeed_zero2
 # Convert: bash tools/convert.sh CONFIG WORK_DIR OUT (merged), or with --adapter (PEFT directory).

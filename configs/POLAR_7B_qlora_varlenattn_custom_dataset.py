@@ -14,7 +14,7 @@
 # (a plain string is accepted for any field); set `data_files` below or pass
 #   --cfg-options train_dataloader.dataset.data_files=/path/to/train.jsonl
 # Settings: POLAR's published fine-tuning config, except the LoRA knobs, lr
-# and the 4-bit base (ours). Memory per the README's table is an estimate
+# and the 4-bit base (ours). Memory per docs/training.md's table is an estimate
 # until measured on a GPU.
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import (

@@ -35,7 +35,7 @@ mkdir -p "$(dirname "$TINY_DIR")"
 python tools/make_tiny_model.py "$TINY_DIR" --seed "$DEMO_SEED" --force  # the same seed writes the same model
 
 echo "== 2/6 check the data"
-mkdir -p "$DEMO_DIR"  # the tools never create an output's missing folder (RELIABILITY.md)
+mkdir -p "$DEMO_DIR"  # the tools never create an output's missing folder (docs/reliability.md)
 python tools/build_dataset.py "$DEMO_TRAIN" -o "$DEMO_DIR/data"
 
 echo "== 3/6 evaluate the untrained model"

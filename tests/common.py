@@ -77,7 +77,7 @@ def build_reward_model(tiny_dir, use_varlen_attn=True, **kw):
 
 
 def copy_config(dst_dir, name, model_dir, data_file, append="", **settings):
-    """A copy of the demo config pointing at test paths (the README's 'copied config' way)."""
+    """A copy of the demo config pointing at test paths (docs/training.md's 'copy the config' way)."""
     text = open(TINY_CONFIG, encoding="utf-8").read()
     settings = {"pretrained_model_name_or_path": model_dir, "data_files": data_file, **settings}
     for key, value in settings.items():

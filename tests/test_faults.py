@@ -2,7 +2,7 @@
 
 Each case asserts the exit code, the one ``error:`` line (no traceback), and
 that the inputs and any earlier outputs are as they were. The classes are
-listed in RELIABILITY.md.
+listed in docs/reliability.md.
 """
 
 import gzip
