@@ -37,7 +37,7 @@ import gc
 import json
 import os
 
-from .checkpoint import (  # noqa: F401 - re-exported: the converter's public names
+from .checkpoint import (
     Checkpoint,
     CheckpointError,
     assign_state_dict,
@@ -49,13 +49,17 @@ from .checkpoint import (  # noqa: F401 - re-exported: the converter's public na
     to_hf_keys,
     training_dtype_name,
 )
-from .errors import VerificationError, cli, entry_point
+from .errors import UserError, VerificationError, cli, entry_point
 from .flags import ArgumentParser, non_empty, size
 from .outputs import atomic_dir, check_writable_dir, output_target, refuse_overlap
 from .precision import HF_NAMES as DTYPES  # short name -> HF config name
 from .precision import to_dtype
 
-ConvertError = CheckpointError  # a user mistake: bad path, config or checkpoint (exit 2)
+class ConvertError(UserError):
+    """The converter's own refusals: the config, OUT_DIR, the flags, the disk (exit 2).
+
+    Faults of the checkpoint itself are the checkpoint layer's :class:`CheckpointError`.
+    """
 # Largest allowed |score difference| / max(1, |score|) after a save/load round trip,
 # for every dtype: both sides score in fp32 with the same weights (the trained ones
 # rounded to the saved dtype), and the weights are compared bit for bit, so this

@@ -40,7 +40,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from .constants import (  # the DEFAULT_* lengths are re-exported: used where nothing says otherwise
+from .constants import (
     CHOSEN_LABEL,
     DEFAULT_MAX_LENGTH,
     DEFAULT_MAX_RESPONSE_LENGTH,

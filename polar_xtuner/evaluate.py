@@ -21,7 +21,7 @@ from .constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_
 
 from .encoding import PolarEncoder
 from .pairs import accuracy, mean_margin, unflatten
-from .precision import default_device, eval_dtype  # noqa: F401 - default_device is part of this module's API
+from .precision import default_device, eval_dtype
 
 
 

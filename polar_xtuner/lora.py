@@ -22,10 +22,12 @@ import os
 
 import torch
 
+from .errors import UserError
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class LoraCheckpointError(ValueError):
+class LoraCheckpointError(UserError):
     """The LoRA checkpoint cannot give a trained model (the message says why)."""
 
 

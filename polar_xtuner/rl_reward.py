@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from polar_xtuner.client import (DEFAULT_BATCH_TEXTS, DEFAULT_BATCH_TOKENS, SERVER_TYPES, RemoteScorer,
                                  RemoteScoringError, parse_addresses, serving_inputs)
 from polar_xtuner.encoding import EncodingSettings, PolarEncoder
+from polar_xtuner.errors import UserError
 
 log = logging.getLogger("polar_xtuner.rft")
 
@@ -35,7 +36,7 @@ END_MARKERS = ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_te
                "<|end|>", "<｜end▁of▁sentence｜>")
 
 
-class RFTConfigError(ValueError):
+class RFTConfigError(UserError):
     """A setting (environment variable or config file) is missing or wrong."""
 
 

@@ -28,7 +28,7 @@ from .errors import UserError
 _DEFAULT_ROLE = {"prompt": "user"}
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A record breaks a schema rule.
 
     Attributes:
@@ -188,7 +188,9 @@ def check(item: Located, obj: Any) -> Located:
     return item
 
 
-class DuplicateKeyError(ValueError):
+class DuplicateKeyError(UserError):
+    """An object names one key twice (JSON keeps the last silently)."""
+
     def __init__(self, key: str):
         super().__init__(key)
         self.key = key
@@ -259,11 +261,6 @@ def iter_records(path: str, validate: bool = True) -> Iterator[Located]:
         yield from _iter_json_array(path, kind == "gzip", validate)
     else:
         yield from _iter_lines(path, kind == "gzip", validate)
-
-
-def iter_jsonl(path: str, validate: bool = True) -> Iterator[Located]:
-    """Records of a data file (any format :func:`iter_records` reads; kept for callers of the old name)."""
-    return iter_records(path, validate)
 
 
 def _open_binary(path: str, gz: bool):

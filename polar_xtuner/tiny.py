@@ -22,7 +22,7 @@ from .constants import (
     REWARD_TOKEN,
     UNK_TOKEN,
 )
-from .hf_layout import AUTO_MAP, copy_remote_code  # noqa: F401 - the layout the tiny model shares
+from .hf_layout import AUTO_MAP, copy_remote_code
 
 # Fixed ids of the tiny tokenizer's special tokens. The real tokenizer keeps
 # BOS 1 and EOS 2 as well; its reward token is 92527, ours is 4.

@@ -6,18 +6,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest
 
-# Re-exported for the files that still say `from conftest import ...`; new code imports from common.
-from common import (  # noqa: F401
-    ASSETS,
-    REPO,
-    TINY_CONFIG,
-    VAL,
-    build_reward_model,
-    copy_config,
-    free_port,
-    publish_varlen_args,
-    run_tool,
-)
+from common import run_tool
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,7 @@
 """The converter's cast frees the memory-mapped fp32 pages as it goes (fast, no training)."""
 import torch
 
-from polar_xtuner.convert import cast_releasing
+from polar_xtuner.checkpoint import cast_releasing
 
 
 def _rss() -> int:
@@ -45,7 +45,7 @@ def test_cast_gives_back_the_fp32_pages(tmp_path):
 def test_verification_scores_with_the_kernel_the_saved_model_loads_with(tiny_dir):
     """CI once failed a good conversion by 2.3e-3: the check built the checkpoint model
     with eager attention (the model config's) and reloaded the saved one with SDPA."""
-    from polar_xtuner.convert import assign_state_dict, build_empty_model
+    from polar_xtuner.checkpoint import assign_state_dict, build_empty_model
     from polar_xtuner.evaluate import load_model, score_records
 
     saved, tok = load_model(tiny_dir, device="cpu", dtype=torch.float32)
@@ -60,7 +60,8 @@ def test_verification_scores_with_the_kernel_the_saved_model_loads_with(tiny_dir
 def test_weight_check_names_any_tensor_that_is_not_the_trained_one():
     import pytest
 
-    from polar_xtuner.convert import VerificationError, check_weights, weight_digests
+    from polar_xtuner.convert import check_weights, weight_digests
+    from polar_xtuner.errors import VerificationError
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     expected = weight_digests(model)

@@ -448,7 +448,7 @@ def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir):
 @pytest.mark.integration  # runs a repository tool or script in a subprocess
 @pytest.mark.parametrize("which", ["model_states", "optim_states"])
 def test_truncated_deepspeed_checkpoint_is_named(which, tmp_path, tiny_dir, pth_run):
-    from conftest import free_port
+    from common import free_port
 
     work = tmp_path / "ds"
     proc = run_tool("python", "bench/convert_memory.py", "--write-deepspeed", tiny_dir, str(work), "2",

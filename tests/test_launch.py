@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, free_port, run_tool
+from common import REPO, free_port, run_tool
 from polar_xtuner import launch
 from polar_xtuner.launch import LaunchError, command, ensure_rendezvous_env
 

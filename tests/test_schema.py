@@ -4,7 +4,7 @@ import os
 import pytest
 
 from common import ASSETS
-from polar_xtuner.schema import DataError, RecordError, iter_jsonl, load_records, validate_record
+from polar_xtuner.schema import DataError, RecordError, iter_records, load_records, validate_record
 
 BAD = os.path.join(ASSETS, "bad_records.jsonl")
 
@@ -25,7 +25,7 @@ EXPECTED = {
 
 
 def test_every_rule_reports_its_line_and_field():
-    items = list(iter_jsonl(BAD))
+    items = list(iter_records(BAD))
     errors = {it.line: (it.error.code, it.error.field) for it in items if it.error}
     assert errors == EXPECTED
     # the field is named in the human-readable reason too
@@ -35,7 +35,7 @@ def test_every_rule_reports_its_line_and_field():
 
 
 def test_mixed_file_keeps_every_good_record():
-    items = list(iter_jsonl(BAD))
+    items = list(iter_records(BAD))
     good_lines = [it.line for it in items if it.record is not None]
     assert good_lines == [1, 12, 15]  # blank line 11 is not a record
 
@@ -64,16 +64,16 @@ def test_load_records_names_file_and_line(tmp_path):
 
 def test_missing_file_and_directory_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        list(iter_jsonl(str(tmp_path / "nope.jsonl")))
+        list(iter_records(str(tmp_path / "nope.jsonl")))
     with pytest.raises(DataError, match="is a directory"):
-        list(iter_jsonl(str(tmp_path)))
+        list(iter_records(str(tmp_path)))
 
 
 def test_non_utf8_line_is_rejected_with_its_line(tmp_path):
     p = tmp_path / "latin1.jsonl"
     good = json.dumps({"prompt": "q", "reference": "r", "chosen": "c", "rejected": "x"}).encode()
     p.write_bytes(good + b"\n\xff\xfe\n" + good + b"\r\n")
-    items = list(iter_jsonl(str(p)))
+    items = list(iter_records(str(p)))
     assert [(it.line, it.error.code if it.error else None) for it in items] == [
         (1, None), (2, "not_utf8"), (3, None)]
 
