@@ -337,6 +337,7 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tup
     from polar_xtuner.client import RemoteScorer, post_json, score_records_remote, serving_inputs
     from polar_xtuner.encoding import PolarEncoder, pair_items
     from polar_xtuner.rl_reward import PolarReward, RFTSettings
+    from polar_xtuner.launch import free_port
     from polar_xtuner.serve import CPU_SERVE_VENV, engine_command, engine_env, stop, wait_ready
 
     python = os.path.join(CPU_SERVE_VENV, "bin", "python")
@@ -440,15 +441,6 @@ def remote_throughput(tiny_dir, n_pairs: int = 1000, n_long: int = 200, n_groups
         out[f"{key}_plugin_speedup"] = stock[name]["ours"] / served[name]["ours"]
         out[f"{key}_plugin_speedup_polar_client"] = stock[name]["polar"] / served[name]["polar"]
     return out
-
-
-def free_port() -> int:
-    """A loopback port free at this moment, for a server to bind."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_results(results: dict, path: str, device: str | None = None) -> None:

@@ -51,6 +51,13 @@ SERVER_TYPES = ("sglang", "vllm", "lmdeploy")
 # at 0.8x in requests of 50k tokens and more.
 DEFAULT_BATCH_TEXTS = 256
 DEFAULT_BATCH_TOKENS = 16384
+# One default for evaluation and RL alike. A request carries at most
+# DEFAULT_BATCH_TOKENS tokens, which a served 7B scores in well under a second
+# on a GPU and a few seconds on CPU: a minute without the whole answer is a
+# stalled server, and an RL step waits on it (timeout x attempts + backoff).
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_CONCURRENCY = 4  # requests in flight per server
 # Texts of a server's first batch asked again with the activation on (the
 # sigmoid check); a round is not cut finer than this, so the check has them.
 PROBE_TEXTS = 4
@@ -333,12 +340,12 @@ class RemoteScorer:
     server_type: str
     address: str | Sequence[str]
     model_name: str = "POLAR"
-    timeout: float = 60.0
-    max_retries: int = 3
+    timeout: float = DEFAULT_TIMEOUT_S
+    max_retries: int = DEFAULT_MAX_RETRIES
     backoff: float = 0.5
     batch_size: int = DEFAULT_BATCH_TEXTS
     batch_tokens: int = DEFAULT_BATCH_TOKENS
-    concurrency: int = 4
+    concurrency: int = DEFAULT_CONCURRENCY
     _checked: set = field(default_factory=set, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 

@@ -33,6 +33,7 @@ from xtuner.utils import DEFAULT_PAD_TOKEN_INDEX
 
 from .constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, packed_length
 from .errors import UserError, abort_training
+from .hf_layout import file_digest
 from .outputs import pid_alive, remove_path
 from .schema import DataError, load_records
 
@@ -180,7 +181,6 @@ class _PairRows:
 CACHE_FORMAT = 2  # bump when the encoding or the cached columns change
 CACHE_MANIFEST = "polar_cache.json"  # inside each entry, written last: the entry is whole
 MANIFEST_VERSION = 1
-_HASH_CHUNK = 1 << 20
 _PUBLISH_ATTEMPTS = 5
 # A cache entry is cache_dir/<key>; its siblings <key>.tmp-<host>-<pid>-<hex> are
 # entries being written, <key>.corrupt-<host>-<pid>-<hex> entries being deleted.
@@ -199,7 +199,7 @@ def cache_key(data_files: Sequence[str], tokenizer, max_length: int, max_respons
     """
     h = hashlib.sha1()
     for path in data_files:
-        h.update(f"{os.path.getsize(path)}|{_file_digest(path)}\n".encode())
+        h.update(f"{os.path.getsize(path)}|{file_digest(path, digest_size=16)}\n".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else f"{tokenizer.name_or_path}|{len(tokenizer)}").encode())
     h.update(json.dumps([max_length, max_response_length, reward_token_id, CACHE_FORMAT]).encode())
@@ -213,17 +213,6 @@ def _barrier():
         barrier()
 
 
-def _file_digest(path: str) -> str:
-    """blake2b of a file, read in 1 MiB chunks."""
-    h = hashlib.blake2b(digest_size=16)
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def _entry_files(entry: str) -> list[str]:
     """The entry's files (relative paths, sorted), its manifest excluded."""
     names = []
@@ -235,7 +224,8 @@ def _entry_files(entry: str) -> list[str]:
 def _write_manifest(entry: str, rows: int) -> None:
     """Record every file's size and checksum in the entry: the last write before it is published."""
     files = {name: {"size": os.path.getsize(os.path.join(entry, name)),
-                    "blake2b": _file_digest(os.path.join(entry, name))} for name in _entry_files(entry)}
+                    "blake2b": file_digest(os.path.join(entry, name), digest_size=16)}
+             for name in _entry_files(entry)}
     manifest = {"polar_cache": MANIFEST_VERSION, "format": CACHE_FORMAT, "rows": rows, "files": files}
     with open(os.path.join(entry, CACHE_MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
@@ -283,7 +273,7 @@ def _check_manifest(entry: str) -> tuple[str | None, int]:
             return f"{name} is {actual} bytes, its manifest says {size}", 0
     for name, _, digest in listed:
         try:
-            if _file_digest(os.path.join(entry, name)) != digest:
+            if file_digest(os.path.join(entry, name), digest_size=16) != digest:
                 return f"{name} does not match its checksum", 0
         except OSError as e:
             return f"{name}: {e.strerror or _one_line(e)}", 0

@@ -71,11 +71,18 @@ def copy_remote_code(out_dir: str) -> None:
         shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
 
 
-def file_digest(path: str) -> str:
-    h = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+def file_digest(path: str, digest_size: int = 32) -> str:
+    """The blake2b of a file's bytes (about 1.2 GB/s on one core), read in 1 MiB chunks.
+
+    The project's one file digest: trusted model code (32 bytes, stored in
+    trusted_code.json) and the data cache's keys (16 bytes) both use it.
+    """
+    h = hashlib.blake2b(digest_size=digest_size)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

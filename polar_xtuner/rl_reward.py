@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 # Absolute imports: OpenRLHF (and verl given a file path) load this file on its
 # own, outside the package, where relative imports fail.
-from polar_xtuner.client import (DEFAULT_BATCH_TEXTS, DEFAULT_BATCH_TOKENS, SERVER_TYPES, RemoteScorer,
+from polar_xtuner.client import (DEFAULT_BATCH_TEXTS, DEFAULT_BATCH_TOKENS, DEFAULT_CONCURRENCY, DEFAULT_MAX_RETRIES,
+                                 DEFAULT_TIMEOUT_S, SERVER_TYPES, RemoteScorer,
                                  RemoteScoringError, parse_addresses, serving_inputs)
 from polar_xtuner.encoding import EncodingSettings, PolarEncoder
 from polar_xtuner.errors import UserError
@@ -50,11 +51,11 @@ class RFTSettings:
     strip_thinking: bool = True
     normalize: bool = False
     fallback_score: float | None = None
-    timeout: float = 120.0
-    max_retries: int = 3
+    timeout: float = DEFAULT_TIMEOUT_S  # RemoteScorer's defaults: one rule for evaluation and RL
+    max_retries: int = DEFAULT_MAX_RETRIES
     batch_size: int = DEFAULT_BATCH_TEXTS
     batch_tokens: int = DEFAULT_BATCH_TOKENS
-    concurrency: int = 4
+    concurrency: int = DEFAULT_CONCURRENCY
 
     @classmethod
     def from_env(cls, environ=None, overrides: dict | None = None) -> "RFTSettings":

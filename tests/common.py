@@ -8,18 +8,12 @@ import os
 import re
 import sys
 
+from polar_xtuner.launch import free_port  # noqa: F401 - the project's one free-port helper, for the tests
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, "tests", "assets")
 TINY_CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ranks_failure(stderr: str, tail: int = 3000) -> str:

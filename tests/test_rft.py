@@ -340,3 +340,22 @@ def test_the_file_loads_by_path_as_openrlhf_and_verl_load_it():
     spec.loader.exec_module(module)  # a dataclass or relative import here would fail
     assert module.reward_func is rft.reward_func and module.compute_score is rft.compute_score
     assert module._instances is rft._instances  # one copy of the state, however it was loaded
+
+
+def test_evaluation_and_rl_share_one_set_of_remote_defaults():
+    import dataclasses
+    import importlib.util
+
+    from polar_xtuner.client import RemoteScorer
+    from polar_xtuner.rl_reward import RFTSettings
+
+    scorer = {f.name: f.default for f in dataclasses.fields(RemoteScorer)}
+    rl = {f.name: f.default for f in dataclasses.fields(RFTSettings)}
+    for key in ("timeout", "max_retries", "batch_size", "batch_tokens", "concurrency"):
+        assert rl[key] == scorer[key], key
+    spec = importlib.util.spec_from_file_location("eval_pref_tool", os.path.join(REPO, "tools", "eval_pref.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.parse_args(["--model", "M", "--data", "D.jsonl"])
+    assert (args.timeout, args.max_retries, args.concurrency, args.batch_tokens) == (
+        scorer["timeout"], scorer["max_retries"], scorer["concurrency"], scorer["batch_tokens"])

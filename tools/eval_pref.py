@@ -33,7 +33,8 @@ import math
 import os
 import sys
 
-from polar_xtuner.client import DEFAULT_BATCH_TEXTS, DEFAULT_BATCH_TOKENS, SERVER_TYPES, parse_addresses
+from polar_xtuner.client import (DEFAULT_BATCH_TEXTS, DEFAULT_BATCH_TOKENS, DEFAULT_CONCURRENCY, DEFAULT_MAX_RETRIES,
+                                 DEFAULT_TIMEOUT_S, SERVER_TYPES, parse_addresses)
 from polar_xtuner.constants import (DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH,
                                     TEMPLATE_RESERVED_TOKENS)
 from polar_xtuner.encoding import EncodingSettings
@@ -60,15 +61,15 @@ def parse_args(argv=None):
     p.add_argument("--server-type", choices=SERVER_TYPES, help="score on a served model")
     p.add_argument("--server-address", default="127.0.0.1:30000", type=non_empty,
                    help="HOST:PORT of the server, or several comma-separated (requests are spread over them)")
-    p.add_argument("--concurrency", type=int_at_least(1), default=4, help="requests in flight per server")
+    p.add_argument("--concurrency", type=int_at_least(1), default=DEFAULT_CONCURRENCY, help="requests in flight per server")
     p.add_argument("--batch-tokens", type=int_at_least(1), default=DEFAULT_BATCH_TOKENS,
                    help="the most tokens per server request; a longer text goes alone (text servers: "
                         "counted in characters, which bound the tokens)")
     p.add_argument("--write-stats", action="store_true",
                    help="save the scores' mean and std into the model dir (for RL reward normalisation)")
-    p.add_argument("--timeout", type=float_in(0, low_open=True), default=60.0,
+    p.add_argument("--timeout", type=float_in(0, low_open=True), default=DEFAULT_TIMEOUT_S,
                    help="seconds a server request may take in all (connecting, waiting and reading)")
-    p.add_argument("--max-retries", type=int_at_least(1), default=3, help="attempts per server request")
+    p.add_argument("--max-retries", type=int_at_least(1), default=DEFAULT_MAX_RETRIES, help="attempts per server request")
     p.add_argument(TRUST_FLAG, action="store_true",
                    help="run Python code in --model even when it is not the code this project ships "
                         "(converted models never need it)")
