@@ -256,7 +256,7 @@ def build_empty_model(model_dir: str, dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel
 
-    from .evaluate import SCORING_ATTENTION
+    from .precision import SCORING_ATTENTION
 
     # The kernel the saved model is loaded with, so verification compares weights, not kernels.
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True, attn_implementation=SCORING_ATTENTION)

@@ -52,7 +52,7 @@ from .checkpoint import (
 from .errors import UserError, VerificationError, cli, entry_point
 from .flags import ArgumentParser, non_empty, size
 from .outputs import atomic_dir, check_writable_dir, output_target, refuse_overlap
-from .precision import HF_NAMES as DTYPES  # short name -> HF config name
+from .precision import HF_NAMES  # short name -> HF config name
 from .precision import to_dtype
 
 class ConvertError(UserError):
@@ -139,7 +139,7 @@ def clean_config(out_dir: str, reward_token_id: int, dtype_name: str) -> None:
     c["auto_map"] = dict(AUTO_MAP)
     c["architectures"] = ["InternLM2ForRewardModel"]
     c["reward_token_id"] = reward_token_id
-    c["torch_dtype"] = DTYPES[dtype_name]
+    c["torch_dtype"] = HF_NAMES[dtype_name]
     c["use_cache"] = True
     with open(path, "w") as f:
         json.dump(c, f, indent=2)
@@ -188,8 +188,8 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise ConvertError(f"OUT_DIR {out_dir} is not empty; pass --force to replace it whole")
     dtype = dtype or deepspeed_dtype_name(ckpt) or training_dtype_name(cfg)
-    if dtype not in DTYPES:
-        raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if dtype not in HF_NAMES:
+        raise ConvertError(f"--dtype must be one of {', '.join(HF_NAMES)}, got {dtype}")
     torch_dtype = to_dtype(dtype)
 
     print(f"Loading {ckpt.kind} checkpoint {ckpt.path}", flush=True)
@@ -440,7 +440,7 @@ def main(argv=None) -> int:
     p.add_argument("config", type=non_empty, help="the xtuner config used for training")
     p.add_argument("checkpoint", type=non_empty, help=".pth file, DeepSpeed checkpoint dir, or work dir")
     p.add_argument("out_dir", type=non_empty, help="output directory (HF model layout)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(HF_NAMES), default=None,
                    help="weights dtype (default: the training dtype: DeepSpeed's, else the config's AMP dtype, "
                         "else fp32)")
     p.add_argument("--max-shard-size", default="5GB", type=size, help="largest safetensors shard (default 5GB)")

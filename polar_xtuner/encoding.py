@@ -50,7 +50,7 @@ from .constants import (
     REWARD_TOKEN,
     TEMPLATE_RESERVED_TOKENS,
 )
-from .schema import join_contents
+from .schema import join_contents, read_settings
 
 
 # Written by the converter next to config.json: the lengths the model was
@@ -96,12 +96,9 @@ class EncodingSettings:
         if path is None or not os.path.isfile(path):
             return cls()
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
+            data = read_settings(path)
+        except ValueError as e:
             raise ValueError(f"{path}: unreadable encoding settings ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
         kw = {}
         for key in ("max_length", "max_response_length", "reward_token_id"):
             value = data.get(key)

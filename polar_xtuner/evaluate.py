@@ -21,15 +21,9 @@ from .constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_
 
 from .encoding import PolarEncoder
 from .pairs import accuracy, mean_margin, unflatten
-from .precision import default_device, eval_dtype
+from .precision import SCORING_ATTENTION, default_device, eval_dtype
 
 
-
-
-# Every scoring path (eval, conversion's check, the hooks) uses one attention
-# kernel: eager and SDPA differ by up to ~2e-3 on a trained model on some CPUs,
-# which would read as a conversion error.
-SCORING_ATTENTION = "sdpa"
 
 
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None,

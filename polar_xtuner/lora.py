@@ -113,7 +113,7 @@ def load_base(model_dir: str, dtype=torch.float32):
     """
     from transformers import AutoModel
 
-    from .evaluate import SCORING_ATTENTION
+    from .precision import SCORING_ATTENTION
     from .hf_layout import check_files_whole, load_failure
 
     flag = "the config's model"

@@ -48,7 +48,7 @@ from .attention import available_backends, dispatch_varlen_attention, select_bac
 from .errors import ConfigError, abort_training
 from .launch import ensure_rendezvous_env
 from .objectives import LossSettings, pair_loss_terms
-from .precision import half_dtype
+from .precision import training_dtype
 
 # A config imports this before DeepSpeed starts: give a plain one-process `xtuner train` a free
 # rendezvous port (DeepSpeed would take 29500, so a second run on the machine failed).
@@ -70,11 +70,6 @@ SP_NEEDS_GPU = (
 def flash_attn_available() -> bool:
     """flash-attn is importable and a CUDA device is present."""
     return "flash_attn" in available_backends()
-
-
-def training_dtype() -> torch.dtype:
-    """The dtype flash_attention_2 training loads in (half precision: see :mod:`polar_xtuner.precision`)."""
-    return half_dtype("cuda") if torch.cuda.is_available() else torch.float32
 
 
 class PolarRewardModel(RewardModel):

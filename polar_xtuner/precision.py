@@ -6,7 +6,8 @@
   flash_attention_2) take half precision only: bf16 where the GPU has it,
   else fp16.
 * Evaluation and scoring: bf16 on a GPU that has it, else fp32 (CPU scores are
-  exact, and fp16 would risk overflow in the score head).
+  exact, and fp16 would risk overflow in the score head), with one attention
+  kernel, SDPA (``SCORING_ATTENTION``).
 * Training never picks fp16 on its own: configs and DeepSpeed JSONs use bf16
   ("auto") on GPUs and fp32 on CPU.
 * The varlen attention backend follows the tensors' device, not the machine:
@@ -21,6 +22,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ALIASES = {**{v: k for k, v in HF_NAMES.items()}, **{k: k for k in DTYPES}, "half": "fp16", "float": "fp32"}
 CUDA_BACKENDS = ("flash_attn", "torch_varlen")
+# Every scoring path (eval, conversion's check, the hooks) uses one attention
+# kernel: eager and SDPA differ by up to ~2e-3 on a trained model on some CPUs,
+# which would read as a conversion error.
+SCORING_ATTENTION = "sdpa"
 
 
 def dtype_name(value) -> str:
@@ -69,6 +74,11 @@ def half_dtype(device="cuda") -> torch.dtype:
 def eval_dtype(device=None) -> torch.dtype:
     """The dtype to score in: bf16 on a GPU that has it, else fp32."""
     return torch.bfloat16 if bf16_supported(device) else torch.float32
+
+
+def training_dtype() -> torch.dtype:
+    """The dtype flash_attention_2 training loads in: half precision on CUDA (see above), else fp32."""
+    return half_dtype("cuda") if torch.cuda.is_available() else torch.float32
 
 
 def default_device() -> str:

@@ -27,6 +27,7 @@ from polar_xtuner.client import (DEFAULT_BATCH_TEXTS, DEFAULT_BATCH_TOKENS, DEFA
                                  RemoteScoringError, parse_addresses, serving_inputs)
 from polar_xtuner.encoding import EncodingSettings, PolarEncoder
 from polar_xtuner.errors import UserError
+from polar_xtuner.schema import read_settings
 
 log = logging.getLogger("polar_xtuner.rft")
 
@@ -74,12 +75,9 @@ class RFTSettings:
         path = env.get("POLAR_CONFIG")
         if path:
             try:
-                with open(path, encoding="utf-8") as f:
-                    loaded = json.load(f)
-            except (OSError, ValueError) as e:
+                loaded = read_settings(path)
+            except ValueError as e:
                 raise RFTConfigError(f"POLAR_CONFIG={path}: cannot read it ({e})") from None
-            if not isinstance(loaded, dict):
-                raise RFTConfigError(f"POLAR_CONFIG={path}: expected a JSON object")
             known = {f.name for f in fields(cls)}
             unknown = sorted(set(loaded) - known)
             if unknown:
@@ -193,14 +191,13 @@ def reward_stats(model_dir: str) -> tuple[float, float]:
         RFTConfigError: No statistics in the model dir, or they are unusable.
     """
     path = os.path.join(model_dir, STATS_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            stats = json.load(f)
-        mean, std = float(stats["mean"]), float(stats["std"])
-    except FileNotFoundError:
+    if not os.path.isfile(path):
         raise RFTConfigError(f"POLAR_NORMALIZE=1 needs {path}: run tools/eval_pref.py --model {model_dir} "
-                             f"--data HELD_OUT.jsonl --write-stats") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+                             f"--data HELD_OUT.jsonl --write-stats")
+    try:
+        stats = read_settings(path)
+        mean, std = float(stats["mean"]), float(stats["std"])
+    except (ValueError, KeyError, TypeError) as e:
         raise RFTConfigError(f"{path}: unreadable statistics ({e})") from None
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise RFTConfigError(f"{path}: mean {mean} / std {std} cannot normalise")

@@ -214,6 +214,25 @@ def parse_json(text: str):
     return json.loads(text, object_pairs_hook=_no_duplicate_keys)
 
 
+def read_settings(path: str) -> dict:
+    """A settings file: one JSON object, no key twice (the project's one reader of such files).
+
+    Raises:
+        ValueError: The file cannot be read, is not JSON, names a key twice,
+            or is not an object; the message says which.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = parse_json(f.read())
+    except DuplicateKeyError as e:
+        raise ValueError(f"the key {e.key!r} appears twice") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")

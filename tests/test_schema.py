@@ -98,3 +98,22 @@ def test_numeric_margin_is_kept():
     for m in (0, 1.5, -0.5):
         assert validate_record({"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b",
                                 "margin": m})["margin"] == m
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"a": 1, "a": 2}', "the key 'a' appears twice"), ("[1, 2]", "expected a JSON object"),
+    ("{", "Expecting"), ("", "Expecting value"),
+])
+def test_the_one_settings_reader_refuses_what_has_no_single_meaning(text, says, tmp_path):
+    from polar_xtuner.encoding import EncodingSettings
+    from polar_xtuner.rl_reward import RFTConfigError, RFTSettings
+    from polar_xtuner.schema import read_settings
+
+    path = tmp_path / "polar_encoding.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=says):
+        read_settings(str(path))
+    with pytest.raises(ValueError, match=f"{path}: unreadable encoding settings.*{says}"):
+        EncodingSettings.from_model_dir(str(tmp_path))
+    with pytest.raises(RFTConfigError, match=f"POLAR_CONFIG={path}: cannot read it.*{says}"):
+        RFTSettings.from_env({"POLAR_CONFIG": str(path)})
