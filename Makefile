@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 # xtuner's CLI starts `python` from PATH, so the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-# MKL results that do not depend on memory alignment (polar_xtuner/__init__.py says why).
+# MKL results that do not depend on memory alignment (polar_xtuner/constants.py, MKL_CBWR, says why).
 export MKL_CBWR ?= AUTO,STRICT
 
 # vLLM's CPU build serves the tiny model in tests and `make serve`; it pins a
@@ -41,7 +41,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(VENV)/bin/pip install --no-deps bitsandbytes==$(BNB_VERSION)
 	$(VENV)/bin/pip install --no-deps -e .
 	@# Lets torchrun's CPU ranks past mmengine's torch.cuda.set_device (a no-op
-	@# outside torchrun workers and wherever CUDA exists); see polar_xtuner/cpu_ranks.py.
+	@# outside torchrun workers and wherever CUDA exists); see polar_xtuner/train/cpu_ranks.py.
 	$(PY) -m polar_xtuner.cpu_ranks --install
 	@# DeepSpeed JIT-compiles its CPU communication op on first use (about a
 	@# minute); build it once here rather than inside the first training run.
@@ -60,7 +60,7 @@ $(SERVE_VENV)/.installed:
 	touch $@
 
 # This package, without its training dependencies, for its vLLM plugin
-# (polar_xtuner/vllm_plugin.py: last-token scores with prefix caching).
+# (polar_xtuner/serve/vllm_plugin.py: last-token scores with prefix caching).
 $(SERVE_VENV)/.plugin: $(SERVE_VENV)/.installed pyproject.toml
 	$(SERVE_VENV)/bin/pip install --no-deps -e .
 	$(SERVE_VENV)/bin/python -c "from importlib.metadata import entry_points as e; assert 'polar_reward' in e(group='vllm.general_plugins').names"

@@ -50,7 +50,7 @@ import torch
 
 # Run as `python bench/bench.py`: the package is installed (editable) by `make setup`, and
 # bench/ is the script's own directory, so its siblings import without sys.path edits.
-from polar_xtuner.demo_data import generate
+from polar_xtuner.demo.data import generate
 
 
 def chat_like_lengths(n: int, max_length: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -85,7 +85,7 @@ def packing_stats(lengths, max_packed_length: int) -> tuple[float, float]:
 
 
 def _model(tiny_dir, varlen):
-    from polar_xtuner.model import PolarRewardModel
+    from polar_xtuner.train.model import PolarRewardModel
 
     torch.manual_seed(0)
     return PolarRewardModel.from_model_dir(tiny_dir, use_varlen_attn=varlen, use_activation_checkpointing=False,
@@ -159,7 +159,7 @@ def data_build(tiny_dir, data_file: str, n: int, rounds: int = 2) -> dict:
     from transformers import AutoTokenizer
     from xtuner.dataset.preference_dataset import build_preference_dataset
 
-    from polar_xtuner.dataset import build_polar_dataset
+    from polar_xtuner.data.dataset import build_polar_dataset
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     kw = dict(max_length=1024, max_response_length=128, use_varlen_attn=True, max_packed_length=2048,
@@ -233,7 +233,7 @@ def startup(tiny_dir, data_file: str, rounds: int = 2) -> dict:
 
 
 def eval_throughput(tiny_dir, repeats: int = 5) -> dict:
-    from polar_xtuner.evaluate import load_model, score_records
+    from polar_xtuner.scoring import load_model, score_records
 
     model, tok = load_model(tiny_dir, device="cpu")
     recs = list(generate(200, 1))
@@ -258,7 +258,7 @@ def long_records(n: int, seed: int, words: int = 300) -> list[dict]:
     chosen and rejected texts share a long prefix, as an RL prompt's
     rollouts do. About 780 tokens per text with the tiny tokenizer.
     """
-    from polar_xtuner.demo_data import TOPICS
+    from polar_xtuner.demo.data import TOPICS
 
     rng = random.Random(seed)
     vocab = sorted({w for answers, *_ in TOPICS.values() for w in answers if w.isascii()})
@@ -283,7 +283,7 @@ def rollout_groups(n_prompts: int, n_rollouts: int, seed: int, words: int = 200)
     tokenizer. Returns flat (prompts, references, responses), a prompt's
     rollouts next to each other, the order an RL batch arrives in.
     """
-    from polar_xtuner.demo_data import TOPICS
+    from polar_xtuner.demo.data import TOPICS
 
     rng = random.Random(seed)
     vocab = sorted({w for answers, *_ in TOPICS.values() for w in answers if w.isascii()})
@@ -334,11 +334,12 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tup
     from transformers import AutoTokenizer
     from xtuner.utils import RewardModelClient
 
-    from polar_xtuner.client import RemoteScorer, post_json, score_records_remote, serving_inputs
+    from polar_xtuner.client import RemoteScorer, post_json
     from polar_xtuner.encoding import PolarEncoder, pair_items
-    from polar_xtuner.rl_reward import PolarReward, RFTSettings
-    from polar_xtuner.launch import free_port
-    from polar_xtuner.serve import CPU_SERVE_VENV, engine_command, engine_env, stop, wait_ready
+    from polar_xtuner.eval.remote import score_records_remote
+    from polar_xtuner.rl.reward import PolarReward, RFTSettings
+    from polar_xtuner.serve.launcher import CPU_SERVE_VENV, engine_command, engine_env, stop, wait_ready
+    from polar_xtuner.train.launch import free_port
 
     python = os.path.join(CPU_SERVE_VENV, "bin", "python")
     if not os.path.exists(python):
@@ -363,7 +364,7 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tup
                 enc = PolarEncoder(tok, *lengths)
                 data = [{"prompt": r["prompt"], "reference": r["reference"], "output": r[k]}
                         for r in recs for k in ("chosen", "rejected")]
-                ids = serving_inputs(scorer, enc, enc.serving_texts(pair_items(recs)))
+                ids = enc.serving_inputs(pair_items(recs), scorer.server_type)
 
                 def ours(recs=recs, scorer=scorer):
                     return [s for pair in score_records_remote(scorer, tok, recs, *lengths) for s in pair]
@@ -372,7 +373,7 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tup
                 reward = PolarReward(RFTSettings(server_address=f"127.0.0.1:{port}", model=tiny_dir), tokenizer=tok)
                 scorer = reward.scorer
                 data = [{"prompt": p, "reference": r, "output": c} for p, r, c in zip(*recs)]
-                ids = serving_inputs(scorer, reward.encoder, reward.texts(*recs))
+                ids = reward.inputs(*recs)
 
                 def ours(recs=recs, reward=reward):
                     return reward.score(*recs)
@@ -466,7 +467,7 @@ def main(argv=None) -> int:
                    help="model shape for the conversion-memory benchmark (none: skip it)")
     args = p.parse_args(argv)
 
-    from polar_xtuner.tiny import make_tiny_model
+    from polar_xtuner.demo.tiny_model import make_tiny_model
 
     results = {}
     lengths = chat_like_lengths(20000, 16384)
@@ -479,7 +480,7 @@ def main(argv=None) -> int:
         if not args.skip_serve:
             results.update(remote_throughput(tiny))
         if not args.skip_data:
-            from polar_xtuner.demo_data import write_jsonl
+            from polar_xtuner.demo.data import write_jsonl
 
             data_file = os.path.join(tmp, "pairs.jsonl")
             write_jsonl(data_file, generate(args.pairs, 5))

@@ -72,7 +72,7 @@ def measure(shape: str, work: str, zero: int | None = None) -> dict:
     """
     from transformers import AutoConfig, AutoModel
 
-    from polar_xtuner.tiny import make_tiny_model
+    from polar_xtuner.demo.tiny_model import make_tiny_model
 
     model_dir = make_tiny_model(os.path.join(work, "model"), with_weights=False, **SHAPES[shape])
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
@@ -105,7 +105,7 @@ def measure(shape: str, work: str, zero: int | None = None) -> dict:
         code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "polar_xtuner.convert", cfg, ckpt,
+        out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "polar_xtuner.convert.export", cfg, ckpt,
                               os.path.join(work, f"hf_{dtype}"), "--dtype", dtype, "--force"],
                              capture_output=True, text=True, cwd=REPO)
         rss_kb, rc = map(int, out.stdout.strip().split()[-2:])

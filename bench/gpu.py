@@ -127,7 +127,7 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
     from mmengine import MessageHub
     from transformers import AutoConfig
 
-    from polar_xtuner.model import PolarRewardModel
+    from polar_xtuner.train.model import PolarRewardModel
 
     on_gpu = device == "cuda"
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
@@ -223,7 +223,7 @@ def packed_vs_padded(model_dir: str, device: str, max_length: int, steps: int = 
     from xtuner.dataset.preference_dataset import PackedDatasetWrapper
 
     from bench import chat_like_lengths, synthetic_pairs
-    from polar_xtuner.model import PolarRewardModel
+    from polar_xtuner.train.model import PolarRewardModel
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     on_gpu = device == "cuda"
@@ -283,7 +283,7 @@ def eval_throughput(model_dir: str, device: str, pairs: int, max_length: int) ->
     from transformers import AutoConfig
 
     from bench import chat_like_lengths, synthetic_pairs
-    from polar_xtuner.evaluate import load_model, score_ids
+    from polar_xtuner.scoring import load_model, score_ids
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     feats = synthetic_pairs(chat_like_lengths(pairs, max_length, seed=3), config.vocab_size,
@@ -303,8 +303,9 @@ def eval_throughput(model_dir: str, device: str, pairs: int, max_length: int) ->
 
 
 def main(argv=None) -> int:
-    from bench import write_results
     from convert_memory import SHAPES
+
+    from bench import write_results
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="1.8b", choices=sorted(SHAPES))
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
             json.dump(fig, f)
         return 0
 
-    from polar_xtuner.tiny import make_tiny_model
+    from polar_xtuner.demo.tiny_model import make_tiny_model
 
     peak = peak_tflops(args.device, args.peak_tflops)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

@@ -97,7 +97,7 @@ def step_versions(ctx: Context) -> dict:
 
     import torch
 
-    from polar_xtuner.attention import _installed_varlen, available_backends
+    from polar_xtuner.train.attention import _installed_varlen, available_backends
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "cpu_count": os.cpu_count()}
@@ -170,8 +170,8 @@ def step_exactness(ctx: Context) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from polar_xtuner.attention import available_backends, varlen_attention
     from polar_xtuner.precision import half_dtype
+    from polar_xtuner.train.attention import available_backends, varlen_attention
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -224,11 +224,11 @@ def step_exactness(ctx: Context) -> dict:
 def step_model(ctx: Context) -> dict:
     """A random-weight model directory of the shape, weights made on the device, plus a data file."""
     import torch
+    from convert_memory import SHAPES
     from transformers import AutoConfig, AutoModel
 
-    from convert_memory import SHAPES
+    from polar_xtuner.demo.tiny_model import make_tiny_model
     from polar_xtuner.hf_layout import AUTO_MAP
-    from polar_xtuner.tiny import make_tiny_model
 
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if ctx.device == "cuda" else torch.float32
@@ -453,13 +453,13 @@ def _pytest(ctx: Context, args: list[str], log: str, budget: int) -> dict:
 
 def step_pytest_gpu(ctx: Context) -> dict:
     if ctx.smoke:  # the smoke run proves the step's plumbing on a test that needs no GPU
-        return _pytest(ctx, ["tests/test_varlen_versions.py"], "pytest_gpu.log", 300)
+        return _pytest(ctx, ["tests/unit/train/test_varlen_versions.py"], "pytest_gpu.log", 300)
     return _pytest(ctx, ["-m", "gpu", "-rs"], "pytest_gpu.log", 300)
 
 
 def step_pytest_unit(ctx: Context) -> dict:
     if ctx.smoke:  # one small unit file: the plumbing, not the tier (the suite runs the tier itself)
-        return _pytest(ctx, ["tests/test_schema.py"], "pytest_unit.log", 300)
+        return _pytest(ctx, ["tests/unit/core/test_schema.py"], "pytest_unit.log", 300)
     return _pytest(ctx, ["-m", "not integration and not slow and not serving and not gpu"],
                    "pytest_unit.log", 600)
 

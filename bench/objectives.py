@@ -5,7 +5,7 @@ Usage:
 
 Runs ``scripts/demo.sh`` four times (same seed, same data): the published
 Bradley-Terry loss, ``margin`` (records get a margin of 2.0 on the English
-topics and 0.5 on the Chinese ones; ``polar_xtuner.demo_data.with_margins``), ``center_rewards_coefficient=0.01``
+topics and 0.5 on the Chinese ones; ``polar_xtuner.demo.data.with_margins``), ``center_rewards_coefficient=0.01``
 and ``loss_in_fp32``. For each it records the held-out accuracy and the
 held-out scores' mean, standard deviation and mean chosen-rejected gap, and
 prints the table bench/README.md and docs/training.md keep.
@@ -23,8 +23,9 @@ import tempfile
 import time
 
 from demo_seeds import cpu_name  # bench/ is the script's own directory
-from polar_xtuner.demo_data import with_margins, write_jsonl
-from polar_xtuner.schema import load_records
+
+from polar_xtuner.demo.data import with_margins, write_jsonl
+from polar_xtuner.records import load_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,17 +17,17 @@ from mmengine.hooks import (
 )
 from mmengine.optim import OptimWrapper
 from mmengine.visualization import TensorboardVisBackend, Visualizer
-from torch.optim import AdamW
 from peft import LoraConfig
+from torch.optim import AdamW
 from transformers import AutoModel, AutoTokenizer
 from xtuner.engine.hooks import VarlenAttnArgsToMessageHubHook
 from xtuner.engine.runner import TrainLoop
 from xtuner.parallel.sequence import SequenceParallelSampler
 
-from polar_xtuner.dataset import build_polar_dataset, polar_collate_fn
-from polar_xtuner.hooks import PolarEvalHook
-from polar_xtuner.model import PolarRewardModel
-from polar_xtuner.schedulers import WarmupCosineAnnealingLR, WarmupLinearLR
+from polar_xtuner.data.dataset import build_polar_dataset, polar_collate_fn
+from polar_xtuner.train.eval_hook import PolarEvalHook
+from polar_xtuner.train.model import PolarRewardModel
+from polar_xtuner.train.schedulers import WarmupCosineAnnealingLR, WarmupLinearLR
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -39,7 +39,7 @@ use_varlen_attn = True
 reward_token_id = 4  # [UNUSED_TOKEN_130] in the tiny tokenizer; checked against it
 loss_type = "ranking"
 penalty_type = "none"
-# Loss options (polar_xtuner/objectives.py), all off as in POLAR's published recipe:
+# Loss options (polar_xtuner/train/objectives.py), all off as in POLAR's published recipe:
 margin = False  # True: -log sigmoid(s_c - s_r - m) with each record's "margin" field m (missing = 0)
 center_rewards_coefficient = 0.0  # c > 0 adds c * mean((s_c + s_r)^2); 1e-2 keeps scores near 0
 loss_in_fp32 = False  # True: scores and loss in fp32 whatever the training dtype

@@ -1,7 +1,8 @@
 """Scores from a served POLAR model (sglang, vllm or lmdeploy).
 
-Texts come from :meth:`polar_xtuner.encoding.PolarEncoder.serving_texts`, the
-same encoding as training. Each backend's request and response shape follows
+Transport only: what is sent comes from
+:meth:`polar_xtuner.encoding.PolarEncoder.serving_inputs` (token ids for vLLM,
+texts for the others), the same encoding as training. Each backend's request and response shape follows
 POLAR's published client:
 
 =========  ==================================================  ================================
@@ -41,8 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import EXIT_USER, EXIT_VERIFY, PolarError
-from .constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
+from polar_xtuner.errors import EXIT_USER, EXIT_VERIFY, PolarError
 
 SERVER_TYPES = ("sglang", "vllm", "lmdeploy")
 # Request sizes. On vLLM's CPU build (2026-11-29, bench/README.md), requests of
@@ -527,54 +527,3 @@ class RemoteScorer:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         return str(dtype).replace("torch.", "")
-
-
-def check_served_dtype(scorer: RemoteScorer, model_dir: str) -> str:
-    """Compare the served dtype with the model directory's; return a one-line note.
-
-    A model trained and converted in fp32 but served in float16 scores
-    differently (vLLM downcasts fp32 weights to float16 unless told
-    ``--dtype float32``); the caller prints the note.
-    """
-    import json
-    import os
-
-    try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-            saved = str(json.load(f).get("torch_dtype") or "")
-    except (OSError, ValueError):
-        saved = ""
-    served = scorer.served_dtype()
-    if served is None:
-        return (f"note: the server does not report its dtype; serve with --dtype {saved or 'MODEL_DTYPE'} "
-                f"(tools/serve.sh passes the model's) to score as the model was saved")
-    if saved and served != saved:
-        return (f"warning: the server computes in {served} but {model_dir} was saved in {saved}; scores "
-                f"will differ from local ones (restart it with --dtype {saved})")
-    return f"served dtype {served} matches the model's"
-
-
-def serving_inputs(scorer: RemoteScorer, encoder, texts: list[str]) -> list:
-    """What to send: token ids for vLLM (training's exact ids, and no tokenizing on the server), else texts.
-
-    ``texts`` end with the reward token string; the ids end with its id, as
-    the server's own tokenization of the text would.
-    """
-    from .constants import REWARD_TOKEN
-
-    if scorer.server_type != "vllm":
-        return texts
-    return encoder.input_ids([t[: -len(REWARD_TOKEN)] if t.endswith(REWARD_TOKEN) else t for t in texts])
-
-
-def score_records_remote(scorer: RemoteScorer, tokenizer, records, max_length=DEFAULT_MAX_LENGTH,
-                         max_response_length=DEFAULT_MAX_RESPONSE_LENGTH) -> list[tuple[float, float]]:
-    """(chosen, rejected) scores of records from a served model."""
-    from .encoding import PolarEncoder, pair_items
-
-    enc = PolarEncoder(tokenizer, max_length, max_response_length)
-    texts = enc.serving_texts(pair_items(records), [r.get("wrapper", "sft") for r in records])
-    flat = scorer.score(serving_inputs(scorer, enc, texts))
-    from .pairs import unflatten
-
-    return unflatten(flat)

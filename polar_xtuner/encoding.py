@@ -40,7 +40,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from .constants import (
+from polar_xtuner.constants import (
     CHOSEN_LABEL,
     DEFAULT_MAX_LENGTH,
     DEFAULT_MAX_RESPONSE_LENGTH,
@@ -50,8 +50,7 @@ from .constants import (
     REWARD_TOKEN,
     TEMPLATE_RESERVED_TOKENS,
 )
-from .schema import join_contents, read_settings
-
+from polar_xtuner.records import join_contents, read_settings
 
 # Written by the converter next to config.json: the lengths the model was
 # trained with travel with it, so evaluation and serving clients truncate as
@@ -168,7 +167,7 @@ class EncodingSettings:
 #    in different phases of any short period, so a regrouping tends to show as
 #    disagreement (and the windows grow) rather than as agreement.
 #
-# tests/test_long_records.py compares the ids with whole-text tokenization on
+# tests/unit/core/test_long_records.py compares the ids with whole-text tokenization on
 # ASCII, CJK, emoji, runs of spaces, giant words and periodic stretches, at
 # both kept ends, and checks the memory of the tools on a 20 MB record.
 CLIP_MARGIN_TOKENS = 64
@@ -482,6 +481,19 @@ class PolarEncoder:
     def serving_texts(self, items, wrappers=None) -> list[str]:
         """Texts for a served POLAR model: the reward token string appended."""
         return [t + REWARD_TOKEN for texts in self.texts(items, wrappers) for t in texts]
+
+    def serving_inputs(self, items, server_type: str, wrappers=None) -> list:
+        """What a server of ``server_type`` is sent for these items, one entry per candidate.
+
+        vLLM gets token ids, training's exact ids with the reward token's id
+        last, so the server tokenizes nothing; sglang and lmdeploy get the
+        text with the reward token string last, which their tokenizers turn
+        into the same ids.
+        """
+        texts = [t for per_item in self.texts(items, wrappers) for t in per_item]
+        if server_type == "vllm":
+            return self.input_ids(texts)
+        return [t + REWARD_TOKEN for t in texts]
 
     def input_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of built texts, reward token id appended (training's way)."""

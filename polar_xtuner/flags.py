@@ -14,7 +14,7 @@ import math
 import re
 import sys
 
-from .errors import EXIT_USER
+from polar_xtuner.errors import EXIT_USER
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 
-from .errors import UserError
+from polar_xtuner.errors import UserError
 
 CODE_FILES = ("configuration_internlm2.py", "modeling_internlm2.py")
 AUTO_MAP = {

@@ -48,7 +48,7 @@ unless a fallback score was asked for.
 
 # Loaded by path, this file is a module outside the package: it only re-exports
 # the package's implementation, with absolute imports.
-from polar_xtuner.rl_reward import (  # noqa: F401
+from polar_xtuner.rl.reward import (  # noqa: F401
     END_MARKERS,
     STATS_FILE,
     PolarReward,
@@ -62,7 +62,6 @@ from polar_xtuner.rl_reward import (  # noqa: F401
     response_of,
     reward_func,
     reward_stats,
-    serving_inputs,
     strip_thinking,
 )
 

@@ -11,7 +11,7 @@
 #        DEMO_CONFIG (default configs/POLAR_tiny_full_varlenattn_demo.py; the LoRA
 #        demo, configs/POLAR_tiny_lora_varlenattn_demo.py, runs the same way).
 set -euo pipefail
-# bit-reproducible MKL results on CPU (see polar_xtuner/__init__.py)
+# bit-reproducible MKL results on CPU (see MKL_CBWR in polar_xtuner/constants.py)
 export MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
 cd "$(dirname "$0")/.."
 DEMO_DIR=${DEMO_DIR:-work_dirs/demo}
@@ -27,7 +27,7 @@ start=$(date +%s)
 # discovery resets it to 29500 unless all five variables are set: give it a
 # free one, so the demo runs beside another training run. A MASTER_PORT you set
 # is kept when free; a taken one stops the demo here with one line naming it.
-MASTER_PORT=$(python -m polar_xtuner.launch --port MASTER_PORT)
+MASTER_PORT=$(python -m polar_xtuner.train.launch --port MASTER_PORT)
 export MASTER_PORT MASTER_ADDR=${MASTER_ADDR:-127.0.0.1} RANK=0 WORLD_SIZE=1 LOCAL_RANK=0
 
 echo "== 1/6 tiny POLAR model -> $TINY_DIR (seed $DEMO_SEED)"

@@ -18,7 +18,7 @@
 #   NNODES, NODE_RANK, ADDR  for several nodes (default 1, 0, 127.0.0.1)
 #   PYTHON          the interpreter with this project installed (default: python on PATH)
 set -euo pipefail
-# bit-reproducible MKL results on CPU (see polar_xtuner/__init__.py)
+# bit-reproducible MKL results on CPU (see MKL_CBWR in polar_xtuner/constants.py)
 export MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
@@ -28,7 +28,7 @@ export NPROC_PER_NODE
 cmd_file=$(mktemp)
 trap 'rm -f "$cmd_file"' EXIT
 # Prints the command NUL-separated; bad arguments exit 2 with one error line.
-"${PYTHON:-python}" -m polar_xtuner.launch "$@" > "$cmd_file"
+"${PYTHON:-python}" -m polar_xtuner.train.launch "$@" > "$cmd_file"
 mapfile -d '' cmd < "$cmd_file"
 echo "+ ${cmd[*]}" >&2
 "${cmd[@]}"

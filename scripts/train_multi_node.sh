@@ -15,7 +15,7 @@
 #                   node 0 refuses a taken one with one error line)
 #   NPROC_PER_NODE  processes per node, one per GPU (default: the GPUs nvidia-smi lists)
 set -euo pipefail
-# bit-reproducible MKL results on CPU (see polar_xtuner/__init__.py)
+# bit-reproducible MKL results on CPU (see MKL_CBWR in polar_xtuner/constants.py)
 export MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
 : "${NNODES:?set NNODES, the number of nodes}"
 : "${NODE_RANK:?set NODE_RANK, the index of this node from 0}"

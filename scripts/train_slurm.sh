@@ -16,7 +16,7 @@
 #                   on one node; node 0 refuses a taken one with one error line)
 #   ADDR            overrides node 0's hostname (e.g. a fast-network address)
 set -euo pipefail
-# bit-reproducible MKL results on CPU (see polar_xtuner/__init__.py)
+# bit-reproducible MKL results on CPU (see MKL_CBWR in polar_xtuner/constants.py)
 export MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
 : "${SLURM_JOB_NODELIST:?run inside a Slurm allocation (sbatch or salloc)}"
 # sbatch runs a copy of this file from its spool dir: find the repo from the submit dir.

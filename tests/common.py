@@ -8,7 +8,7 @@ import os
 import re
 import sys
 
-from polar_xtuner.launch import free_port  # noqa: F401 - the project's one free-port helper, for the tests
+from polar_xtuner.train.launch import free_port  # noqa: F401 - the project's one free-port helper, for the tests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, "tests", "assets")
@@ -61,7 +61,7 @@ def build_reward_model(tiny_dir, use_varlen_attn=True, **kw):
     """PolarRewardModel over a model directory, as a config builds it."""
     import torch
 
-    from polar_xtuner.model import PolarRewardModel
+    from polar_xtuner.train.model import PolarRewardModel
 
     torch.manual_seed(0)
     kw = {"loss_type": "ranking", "penalty_type": "none", **kw}

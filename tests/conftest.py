@@ -1,7 +1,7 @@
 """Fixtures and hooks only; plain helpers and constants live in tests/common.py."""
 import os
 
-# Bit-reproducible MKL results on CPU (see polar_xtuner/__init__.py), before anything imports torch.
+# Bit-reproducible MKL results on CPU (see MKL_CBWR in polar_xtuner/constants.py), before anything imports torch.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest
@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny random POLAR model + tokenizer, built once per test session."""
-    from polar_xtuner.tiny import make_tiny_model
+    from polar_xtuner.demo.tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny_polar")))
 
@@ -40,7 +40,7 @@ def tokenizer(tiny_dir):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
-    from polar_xtuner.evaluate import load_model
+    from polar_xtuner.scoring import load_model
 
     return load_model(tiny_dir, device="cpu")[0]
 

@@ -22,13 +22,23 @@ Exit codes: 0 at least one record kept; 2 nothing kept, a file missing or
 unreadable, or conflicting options.
 """
 
+if __name__ == "__main__":  # first, run as a tool: Ctrl-C, a missing module, reproducible MKL
+    from polar_xtuner.entry import start_tool
+
+    start_tool()
+
 import sys
 
-from polar_xtuner.data_check import build
-from polar_xtuner.constants import (DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, TEMPLATE_RESERVED_TOKENS,
-                                    packed_length)
-from polar_xtuner.data_formats import DEFAULT_PAIRS_PER_PROMPT, FORMATS
-from polar_xtuner.errors import UserError, cli, entry_point
+from polar_xtuner.constants import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_RESPONSE_LENGTH,
+    TEMPLATE_RESERVED_TOKENS,
+    packed_length,
+)
+from polar_xtuner.data.check import build
+from polar_xtuner.data.formats import DEFAULT_PAIRS_PER_PROMPT, FORMATS
+from polar_xtuner.entry import cli, entry_point
+from polar_xtuner.errors import UserError
 from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed, training_run_problem
 from polar_xtuner.outputs import check_writable_dir, refuse_overlap
@@ -76,7 +86,7 @@ def main(argv=None) -> int:
             raise UserError(problem)
         from transformers import AutoTokenizer
 
-        from polar_xtuner.data_check import LengthMeter
+        from polar_xtuner.data.check import LengthMeter
 
         try:
             tok = AutoTokenizer.from_pretrained(

@@ -28,21 +28,38 @@ first byte and the whole body), a batch after --max-retries of them plus the
 backoff between.
 """
 
+if __name__ == "__main__":  # first, run as a tool: Ctrl-C, a missing module, reproducible MKL
+    from polar_xtuner.entry import start_tool
+
+    start_tool()
+
 import json
 import math
 import os
 import sys
 
-from polar_xtuner.client import (DEFAULT_BATCH_TEXTS, DEFAULT_BATCH_TOKENS, DEFAULT_CONCURRENCY, DEFAULT_MAX_RETRIES,
-                                 DEFAULT_TIMEOUT_S, SERVER_TYPES, parse_addresses)
-from polar_xtuner.constants import (DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH,
-                                    TEMPLATE_RESERVED_TOKENS)
+from polar_xtuner.client import (
+    DEFAULT_BATCH_TEXTS,
+    DEFAULT_BATCH_TOKENS,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT_S,
+    SERVER_TYPES,
+    parse_addresses,
+)
+from polar_xtuner.constants import (
+    DEFAULT_EVAL_BATCH_SIZE,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_RESPONSE_LENGTH,
+    TEMPLATE_RESERVED_TOKENS,
+)
 from polar_xtuner.encoding import EncodingSettings
-from polar_xtuner.errors import UserError, VerificationError, cli, entry_point
+from polar_xtuner.entry import cli, entry_point
+from polar_xtuner.errors import UserError, VerificationError
 from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty
 from polar_xtuner.hf_layout import TRUST_FLAG, check_model_dir, load_failure, remote_code_allowed
 from polar_xtuner.outputs import atomic_file, check_writable, refuse_overlap, require_extension, write_json
-from polar_xtuner.schema import DataError, iter_records
+from polar_xtuner.records import DataError, iter_records
 
 
 def parse_args(argv=None):
@@ -119,14 +136,16 @@ def main(argv=None) -> int:
     if not good:
         raise UserError(f"--data {args.data}: no valid pair to evaluate")
 
-    from polar_xtuner.evaluate import format_report, load_model, plot_scores, preference_report, score_records
+    from polar_xtuner.eval.plot import plot_scores
+    from polar_xtuner.eval.report import format_report, preference_report
+    from polar_xtuner.scoring import load_model, score_records
 
     records = [it.record for it in good]
     if args.server_type:
         from transformers import AutoTokenizer
 
-        from polar_xtuner.client import (BadScoreError, RemoteScorer, TextTooLongError, check_served_dtype,
-                                         score_records_remote)
+        from polar_xtuner.client import BadScoreError, RemoteScorer, TextTooLongError
+        from polar_xtuner.eval.remote import check_served_dtype, score_records_remote
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=trust)

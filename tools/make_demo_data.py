@@ -8,8 +8,13 @@ chosen answer agrees with the reference's final answer, the rejected one does
 not. Answers are random per record, so only the reference tells them apart.
 """
 
-from polar_xtuner.demo_data import write_demo_data
-from polar_xtuner.errors import cli, entry_point
+if __name__ == "__main__":  # first, run as a tool: Ctrl-C, a missing module, reproducible MKL
+    from polar_xtuner.entry import start_tool
+
+    start_tool()
+
+from polar_xtuner.demo.data import write_demo_data
+from polar_xtuner.entry import cli, entry_point
 from polar_xtuner.flags import ArgumentParser, int_at_least, non_empty
 
 

@@ -17,7 +17,7 @@
 # before it answers), else the engine's own.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-# polar_xtuner.serve uses the standard library only: any python3 can run it, with or
+# polar_xtuner.serve.launcher uses the standard library only: any python3 can run it, with or
 # without xtuner (the shipped model code it checks against is found, not imported).
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m polar_xtuner.serve "$@"
+exec "${PYTHON:-python3}" -m polar_xtuner.serve.launcher "$@"

@@ -28,7 +28,7 @@ import torch
 
 
 def candidates(val_path):
-    from polar_xtuner.schema import load_records
+    from polar_xtuner.records import load_records
 
     out = []
     for rec in load_records(val_path):
@@ -43,7 +43,7 @@ def run_verl(model_dir, address, items, tokenizer):
     from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
-    from polar_xtuner.rft_data import _messages
+    from polar_xtuner.rl.prompts import _messages
 
     config = OmegaConf.create({"reward": {"custom_reward_function": {
         "path": "pkg://polar_xtuner.rft", "name": "compute_score",

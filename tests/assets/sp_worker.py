@@ -1,6 +1,6 @@
 """Two CPU ranks check PolarRewardModel's sequence-parallel varlen attention.
 
-Run by tests/test_sequence_parallel.py as
+Run by tests/unit/train/test_sequence_parallel.py as
 ``torchrun --nproc_per_node=2 tests/assets/sp_worker.py MODEL_DIR``. Each rank
 feeds its half of one packed row through the model with xtuner's sequence
 parallel group of 2 (Ulysses all-to-all over gloo) and must get its half of
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from mmengine import MessageHub
 
-from polar_xtuner.model import PolarRewardModel
+from polar_xtuner.train.model import PolarRewardModel
 
 
 def main(model_dir):

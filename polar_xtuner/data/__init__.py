@@ -1,0 +1,1 @@
+"""Records into training data: the data checker (check), source formats (formats), the packed dataset (dataset) and its on-disk cache (cache)."""

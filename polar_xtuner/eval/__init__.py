@@ -1,0 +1,1 @@
+"""Preference evaluation: the report, the plot, and scoring on a served model."""

@@ -1,0 +1,41 @@
+"""Evaluation on a served model: pair scores through the remote client, and the served dtype's check."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from polar_xtuner.client import RemoteScorer
+from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
+from polar_xtuner.encoding import PolarEncoder, pair_items
+from polar_xtuner.pair_metrics import unflatten
+
+
+def check_served_dtype(scorer: RemoteScorer, model_dir: str) -> str:
+    """Compare the served dtype with the model directory's; return a one-line note.
+
+    A model trained and converted in fp32 but served in float16 scores
+    differently (vLLM downcasts fp32 weights to float16 unless told
+    ``--dtype float32``); the caller prints the note.
+    """
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            saved = str(json.load(f).get("torch_dtype") or "")
+    except (OSError, ValueError):
+        saved = ""
+    served = scorer.served_dtype()
+    if served is None:
+        return (f"note: the server does not report its dtype; serve with --dtype {saved or 'MODEL_DTYPE'} "
+                f"(tools/serve.sh passes the model's) to score as the model was saved")
+    if saved and served != saved:
+        return (f"warning: the server computes in {served} but {model_dir} was saved in {saved}; scores "
+                f"will differ from local ones (restart it with --dtype {saved})")
+    return f"served dtype {served} matches the model's"
+
+
+def score_records_remote(scorer: RemoteScorer, tokenizer, records, max_length=DEFAULT_MAX_LENGTH,
+                         max_response_length=DEFAULT_MAX_RESPONSE_LENGTH) -> list[tuple[float, float]]:
+    """(chosen, rejected) scores of records from a served model."""
+    enc = PolarEncoder(tokenizer, max_length, max_response_length)
+    inputs = enc.serving_inputs(pair_items(records), scorer.server_type, [r.get("wrapper", "sft") for r in records])
+    return unflatten(scorer.score(inputs))

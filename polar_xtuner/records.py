@@ -1,0 +1,426 @@
+"""The record schema: what a POLAR preference record is, and how bad ones fail.
+
+A record is a JSON object with ``prompt``, ``reference``, ``chosen`` and
+``rejected``. Each is a list of messages ``{"role": str, "content": str}``; a
+plain string is accepted and becomes one message (POLAR's client accepts
+strings too). An optional ``margin`` (a finite number) is the gap the pair
+must be separated by when the config sets ``margin = True``. Extra keys
+(``source``, ``category``, ``id``...) are kept.
+
+Every rule raises :class:`RecordError` naming the field, and
+:func:`iter_records` adds the file and the 1-based line number, so a user can go
+straight to the bad line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from polar_xtuner.constants import RECORD_FIELDS
+from polar_xtuner.errors import UserError
+
+# Who wrote a message in a prompt; answers (reference/chosen/rejected) are
+# usually "assistant" but any string role is accepted.
+_DEFAULT_ROLE = {"prompt": "user"}
+
+
+class RecordError(UserError):
+    """A record breaks a schema rule.
+
+    Attributes:
+        field: The offending field (or None for record-level problems).
+        reason: Human-readable reason that names the field.
+        code: Short stable key for histograms (``missing_field``...).
+    """
+
+    def __init__(self, reason: str, field: str | None = None, code: str = "invalid"):
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+        self.code = code
+
+
+def finite_number(value, where: str, field: str | None = None) -> float:
+    """``value`` as a float, or a RecordError naming ``where``.
+
+    JSON numbers only: a bool is an int in Python and a string is not a number,
+    and NaN or +-Infinity (which Python's json reads) would poison a loss, a
+    ranking or a report.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecordError(f"'{where}' must be a finite number, got {json.dumps(value)}",
+                          field or where.split("[")[0].split(".")[0], "bad_number")
+    return float(value)
+
+
+def refuse_non_finite(value: Any, where: str) -> None:
+    """Refuse NaN or +-Infinity anywhere inside ``value`` (kept keys are written out as JSON again)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(f"'{where}' is {json.dumps(value)}, which is not a finite number",
+                          where.split("[")[0].split(".")[0], "bad_number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            refuse_non_finite(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            refuse_non_finite(v, f"{where}[{i}]")
+
+
+class DataError(UserError):
+    """A data file cannot be used (missing, unreadable, or records invalid). Exit 2."""
+
+
+@dataclass
+class Located:
+    """A parsed line of a data file and where it came from."""
+
+    source: str
+    line: int
+    raw: str
+    record: dict | None = None
+    error: RecordError | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+def _normalise_field(name: str, value: Any) -> list[dict]:
+    if value is None:
+        raise RecordError(f"field '{name}' is null", name, "null_field")
+    if isinstance(value, str):
+        value = [{"role": _DEFAULT_ROLE.get(name, "assistant"), "content": value}]
+    if not isinstance(value, list):
+        raise RecordError(
+            f"field '{name}' must be a list of messages or a string, got {type(value).__name__}",
+            name, "bad_type",
+        )
+    if not value:
+        raise RecordError(f"field '{name}' is an empty list", name, "empty_content")
+    for i, msg in enumerate(value):
+        # runs for every message of every record: error texts are built only on failure
+        if not isinstance(msg, dict):
+            raise RecordError(
+                f"'{name}[{i}]' must be a message object {{role, content}}, got {type(msg).__name__}",
+                name, "bad_message",
+            )
+        if "content" not in msg:
+            raise RecordError(f"'{name}[{i}]' has no 'content'", name, "bad_message")
+        if "role" in msg and not isinstance(msg["role"], str):
+            raise RecordError(f"'{name}[{i}]'.role must be a string", name, "bad_message")
+        content = msg["content"]
+        if content is None:
+            raise RecordError(f"'{name}[{i}]'.content is null", name, "null_field")
+        if not isinstance(content, str):
+            raise RecordError(
+                f"'{name}[{i}]'.content must be a string, got {type(content).__name__}",
+                name, "bad_message",
+            )
+    # all contents blank <=> their concatenation is blank
+    if not any(m["content"].strip() for m in value):
+        raise RecordError(f"field '{name}' has empty content", name, "empty_content")
+    return value
+
+
+def normalise_field(name: str, value: Any) -> list[dict]:
+    """One field checked by the record rules and returned as a message list.
+
+    Raises:
+        RecordError: The field breaks a rule (the reason names it).
+    """
+    return _normalise_field(name, value)
+
+
+def join_contents(field: Any) -> str:
+    """The text of a field: message contents joined with "\\n"; strings as is."""
+    if isinstance(field, str):
+        return field
+    return "\n".join(m["content"] for m in field)
+
+
+def validate_record(obj: Any) -> dict:
+    """Check one record and return it normalised (fields as message lists).
+
+    Args:
+        obj: A parsed JSON value.
+
+    Returns:
+        A new dict with the four fields as lists of messages and every other
+        key untouched.
+
+    Raises:
+        RecordError: The first rule the record breaks.
+    """
+    if not isinstance(obj, dict):
+        raise RecordError(f"record must be a JSON object, got {type(obj).__name__}", None, "not_object")
+    missing = [f for f in RECORD_FIELDS if f not in obj]
+    if missing:
+        raise RecordError(
+            "missing field" + ("s " if len(missing) > 1 else " ") + ", ".join(f"'{f}'" for f in missing),
+            missing[0], "missing_field",
+        )
+    out = dict(obj)
+    for name in RECORD_FIELDS:
+        out[name] = _normalise_field(name, obj[name])
+    if join_contents(out["chosen"]) == join_contents(out["rejected"]):
+        raise RecordError("'chosen' is identical to 'rejected'", "chosen", "chosen_equals_rejected")
+    if "margin" in obj:
+        try:
+            finite_number(obj["margin"], "margin")
+        except RecordError as e:
+            raise RecordError(e.reason, "margin", "bad_margin") from None
+    for key, value in obj.items():
+        if key not in RECORD_FIELDS and key != "margin":
+            refuse_non_finite(value, key)
+    return out
+
+
+def check(item: Located, obj: Any) -> Located:
+    """Validate obj into item.record, or set item.error; return item."""
+    try:
+        item.record = validate_record(obj)
+    except RecordError as e:
+        item.error = e
+    return item
+
+
+class DuplicateKeyError(UserError):
+    """An object names one key twice (JSON keeps the last silently)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs):
+    # A JSON object with a key twice has no single meaning (Python would keep
+    # the last value silently), so such a record is rejected, naming the key.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise DuplicateKeyError(k)
+            seen.add(k)
+    return obj
+
+
+def parse_json(text: str):
+    """json.loads that refuses duplicate keys (DuplicateKeyError) and keeps NaN literals for the rules."""
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+
+
+def read_settings(path: str) -> dict:
+    """A settings file: one JSON object, no key twice (the project's one reader of such files).
+
+    Raises:
+        ValueError: The file cannot be read, is not JSON, names a key twice,
+            or is not an object; the message says which.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = parse_json(f.read())
+    except DuplicateKeyError as e:
+        raise ValueError(f"the key {e.key!r} appears twice") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a data file ({', '.join(DATA_SUFFIXES)})")
+
+
+def _sniff(path: str) -> str:
+    """The container: "gzip", "parquet" or "text", from the first bytes (not the name)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if head[:2] == _GZIP_MAGIC:
+        return "gzip"
+    if head == _PARQUET_MAGIC:
+        return "parquet"
+    return "text"
+
+
+def iter_records(path: str, validate: bool = True) -> Iterator[Located]:
+    """Every record of one data file, whatever its format: the one reader of the project.
+
+    JSON Lines (``.jsonl``), a JSON array (``.json``; the line is the index
+    + 1), either gzip-compressed (found by its magic bytes, whatever the
+    name), or Parquet (one record per row; the line is the row + 1). Invalid
+    records are yielded with ``error`` set, never skipped silently.
+
+    Raises:
+        DataError: The file is missing, unreadable or not one of these formats.
+    """
+    _check_file(path)
+    kind = _sniff(path)
+    if kind == "parquet":
+        yield from _iter_parquet(path, validate)
+        return
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith(".json"):
+        yield from _iter_json_array(path, kind == "gzip", validate)
+    else:
+        yield from _iter_lines(path, kind == "gzip", validate)
+
+
+def _open_binary(path: str, gz: bool):
+    import gzip
+
+    try:
+        return gzip.open(path, "rb") if gz else open(path, "rb")  # bytes: a bad byte is pinned to its line
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _parsed(item: Located, validate: bool) -> Located:
+    try:
+        obj = parse_json(item.raw)
+    except json.JSONDecodeError as e:
+        item.error = RecordError(f"invalid JSON ({e.msg} at column {e.colno})", None, "invalid_json")
+        return item
+    except DuplicateKeyError as e:
+        item.error = RecordError(f"key '{e.key}' appears twice in one object; keep one", e.key, "duplicate_key")
+        return item
+    except RecursionError:
+        item.error = RecordError("JSON nested too deeply", None, "invalid_json")
+        return item
+    if validate:
+        return check(item, obj)
+    item.record = obj
+    return item
+
+
+def _iter_lines(path: str, gz: bool, validate: bool) -> Iterator[Located]:
+    import zlib
+
+    with _open_binary(path, gz) as f:
+        lineno = 0
+        try:
+            for lineno, bline in enumerate(f, 1):
+                if lineno == 1 and bline.startswith(b"\xef\xbb\xbf"):
+                    bline = bline[3:]  # a UTF-8 byte-order mark, as some editors write
+                try:
+                    raw = bline.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    item = Located(path, lineno, bline.decode("utf-8", "replace").rstrip("\r\n"))
+                    item.error = RecordError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, "not_utf8")
+                    yield item
+                    continue
+                if not raw.strip():
+                    continue
+                yield _parsed(Located(path, lineno, raw), validate)
+        except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
+            raise DataError(f"{path}:{lineno + 1}: cannot decompress ({e}); the file is truncated or "
+                            f"corrupt") from None
+
+
+def _iter_json_array(path: str, gz: bool, validate: bool) -> Iterator[Located]:
+    import zlib
+
+    try:
+        with _open_binary(path, gz) as f:
+            data = f.read()
+        text = data.decode("utf-8-sig")  # a byte-order mark is accepted
+        records = json.loads(text, object_pairs_hook=_no_duplicate_keys_lenient)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: a .json source must hold an array of records")
+    for i, obj in enumerate(records, 1):
+        item = Located(path, i, json.dumps(obj, ensure_ascii=False))
+        if isinstance(obj, _Duplicated):
+            item.error = RecordError(f"key '{obj.key}' appears twice in one object; keep one", obj.key,
+                                     "duplicate_key")
+            yield item
+        elif validate:
+            yield check(item, obj)
+        else:
+            item.record = obj
+            yield item
+
+
+class _Duplicated(dict):
+    """An object of a JSON array that had a duplicate key (so the whole file need not fail)."""
+
+    key = ""
+
+
+def _no_duplicate_keys_lenient(pairs):
+    try:
+        return _no_duplicate_keys(pairs)
+    except DuplicateKeyError as e:
+        out = _Duplicated(pairs)
+        out.key = e.key
+        return out
+
+
+def _iter_parquet(path: str, validate: bool) -> Iterator[Located]:
+    try:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DataError(f"{path}: cannot read it as Parquet ({e})") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for obj in batch.to_pylist():
+            row += 1
+            item = Located(path, row, json.dumps(obj, ensure_ascii=False, default=str))
+            if validate:
+                yield check(item, obj)
+            else:
+                item.record = obj
+                yield item
+
+
+def load_records(paths: str | list[str], max_errors_shown: int = 5) -> list[dict]:
+    """Read and validate jsonl files; fail on the first bad file with details.
+
+    Used where a bad record must stop the run (training data): every error is
+    counted, the first few are shown with file, line and field.
+
+    Raises:
+        DataError: Any record is invalid, a file is missing, or nothing is left.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    records, errors = [], []
+    for path in paths:
+        for item in iter_records(path):
+            if item.error is not None:
+                errors.append(f"{item.where}: {item.error.reason}")
+            else:
+                records.append(item.record)
+    if errors:
+        shown = "\n  ".join(errors[:max_errors_shown])
+        more = f"\n  ... and {len(errors) - max_errors_shown} more" if len(errors) > max_errors_shown else ""
+        raise DataError(
+            f"{len(errors)} invalid record(s) in {', '.join(paths)}:\n  {shown}{more}\n"
+            "Fix them, or run tools/build_dataset.py to keep only the valid ones."
+        )
+    if not records:
+        raise DataError(f"no records in {', '.join(paths)}")
+    return records

@@ -1,0 +1,156 @@
+"""Scoring with a local POLAR model: loading a model dir, scoring token ids and records.
+
+Pairs are encoded with :class:`polar_xtuner.encoding.PolarEncoder` (the same
+text as training and serving), sorted by length and scored in batches. The
+score is read at the last attended token, found from the attention mask, and
+position ids count real tokens only, so left and right padding give the same
+scores.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from polar_xtuner.constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
+from polar_xtuner.encoding import PolarEncoder
+from polar_xtuner.pair_metrics import unflatten
+from polar_xtuner.precision import SCORING_ATTENTION, default_device, eval_dtype
+
+
+def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False):
+    """Load a POLAR model directory (or a LoRA adapter directory): bf16 on GPU, float32 on CPU.
+
+    Args:
+        trust_remote_code: Run Python code in the directory even when it is
+            not the code this project ships (see :mod:`polar_xtuner.hf_layout`).
+
+    Returns:
+        (model, tokenizer)
+
+    Raises:
+        UserError: The directory holds code we did not ship and trust_remote_code is off;
+            a piece is missing, or a file (named) is truncated; it is a training work dir.
+    """
+    from transformers import AutoTokenizer
+
+    from polar_xtuner.errors import UserError
+    from polar_xtuner.hf_layout import check_files_whole, check_model_dir, load_failure, remote_code_allowed
+
+    device = device or default_device()
+    if dtype is None:
+        dtype = eval_dtype(device)
+    check_model_dir(path)  # every file too: a truncated one is named before loading
+    base = _adapter_base(path)
+    if base and os.path.isdir(base):  # an adapter directory's local base model: its weights load too
+        check_files_whole(base, f"{path}'s base model", "copy the base model again")
+    trust = remote_code_allowed(path, trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+        raise load_failure(path, "tokenizer", e) from None
+    try:
+        return _load_weights(path, device, dtype, trust, trust_remote_code), tokenizer
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, MemoryError):
+            raise
+        raise load_failure(path, "model", e) from None
+
+
+def _adapter_base(path: str) -> str | None:
+    """An adapter directory's ``base_model_name_or_path`` (None for a full model or when unreadable)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            return json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_weights(path, device, dtype, trust, trust_remote_code):
+    from transformers import AutoModel
+
+    from polar_xtuner.hf_layout import remote_code_allowed
+
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        # A LoRA adapter directory (tools/convert.sh --adapter): its base model
+        # plus the adapters and trained head, merged in memory.
+        from peft import PeftConfig, PeftModel
+
+        base = PeftConfig.from_pretrained(path).base_model_name_or_path
+        model = AutoModel.from_pretrained(base, trust_remote_code=remote_code_allowed(base, True if not
+                                          os.path.isdir(base) else trust_remote_code),
+                                          torch_dtype=dtype, attn_implementation=SCORING_ATTENTION)
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    else:
+        model = AutoModel.from_pretrained(
+            path, trust_remote_code=trust, torch_dtype=dtype, attn_implementation=SCORING_ATTENTION
+        )
+    return model.to(device).eval()
+
+
+def pad_id(tokenizer) -> int:
+    """The padding id: pad, or EOS where the tokenizer has no pad token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def score_ids(model, ids_list: Sequence[list[int]], pad_id: int, padding_side: str = "left",
+              batch_size: int = DEFAULT_EVAL_BATCH_SIZE, progress: bool = False) -> list[float]:
+    """Score token-id sequences (each ending with the reward token).
+
+    ``model`` is a HF ``InternLM2ForRewardModel`` or the training
+    ``PolarRewardModel``; both have a backbone and a ``v_head``.
+
+    Sequences are sorted by length so each batch pads little; results come
+    back in input order.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))
+    scores = [0.0] * len(ids_list)
+    # PolarRewardModel (training) keeps the backbone in .llm, the HF class in .model.
+    backbone = model.llm if hasattr(model, "llm") else model.model
+    for start in tqdm(range(0, len(order), batch_size), desc="Scoring", disable=not progress,
+                      unit="batch"):
+        idx = order[start:start + batch_size]
+        seqs = [ids_list[i] for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            if padding_side == "left":
+                ids[row, width - len(s):] = torch.tensor(s)
+                mask[row, width - len(s):] = 1
+            else:
+                ids[row, :len(s)] = torch.tensor(s)
+                mask[row, :len(s)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids)[0]
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # last attended position
+        values = model.v_head(hidden[torch.arange(len(seqs), device=device), last]).squeeze(-1)
+        for i, v in zip(idx, values.float().tolist()):
+            scores[i] = v
+    return scores
+
+
+def score_records(model, tokenizer, records: Sequence[dict], max_length: int = DEFAULT_MAX_LENGTH,
+                  max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH, batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+                  padding_side: str | None = None, progress: bool = False) -> list[tuple[float, float]]:
+    """(chosen score, rejected score) for each validated record."""
+    if not records:
+        return []
+    enc = PolarEncoder(tokenizer, max_length=max_length, max_response_length=max_response_length,
+                       reward_token_id=getattr(model.config, "reward_token_id", None))
+    feats = enc.encode_pairs(records)
+    ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
+    flat = score_ids(model, ids, pad_id(tokenizer), padding_side or tokenizer.padding_side,
+                     batch_size, progress)
+    return unflatten(flat)

@@ -1,0 +1,1 @@
+"""Serving a converted model: the engine launcher behind tools/serve.sh and the vLLM plugin."""

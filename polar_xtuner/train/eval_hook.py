@@ -1,0 +1,97 @@
+"""An mmengine hook that measures preference accuracy during training.
+
+``PolarEvalHook`` scores a validation file with the model being trained, every
+``interval`` iterations and at the end, with the same encoding and scorer as
+``tools/eval_pref.py``, and logs ``val/pref_accuracy`` (and the mean margin) to
+the runner's visualizer (TensorBoard in the configs) and the log.
+
+Every rank runs the same evaluation, so ZeRO-3's collective parameter gathers
+stay in step; rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from mmengine.dist import get_rank
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+
+from polar_xtuner.records import load_records
+
+
+class PolarEvalHook(Hook):
+    """Preference accuracy on a validation file during training.
+
+    Args:
+        data_files: Validation .jsonl (prompt/reference/chosen/rejected).
+        tokenizer: The tokenizer or its config dict.
+        interval: Evaluate every this many iterations (and after training).
+        max_length: Token budget, as in training (None: the lengths saved in
+            the tokenizer's model directory, else POLAR's defaults).
+        max_response_length: Response cap, as in training (None: likewise).
+        batch_size: Sequences per forward pass.
+    """
+
+    # After VarlenAttnArgsToMessageHubHook (NORMAL) has cleared the packed
+    # row's boundaries, so evaluation runs padded batches.
+    priority = "LOW"
+
+    def __init__(self, data_files, tokenizer, interval: int = 500, max_length: int | None = None,
+                 max_response_length: int | None = None, batch_size: int = 16):
+        self.data_files = data_files
+        self.tokenizer = tokenizer
+        self.interval = interval
+        self.max_length = max_length
+        self.max_response_length = max_response_length
+        self.batch_size = batch_size
+        self._ids = None
+        self.history: list[tuple[int, float]] = []
+
+    def before_train(self, runner) -> None:
+        from polar_xtuner.data.dataset import _build_tokenizer
+        from polar_xtuner.encoding import EncodingSettings, PolarEncoder
+        from polar_xtuner.scoring import pad_id
+
+        # Validate and encode once: a bad val file fails before training starts.
+        records = load_records(self.data_files)
+        tok = _build_tokenizer(self.tokenizer)
+        model_dir = getattr(tok, "name_or_path", None)
+        settings = EncodingSettings.from_model_dir(model_dir if model_dir and os.path.isdir(model_dir) else None)
+        settings = settings.override(self.max_length, self.max_response_length)
+        feats = PolarEncoder(tok, settings.max_length, settings.max_response_length).encode_pairs(records)
+        self._ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
+        self._pad = pad_id(tok)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if self.every_n_train_iters(runner, self.interval):
+            self.evaluate(runner, runner.iter + 1)  # runner.iter counts from 0 until the step ends
+
+    def after_train(self, runner) -> None:
+        if not self.history or self.history[-1][0] != runner.iter:
+            self.evaluate(runner, runner.iter)
+
+    @torch.no_grad()
+    def evaluate(self, runner, step: int) -> float:
+        """Score the val file with the current weights; log and return the accuracy."""
+        from polar_xtuner.pair_metrics import accuracy, mean_margin, unflatten
+        from polar_xtuner.scoring import score_ids
+
+        model = runner.model
+        while hasattr(model, "module"):  # DeepSpeed / DDP wrappers
+            model = model.module
+        was_training = model.training
+        model.eval()
+        try:
+            flat = score_ids(model, self._ids, self._pad, "right", self.batch_size)
+        finally:
+            model.train(was_training)
+        pairs = unflatten(flat)
+        acc, margin = accuracy(pairs), mean_margin(pairs)
+        self.history.append((step, acc))
+        if get_rank() == 0:
+            runner.visualizer.add_scalars({"val/pref_accuracy": acc, "val/margin": margin}, step=step)
+            print_log(f"PolarEvalHook: iter {step} val/pref_accuracy {acc:.4f} "
+                      f"margin {margin:.4f} (n={len(pairs)})", "current")
+        return acc

@@ -1,0 +1,217 @@
+"""Output paths (issue 27, class 4): symlinks are written through, modes follow the umask, parents must exist.
+
+Rules (polar_xtuner/outputs.py, shared by every writer):
+
+* an output path that is a symbolic link is written through: its target is
+  replaced atomically and the link is kept (it was swapped for a folder,
+  then ``OSError: Cannot call rmtree on a symbolic link``, leaving a
+  ``.tmp-*`` link behind);
+* written files have the modes the user's umask gives (a converted
+  ``model.safetensors`` was 0600, from safetensors' private temporary file);
+* the folder an output goes into must exist: a missing one is one line
+  naming it, exit 2, and nothing is created.
+"""
+import json
+import os
+import stat
+
+import pytest
+
+from common import VAL, copy_config, run_tool
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p for p in os.listdir(folder) if ".tmp-" in p or ".old-" in p)
+
+
+@pytest.fixture(scope="module")
+def pth_run(tiny_dir, tmp_path_factory):
+    from safetensors.torch import load_file
+
+    import torch
+
+    root = tmp_path_factory.mktemp("output_paths")
+    hf = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    state = {("llm." + k[len("model."):] if k.startswith("model.") else k): v for k, v in hf.items()}
+    torch.save({"state_dict": state, "meta": {}}, root / "iter_1.pth")
+    return {"ckpt": str(root / "iter_1.pth"), "cfg": copy_config(str(root), "polar_out_paths.py", tiny_dir, VAL)}
+
+
+# -- symbolic links ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration  # runs tools/build_dataset.py in a subprocess
+def test_build_writes_through_a_symlinked_output(tmp_path):
+    real = tmp_path / "v1"
+    assert run_tool("python", "tools/build_dataset.py", VAL, "-o", str(real)).returncode == 0
+    link = tmp_path / "out"
+    link.symlink_to("v1")
+    proc = run_tool("python", "tools/build_dataset.py", VAL, "-o", str(link), "--val-ratio", "0.25")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.path.islink(link) and os.readlink(link) == "v1"  # the link is kept ...
+    assert (real / "val.jsonl").exists()  # ... and its target holds the new output
+    assert leftovers(tmp_path) == []
+
+
+def test_convert_writes_through_a_symlinked_out_dir(pth_run, tmp_path, capsys):
+    from polar_xtuner.convert.export import main
+
+    real = tmp_path / "models" / "v1"
+    real.parent.mkdir()
+    real.mkdir()
+    (real / "old.txt").write_text("an earlier model")
+    link = tmp_path / "hf"
+    link.symlink_to(real)
+    assert main([pth_run["cfg"], pth_run["ckpt"], str(link), "--force", "--no-verify"]) == 0, capsys.readouterr().err
+    assert os.path.islink(link) and os.path.realpath(link) == str(real)
+    assert (real / "model.safetensors").exists() and not (real / "old.txt").exists()
+    assert leftovers(tmp_path) == [] and leftovers(real.parent) == []
+
+
+def test_a_file_output_is_written_through_its_symlink(tmp_path):
+    from polar_xtuner.outputs import atomic_file, write_json
+
+    target = tmp_path / "reports" / "r.json"
+    target.parent.mkdir()
+    target.write_text("{}")
+    link = tmp_path / "r.json"
+    link.symlink_to(target)
+    write_json(str(link), {"new": 1})
+    assert os.path.islink(link) and json.loads(target.read_text()) == {"new": 1}
+    dangling = tmp_path / "later.txt"
+    dangling.symlink_to(tmp_path / "reports" / "later.txt")  # a link to an output not written yet
+    with atomic_file(str(dangling)) as tmp, open(tmp, "w") as f:
+        f.write("x")
+    assert os.path.islink(dangling) and (tmp_path / "reports" / "later.txt").read_text() == "x"
+    assert leftovers(tmp_path) == [] and leftovers(target.parent) == []
+
+
+# -- modes --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration  # runs tools/convert.sh in a subprocess
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_converted_files_follow_the_umask(umask, pth_run, tmp_path):
+    out = tmp_path / "hf"
+    proc = run_tool("bash", "-c", f'umask {umask:03o} && exec bash tools/convert.sh "$@"', "convert",
+                    pth_run["cfg"], pth_run["ckpt"], str(out), "--no-verify")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modes = {p: stat.S_IMODE(os.stat(out / p).st_mode) for p in os.listdir(out)}
+    assert modes and all(m == 0o666 & ~umask for m in modes.values()), {p: oct(m) for p, m in modes.items()}
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask
+
+
+def test_atomic_outputs_follow_the_umask_whatever_the_writer_made(tmp_path):
+    from polar_xtuner.outputs import atomic_dir, atomic_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(str(tmp_path / "d")) as work:
+            os.mkdir(os.path.join(work, "sub"), 0o700)
+            fd = os.open(os.path.join(work, "sub", "w.bin"), os.O_CREAT | os.O_WRONLY, 0o600)  # as mkstemp does
+            os.close(fd)
+        with atomic_file(str(tmp_path / "f.txt")) as tmp:
+            os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "d" / "sub").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(tmp_path / "d" / "sub" / "w.bin").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "f.txt").st_mode) == 0o644
+
+
+# -- the folder of an output must exist ---------------------------------------------------------------------
+
+
+@pytest.mark.integration  # runs the tools in subprocesses
+def test_a_missing_output_folder_is_one_line_naming_it_in_every_writer(tmp_path, tiny_dir, pth_run):
+    missing = tmp_path / "no" / "such"
+    src = tmp_path / "in.jsonl"
+    src.write_text(open(VAL, encoding="utf-8").read())
+    cases = [
+        ("python", "tools/build_dataset.py", str(src), "-o", str(missing / "out")),
+        ("bash", "tools/convert.sh", pth_run["cfg"], pth_run["ckpt"], str(missing / "hf")),
+        ("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(src), "--out", str(missing / "r.json")),
+        ("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(src), "--save-scores",
+         str(missing / "s.jsonl")),
+        ("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(src), "--plot", str(missing / "p.png")),
+        ("python", "tools/make_rft_data.py", str(src), "-o", str(missing / "rl.jsonl")),
+    ]
+    for cmd in cases:
+        proc = run_tool(*cmd)
+        line = one_error_line(proc.stderr)
+        assert proc.returncode == 2 and f"the folder {missing} does not exist" in line, (cmd, line)
+        assert not (tmp_path / "no").exists(), cmd  # nothing created on the way
+
+
+def test_the_library_writers_refuse_a_missing_folder_too(tmp_path):
+    from polar_xtuner.errors import UserError
+    from polar_xtuner.outputs import atomic_dir, write_json
+    from polar_xtuner.rl.prompts import write_rows
+
+    for write in (lambda p: write_json(p, {}), lambda p: write_rows([{"prompt": []}], p, "openrlhf")):
+        with pytest.raises(UserError, match=f"the folder {tmp_path / 'no'} does not exist"):
+            write(str(tmp_path / "no" / "x.jsonl"))
+    with pytest.raises(UserError, match="does not exist"):
+        with atomic_dir(str(tmp_path / "no" / "d")):
+            pass
+    assert os.listdir(tmp_path) == []
+
+
+def _tool_main(name):
+    import importlib.util
+
+    from common import REPO
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_the_tiny_model_tool_follows_the_umask_and_keeps_a_folder_it_was_not_told_to_replace(umask, tmp_path,
+                                                                                               capsys):
+    main = _tool_main("make_tiny_model")
+    out = tmp_path / "tiny"
+    old = os.umask(umask)
+    try:
+        assert main([str(out)]) == 0
+    finally:
+        os.umask(old)
+    modes = {p: stat.S_IMODE(os.stat(out / p).st_mode) for p in os.listdir(out)}
+    assert "model.safetensors" in modes  # safetensors' writer alone made it 0600
+    assert all(m == 0o666 & ~umask for m in modes.values()), {p: oct(m) for p, m in modes.items()}
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main([str(mine)]) == 2
+    assert "--force" in one_error_line(capsys.readouterr().err)
+    assert os.listdir(mine) == ["notes.txt"]
+    assert main([str(tmp_path / "no" / "tiny")]) == 2
+    assert "does not exist" in one_error_line(capsys.readouterr().err)
+    assert main([str(mine), "--force"]) == 0 and "notes.txt" not in os.listdir(mine)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag, name", [
+    ("--plot", "scores.txt"), ("--plot", "scores"), ("--out", "report.jsonl"), ("--out", "report.txt"),
+    ("--save-scores", "scores.json"), ("--save-scores", "scores.csv"),
+])
+def test_an_evaluation_output_named_for_another_format_is_refused_before_scoring(flag, name, tiny_dir, tmp_path,
+                                                                                  capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(open(VAL, encoding="utf-8").read())
+    rc = _tool_main("eval_pref")(["--model", tiny_dir, "--data", str(src), flag, str(tmp_path / name)])
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and line.startswith(f"error: {flag} ") and ("extension" in line), line
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]

@@ -1,0 +1,564 @@
+"""Issue 27's network fault classes, each for every client that meets it.
+
+* deadlines: a server that never answers, stalls after its headers, trickles
+  a byte every half second, sends half its body or an empty one is given up
+  on within ``timeout x attempts + backoff`` (+1 s), by eval_pref's remote
+  scoring, the RL reward functions, the sigmoid probe, the served-dtype check,
+  bench's calls (``post_json``) and serve.sh's readiness wait;
+* answers are matched to texts by their ``index``, and indices that are not a
+  permutation of the request are refused;
+* the sigmoid probe tells raw scores from sigmoids by their values, within
+  what bf16 serving gives;
+* a server's 400 for an over-long text names ``--max-length`` and its limit;
+* serve.sh refuses a taken port before the engine starts, and runs under a
+  python without xtuner.
+"""
+import base64
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from common import REPO, free_port, run_tool
+from polar_xtuner.client import RemoteScorer, RemoteScoringError, TextTooLongError, http_request, post_json
+from polar_xtuner.rl.reward import PolarReward, RFTSettings
+from polar_xtuner.serve.launcher import ServeError, wait_ready
+
+RECORD = {"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b"}
+KINDS = ("silent", "stall", "trickle", "trickle_keepalive", "half_body", "empty")
+SLACK = 1.0  # seconds over timeout x attempts + backoff
+HOLD_S = 30.0  # how long a faulty server keeps a connection: a client without a deadline fails, not hangs
+
+
+class FaultServer:
+    """A loopback server (raw sockets) that answers every request with one fault.
+
+    silent: reads the request and never answers. stall: sends its headers,
+    then nothing. trickle: headers, then a byte every half second, as
+    http.server does (HTTP/1.0: the client's connection closes with the
+    response); trickle_keepalive: the same over HTTP/1.1 keep-alive.
+    half_body: a Content-Length twice what it sends, then closes. empty:
+    HTTP 200 with an empty body.
+    """
+
+    def __init__(self, kind: str):
+        self.kind, self.requests = kind, 0
+        self.done = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        body = b'{"data": [{"index": 0, "data": [[0.5]]}, {"index": 1, "data": [[0.1]]}]}'
+        try:
+            conn.recv(1 << 20)
+            self.requests += 1
+            if self.kind == "silent":
+                self.done.wait(HOLD_S)
+            elif self.kind in ("stall", "trickle", "trickle_keepalive"):
+                version = "1.1" if self.kind == "trickle_keepalive" else "1.0"
+                conn.sendall(f"HTTP/{version} 200 OK\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: 1000000\r\n\r\n".encode())
+                for _ in range(int(HOLD_S / 0.5)):
+                    if self.done.wait(0.5):
+                        break
+                    if self.kind != "stall":
+                        conn.sendall(b" ")
+            elif self.kind == "half_body":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             + f"Content-Length: {2 * len(body)}\r\n\r\n".encode() + body)
+            elif self.kind == "empty":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.done.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def fault_server(request):
+    server = FaultServer(request.param)
+    yield server
+    server.close()
+
+
+def timed(fn, *args, **kw):
+    """(result or the exception raised, seconds)."""
+    t0 = time.monotonic()
+    try:
+        out = fn(*args, **kw)
+    except Exception as e:  # noqa: BLE001 - returned for the test to check
+        out = e
+    return out, time.monotonic() - t0
+
+
+def load_eval_pref():
+    spec = importlib.util.spec_from_file_location("eval_pref_tool", os.path.join(REPO, "tools", "eval_pref.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def eval_in_process(capsys, tiny_dir, tmp_path, server_type, address, *flags):
+    """tools/eval_pref.py's main in this process: (exit code, the error lines, seconds)."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(RECORD) + "\n")
+    main = load_eval_pref().main
+    capsys.readouterr()
+    t0 = time.monotonic()
+    code = main(["--model", tiny_dir, "--data", str(data), "--server-type", server_type,
+                 "--server-address", address, "--concurrency", "1", *flags])
+    took = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, [line for line in err.splitlines() if line.startswith("error:")], took
+
+
+# -- 1. deadlines ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # 18 cases that each wait out their deadline: about a minute together
+@pytest.mark.parametrize("fault_server", KINDS, indirect=True)
+@pytest.mark.parametrize("server_type", ["vllm", "lmdeploy", "sglang"])
+def test_remote_scoring_gives_up_within_its_deadline(fault_server, server_type):
+    scorer = RemoteScorer(server_type, fault_server.address, timeout=1, max_retries=2, backoff=0.2, concurrency=1)
+    assert scorer.batch_deadline_s == pytest.approx(2.2)
+    err, took = timed(scorer.score, ["a", "b"])
+    assert isinstance(err, RemoteScoringError) and "failed after 2 attempt(s)" in str(err), err
+    assert "\n" not in str(err)
+    assert took <= 1 * 2 + 0.2 + SLACK, took
+    assert fault_server.requests == 2  # bounded retries
+
+
+@pytest.mark.slow  # each case waits out its deadline
+@pytest.mark.parametrize("fault_server", KINDS, indirect=True)
+def test_eval_pref_gives_up_within_its_deadline(fault_server, capsys, tiny_dir, tmp_path):
+    code, errors, took = eval_in_process(capsys, tiny_dir, tmp_path, "vllm", fault_server.address,
+                                         "--timeout", "1", "--max-retries", "2")
+    assert code == 3 and len(errors) == 1 and "failed after 2 attempt(s)" in errors[0], errors
+    assert took <= 1 * 2 + 0.5 + SLACK, took  # eval_pref's backoff: 0.5 s before the second attempt
+
+
+class TrickleHandler(BaseHTTPRequestHandler):
+    """http.server's own way of answering (HTTP/1.0): headers, then one byte every half second."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        for _ in range(200):  # 100 s
+            try:
+                self.wfile.write(b" ")
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.5)
+
+
+@pytest.mark.integration  # runs a repository tool in a subprocess
+def test_the_issue_example_eval_pref_timeout_2_against_a_trickling_http_server(tiny_dir, tmp_path):
+    """issue 27: ``--server-type vllm --timeout 2 --max-retries 1`` took 33 s; now 2 s past the tool's start."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(RECORD) + "\n")
+    args = ["python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), "--server-type", "vllm",
+            "--timeout", "2", "--max-retries", "1", "--server-address"]
+    t0 = time.monotonic()  # the tool's own start: the same run against a closed port
+    refused = run_tool(*args, f"127.0.0.1:{free_port()}", timeout=120)
+    start = time.monotonic() - t0
+    assert refused.returncode == 3, refused.stderr[-2000:]
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), TrickleHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        proc = run_tool(*args, f"127.0.0.1:{httpd.server_address[1]}", timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 3 and len(errors) == 1 and "within 2 s" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert took <= start + 2 + 3, (took, start)  # 3 s for the noise between two starts of the tool
+
+
+@pytest.mark.parametrize("fault_server", ["silent", "trickle", "half_body"], indirect=True)
+def test_rl_reward_functions_give_up_within_their_deadline(fault_server, tokenizer):
+    settings = RFTSettings(server_address=fault_server.address, timeout=1, max_retries=2, concurrency=1)
+    reward = PolarReward(settings, tokenizer=tokenizer)
+    bound = 1 * 2 + reward.scorer.backoff + SLACK
+    err, took = timed(reward.score, ["q"], ["r"], ["a"])  # verl's batch manager
+    assert isinstance(err, RemoteScoringError) and took <= bound, (err, took)
+    err, took = timed(lambda: reward.submit("q", "r", "a").result())  # verl's reward loop, OpenRLHF
+    assert isinstance(err, RemoteScoringError) and took <= bound + reward.gather_s, (err, took)
+    fallback = PolarReward(RFTSettings(server_address=fault_server.address, timeout=1, max_retries=2,
+                                       fallback_score=-7.0), tokenizer=tokenizer)
+    got, took = timed(fallback.score, ["q"], ["r"], ["a"])
+    assert got == [-7.0] and took <= bound and fallback.fallback_uses == 1
+
+
+class ProbeStalls(BaseHTTPRequestHandler):
+    """Raw scores inside [0, 1] (so the probe is asked), and a probe that never answers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body.get("use_activation"):
+            time.sleep(10)
+            return
+        data = json.dumps({"data": [{"index": i, "data": [[0.25]]} for i in range(len(body["input"]))]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_the_sigmoid_probe_served_dtype_and_bench_calls_have_deadlines():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ProbeStalls)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    trickle = FaultServer("trickle")
+    try:
+        scorer = RemoteScorer("vllm", f"127.0.0.1:{httpd.server_address[1]}", timeout=1, max_retries=1)
+        err, took = timed(scorer.score, [[1], [2]])  # the batch answers at once; the probe gets its own timeout
+        assert isinstance(err, RemoteScoringError) and "activation check failed" in str(err), err
+        assert took <= 1 + SLACK, took
+        scorer = RemoteScorer("vllm", trickle.address, timeout=1)
+        got, took = timed(scorer.served_dtype)  # eval_pref's dtype note
+        assert got is None and took <= 1 + SLACK, (got, took)
+        # bench's direct call (POST /reset_prefix_cache) and any GET
+        err, took = timed(post_json, f"http://{trickle.address}/reset_prefix_cache", {}, 1)
+        assert isinstance(err, TimeoutError) and took <= 1 + SLACK, (err, took)
+        err, took = timed(http_request, "GET", f"http://{trickle.address}/health", None, 1)
+        assert isinstance(err, TimeoutError) and took <= 1 + SLACK, (err, took)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        trickle.close()
+
+
+class HealthTrickles(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        for _ in range(120):
+            try:
+                self.wfile.write(b" ")
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.5)
+
+
+def test_serve_readiness_wait_has_a_deadline():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HealthTrickles)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:  # each poll used a 5 s per-read timeout, which every trickled byte reset
+        err, took = timed(wait_ready, f"http://127.0.0.1:{httpd.server_address[1]}/health", None, 2, 0.2)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert isinstance(err, ServeError) and "did not answer within 2 s" in str(err) and took <= 2 + SLACK, (err, took)
+
+
+# -- 2. answers matched by their index ---------------------------------------------------------------------
+
+
+class IndexedServer:
+    """Scores each text by its length and answers in reverse order, with indices (or bad ones)."""
+
+    def __init__(self, mode, indices="reverse"):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                texts = body["input"]
+                scores = [-float(len(t)) for t in texts]  # raw (negative): no sigmoid probe needed
+                order = list(range(len(texts)))[::-1]
+                numbers = {"reverse": order, "duplicate": [0] * len(texts),
+                           "missing": [i + 1 for i in order], "some": order[:-1] + [None]}[server.indices]
+                if mode == "vllm":
+                    entries = [{"index": n, "object": "pooling",
+                                "data": base64.b64encode(struct.pack("<2f", 0.0, scores[i])).decode()}
+                               for i, n in zip(order, numbers)]
+                else:
+                    entries = [{"index": n, "data": scores[i]} for i, n in zip(order, numbers)]
+                for e in entries:
+                    if e["index"] is None:
+                        del e["index"]
+                data = json.dumps({"object": "list", "data": entries}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.indices = indices
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("mode", ["vllm", "lmdeploy"])
+def test_answers_in_reverse_order_follow_their_texts(mode):
+    server = IndexedServer(mode)
+    try:
+        texts = [[0] * n for n in (1, 2, 3, 4, 5)] if mode == "vllm" else ["x" * n for n in (1, 2, 3, 4, 5)]
+        assert RemoteScorer(mode, server.address, concurrency=1).score(texts) == [-1.0, -2.0, -3.0, -4.0, -5.0]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("indices", ["duplicate", "missing", "some"])
+def test_indices_that_are_not_a_permutation_are_refused(indices, capsys, tiny_dir, tmp_path):
+    server = IndexedServer("vllm", indices)
+    try:
+        with pytest.raises(RemoteScoringError, match="indices .* not each of 0..2 once"):
+            RemoteScorer("vllm", server.address, concurrency=1).score([[1], [2, 2], [3, 3, 3]])
+        code, errors, _ = eval_in_process(capsys, tiny_dir, tmp_path, "vllm", server.address)
+    finally:
+        server.close()
+    assert code == 3 and len(errors) == 1 and "cannot be matched to the texts" in errors[0], errors
+
+
+# -- 3. the sigmoid probe ----------------------------------------------------------------------------------
+
+
+class JitterServer:
+    """A vLLM-shaped server whose scores move with the batch, as bf16 on a GPU does.
+
+    A request of 8 texts (the scored batch) gets each score plus ``drift``;
+    a smaller one (the probe's 4) gets it as is. activation: "never" (ignores
+    the request field, answers raw), "honour" (sigmoid unless use_activation
+    is false), "always" (ignores the field, always sigmoid).
+    """
+
+    def __init__(self, scores, activation, drift):
+        self.requests = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                n = len(body["input"])
+                raw = [scores[i % len(scores)] + (drift if n >= 8 else 0.0) for i in range(n)]
+                act = {"never": False, "always": True, "honour": body.get("use_activation", True)}[activation]
+                out = [1 / (1 + math.exp(-r)) for r in raw] if act else raw
+                data = json.dumps({"data": [{"index": i, "data": [[0.0], [s]]} for i, s in enumerate(out)]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("scores, activation, drift", [
+    ([-3.5, -9.75, 2.25, -0.5], "never", 1e-4),  # raw, ignoring the field: 1e-4 apart between batch sizes
+    ([-3.5, -9.75, 2.25, -0.5], "honour", 1e-4),
+    ([-3.5, -9.75, 2.25, -0.5], "never", 0.0625),  # bf16's step at 8-16
+    ([0.25, 0.75, 0.5, 0.125], "honour", 1e-4),  # raw inside [0, 1]: the probe answers their sigmoids
+    ([0.25, 0.75, 0.5, 0.125], "honour", 4e-3),  # bf16's step at 0.5-1
+])
+def test_raw_scores_that_drift_between_batch_sizes_are_accepted(scores, activation, drift):
+    server = JitterServer(scores, activation, drift)
+    try:
+        got = RemoteScorer("vllm", server.address, concurrency=1).score([[1]] * 8)
+    finally:
+        server.close()
+    assert got == pytest.approx([scores[i % 4] + drift for i in range(8)], abs=1e-6)
+
+
+@pytest.mark.parametrize("scores", [[-3.5, -9.75, 2.25, -0.5], [-12.0, -11.5, -10.25, -8.0], [0.25, 0.75, 0.5, 0.125]])
+@pytest.mark.parametrize("drift", [0.0, 1e-4, 4e-3])
+def test_sigmoid_outputs_are_still_refused(scores, drift):
+    server = JitterServer(scores, "always", drift)
+    try:
+        with pytest.raises(RemoteScoringError, match="does not give raw scores"):
+            RemoteScorer("vllm", server.address, concurrency=1).score([[1]] * 8)
+    finally:
+        server.close()
+
+
+# -- 4. a text longer than the server's limit --------------------------------------------------------------
+
+# vLLM 0.32's answer (vllm/renderers/params.py, VLLMValidationError, through create_error_response)
+VLLM_TOO_LONG = {"error": {"message": "This model's maximum context length is 64 tokens. However, your prompt "
+                           "contains 70 input tokens, which exceeds this limit even without any output tokens. "
+                           "Please reduce the length of the input prompt. (parameter=input_tokens, value=70)",
+                           "type": "BadRequestError", "param": "input_tokens", "code": 400}}
+
+
+class RefusingServer:
+    def __init__(self, status, body):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_400_for_a_text_over_the_servers_limit_names_max_length(capsys, tiny_dir, tmp_path):
+    server = RefusingServer(400, VLLM_TOO_LONG)
+    try:
+        with pytest.raises(TextTooLongError, match="limit of 64 tokens.*--max-length 64"):
+            RemoteScorer("vllm", server.address).score([[1] * 70])
+        code, errors, _ = eval_in_process(capsys, tiny_dir, tmp_path, "vllm", server.address)
+    finally:
+        server.close()
+    assert code == 2 and len(errors) == 1, errors
+    assert "--max-length 64" in errors[0] and "maximum context length is 64" in errors[0], errors
+    # another 400 stays what it was: exit 3, the server's words
+    server = RefusingServer(400, {"error": {"message": "unknown field 'foo'", "code": 400}})
+    try:
+        code, errors, _ = eval_in_process(capsys, tiny_dir, tmp_path, "vllm", server.address)
+    finally:
+        server.close()
+    assert code == 3 and len(errors) == 1 and "--max-length" not in errors[0] and "unknown field" in errors[0]
+
+
+# -- 5. serve.sh: a taken port, a python without xtuner ----------------------------------------------------
+
+
+def python_without_xtuner():
+    """.venv-serve's python (vLLM, this package --no-deps, no xtuner), else a python3 on PATH without xtuner."""
+    check = "import importlib.util, sys; sys.exit(importlib.util.find_spec('xtuner') is not None)"
+    for py in (os.path.join(REPO, ".venv-serve", "bin", "python"), shutil.which("python3")):
+        if py and os.path.exists(py) and subprocess.run([py, "-c", check], capture_output=True).returncode == 0:
+            return py
+    pytest.skip("no python without xtuner here (.venv-serve, or python3 on PATH)")
+
+
+def model_dir_like(tiny_dir, dst):
+    """The tiny model's config, tokenizer and shipped code (no weights: serve.sh refuses before they load)."""
+    os.makedirs(dst)
+    for name in os.listdir(tiny_dir):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(tiny_dir, name), dst)
+    return str(dst)
+
+
+@pytest.mark.integration  # runs tools/serve.sh in a subprocess
+def test_serve_refuses_a_taken_port_before_starting_the_engine(tiny_dir, tmp_path):
+    model = model_dir_like(tiny_dir, tmp_path / "model")
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        res = run_tool("bash", "tools/serve.sh", model, "--port", str(port), "--python", sys.executable,
+                       env={"PYTHON": sys.executable}, timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        holder.close()
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and last.startswith("error:") and f"--port {port}" in last and "in use" in last, (
+        res.stderr[-2000:])
+    assert "$ " not in res.stdout and took < 12, (res.stdout, took)  # no engine command was started
+
+
+@pytest.mark.integration  # runs tools/serve.sh in a subprocess
+def test_serve_runs_under_a_python_without_xtuner(tiny_dir, tmp_path):
+    py = python_without_xtuner()
+    model = model_dir_like(tiny_dir, tmp_path / "model")
+    holder = socket.socket()  # the port check is the last step before the engine: reaching it is enough
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = str(holder.getsockname()[1])
+    try:
+        # the shipped code is found without importing xtuner (the training venv's, beside the package)
+        res = run_tool("bash", "tools/serve.sh", model, "--port", port, "--python", py, env={"PYTHON": py})
+        assert res.returncode == 2 and "Traceback" not in res.stderr and f"--port {port}" in res.stderr, (
+            res.stderr[-2000:])
+        # and still checked: a planted file is refused
+        with open(os.path.join(model, "modeling_internlm2.py"), "a") as f:
+            f.write("\nimport os  # planted\n")
+        res = run_tool("bash", "tools/serve.sh", model, "--port", port, "--python", py, env={"PYTHON": py})
+        assert res.returncode == 2 and "did not ship" in res.stderr, res.stderr[-2000:]
+        # a clone without the training venv: one line naming xtuner, or the flag to go on unchecked
+        clone = tmp_path / "clone"
+        shutil.copytree(os.path.join(REPO, "polar_xtuner"), clone / "polar_xtuner",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(os.path.join(REPO, "tools"), clone / "tools")
+        res = run_tool("bash", str(clone / "tools" / "serve.sh"), model, "--port", port, "--python", py,
+                       env={"PYTHON": py}, cwd=tmp_path)  # not REPO: `python -m` puts the cwd first
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert res.returncode == 2 and len(errors) == 1 and "xtuner" in errors[0], res.stderr[-2000:]
+        assert "--trust-remote-code" in errors[0] and "Traceback" not in res.stderr
+        res = run_tool("bash", str(clone / "tools" / "serve.sh"), model, "--port", port, "--python", py,
+                       "--trust-remote-code", env={"PYTHON": py}, cwd=tmp_path)
+        assert res.returncode == 2 and f"--port {port}" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+    finally:
+        holder.close()

@@ -1,0 +1,62 @@
+"""The package's architecture, checked: import-linter's contract, and nothing set up on import."""
+import os
+import shutil
+import subprocess
+import sys
+
+from common import REPO
+
+LINT = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+
+
+def _lint(root):
+    env = dict(os.environ, PYTHONPATH=root)
+    return subprocess.run([LINT, "--config", os.path.join(root, "pyproject.toml")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_layers_contract_holds():
+    proc = _lint(REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "0 broken" in proc.stdout and "3 kept" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_a_wing_importing_another_wing_breaks_the_contract(tmp_path):
+    """The contract has teeth: train importing eval (no arrow) and the core importing a wing both fail it."""
+    for name in ("polar_xtuner", "tools", "bench", "configs"):
+        shutil.copytree(os.path.join(REPO, name), tmp_path / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.json", "*.png"))
+    shutil.copy(os.path.join(REPO, "pyproject.toml"), tmp_path)
+    model = tmp_path / "polar_xtuner" / "train" / "model.py"
+    model.write_text(model.read_text() + "\nfrom polar_xtuner.eval.report import preference_report  # noqa\n")
+    records = tmp_path / "polar_xtuner" / "records.py"
+    records.write_text(records.read_text() + "\nimport polar_xtuner.data.check  # noqa\n")
+    proc = _lint(str(tmp_path))
+    assert proc.returncode != 0
+    assert "polar_xtuner.train.model -> polar_xtuner.eval.report" in proc.stdout, proc.stdout[-3000:]
+    assert "polar_xtuner.records -> polar_xtuner.data.check" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_importing_every_module_sets_nothing_up():
+    """No module changes the environment, the signal handlers or sys.excepthook when imported."""
+    code = (
+        "import os, pkgutil, signal, sys, importlib\n"
+        "import polar_xtuner\n"
+        "# third-party packages set variables of their own (torch's inductor cache, cv2's Qt paths) on import\n"
+        "for dep in ('torch', 'transformers', 'tokenizers', 'datasets', 'mmengine', 'xtuner', 'deepspeed', 'peft',\n"
+        "            'xtuner.model.reward', 'xtuner.dataset.preference_dataset', 'cv2'):\n"
+        "    importlib.import_module(dep)\n"
+        "env, hook = dict(os.environ), sys.excepthook\n"
+        "handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}\n"
+        "names = [m.name for m in pkgutil.walk_packages(polar_xtuner.__path__, 'polar_xtuner.')\n"
+        "         if not m.name.endswith('__main__')]\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())\n"
+        "assert sys.excepthook is hook\n"
+        "assert {s: signal.getsignal(s) for s in handlers} == handlers\n"
+        "print(len(names))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) >= 40  # every module of the package, wings included
