@@ -312,6 +312,40 @@ def _is_sigmoid_of(p: float, r: float, rtol: float = SIGMOID_RTOL) -> bool:
     return abs(p - _sigmoid(r)) <= rtol  # saturated at 0 or 1 in the server's precision
 
 
+@dataclass(frozen=True)
+class RemoteSettings:
+    """How to reach served POLAR models: the one settings object of evaluation and RL.
+
+    ``tools/eval_pref.py`` fills it from its flags; the RL reward functions'
+    :class:`polar_xtuner.rl.reward.RFTSettings` extends it (from ``POLAR_*``
+    variables), so both score with the same defaults.
+
+    Attributes:
+        server_type: "sglang", "vllm" or "lmdeploy".
+        server_address: "host:port", several comma-separated (load is spread).
+        timeout: Seconds a request may take in all (:data:`DEFAULT_TIMEOUT_S`
+            says why a minute).
+        max_retries: Attempts per batch before giving up.
+        batch_size: The most texts per request.
+        batch_tokens: The most tokens per request.
+        concurrency: Requests in flight per server address.
+    """
+
+    server_type: str = "vllm"
+    server_address: str = ""
+    timeout: float = DEFAULT_TIMEOUT_S
+    max_retries: int = DEFAULT_MAX_RETRIES
+    batch_size: int = DEFAULT_BATCH_TEXTS
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    concurrency: int = DEFAULT_CONCURRENCY
+
+    def scorer(self, address: str | Sequence[str] | None = None, model_name: str = "POLAR") -> "RemoteScorer":
+        """A :class:`RemoteScorer` with these settings (``address`` overrides ``server_address``)."""
+        return RemoteScorer(self.server_type, address or self.server_address, model_name, timeout=self.timeout,
+                            max_retries=self.max_retries, batch_size=self.batch_size,
+                            batch_tokens=self.batch_tokens, concurrency=self.concurrency)
+
+
 @dataclass
 class RemoteScorer:
     """Scores texts on one or several POLAR servers.

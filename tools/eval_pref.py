@@ -144,17 +144,17 @@ def main(argv=None) -> int:
     if args.server_type:
         from transformers import AutoTokenizer
 
-        from polar_xtuner.client import BadScoreError, RemoteScorer, TextTooLongError
+        from polar_xtuner.client import BadScoreError, RemoteSettings, TextTooLongError
         from polar_xtuner.eval.remote import check_served_dtype, score_records_remote
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=trust)
         except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
             raise load_failure(args.model, "tokenizer", e) from None
-        scorer = RemoteScorer(args.server_type, args.server_address, os.path.basename(args.model.rstrip("/")),
-                              timeout=args.timeout, max_retries=args.max_retries,
-                              batch_size=args.batch_size or DEFAULT_BATCH_TEXTS, batch_tokens=args.batch_tokens,
-                              concurrency=args.concurrency)
+        remote = RemoteSettings(args.server_type, args.server_address, timeout=args.timeout,
+                                max_retries=args.max_retries, batch_size=args.batch_size or DEFAULT_BATCH_TEXTS,
+                                batch_tokens=args.batch_tokens, concurrency=args.concurrency)
+        scorer = remote.scorer(model_name=os.path.basename(args.model.rstrip("/")))
         try:
             scores = score_records_remote(scorer, tokenizer, records, settings.max_length,
                                           settings.max_response_length)

@@ -23,14 +23,9 @@ from typing import Any, Sequence
 # Absolute imports: OpenRLHF (and verl given a file path) load this file on its
 # own, outside the package, where relative imports fail.
 from polar_xtuner.client import (
-    DEFAULT_BATCH_TEXTS,
-    DEFAULT_BATCH_TOKENS,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_MAX_RETRIES,
-    DEFAULT_TIMEOUT_S,
     SERVER_TYPES,
-    RemoteScorer,
     RemoteScoringError,
+    RemoteSettings,
     parse_addresses,
 )
 from polar_xtuner.encoding import EncodingSettings, PolarEncoder
@@ -51,20 +46,17 @@ class RFTConfigError(UserError):
 
 
 @dataclass(frozen=True)
-class RFTSettings:
-    """How the reward functions reach POLAR; see the module docstring for each."""
+class RFTSettings(RemoteSettings):
+    """How the reward functions reach POLAR: the remote settings of evaluation, and RL's own.
 
-    server_type: str = "vllm"
-    server_address: str = ""
+    The server fields and their defaults are :class:`RemoteSettings`' (one
+    rule for evaluation and RL); the module docstring lists every variable.
+    """
+
     model: str = ""
     strip_thinking: bool = True
     normalize: bool = False
     fallback_score: float | None = None
-    timeout: float = DEFAULT_TIMEOUT_S  # RemoteScorer's defaults: one rule for evaluation and RL
-    max_retries: int = DEFAULT_MAX_RETRIES
-    batch_size: int = DEFAULT_BATCH_TEXTS
-    batch_tokens: int = DEFAULT_BATCH_TOKENS
-    concurrency: int = DEFAULT_CONCURRENCY
 
     @classmethod
     def from_env(cls, environ=None, overrides: dict | None = None) -> "RFTSettings":
@@ -261,10 +253,7 @@ class PolarReward:
             raise RFTConfigError(str(e)) from None
         self.encoder = PolarEncoder(tokenizer, self.encoding.max_length, self.encoding.max_response_length)
         self.stats = reward_stats(model_dir) if settings.normalize else None
-        self.scorer = RemoteScorer(settings.server_type, address, model_name=model_dir or "POLAR",
-                                   timeout=settings.timeout, max_retries=settings.max_retries,
-                                   batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
-                                   concurrency=settings.concurrency)
+        self.scorer = settings.scorer(address, model_name=model_dir or "POLAR")
         self.fallback_uses = 0
         self.gather_s = gather_ms / 1000
         self._lock = threading.Lock()

@@ -309,13 +309,20 @@ def test_evaluation_and_rl_share_one_set_of_remote_defaults():
     import dataclasses
     import importlib.util
 
-    from polar_xtuner.client import RemoteScorer
+    from polar_xtuner.client import RemoteScorer, RemoteSettings
     from polar_xtuner.rl.reward import RFTSettings
 
+    # one settings class: RL's extends evaluation's, and the scorer it builds carries every value
+    assert issubclass(RFTSettings, RemoteSettings)
+    remote = {f.name: f.default for f in dataclasses.fields(RemoteSettings)}
+    assert {f.name: f.default for f in dataclasses.fields(RFTSettings) if f.name in remote} == remote
     scorer = {f.name: f.default for f in dataclasses.fields(RemoteScorer)}
-    rl = {f.name: f.default for f in dataclasses.fields(RFTSettings)}
     for key in ("timeout", "max_retries", "batch_size", "batch_tokens", "concurrency"):
-        assert rl[key] == scorer[key], key
+        assert remote[key] == scorer[key], key
+    built = RFTSettings(server_type="sglang", server_address="h:1", timeout=7, max_retries=2, batch_size=3,
+                        batch_tokens=5, concurrency=6).scorer(model_name="M")
+    assert (built.server_type, built.urls, built.timeout, built.max_retries, built.batch_size, built.batch_tokens,
+            built.concurrency, built.model_name) == ("sglang", ["http://h:1"], 7, 2, 3, 5, 6, "M")
     spec = importlib.util.spec_from_file_location("eval_pref_tool", os.path.join(REPO, "tools", "eval_pref.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
