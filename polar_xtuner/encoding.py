@@ -51,6 +51,7 @@ from polar_xtuner.constants import (
     TEMPLATE_RESERVED_TOKENS,
 )
 from polar_xtuner.records import join_contents, read_settings
+from polar_xtuner.token_windows import encode_kept
 
 # Written by the converter next to config.json: the lengths the model was
 # trained with travel with it, so evaluation and serving clients truncate as
@@ -118,158 +119,6 @@ class EncodingSettings:
             self.reward_token_id,
             f"{self.source} + explicit lengths",
         )
-
-
-# Huge fields
-# -----------
-# Truncation keeps at most max_response_length tokens of a reference or
-# candidate and (max_length - 4) // 2 of a prompt, so a 50 MB field need not be
-# tokenized whole (that took over 100 bytes per character: 9 GB for one record).
-# Such a field is tokenized in windows that reach its kept end (the head; the
-# tail for the prompt and with cut_side="left"), and only the ids nearest that
-# end are used. Why they are the whole text's ids:
-#
-# 1. Shared boundaries isolate. If the whole text's tokenization and a
-#    window's both have a token boundary at character s, their ids on the kept
-#    side of s are equal. BPE (lowest rank first, leftmost first among equals)
-#    never merges across a boundary that stays, so the merges on the kept side
-#    are chosen among kept-side pairs only, whatever lies beyond s. (Likewise
-#    Unigram: the best path through s is the best path on each side; and
-#    WordPiece, greedy from s.) The steps before the model (normalizer,
-#    added-token split, pre-tokenizer regex, byte mapping) look a few
-#    characters around a position, and BOS is at the start (the far end, or the
-#    start of both when the head is kept), so the kept side's symbols are equal.
-# 2. Two windows, cut at different places, are tokenized; they are accepted when
-#    they agree on ``need + CLIP_MARGIN_TOKENS`` ids from the kept end, and the
-#    ``need`` nearest it are used. That gives 64 boundaries beyond what is used
-#    that two different cuts both produce. The ids used are wrong only if the
-#    whole text has none of them: if its tokens are misaligned with both
-#    windows' for 64 tokens in a row while the two windows' are aligned.
-# 3. A cut's effect spreads token by token (a merge is decided by two
-#    neighbouring tokens), dying out in ordinary text within a few tokens. It
-#    can travel far only along a periodic stretch (100k spaces; "abab..."):
-#    there leftmost-first grouping is anchored at the stretch's start and
-#    carried along it, so cutting the start shifts the grouping up to the
-#    stretch's end. Two cuts can shift it alike (seen with "ab" * 50000 and
-#    tokens of up to 29 "ab"s) while the whole text is grouped differently:
-#    the one way 2. can be fooled. So no cut is made inside a periodic stretch
-#    (period <= CLIP_MAX_PERIOD chars) that runs CLIP_MAX_CONDUIT chars or more
-#    toward the kept end: the cut moves out, past the stretch's far end, which
-#    then lies inside the window, anchored as in the whole text. (A field that
-#    is one long such stretch is tokenized whole: exact, memory as before.)
-#    A shorter stretch is kept away from the ids used by the window size: the
-#    ``need + CLIP_MARGIN_TOKENS`` ids at the kept end span at most that many
-#    times the longest vocabulary entry in characters, and a window is at least
-#    that plus CLIP_MAX_CONDUIT + CLIP_MAX_PERIOD + 2 entries long. For BPE,
-#    cutting a stretch's end never regroups its head (leftmost first), so a
-#    kept head needs no such move. Unless a cut was moved, the two windows'
-#    cuts also differ by d = 1 (mod 840 = lcm(1..8)) characters, putting them
-#    in different phases of any short period, so a regrouping tends to show as
-#    disagreement (and the windows grow) rather than as agreement.
-#
-# tests/unit/core/test_long_records.py compares the ids with whole-text tokenization on
-# ASCII, CJK, emoji, runs of spaces, giant words and periodic stretches, at
-# both kept ends, and checks the memory of the tools on a 20 MB record.
-CLIP_MARGIN_TOKENS = 64
-CLIP_MAX_PERIOD = 1024
-CLIP_MAX_CONDUIT = 4096
-CLIP_PHASE_MODULUS = 840
-
-
-class ClippedIds(list):
-    """Ids of a field tokenized in windows: the whole text's ids nearest its kept end.
-
-    They are the first (kept head) or last (kept tail) ``len(self)`` ids of
-    the whole text, one more than truncation keeps. The whole text has at
-    least ``at_least`` ids (the windows' agreed ids less the margin); its
-    exact length is not known.
-    """
-
-    def __init__(self, ids, at_least: int):
-        super().__init__(ids)
-        self.at_least = at_least
-
-
-def _window_base(need: int, longest: int) -> int:
-    """Characters of a first window: room for the ids used, the margin and a short stretch."""
-    return (need + CLIP_MARGIN_TOKENS + 2) * longest + CLIP_MAX_CONDUIT + CLIP_MAX_PERIOD
-
-
-def _next_window(w: int) -> int:
-    """A window at least twice as long, longer by d = 1 (mod CLIP_PHASE_MODULUS)."""
-    return w + w + (1 - w) % CLIP_PHASE_MODULUS
-
-
-def _run_forward(t: str, i: int, p: int, cap: int) -> int:
-    """Largest k <= cap with t[j] == t[j + p] for every j in [i, i + k)."""
-    limit, k, step = min(cap, len(t) - p - i), 0, 64
-    while k < limit:
-        s = min(step, limit - k)
-        if t[i + k:i + k + s] == t[i + p + k:i + p + k + s]:
-            k, step = k + s, min(step * 2, 1 << 20)  # bounded slices
-        elif s == 1:
-            break
-        else:
-            step = s // 2
-    return max(k, 0)
-
-
-def _run_backward(t: str, i: int, p: int, cap: int) -> int:
-    """Largest k <= cap with t[j] == t[j - p] for every j in [i - k, i)."""
-    limit, k, step = min(cap, i - p), 0, 64
-    while k < limit:
-        s = min(step, limit - k)
-        if t[i - k - s:i - k] == t[i - p - k - s:i - p - k]:
-            k, step = k + s, min(step * 2, 1 << 20)  # bounded slices
-        elif s == 1:
-            break
-        else:
-            step = s // 2
-    return max(k, 0)
-
-
-def _cut_outside_stretches(t: str, c: int, tail: bool) -> int:
-    """Cut position c, moved (away from the kept end) out of any long periodic stretch.
-
-    ``tail``: the window is ``t[c:]``, else ``t[:c]``. A stretch counts when it
-    has a period of at most CLIP_MAX_PERIOD characters and runs at least
-    CLIP_MAX_CONDUIT characters from c toward the kept end.
-    """
-    n, r = len(t), CLIP_MAX_CONDUIT
-    moved = True
-    while moved and 0 < c < n:
-        moved = False
-        for p in range(1, CLIP_MAX_PERIOD + 1):
-            if tail and c + p + r <= n and t[c:c + r] == t[c + p:c + p + r]:
-                # the stretch's start: t[j] == t[j + p] from there to c
-                c = max(c - _run_backward(t, c + p, p, c) - CLIP_MAX_PERIOD, 0)
-                moved = True
-                break
-            if not tail and c - p - r >= 0 and t[c - r:c] == t[c - r - p:c - p]:
-                c = min(c + _run_forward(t, c - p, p, n) + CLIP_MAX_PERIOD, n)
-                moved = True
-                break
-    return c
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n, k = min(len(a), len(b)), 0
-    while k < n:
-        j = min(k + 4096, n)
-        if a[k:j] != b[k:j]:  # compare in C, then find the first difference
-            return next(i for i in range(k, j) if a[i] != b[i])
-        k = j
-    return n
-
-
-def _common_suffix(a: list[int], b: list[int]) -> int:
-    n, k, la, lb = min(len(a), len(b)), 0, len(a), len(b)
-    while k < n:
-        j = min(k + 4096, n)
-        if a[la - j:la - k] != b[lb - j:lb - k]:
-            return next(i for i in range(k, j) if a[la - 1 - i] != b[lb - 1 - i])
-        k = j
-    return n
 
 
 def resolve_reward_token_id(tokenizer, reward_token_id: int | None = None) -> int:
@@ -359,7 +208,7 @@ class PolarEncoder:
 
         A field too long to matter whole (far more text than truncation can
         keep) is tokenized in windows at its kept end instead: its entry is then
-        a :class:`ClippedIds`, the verified ids nearest the kept end, more than
+        a :class:`polar_xtuner.token_windows.ClippedIds`, the verified ids nearest the kept end, more than
         truncation keeps, so cutting it gives the ids the whole text would.
 
         Returns:
@@ -379,47 +228,10 @@ class PolarEncoder:
     def _encode_kept(self, texts: list[str], keep: int, tail: bool) -> list[list[int]]:
         """Ids of texts of which at most ``keep`` tokens (the last ones if ``tail``) are used.
 
-        Texts up to two first windows long go through one batched call, as
-        before; a longer one is tokenized in windows (:meth:`_encode_clipped`).
+        Long texts are tokenized in windows at their kept end
+        (:func:`polar_xtuner.token_windows.encode_kept`).
         """
-        need = keep + 1  # one more than is kept: the ids show the field is over the limit
-        out: list = [None] * len(texts)
-        whole = None
-        if any(len(t) > 2 * need for t in texts):  # else none is over `whole`: skip the vocabulary scan
-            whole = _next_window(_window_base(need, self._longest_token()))
-        batch = [i for i, t in enumerate(texts) if whole is None or len(t) <= whole]
-        for i, ids in zip(batch, self._encode([texts[i] for i in batch])):
-            out[i] = ids
-        for i, t in enumerate(texts):
-            if out[i] is None:
-                out[i] = self._encode_clipped(t, need, tail)
-        return out
-
-    def _encode_clipped(self, text: str, need: int, tail: bool) -> list[int]:
-        """``need`` ids of ``text`` at its kept end (the tail if ``tail``), from windows.
-
-        Windows of growing size that reach the kept end are tokenized until two
-        consecutive ones agree on ``need + CLIP_MARGIN_TOKENS`` ids counted from
-        that end; the ``need`` nearest it come back as :class:`ClippedIds`. A
-        window that would cover the text is not made: the whole text is
-        tokenized and its ids (a list) come back. Why the ids are the whole
-        text's: the "Huge fields" notes above.
-        """
-        n = len(text)
-        w, prev = _window_base(need, self._longest_token()), None
-        while True:
-            if tail or not self._head_anchored:
-                c = _cut_outside_stretches(text, n - w if tail else w, tail)
-                w = n - c if tail else c
-            if w >= n:
-                return self._encode([text])[0]
-            cur = self._encode([text[n - w:] if tail else text[:w]])[0]
-            if prev is not None:
-                agree = _common_suffix(prev, cur) if tail else _common_prefix(prev, cur)
-                if agree >= need + CLIP_MARGIN_TOKENS:
-                    ids = cur[len(cur) - need:] if tail else cur[:need]
-                    return ClippedIds(ids, at_least=agree - CLIP_MARGIN_TOKENS)
-            prev, w = cur, _next_window(w)
+        return encode_kept(self._encode, texts, keep, tail, self._longest_token, self._head_anchored)
 
     def _longest_token(self) -> int:
         """Characters of the longest vocabulary entry: no token covers more of a text."""

@@ -9,9 +9,10 @@ import random
 import pytest
 
 from common import run_tool
-from polar_xtuner import encoding
 from polar_xtuner.data.check import LengthMeter
-from polar_xtuner.encoding import ClippedIds, PolarEncoder, pair_items
+from polar_xtuner import token_windows
+from polar_xtuner.encoding import PolarEncoder, pair_items
+from polar_xtuner.token_windows import ClippedIds
 from polar_xtuner.records import validate_record
 
 
@@ -113,17 +114,19 @@ def test_ids_equal_with_a_tokenizer_that_groups_runs():
         _assert_same_ids(tok, recs, 300, 60, cut_side)
 
     # Without moving cuts out of periodic stretches, the two-window check alone
-    # is fooled on such a tail (why encoding.py has the rule).
+    # is fooled on such a tail (why token_windows.py has the rule).
     fooled = 0
     enc = PolarEncoder(tok, 300, 60)
-    original = encoding._cut_outside_stretches
+    original = token_windows.cut_outside_stretches
     try:
-        encoding._cut_outside_stretches = lambda t, c, tail: c
+        token_windows.cut_outside_stretches = lambda t, c, tail: c
         for n in range(50_000, 50_004):
             text = "ab" * n
-            fooled += enc._encode_clipped(text, 149, True) != tok.encode(text)[-149:]
+            clipped = token_windows.encode_clipped(enc._encode, text, 149, True, enc._longest_token(),
+                                                   enc._head_anchored)
+            fooled += clipped != tok.encode(text)[-149:]
     finally:
-        encoding._cut_outside_stretches = original
+        token_windows.cut_outside_stretches = original
     assert fooled
 
 
