@@ -39,7 +39,7 @@ from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
 
 ENGINES = ("vllm", "sglang", "lmdeploy")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # polar_xtuner/serve/ -> the repo
 # Made by `make serve-setup`: vLLM's CPU build, apart from the training venv
 # (whose torch differs).
 CPU_SERVE_VENV = os.path.join(REPO, ".venv-serve")
