@@ -42,4 +42,8 @@ if ! command -v python > /dev/null || [ "$(command -v python)" != "$(command -v 
   export PATH="$scratch/bin:$PATH"
 fi
 export PYTHONUNBUFFERED=1 MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
+# The start-up file `make setup` installs (docs/training.md): through it a plain one-process
+# `xtuner train`, the users' command, gets a free rendezvous port before DeepSpeed starts.
+"$PY" -m polar_xtuner.cpu_ranks --install > /dev/null \
+  || echo "note: could not install the start-up file; a one-process xtuner train falls back to DeepSpeed's port 29500" >&2
 "$PY" bench/gpu_check.py "$@" --work "$scratch/work"
