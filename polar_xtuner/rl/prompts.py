@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
-from polar_xtuner.records import DataError, RecordError, iter_records, normalise_field
+from polar_xtuner.records import RecordError, iter_records, normalise_field
 
 FORMATS = ("verl", "openrlhf")
 
@@ -88,4 +88,4 @@ def write_rows(rows: list[dict], out: str, fmt: str) -> None:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-__all__ = ["FORMATS", "DataError", "rl_rows", "write_rows"]
+__all__ = ["FORMATS", "rl_rows", "write_rows"]
