@@ -86,8 +86,12 @@ serve: setup serve-setup
 	@test -f work_dirs/demo/hf/polar_encoding.json || bash scripts/demo.sh
 	bash tools/serve.sh work_dirs/demo/hf --port $(SERVE_PORT)
 
+# Two pytest-xdist workers, whole files each (tests/conftest.py: the demo's files are
+# one unit, trained once; each worker's torch gets its share of the cores).
+TEST_WORKERS ?= 2
+
 test: setup serve-setup rl-setup
-	$(PY) -m pytest -v -rs --durations=15
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -v -rs --durations=15
 
 # The unit tier: no subprocess tools, no training, no server, nothing over ~20 s, no GPU
 # (markers in pyproject.toml); under 3 minutes on 2 cores.

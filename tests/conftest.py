@@ -4,12 +4,57 @@ import os
 # Bit-reproducible MKL results on CPU (see MKL_CBWR in polar_xtuner/constants.py), before anything imports torch.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
+# Under pytest-xdist (`make test` runs two workers) each worker, and every tool it
+# starts, gets its share of the cores: two workers with torch's default of one
+# thread per core would run four busy threads on two cores.
+if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+
 import pytest
 
 from common import run_tool
 
 
+# The files whose tests use the session's `demo_run` (minutes to build): under
+# xdist they form one work unit, so the demo is trained once per run, not once per
+# worker. tests/unit/test_test_layout.py checks that no other file uses it.
+DEMO_FILES = ("tests/e2e/test_demo.py", "tests/integration/test_serving.py")
+
+
+def work_unit(nodeid: str) -> str:
+    """The xdist work unit of a test: its file (its module fixtures are built once), or the demo's."""
+    path = nodeid.split("::")[0]
+    return "demo_run" if path in DEMO_FILES else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s ``-n 2 --dist loadfile``: whole files per worker, the demo's files as one unit."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class PolarScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return work_unit(nodeid)
+
+    # The collection order (slow units first, see below) rather than xdist's by-test-count order.
+    config.option.loadscopereorder = False
+    return PolarScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    """Skip ``gpu`` tests without CUDA; on an xdist worker, put the slow work units first.
+
+    Units holding a slow test start first, so that the longest work runs while the
+    short unit tests fill in around it. Every worker sorts alike, so the
+    collections xdist compares stay equal.
+    """
+    _skip_gpu_tests_without_cuda(items)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        slow = {work_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: work_unit(item.nodeid) not in slow)  # stable: the order within is kept
+
+
+def _skip_gpu_tests_without_cuda(items):
     """Tests marked ``gpu`` need CUDA: skipped, with the reason, where torch sees none."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:

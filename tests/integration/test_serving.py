@@ -9,9 +9,10 @@ held-out demo pairs:
 * a server started with vLLM's bare defaults (sigmoid on) still gives raw
   scores through our client, while POLAR's client gets the sigmoids;
 * the plugin (polar_xtuner/serve/vllm_plugin.py) answers the last token's score
-  and reads the prefix cache, and stands aside on a vLLM it does not fit;
-* `make bench`'s remote section runs end to end on a few records of a fresh
-  tiny model (its own two servers).
+  and reads the prefix cache, and stands aside on a vLLM it does not fit.
+
+`make bench`'s remote section, which starts its own two servers on a fresh tiny
+model, is tests/integration/test_bench_remote.py.
 """
 import json
 import math
@@ -420,33 +421,3 @@ def test_verl_and_openrlhf_code_paths_on_the_real_server(serve_sh, served_model,
         assert len(got[name]) == 400
         worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got[name], local))
         assert worst <= REMOTE_TOL, (name, worst)
-
-
-@pytest.mark.integration
-@pytest.mark.serving  # two vLLM servers from .venv-serve
-@pytest.mark.slow
-def test_bench_remote_section_on_small_sets(tmp_path, monkeypatch):
-    """`make bench`'s remote section end to end on a few records of each workload.
-
-    bench.remote_throughput raises when our client and POLAR's disagree on a
-    server's scores, or the plugin and stock servers disagree; every figure
-    must come back. Its speeds are benchmark figures, not asserted here.
-    """
-    _need_serve_venv()
-    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))  # a directory of scripts, not a package
-    import bench
-
-    from polar_xtuner.demo.tiny_model import make_tiny_model
-
-    tiny = make_tiny_model(str(tmp_path / "tiny"))
-    out = bench.remote_throughput(tiny, n_pairs=16, n_long=4, n_groups=2, n_rollouts=4, repeats=1)
-    expected = set()
-    for key, unit in bench.REMOTE_SETS.values():
-        expected |= {f"{key}_plugin_speedup", f"{key}_plugin_speedup_polar_client"}
-        for suffix in ("", "_stock_vllm"):
-            expected |= {f"{key}_{unit}_per_s{suffix}", f"{key}_{unit}_per_s_polar_client{suffix}",
-                         f"{key}_{unit}_per_s_server_only{suffix}", f"{key}_speedup_vs_polar_client{suffix}",
-                         f"{key}_ceiling_vs_polar_client{suffix}"}
-    assert set(out) == expected
-    assert "remote_speedup_vs_polar_client" in out  # issue #15's key
-    assert all(math.isfinite(v) and v > 0 for v in out.values()), out

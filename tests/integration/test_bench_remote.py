@@ -1,0 +1,47 @@
+"""`make bench`'s remote section end to end: its own two vLLM servers (plugin and stock) on a fresh tiny model.
+
+Apart from test_serving.py, which needs the session's trained demo: this one
+does not, so under xdist it runs beside the demo's work unit.
+"""
+import math
+import os
+
+import pytest
+
+from common import REPO
+from polar_xtuner.serve.launcher import CPU_SERVE_VENV
+
+
+def _need_serve_venv():
+    if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".plugin")):
+        pytest.fail(f"vLLM's CPU build is missing at {CPU_SERVE_VENV}: run `make serve-setup` (make test does)")
+
+
+@pytest.mark.integration
+@pytest.mark.serving  # two vLLM servers from .venv-serve
+@pytest.mark.slow
+def test_bench_remote_section_on_small_sets(tmp_path, monkeypatch):
+    """`make bench`'s remote section end to end on a few records of each workload.
+
+    bench.remote_throughput raises when our client and POLAR's disagree on a
+    server's scores, or the plugin and stock servers disagree; every figure
+    must come back. Its speeds are benchmark figures, not asserted here.
+    """
+    _need_serve_venv()
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))  # a directory of scripts, not a package
+    import bench
+
+    from polar_xtuner.demo.tiny_model import make_tiny_model
+
+    tiny = make_tiny_model(str(tmp_path / "tiny"))
+    out = bench.remote_throughput(tiny, n_pairs=16, n_long=4, n_groups=2, n_rollouts=4, repeats=1)
+    expected = set()
+    for key, unit in bench.REMOTE_SETS.values():
+        expected |= {f"{key}_plugin_speedup", f"{key}_plugin_speedup_polar_client"}
+        for suffix in ("", "_stock_vllm"):
+            expected |= {f"{key}_{unit}_per_s{suffix}", f"{key}_{unit}_per_s_polar_client{suffix}",
+                         f"{key}_{unit}_per_s_server_only{suffix}", f"{key}_speedup_vs_polar_client{suffix}",
+                         f"{key}_ceiling_vs_polar_client{suffix}"}
+    assert set(out) == expected
+    assert "remote_speedup_vs_polar_client" in out  # issue #15's key
+    assert all(math.isfinite(v) and v > 0 for v in out.values()), out

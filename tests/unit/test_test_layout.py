@@ -1,0 +1,24 @@
+"""The test suite's own layout rules, which `make test`'s two xdist workers rely on."""
+import glob
+import os
+
+from common import REPO
+from conftest import DEMO_FILES, work_unit
+
+
+def test_only_the_demo_files_use_the_session_demo():
+    """A test elsewhere using ``demo_run`` would train the demo a second time on the other worker."""
+    users = set()
+    for path in glob.glob(os.path.join(REPO, "tests", "**", "test_*.py"), recursive=True):
+        if os.path.samefile(path, __file__):
+            continue
+        with open(path, encoding="utf-8") as f:
+            if "demo_run" in f.read():
+                users.add(os.path.relpath(path, REPO))
+    assert users == set(DEMO_FILES)
+
+
+def test_work_units_are_files_with_the_demo_files_as_one():
+    assert work_unit("tests/unit/core/test_encoding.py::test_x[512-128]") == "tests/unit/core/test_encoding.py"
+    assert work_unit("tests/integration/test_integration.py::test_y[zero1]") == "tests/integration/test_integration.py"
+    assert {work_unit(f"{path}::test_z") for path in DEMO_FILES} == {"demo_run"}
