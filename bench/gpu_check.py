@@ -8,10 +8,9 @@ Each step runs in a process of its own under a time budget (on the GPU a fresh
 interpreter; in the CPU smoke a fork of the driver, which imports the shared
 packages once). When it ends, its figures (or its error) are added to
 RESULTS_DIR/results.json, and its output to RESULTS_DIR/log.txt, so a run that
-is cut off keeps what it measured. A step that
-fails is recorded and the next one runs; steps that need an earlier one's output
-(a checkpoint) say so and are skipped. The exit code is 0 when every step passed,
-1 otherwise.
+is cut off keeps what it measured. A step that fails is recorded and the next
+one runs; steps that need an earlier one's output (a checkpoint) say so and are
+skipped. The exit code is 0 when every step passed, 1 otherwise.
 
 Steps:
   versions          Python, torch, CUDA, the carried packages, the GPU, varlen_attn's
@@ -581,7 +580,8 @@ def main(argv=None) -> int:
                "steps": {}}
     write_json(results_path, results)
     deadline = time.monotonic() + args.budget
-    warm = False
+    fork_steps = args.cpu_smoke and hasattr(os, "fork")
+    warm = False  # the shared imports, done before the first step that runs (none, with --budget 0)
     for name, gpu_budget, smoke_budget in STEPS:
         if only is not None and name not in only:
             continue
@@ -597,19 +597,19 @@ def main(argv=None) -> int:
             results["steps"][name] = {"ok": False, "skipped": "the run's time budget was spent"}
             write_json(results_path, results)
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), args.results_dir, "--step", name, "--work", work]
-        if args.cpu_smoke:
-            cmd.append("--cpu-smoke")
         t0 = time.perf_counter()
         with open(log_path, "a") as log:
             log.write(f"\n===== {name} (budget {budget:.0f} s) =====\n")
             log.flush()
-            if args.cpu_smoke and hasattr(os, "fork"):
-                if not warm:  # before the first step that runs, so a run that skips them all stays light
+            if fork_steps:
+                if not warm:
                     _warm_up_imports()
                     warm = True
                 timed_out = _step_in_fork(name, work, log, max(budget, 1))
             else:
+                cmd = [sys.executable, os.path.abspath(__file__), args.results_dir, "--step", name, "--work", work]
+                if args.cpu_smoke:
+                    cmd.append("--cpu-smoke")
                 try:
                     subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=max(budget, 1))
                     timed_out = False
