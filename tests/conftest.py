@@ -28,6 +28,27 @@ def work_unit(nodeid: str) -> str:
     return "demo_run" if path in DEMO_FILES else path
 
 
+def pytest_configure(config):
+    """On the controller, before any xdist worker starts: warm yapf's grammar cache.
+
+    mmengine imports yapf, which on first use pickles its grammar into the user's
+    cache dir without a lock or an atomic rename. Two workers importing it at once
+    on a fresh machine (CI) let one read the other's half-written pickle and fail
+    to collect (EOFError), so the first import happens here, alone.
+    """
+    if not hasattr(config, "workerinput"):
+        warm_yapf_grammar_cache()
+
+
+def warm_yapf_grammar_cache() -> bool:
+    """Import yapf's grammar once (writing its cache); False where yapf is not installed."""
+    try:
+        import yapf  # noqa: F401  (as mmengine does; loading its grammar writes the cache)
+    except ImportError:
+        return False
+    return True
+
+
 # optional: the GPU machine's pytest runs without xdist, where an unknown hook would be an error
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):

@@ -22,3 +22,16 @@ def test_work_units_are_files_with_the_demo_files_as_one():
     assert work_unit("tests/unit/core/test_encoding.py::test_x[512-128]") == "tests/unit/core/test_encoding.py"
     assert work_unit("tests/integration/test_integration.py::test_y[zero1]") == "tests/integration/test_integration.py"
     assert {work_unit(f"{path}::test_z") for path in DEMO_FILES} == {"demo_run"}
+
+
+def test_the_controller_writes_yapfs_grammar_cache_before_workers_start(tmp_path):
+    """Two workers importing mmengine on a fresh machine raced on yapf's cache (CI: EOFError at collection)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    code = "import sys; sys.path[:0] = ['tests']; import conftest; print(conftest.warm_yapf_grammar_cache())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+    pickles = sorted(p.name.split("-py")[0] for p in tmp_path.glob("YAPF/*/*.pickle"))
+    assert pickles == ["Grammar", "PatternGrammar"]
