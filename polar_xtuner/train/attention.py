@@ -30,6 +30,7 @@ forward runs unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from polar_xtuner import prefix_sharing
 from polar_xtuner.errors import ConfigError
 from polar_xtuner.precision import backend_for, half_dtype
 
@@ -157,6 +159,56 @@ def varlen_args():
     return hub.get_info(f"cumulative_len_rank_{rank}"), hub.get_info(f"max_seqlen_rank_{rank}")
 
 
+class _SharedRow:
+    """The shared-prefix row of this step (:mod:`polar_xtuner.prefix_sharing`) and its mask, built once."""
+
+    def __init__(self, group_ids, member_ids, backend: str):
+        self.group_ids, self.member_ids, self.backend = group_ids, member_ids, backend
+        self._mask = None
+
+    def mask(self):
+        if self._mask is None:
+            build = prefix_sharing.block_mask if self.backend == "flex" else prefix_sharing.dense_mask
+            self._mask = build(self.group_ids, self.member_ids)
+        return self._mask
+
+
+def shared_prefix_backend(requested: str | None, device: torch.device | str) -> str:
+    """The shared-prefix attention backend: compiled FlexAttention on CUDA, dense-mask SDPA on CPU.
+
+    On CPU a compiled FlexAttention pays a compile per row length; the dense
+    mask costs T^2 booleans, small at CPU row lengths. ``requested`` forces one.
+    """
+    if requested is None:
+        return "flex" if torch.device(device).type == "cuda" else "sdpa"
+    if requested not in prefix_sharing.BACKENDS:
+        raise ConfigError(f"shared_prefix_attn_backend must be one of {', '.join(prefix_sharing.BACKENDS)} "
+                          f"or None, got {requested!r}")
+    return requested
+
+
+@contextlib.contextmanager
+def shared_prefix_row(group_ids, member_ids, backend: str):
+    """Within this block, the patched attention lays the row out as shared-prefix groups."""
+    from mmengine import MessageHub
+    from mmengine.dist import get_rank
+
+    hub = MessageHub.get_instance("varlen_attn_args")
+    key = f"shared_prefix_rank_{get_rank()}"
+    hub.update_info(key, _SharedRow(group_ids, member_ids, backend))
+    try:
+        yield
+    finally:
+        hub.update_info(key, None)
+
+
+def _shared_row():
+    from mmengine import MessageHub
+    from mmengine.dist import get_rank
+
+    return MessageHub.get_instance("varlen_attn_args").get_info(f"shared_prefix_rank_{get_rank()}")
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str):
     """Causal attention within each packed sample.
 
@@ -216,8 +268,9 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
                 output_attentions=False, use_cache=False, cache_position=None, **kwargs):
+        shared = _shared_row()
         cu_seqlens, max_seqlen = varlen_args()
-        if cu_seqlens is None:
+        if cu_seqlens is None and shared is None:
             return original_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                     past_key_value=past_key_value, output_attentions=output_attentions,
                                     use_cache=use_cache, cache_position=cache_position, **kwargs)
@@ -225,6 +278,8 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
         if bsz != 1:
             raise ValueError(f"varlen attention takes one packed row per step, got a batch of {bsz}")
         sp = sequence_parallel_size()
+        if shared is not None:
+            return self.wo(_shared_prefix_forward(self, hidden_states, position_ids, shared)), None, past_key_value
         if int(cu_seqlens[-1]) != q_len * sp:
             raise ValueError(f"cumulative_len ends at {int(cu_seqlens[-1])} but the row has {q_len * sp} tokens")
         mod = _modeling_module(self)
@@ -258,6 +313,24 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
         return self.wo(out), None, past_key_value
 
     return forward
+
+
+def _shared_prefix_forward(attn, hidden_states, position_ids, shared: _SharedRow):
+    """The attention output (before ``wo``) of one shared-prefix row."""
+    mod = _modeling_module(attn)
+    bsz, q_len, _ = hidden_states.shape
+    if q_len != len(shared.group_ids):
+        raise ValueError(f"the shared-prefix layout has {len(shared.group_ids)} tokens but the row has {q_len}")
+    groups = attn.num_key_value_groups
+    qkv = attn.wqkv(hidden_states).view(bsz, q_len, attn.num_key_value_heads, groups + 2, attn.head_dim)
+    q = qkv[..., :groups, :].reshape(bsz, q_len, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = qkv[..., -2, :].transpose(1, 2)
+    v = qkv[..., -1, :].transpose(1, 2)
+    cos, sin = attn.rotary_emb(v, position_ids)
+    q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)  # (1, H, T, D)
+    out = prefix_sharing.prefix_attention(q, k, v, shared.group_ids, shared.member_ids, shared.backend,
+                                          mask=shared.mask())
+    return out.to(hidden_states.dtype).transpose(1, 2).reshape(bsz, q_len, attn.hidden_size)
 
 
 def dispatch_varlen_attention(model, backend: str) -> int:

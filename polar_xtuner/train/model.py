@@ -54,6 +54,8 @@ from polar_xtuner.train.attention import (
     dispatch_varlen_attention,
     select_backend,
     sequence_parallel_size,
+    shared_prefix_backend,
+    shared_prefix_row,
 )
 from polar_xtuner.train.objectives import LossSettings, pair_loss_terms
 
@@ -108,6 +110,7 @@ class PolarRewardModel(RewardModel):
         margin=False,
         center_rewards_coefficient=0.0,
         loss_in_fp32=False,
+        shared_prefix_attn_backend=None,
     ):
         try:
             self_loss = LossSettings(margin=margin, center_rewards_coefficient=center_rewards_coefficient,
@@ -136,6 +139,9 @@ class PolarRewardModel(RewardModel):
             )
             self.use_varlen_attn = use_varlen_attn
             self.varlen_attn_backend = backend
+            # checked now, chosen per row's device (shared_prefix_backend)
+            shared_prefix_backend(shared_prefix_attn_backend, "cpu")
+            self.shared_prefix_attn_backend = shared_prefix_attn_backend
             if self.use_lora:
                 self.v_head.requires_grad_(True)  # trained beside the adapters, and saved with them
             self.loss_settings = self_loss
@@ -206,16 +212,21 @@ class PolarRewardModel(RewardModel):
         the model.
         """
         margins = data.pop("margins", None)
+        shared = data.pop("shared_prefix", None)
         sp = get_sequence_parallel_world_size() > 1
-        if sp:
-            data = self._split_for_sequence_parallel(data)
-        hidden_states = self.llm(**data)[0]
-        logits = self.v_head(hidden_states)
-        if sp:
-            logits = gather_forward_split_backward(logits, dim=1, sp_group=get_sequence_parallel_group(),
-                                                   grad_scale="up")
-        chosen = logits[labels == 0].reshape(-1)
-        rejected = logits[labels == 1].reshape(-1)
+        if shared is not None:
+            chosen, rejected, hidden_states = self._shared_prefix_scores(data, shared, sp)
+            margins = shared.margins
+        else:
+            if sp:
+                data = self._split_for_sequence_parallel(data)
+            hidden_states = self.llm(**data)[0]
+            logits = self.v_head(hidden_states)
+            if sp:
+                logits = gather_forward_split_backward(logits, dim=1, sp_group=get_sequence_parallel_group(),
+                                                       grad_scale="up")
+            chosen = logits[labels == 0].reshape(-1)
+            rejected = logits[labels == 1].reshape(-1)
         settings = self.loss_settings
         if margins is not None:
             margins = margins.to(chosen.device)
@@ -262,6 +273,25 @@ class PolarRewardModel(RewardModel):
                 "pick it where the GPU has it), set loss_in_fp32 = True, or lower the learning rate."
             )
         return out
+
+    def _shared_prefix_scores(self, data, shared, sp: bool):
+        """(chosen, rejected, hidden states) of a shared-prefix row (:mod:`polar_xtuner.prefix_sharing`).
+
+        Each candidate is scored once at its reward token; a candidate in
+        several pairs gives its one score to each.
+        """
+        if sp:
+            raise ConfigError("share_prefix = True does not work with sequence parallel "
+                              "(sequence_parallel_size > 1): set share_prefix = False")
+        if not self.use_varlen_attn:
+            raise ConfigError("share_prefix = True needs use_varlen_attn = True (one packed row per step)")
+        device = data["input_ids"].device
+        shared = shared.to(device)
+        backend = shared_prefix_backend(self.shared_prefix_attn_backend, device)
+        with shared_prefix_row(shared.group_ids, shared.member_ids, backend):
+            hidden_states = self.llm(**data)[0]
+        scores = self.v_head(hidden_states)[0, shared.score_index, 0]
+        return scores[shared.pairs[:, 0]], scores[shared.pairs[:, 1]], hidden_states
 
     # xtuner passes avg_factor = mean over ranks of 1/pairs; the mean over this row's scores here.
     def log_barrier_penalty(self, logits, lower_bound, upper_bound, epsilon=1e-3, avg_factor=1):

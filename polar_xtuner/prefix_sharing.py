@@ -1,0 +1,269 @@
+"""Shared-prefix rows: the candidates of one prompt and reference after one copy of what they share.
+
+Every POLAR input is ``prompt + "\\n" + reference + "<|reward|>" + prompt + "\\n" + candidate``
+and the reward token, so the candidates of one record (or of every record with
+the same prompt and reference) repeat everything before the candidate. A
+*group* holds that prefix once and each candidate's remainder after it:
+
+    row:       [ prefix | candidate 1 | candidate 2 | ... ][ next group ... ]
+    positions:   0 .. P-1  P .. P+n1-1  P .. P+n2-1
+    attends to:  causal    prefix+own   prefix+own
+
+A candidate's tokens attend causally to its prefix and to themselves, never to
+a sibling or another group, and their positions continue from the prefix's
+end, so each candidate's hidden states (and its score at its last token, the
+reward token) are those of its whole sequence scored alone.
+
+The prefix is the longest common run of token ids of the group's encoded
+sequences, cut so that every candidate keeps at least one token. Sharing is
+therefore exact whatever the tokenizer does at the prefix/candidate seam:
+ids that differ there simply stay with the candidates.
+
+Attention backends (:func:`prefix_attention`): FlexAttention with a block mask
+built from group and member ids (``torch.nn.attention.flex_attention``; CPU and
+CUDA, compiled where torch can compile it), and dense-mask SDPA, the exact
+reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from polar_xtuner.errors import ConfigError
+from polar_xtuner.records import DataError
+
+BACKENDS = ("flex", "sdpa")
+
+
+def split_prefix(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
+    """The longest common prefix of sequences, and each one's remainder.
+
+    The prefix stops one token short of the shortest sequence, so every
+    remainder keeps at least its last token (the reward token, where the score
+    is read).
+
+    Raises:
+        ValueError: No sequences, or an empty one.
+    """
+    if not sequences:
+        raise ValueError("a group needs at least one sequence")
+    if min(len(s) for s in sequences) == 0:
+        raise ValueError("a group's sequences must not be empty")
+    first = sequences[0]
+    n = min(len(s) for s in sequences) - 1
+    for s in sequences[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return list(first[:n]), [list(s[n:]) for s in sequences]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Candidates sharing one prefix, and the ordered pairs among them.
+
+    Attributes:
+        prefix: Token ids every candidate's sequence starts with.
+        candidates: Each candidate's ids after the prefix (its reward token last).
+        pairs: ``(better, worse, margin)``: indices into ``candidates``.
+    """
+
+    prefix: tuple[int, ...]
+    candidates: tuple[tuple[int, ...], ...]
+    pairs: tuple[tuple[int, int, float], ...]
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[Sequence[int]],
+                       pairs: Sequence[tuple[int, int, float]]) -> "Group":
+        """A group of whole encoded sequences (each scored alone today) and their pairs."""
+        prefix, rest = split_prefix(sequences)
+        n = len(sequences)
+        for i, j, _ in pairs:
+            if not (0 <= i < n and 0 <= j < n) or i == j:
+                raise ValueError(f"pair ({i}, {j}) does not name two of the group's {n} candidates")
+        return cls(tuple(prefix), tuple(tuple(c) for c in rest), tuple((int(i), int(j), float(m)) for i, j, m in pairs))
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the group in a shared-prefix row."""
+        return len(self.prefix) + sum(len(c) for c in self.candidates)
+
+    @property
+    def unshared_tokens(self) -> int:
+        """Tokens of the same pairs packed today: both whole sequences of every pair."""
+        p = len(self.prefix)
+        return sum(2 * p + len(self.candidates[i]) + len(self.candidates[j]) for i, j, _ in self.pairs)
+
+    def sequence(self, k: int) -> list[int]:
+        """Candidate ``k``'s whole sequence, as it is scored alone."""
+        return [*self.prefix, *self.candidates[k]]
+
+    def split(self, max_tokens: int) -> list["Group"]:
+        """This group in parts of at most ``max_tokens`` each, the prefix repeated in each.
+
+        Every pair lands whole in one part (a candidate may appear in several
+        parts), so every pair is still scored within one row; the pairs keep
+        their order. A group that fits is returned as it is.
+
+        Raises:
+            DataError: One pair alone (prefix and both candidates) is longer
+                than ``max_tokens``.
+        """
+        if self.tokens <= max_tokens:
+            return [self]
+        parts: list[tuple[list[int], list[tuple[int, int, float]]]] = []
+        members: list[int] = []
+        part_pairs: list[tuple[int, int, float]] = []
+        size = len(self.prefix)
+        for i, j, m in self.pairs:
+            pair_len = len(self.candidates[i]) + len(self.candidates[j])
+            if len(self.prefix) + pair_len > max_tokens:
+                raise DataError(f"a pair of {len(self.prefix) + pair_len} tokens (its prefix and both candidates) "
+                                f"is longer than max_packed_length={max_tokens}; raise max_packed_length")
+            need = sum(len(self.candidates[k]) for k in {i, j} if k not in members)
+            if size + need > max_tokens:
+                parts.append((members, part_pairs))
+                members, part_pairs, size = [], [], len(self.prefix)
+                need = pair_len
+            for k in (i, j):
+                if k not in members:
+                    members.append(k)
+            part_pairs.append((i, j, m))
+            size += need
+        if part_pairs:
+            parts.append((members, part_pairs))
+        out = []
+        for members, part_pairs in parts:
+            index = {k: n for n, k in enumerate(members)}
+            out.append(Group(self.prefix, tuple(self.candidates[k] for k in members),
+                             tuple((index[i], index[j], m) for i, j, m in part_pairs)))
+        return out
+
+
+@dataclass
+class SharedPrefixRow:
+    """One packed row of groups, as tensors.
+
+    Attributes:
+        input_ids: (T,) token ids.
+        position_ids: (T,) positions: each prefix from 0, each candidate from
+            its prefix's length.
+        group_ids: (T,) the token's group within the row.
+        member_ids: (T,) 0 for a prefix token, k for the k-th candidate (from 1).
+        score_index: (C,) the row position of each candidate's last token, in
+            group then candidate order.
+        pairs: (P, 2) ``(better, worse)`` indices into ``score_index``.
+        margins: (P,) each pair's margin.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    group_ids: torch.Tensor
+    member_ids: torch.Tensor
+    score_index: torch.Tensor
+    pairs: torch.Tensor
+    margins: torch.Tensor
+
+    def to(self, device) -> "SharedPrefixRow":
+        return SharedPrefixRow(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    def group_bounds(self) -> torch.Tensor:
+        """(G+1,) int32 start offsets of the groups, then the row's length."""
+        change = torch.nonzero(self.group_ids[1:] != self.group_ids[:-1]).flatten() + 1
+        ends = torch.tensor([len(self.group_ids)], device=change.device)
+        return torch.cat([torch.zeros(1, dtype=change.dtype, device=change.device), change, ends]).to(torch.int32)
+
+
+def pack_groups(groups: Sequence[Group]) -> SharedPrefixRow:
+    """Lay groups out in one row (:class:`SharedPrefixRow`)."""
+    ids, pos, gid, mid, score_index, pairs, margins = [], [], [], [], [], [], []
+    for g, group in enumerate(groups):
+        p = len(group.prefix)
+        ids += group.prefix
+        pos += range(p)
+        gid += [g] * p
+        mid += [0] * p
+        first = len(score_index)
+        for k, cand in enumerate(group.candidates, start=1):
+            ids += cand
+            pos += range(p, p + len(cand))
+            gid += [g] * len(cand)
+            mid += [k] * len(cand)
+            score_index.append(len(ids) - 1)
+        for i, j, m in group.pairs:
+            pairs.append((first + i, first + j))
+            margins.append(m)
+    return SharedPrefixRow(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        position_ids=torch.tensor(pos, dtype=torch.long),
+        group_ids=torch.tensor(gid, dtype=torch.int32),
+        member_ids=torch.tensor(mid, dtype=torch.int32),
+        score_index=torch.tensor(score_index, dtype=torch.long),
+        pairs=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+        margins=torch.tensor(margins, dtype=torch.float32),
+    )
+
+
+def allowed(group_ids: torch.Tensor, member_ids: torch.Tensor, q_idx, kv_idx):
+    """Whether query ``q_idx`` may attend to key ``kv_idx`` (broadcasting index tensors)."""
+    same_group = group_ids[q_idx] == group_ids[kv_idx]
+    visible = (member_ids[kv_idx] == 0) | (member_ids[kv_idx] == member_ids[q_idx])
+    return same_group & visible & (kv_idx <= q_idx)
+
+
+def dense_mask(group_ids: torch.Tensor, member_ids: torch.Tensor) -> torch.Tensor:
+    """(T, T) bool: the row's attention mask, True where a query may attend."""
+    idx = torch.arange(len(group_ids), device=group_ids.device)
+    return allowed(group_ids, member_ids, idx[:, None], idx[None, :])
+
+
+def block_mask(group_ids: torch.Tensor, member_ids: torch.Tensor):
+    """FlexAttention's block mask of a row (built once per row, shared by every layer)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(group_ids, member_ids, q_idx, kv_idx)
+
+    t = len(group_ids)
+    return create_block_mask(mask_mod, None, None, t, t, device=group_ids.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def prefix_attention(q, k, v, group_ids, member_ids, backend: str = "flex", mask=None, compiled: bool = True):
+    """Attention over one shared-prefix row.
+
+    Args:
+        q: (1, Hq, T, D) queries.
+        k, v: (1, Hkv, T, D) keys and values (Hq a multiple of Hkv: GQA).
+        group_ids, member_ids: (T,) the row's layout (:class:`SharedPrefixRow`).
+        backend: "flex" (FlexAttention) or "sdpa" (a dense (T, T) mask; exact
+            and O(T^2) memory, for tests and short rows).
+        mask: The row's prebuilt mask (:func:`block_mask` for flex,
+            :func:`dense_mask` for sdpa); built here when None.
+        compiled: Run FlexAttention compiled (fast); eager is exact but slow.
+
+    Returns:
+        (1, Hq, T, D).
+    """
+    gqa = k.shape[1] != q.shape[1]
+    if backend == "sdpa":
+        mask = dense_mask(group_ids, member_ids) if mask is None else mask
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if backend != "flex":
+        raise ConfigError(f"shared-prefix attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mask = block_mask(group_ids, member_ids) if mask is None else mask
+    fn = _compiled_flex() if compiled else flex_attention
+    return fn(q, k, v, block_mask=mask, enable_gqa=gqa)

@@ -1,0 +1,115 @@
+"""Shared-prefix training rows: the loss and every gradient equal the unshared computation of the same pairs."""
+import pytest
+import torch
+
+from common import build_reward_model as build_model
+from common import publish_varlen_args as publish
+from polar_xtuner.demo.data import generate
+from polar_xtuner.encoding import PolarEncoder
+from polar_xtuner.prefix_sharing import Group, pack_groups
+
+
+def _groups(tokenizer, max_length=512, split_at=None, seed=0):
+    """Records sharing prompts and references (3 per prompt, answers drawn from other records), as groups."""
+    base = list(generate(12, seed))
+    records = []
+    for p in range(3):
+        for r in range(3):
+            other = base[3 + 3 * p + r]
+            records.append({**base[p], "chosen": base[p]["chosen"] if r == 0 else other["chosen"],
+                            "rejected": other["rejected"], "margin": 0.5 * r})
+    feats = PolarEncoder(tokenizer, max_length, 128).encode_pairs(records)
+    groups = []
+    for p in range(3):
+        seqs, pairs = [], []
+        for r in range(3):
+            f, rec = feats[3 * p + r], records[3 * p + r]
+            idx = []
+            for s in (f["chosen_ids"], f["rejected_ids"]):
+                if s not in seqs:
+                    seqs.append(s)
+                idx.append(seqs.index(s))
+            pairs.append((idx[0], idx[1], rec["margin"]))
+        group = Group.from_sequences(seqs, pairs)
+        groups += group.split(split_at) if split_at else [group]
+    return groups
+
+
+def _unshared(groups):
+    """The same pairs, in the same order, as today's packed row: both whole sequences of every pair."""
+    ids, pos, labels, cu, margins = [], [], [], [0], []
+    for g in groups:
+        for i, j, m in g.pairs:
+            for s, label in ((g.sequence(i), 0), (g.sequence(j), 1)):
+                ids += s
+                pos += range(len(s))
+                labels += [-100] * (len(s) - 1) + [label]
+                cu.append(len(ids))
+            margins.append(m)
+    data = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "labels": torch.tensor([labels]),
+            "margins": torch.tensor(margins)}
+    return data, torch.tensor(cu, dtype=torch.int32), max(b - a for a, b in zip(cu, cu[1:]))
+
+
+def _shared(groups):
+    row = pack_groups(groups)
+    return {"input_ids": row.input_ids[None], "position_ids": row.position_ids[None],
+            "labels": torch.full((1, len(row.input_ids)), -100), "shared_prefix": row}
+
+
+def _loss_and_grads(model, data, cu=None, max_seqlen=None):
+    model.zero_grad()
+    publish(cu, max_seqlen)
+    try:
+        out = model(dict(data), mode="loss")
+    finally:
+        publish(None, None)
+    out["loss"].backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("case", ["plain", "margins+centering+fp32", "truncated prefixes", "split groups"])
+def test_loss_and_gradients_equal_the_unshared_pairs(tiny_dir, tokenizer, case):
+    """fp32 on CPU, GQA (8 query, 4 key/value heads), several groups in one row: within 1e-5 relative."""
+    options = {"margin": True, "center_rewards_coefficient": 0.01, "loss_in_fp32": True} \
+        if case == "margins+centering+fp32" else {}
+    model = build_model(tiny_dir, **options).train()
+    assert model.llm.config.num_key_value_heads < model.llm.config.num_attention_heads
+    max_length = 48 if case == "truncated prefixes" else 512
+    groups = _groups(tokenizer, max_length=max_length)
+    if case == "split groups":
+        groups = [part for g in groups for part in g.split(max(len(g.prefix) + 40, g.tokens // 2))]
+        assert len(groups) > 3
+    if case == "truncated prefixes":
+        assert all(len(g.sequence(0)) <= max_length for g in groups)
+    shared = _shared(groups)
+    saved = sum(g.unshared_tokens for g in groups) / shared["input_ids"].shape[1]
+    assert saved > 1.3, saved  # the test rows do share something
+
+    out_s, grads_s = _loss_and_grads(model, shared)
+    out_u, grads_u = _loss_and_grads(model, *_unshared(groups))
+    assert out_s["loss"].item() == pytest.approx(out_u["loss"].item(), rel=1e-5)
+    for key in ("acc", "chosen_score_mean", "rejected_score_mean", "num_samples"):
+        assert out_s[key].item() == pytest.approx(out_u[key].item(), rel=1e-5, abs=1e-6), key
+    if case == "margins+centering+fp32":
+        assert out_s["margin_mean"].item() == pytest.approx(out_u["margin_mean"].item())
+        assert out_s["center_term"].item() == pytest.approx(out_u["center_term"].item(), rel=1e-5)
+    assert grads_s.keys() == grads_u.keys() and len(grads_s) > 10
+    for name, g in grads_u.items():
+        scale = g.abs().max().item() or 1.0
+        assert (grads_s[name] - g).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_sequence_parallel_and_padded_models_refuse_shared_rows(tiny_dir, tokenizer, monkeypatch):
+    from polar_xtuner.errors import ConfigError
+
+    data = _shared(_groups(tokenizer)[:1])
+    padded = build_model(tiny_dir, use_varlen_attn=False)
+    with pytest.raises(ConfigError, match="needs use_varlen_attn = True"):
+        padded(dict(data), mode="loss")
+    model = build_model(tiny_dir)
+    import polar_xtuner.train.model as m
+
+    monkeypatch.setattr(m, "get_sequence_parallel_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="does not work with sequence parallel"):
+        model(dict(data), mode="loss")
