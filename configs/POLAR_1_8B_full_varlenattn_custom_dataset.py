@@ -40,6 +40,10 @@ from polar_xtuner.train.schedulers import WarmupCosineAnnealingLR, WarmupLinearL
 # Model
 pretrained_model_name_or_path = "internlm/POLAR-1_8B-Base"
 use_varlen_attn = True
+# True: each prompt and reference is encoded once per row and the candidates
+# sharing them are scored after that one copy (docs/training.md, "Shared
+# prefixes"); the loss of every pair is unchanged. Needs use_varlen_attn.
+share_prefix = False
 reward_token_id = 92527  # [UNUSED_TOKEN_130]; checked against the tokenizer
 loss_type = "ranking"
 penalty_type = "none"
@@ -125,6 +129,7 @@ train_dataset = dict(
     shuffle_before_pack=True,
     seed=pack_seed,
     cache_dir=data_cache_dir,
+    share_prefix=share_prefix,
 )
 
 train_dataloader = dict(

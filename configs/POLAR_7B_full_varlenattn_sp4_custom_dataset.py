@@ -46,6 +46,8 @@ from polar_xtuner.train.schedulers import WarmupCosineAnnealingLR, WarmupLinearL
 # Model
 pretrained_model_name_or_path = "internlm/POLAR-7B-Base"
 use_varlen_attn = True
+# Shared prefixes (polar_xtuner/data/groups.py) are refused with sequence parallel.
+share_prefix = False
 reward_token_id = 92527  # [UNUSED_TOKEN_130]; checked against the tokenizer
 loss_type = "ranking"
 penalty_type = "none"
@@ -131,6 +133,7 @@ train_dataset = dict(
     shuffle_before_pack=True,
     seed=pack_seed,
     cache_dir=data_cache_dir,
+    share_prefix=share_prefix,
 )
 
 train_dataloader = dict(

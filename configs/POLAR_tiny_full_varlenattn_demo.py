@@ -35,6 +35,10 @@ from polar_xtuner.train.schedulers import WarmupCosineAnnealingLR, WarmupLinearL
 pretrained_model_name_or_path = "work_dirs/tiny_polar"
 # Packed rows; on CPU PolarRewardModel keeps samples apart with per-sample SDPA.
 use_varlen_attn = True
+# True: each prompt and reference is encoded once per row and the candidates
+# sharing them are scored after that one copy (docs/training.md, "Shared
+# prefixes"); the loss of every pair is unchanged. Needs use_varlen_attn.
+share_prefix = False
 reward_token_id = 4  # [UNUSED_TOKEN_130] in the tiny tokenizer; checked against it
 loss_type = "ranking"
 penalty_type = "none"
@@ -123,6 +127,7 @@ train_dataset = dict(
     shuffle_before_pack=True,
     seed=pack_seed,
     cache_dir=data_cache_dir,
+    share_prefix=share_prefix,
 )
 
 train_dataloader = dict(

@@ -28,11 +28,13 @@ reference the tests compare against.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from polar_xtuner.encoding import pair_items
 from polar_xtuner.errors import ConfigError
 from polar_xtuner.records import DataError
 
@@ -143,6 +145,63 @@ class Group:
             out.append(Group(self.prefix, tuple(self.candidates[k] for k in members),
                              tuple((index[i], index[j], m) for i, j, m in part_pairs)))
         return out
+
+
+def _kept_prompt_lengths(encoder, fields, items) -> list[int]:
+    """Prompt tokens each item keeps (the encoder's rule: budget from the cut reference and longest candidate)."""
+    p_ids, r_ids, c_ids = fields
+    kept, k = [], 0
+    for i, (_, _, cs) in enumerate(items):
+        longest = max(len(encoder._cut(c_ids[k + j])) for j in range(len(cs)))
+        k += len(cs)
+        budget = encoder.prompt_budget(len(encoder._cut(r_ids[i])), longest)
+        kept.append(min(len(p_ids[i]), max(budget, 0)))
+    return kept
+
+
+def group_pairs(records: Sequence[dict], encoder, chunk: int = 1000) -> tuple[list[Group], list[tuple[int, int, int]]]:
+    """The pairs of validated records as groups of the candidates that share a prefix.
+
+    Records group when their wrapper, prompt, reference and kept prompt length
+    (the encoder's truncation rules, unchanged) are equal; a group holds their
+    distinct encoded sequences (two equal answers of one record stay two
+    candidates) and each record's pair with its margin. The shared prefix is
+    then the sequences' longest common run of ids (:func:`split_prefix`), so
+    every candidate's ids are exactly the encoder's.
+
+    Returns:
+        The groups (whole, in first-seen order), and for each record its
+        ``(group, chosen, rejected)`` indices.
+    """
+    buckets: dict[tuple, int] = {}
+    index: list[dict] = []
+    seqs: list[list] = []
+    pairs: list[list] = []
+    where = []
+    for start in range(0, len(records), chunk):
+        part = records[start:start + chunk]
+        items = pair_items(part)
+        fields = encoder.encode_fields(items)
+        kept = _kept_prompt_lengths(encoder, fields, items)
+        for rec, feat, n in zip(part, encoder.encode_pairs(part, fields), kept):
+            key = (rec.get("wrapper", "sft"), json.dumps(rec["prompt"]), json.dumps(rec["reference"]), n)
+            g = buckets.setdefault(key, len(buckets))
+            if g == len(index):
+                index.append({})
+                seqs.append([])
+                pairs.append([])
+            ij = []
+            for c in ("chosen_ids", "rejected_ids"):
+                seq = tuple(feat[c])
+                if seq not in index[g] or ij == [index[g][seq]]:  # equal answers stay two candidates
+                    index[g].setdefault(seq, len(seqs[g]))
+                    seqs[g].append(seq)
+                    ij.append(len(seqs[g]) - 1)
+                else:
+                    ij.append(index[g][seq])
+            pairs[g].append((ij[0], ij[1], float(rec.get("margin", 0.0))))
+            where.append((g, ij[0], ij[1]))
+    return [Group.from_sequences(s, p) for s, p in zip(seqs, pairs)], where
 
 
 @dataclass

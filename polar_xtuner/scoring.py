@@ -19,6 +19,7 @@ from polar_xtuner.constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, 
 from polar_xtuner.encoding import PolarEncoder
 from polar_xtuner.pair_metrics import unflatten
 from polar_xtuner.precision import SCORING_ATTENTION, default_device, eval_dtype
+from polar_xtuner.prefix_sharing import Group, dense_mask, group_pairs, pack_groups
 
 
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None,
@@ -141,14 +142,94 @@ def score_ids(model, ids_list: Sequence[list[int]], pad_id: int, padding_side: s
     return scores
 
 
+# Shared-prefix scoring lays groups out in rows of about this many tokens, and
+# keeps a batch's dense masks within this many elements (128 MB in fp32).
+SHARED_ROW_TOKENS = 2048
+MASK_ELEMENTS = 2**25
+
+
+@torch.no_grad()
+def score_groups(model, groups: Sequence[Group], pad_id: int, row_tokens: int,
+                 batch_size: int = DEFAULT_EVAL_BATCH_SIZE, progress: bool = False) -> list[list[float]]:
+    """Each group's candidate scores, every candidate scored after one copy of its prefix.
+
+    Groups are laid out in rows of about ``row_tokens`` (a longer group gets a
+    row of its own), ``batch_size`` rows a batch, with a 4-D mask that lets a
+    candidate see its prefix and itself only (:mod:`polar_xtuner.prefix_sharing`)
+    and positions that continue from the prefix: each score is the
+    candidate's whole sequence scored alone. Needs the SDPA or eager attention
+    of the HF model (:data:`polar_xtuner.precision.SCORING_ATTENTION`); flash
+    kernels take no such mask.
+    """
+    attn = getattr(model.config, "attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
+    if attn not in (None, "sdpa", "eager"):
+        raise ValueError(f"shared-prefix scoring needs SDPA or eager attention, the model uses {attn!r}")
+    device = next(model.parameters()).device
+    dtype = next(model.v_head.parameters()).dtype
+    backbone = model.llm if hasattr(model, "llm") else model.model
+    order = sorted(range(len(groups)), key=lambda i: groups[i].tokens)
+    rows, row, size = [], [], 0
+    for i in order:
+        if row and size + groups[i].tokens > row_tokens:
+            rows.append(row)
+            row, size = [], 0
+        row.append(i)
+        size += groups[i].tokens
+    if row:
+        rows.append(row)
+    # Batches of up to batch_size rows whose (rows x width^2) masks stay within MASK_ELEMENTS.
+    packed_rows = [(r, pack_groups([groups[i] for i in r])) for r in rows]
+    batches, batch, width = [], [], 0
+    for item in packed_rows:
+        w = max(width, len(item[1].input_ids))
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * w * w > MASK_ELEMENTS):
+            batches.append(batch)
+            batch, w = [], len(item[1].input_ids)
+        batch.append(item)
+        width = w
+    if batch:
+        batches.append(batch)
+    out: list[list[float]] = [[] for _ in groups]
+    for packed in tqdm(batches, desc="Scoring", disable=not progress, unit="batch"):
+        width = max(len(p.input_ids) for _, p in packed)
+        ids = torch.full((len(packed), width), pad_id, dtype=torch.long)
+        pos = torch.zeros((len(packed), width), dtype=torch.long)
+        gid = torch.full((len(packed), width), -1, dtype=torch.int32)  # padding: a group of its own
+        mid = torch.zeros((len(packed), width), dtype=torch.int32)
+        for b, (_, p) in enumerate(packed):
+            n = len(p.input_ids)
+            ids[b, :n], pos[b, :n], gid[b, :n], mid[b, :n] = p.input_ids, p.position_ids, p.group_ids, p.member_ids
+        allowed = torch.stack([dense_mask(gid[b], mid[b]) for b in range(len(packed))])[:, None]
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))[0]
+        for b, (members, p) in enumerate(packed):
+            values = model.v_head(hidden[b, p.score_index.to(device)]).squeeze(-1).float().tolist()
+            k = 0
+            for i in members:
+                n = len(groups[i].candidates)
+                out[i] = values[k:k + n]
+                k += n
+    return out
+
+
 def score_records(model, tokenizer, records: Sequence[dict], max_length: int = DEFAULT_MAX_LENGTH,
                   max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH, batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
-                  padding_side: str | None = None, progress: bool = False) -> list[tuple[float, float]]:
-    """(chosen score, rejected score) for each validated record."""
+                  padding_side: str | None = None, progress: bool = False,
+                  share_prefix: bool = False) -> list[tuple[float, float]]:
+    """(chosen score, rejected score) for each validated record.
+
+    With ``share_prefix`` the records that share a prompt and reference are
+    scored as one group (:func:`score_groups`); the scores equal the unshared
+    ones up to float rounding.
+    """
     if not records:
         return []
     enc = PolarEncoder(tokenizer, max_length=max_length, max_response_length=max_response_length,
                        reward_token_id=getattr(model.config, "reward_token_id", None))
+    if share_prefix:
+        groups, where = group_pairs(records, enc)
+        scores = score_groups(model, groups, pad_id(tokenizer), SHARED_ROW_TOKENS, batch_size, progress)
+        return [(scores[g][i], scores[g][j]) for g, i, j in where]
     feats = enc.encode_pairs(records)
     ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
     flat = score_ids(model, ids, pad_id(tokenizer), padding_side or tokenizer.padding_side,

@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--max-response-length", type=int_at_least(1),
                    help=f"cap for reference and answers (default: the model's, else {DEFAULT_MAX_RESPONSE_LENGTH})")
     p.add_argument("--plot", type=non_empty, help="draw score distributions and the margin histogram to this .png, .svg or .pdf")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="local scoring: score every answer as a whole sequence (default: the answers of one "
+                        "prompt and reference after one copy of it, the same scores within float rounding)")
     p.add_argument("--server-type", choices=SERVER_TYPES, help="score on a served model")
     p.add_argument("--server-address", default="127.0.0.1:30000", type=non_empty,
                    help="HOST:PORT of the server, or several comma-separated (requests are spread over them)")
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
     else:
         model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
         scores = score_records(model, tokenizer, records, settings.max_length, settings.max_response_length,
-                               args.batch_size or DEFAULT_EVAL_BATCH_SIZE, progress=True)
+                               args.batch_size or DEFAULT_EVAL_BATCH_SIZE, progress=True,
+                               share_prefix=args.share_prefix)
     for (c, r), rec_item in zip(scores, good):
         if not (math.isfinite(c) and math.isfinite(r)):
             raise VerificationError(f"{rec_item.where}: the model scored this pair {c}/{r}, not a finite "
@@ -179,6 +183,7 @@ def main(argv=None) -> int:
     report["model"] = args.model
     report["data"] = args.data
     report["backend"] = args.server_type or "local"
+    report["share_prefix"] = not args.server_type and args.share_prefix
     report["encoding"] = {"max_length": settings.max_length, "max_response_length": settings.max_response_length,
                           "source": settings.source}
     print(format_report(report))

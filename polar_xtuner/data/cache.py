@@ -35,8 +35,8 @@ _OLD_TMP = re.compile(r"[0-9a-f]{16}\.tmp(?P<pid>\d+)")  # before the manifest: 
 
 
 def cache_key(data_files: Sequence[str], tokenizer, max_length: int, max_response_length: int,
-              reward_token_id: int | None) -> str:
-    """A fingerprint of everything the encoded pairs depend on.
+              reward_token_id: int | None, layout: str = "pairs") -> str:
+    """A fingerprint of everything the encoded pairs (or groups: ``layout``) depend on.
 
     The data files count by their content (blake2b, about 1.2 GB/s), not by
     size and modification time: an edit that keeps both (same length, mtime
@@ -49,6 +49,8 @@ def cache_key(data_files: Sequence[str], tokenizer, max_length: int, max_respons
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else f"{tokenizer.name_or_path}|{len(tokenizer)}").encode())
     h.update(json.dumps([max_length, max_response_length, reward_token_id, CACHE_FORMAT]).encode())
+    if layout != "pairs":  # shared-prefix groups (and their row length); pair entries keep their keys
+        h.update(layout.encode())
     return h.hexdigest()[:16]
 
 

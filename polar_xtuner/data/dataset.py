@@ -27,7 +27,8 @@ from xtuner.utils import DEFAULT_PAD_TOKEN_INDEX
 
 from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, packed_length
 from polar_xtuner.data.cache import barrier, cache_key, cached, open_entry
-from polar_xtuner.errors import UserError, abort_training
+from polar_xtuner.data.groups import GroupRows, collate_group_row, columns_to_groups, group_records, groups_to_columns
+from polar_xtuner.errors import ConfigError, UserError, abort_training
 from polar_xtuner.records import DataError, load_records
 
 ENCODE_CHUNK = 1000  # records per batched tokenizer call
@@ -134,6 +135,9 @@ def polar_collate_fn(instances, pad_index: int = DEFAULT_PAD_TOKEN_INDEX, return
     That is the order of the chosen reward tokens the model reads (row by
     row, left to right), whether the pairs are packed or padded.
     """
+    if instances and "groups" in instances[0]:  # share_prefix = True: a row of groups
+        out = collate_group_row(instances)
+        return out["data"] if return_hf_format else out
     out = preference_collate_fn(instances, pad_index=pad_index, return_hf_format=return_hf_format,
                                 use_varlen_attn=use_varlen_attn)
     if use_varlen_attn:
@@ -172,7 +176,7 @@ class _PairRows:
 
 
 def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_response_length: int,
-                  reward_token_id: int | None, cache_dir: str | None = None):
+                  reward_token_id: int | None, cache_dir: str | None = None, group_tokens: int | None = None):
     """Encoded pair features, from the cache when it holds this exact input.
 
     Without a cache every rank validates and encodes, and the columns are
@@ -183,6 +187,11 @@ def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_respons
     never leaving ranks waiting), rank 0 encodes and publishes atomically,
     and the others load it. Separate runs sharing a cache_dir may build one
     entry at the same time: one entry wins, all load it.
+
+    With ``group_tokens`` (share_prefix = True: the row length) the records
+    are encoded as shared-prefix groups (:mod:`polar_xtuner.data.groups`)
+    instead, as :data:`polar_xtuner.data.groups.GROUP_COLUMNS`, under a cache
+    key of their own.
     """
     from mmengine.dist import get_rank, get_world_size
 
@@ -191,15 +200,24 @@ def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_respons
     for path in data_files:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such file")
-    if cache_dir is None:
+    def encode(records):
         encoder = PolarEncoder(tokenizer, max_length, max_response_length, reward_token_id)
-        return encode_columns(load_records(data_files), encoder)
+        if group_tokens is None:
+            return encode_columns(records, encoder)
+        groups, report = group_records(records, encoder, group_tokens)
+        print(f"polar_xtuner: {report.line()}", file=sys.stderr)
+        return groups_to_columns(groups)
+
+    if cache_dir is None:
+        return encode(load_records(data_files))
+    layout = "pairs" if group_tokens is None else f"groups:{group_tokens}"
     path = os.path.join(cache_dir, cache_key(data_files, tokenizer, max_length, max_response_length,
-                                             reward_token_id))
+                                             reward_token_id, layout))
 
     def build():
-        records = load_records(data_files)
-        return encode_records(records, PolarEncoder(tokenizer, max_length, max_response_length, reward_token_id))
+        from datasets import Dataset
+
+        return Dataset.from_dict(encode(load_records(data_files)))
 
     if get_world_size() == 1 or get_rank() == 0:
         dataset = cached(path, build)
@@ -226,6 +244,7 @@ def build_polar_dataset(
     shuffle_before_pack: bool = True,
     seed: int = 0,
     cache_dir: str | None = None,
+    share_prefix: bool = False,
 ):
     """Validate, encode and (optionally) pack POLAR preference data.
 
@@ -242,6 +261,10 @@ def build_polar_dataset(
         cache_dir: Keep the encoded pairs here (HF datasets on disk,
             memory-mapped) and reuse them on restart and on every rank while
             the files, tokenizer and lengths are unchanged. None: no cache.
+        share_prefix: Encode each prompt and reference once per row: the
+            candidates of the records sharing them form one group
+            (:mod:`polar_xtuner.data.groups`), scored after one copy of their
+            prefix. Needs ``use_varlen_attn``. The loss per pair is unchanged.
 
     Returns:
         A dataset of pair features, or of packed rows with ``use_varlen_attn``.
@@ -252,10 +275,17 @@ def build_polar_dataset(
     """
     files = [data_files] if isinstance(data_files, str) else list(data_files)
     try:
+        if not isinstance(share_prefix, bool):
+            raise ConfigError(f"share_prefix must be True or False, got {share_prefix!r}")
+        if share_prefix and not use_varlen_attn:
+            raise ConfigError("share_prefix = True needs use_varlen_attn = True (groups are packed into rows)")
         with _no_cyclic_gc():
+            row = packed_length(max_length, max_packed_length)
             dataset = encoded_pairs(files, _build_tokenizer(tokenizer), max_length, max_response_length,
-                                    reward_token_id, cache_dir)
-            if use_varlen_attn:
+                                    reward_token_id, cache_dir, group_tokens=row if share_prefix else None)
+            if share_prefix:
+                dataset = GroupRows(columns_to_groups(dataset), row, shuffle_before_pack, seed)
+            elif use_varlen_attn:
                 dataset = pack_pairs(dataset, packed_length(max_length, max_packed_length), shuffle_before_pack, seed)
             elif isinstance(dataset, dict):
                 from datasets import Dataset
