@@ -19,10 +19,16 @@ sequences, cut so that every candidate keeps at least one token. Sharing is
 therefore exact whatever the tokenizer does at the prefix/candidate seam:
 ids that differ there simply stay with the candidates.
 
-Attention backends (:func:`prefix_attention`): FlexAttention with a block mask
-built from group and member ids (``torch.nn.attention.flex_attention``; CPU and
-CUDA, compiled where torch can compile it), and dense-mask SDPA, the exact
-reference the tests compare against.
+Attention backends (:func:`prefix_attention`):
+
+* ``flex``: FlexAttention with a block mask built from group and member ids
+  (``torch.nn.attention.flex_attention``; CPU and CUDA; compiled, or eager,
+  which is exact but slow);
+* ``sdpa``: one SDPA call over gathered segments, each candidate's queries
+  against its prefix's keys and its own (the varlen idea with separate query
+  and key lengths): cost sum(candidate x (prefix + candidate)), on any device;
+* ``dense``: SDPA with the row's whole (T, T) mask, the plain reference the
+  tests compare against.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from polar_xtuner.encoding import pair_items
 from polar_xtuner.errors import ConfigError
 from polar_xtuner.records import DataError
 
-BACKENDS = ("flex", "sdpa")
+BACKENDS = ("flex", "sdpa", "dense")
 
 
 def split_prefix(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
@@ -299,6 +305,60 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@dataclass
+class Segments:
+    """The row as segments for the ``sdpa`` backend: each prefix and each candidate, with what it sees.
+
+    A prefix sees itself causally; a candidate sees its group's whole prefix,
+    then itself causally.
+    """
+
+    q_index: torch.Tensor  # (S, Lq) row positions of each segment's queries (clamped where padded)
+    k_index: torch.Tensor  # (S, Lk) row positions of its keys: its prefix's, then its own
+    mask: torch.Tensor  # (S, Lq, Lk) bool
+    q_valid: torch.Tensor  # (S, Lq) bool: a real query, not padding
+
+
+def segments(group_ids: torch.Tensor, member_ids: torch.Tensor) -> Segments:
+    """:class:`Segments` of a row (built once per row, shared by every layer)."""
+    t = len(group_ids)
+    device = group_ids.device
+    change = torch.ones(t, dtype=torch.bool, device=device)
+    change[1:] = (group_ids[1:] != group_ids[:-1]) | (member_ids[1:] != member_ids[:-1])
+    starts = torch.nonzero(change).flatten()
+    lengths = torch.diff(torch.cat([starts, torch.tensor([t], device=device)]))
+    is_prefix = member_ids[starts] == 0
+    # each segment's group prefix: the latest prefix segment at or before it (none for a prefix itself)
+    last_prefix = torch.cummax(torch.where(is_prefix, torch.arange(len(starts), device=device), -1), 0).values
+    has_pre = (~is_prefix) & (last_prefix >= 0)
+    has_pre &= group_ids[starts[last_prefix.clamp(min=0)]] == group_ids[starts]
+    pre_start = torch.where(has_pre, starts[last_prefix.clamp(min=0)], 0)
+    pre_len = torch.where(has_pre, lengths[last_prefix.clamp(min=0)], 0)
+    lq = int(lengths.max())
+    lk = int((pre_len + lengths).max())
+    i = torch.arange(lq, device=device)
+    j = torch.arange(lk, device=device)
+    q_valid = i[None, :] < lengths[:, None]
+    q_index = (starts[:, None] + i[None, :]).clamp(max=t - 1)
+    own = j[None, :] - pre_len[:, None]  # a key's offset in the segment itself (< 0: in the prefix)
+    k_index = torch.where(own < 0, pre_start[:, None] + j[None, :], starts[:, None] + own).clamp(0, t - 1)
+    k_valid = own < lengths[:, None]
+    # a real query sees the prefix and its own earlier tokens; a padded one every real key (no empty rows)
+    sees = (own[:, None, :] < 0) | (own[:, None, :] <= i[None, :, None])
+    mask = k_valid[:, None, :] & (sees | ~q_valid[:, :, None])
+    return Segments(q_index, k_index, mask, q_valid)
+
+
+def _segment_sdpa(q, k, v, seg: Segments):
+    """Attention of a (1, H, T, D) row over its :class:`Segments` with one SDPA call."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[0][:, seg.q_index].transpose(0, 1), k[0][:, seg.k_index].transpose(0, 1),
+        v[0][:, seg.k_index].transpose(0, 1), attn_mask=seg.mask[:, None], enable_gqa=k.shape[1] != q.shape[1])
+    # (S, H, Lq, D) -> the row's (1, H, T, D): each real query back at its position
+    rows = out.transpose(1, 2)[seg.q_valid]  # (T, H, D), in row order
+    return rows.permute(1, 0, 2)[None]
+
+
 def prefix_attention(q, k, v, group_ids, member_ids, backend: str = "flex", mask=None, compiled: bool = True):
     """Attention over one shared-prefix row.
 
@@ -306,10 +366,10 @@ def prefix_attention(q, k, v, group_ids, member_ids, backend: str = "flex", mask
         q: (1, Hq, T, D) queries.
         k, v: (1, Hkv, T, D) keys and values (Hq a multiple of Hkv: GQA).
         group_ids, member_ids: (T,) the row's layout (:class:`SharedPrefixRow`).
-        backend: "flex" (FlexAttention) or "sdpa" (a dense (T, T) mask; exact
-            and O(T^2) memory, for tests and short rows).
+        backend: One of :data:`BACKENDS`.
         mask: The row's prebuilt mask (:func:`block_mask` for flex,
-            :func:`dense_mask` for sdpa); built here when None.
+            :func:`segments` for sdpa, :func:`dense_mask` for dense); built
+            here when None.
         compiled: Run FlexAttention compiled (fast); eager is exact but slow.
 
     Returns:
@@ -317,6 +377,8 @@ def prefix_attention(q, k, v, group_ids, member_ids, backend: str = "flex", mask
     """
     gqa = k.shape[1] != q.shape[1]
     if backend == "sdpa":
+        return _segment_sdpa(q, k, v, segments(group_ids, member_ids) if mask is None else mask)
+    if backend == "dense":
         mask = dense_mask(group_ids, member_ids) if mask is None else mask
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if backend != "flex":

@@ -168,16 +168,18 @@ class _SharedRow:
 
     def mask(self):
         if self._mask is None:
-            build = prefix_sharing.block_mask if self.backend == "flex" else prefix_sharing.dense_mask
+            build = {"flex": prefix_sharing.block_mask, "sdpa": prefix_sharing.segments,
+                     "dense": prefix_sharing.dense_mask}[self.backend]
             self._mask = build(self.group_ids, self.member_ids)
         return self._mask
 
 
 def shared_prefix_backend(requested: str | None, device: torch.device | str) -> str:
-    """The shared-prefix attention backend: compiled FlexAttention on CUDA, dense-mask SDPA on CPU.
+    """The shared-prefix attention backend: compiled FlexAttention on CUDA, segment SDPA on CPU.
 
-    On CPU a compiled FlexAttention pays a compile per row length; the dense
-    mask costs T^2 booleans, small at CPU row lengths. ``requested`` forces one.
+    On CPU a compiled FlexAttention pays a compile per row length, and eager
+    FlexAttention is slow; one SDPA call over gathered segments costs what the
+    candidates attend to. ``requested`` forces one (:data:`prefix_sharing.BACKENDS`).
     """
     if requested is None:
         return "flex" if torch.device(device).type == "cuda" else "sdpa"
@@ -328,8 +330,12 @@ def _shared_prefix_forward(attn, hidden_states, position_ids, shared: _SharedRow
     v = qkv[..., -1, :].transpose(1, 2)
     cos, sin = attn.rotary_emb(v, position_ids)
     q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)  # (1, H, T, D)
+    if shared.backend == "flex" and q.device.type == "cpu" and q.requires_grad:
+        raise ConfigError("shared_prefix_attn_backend='flex' cannot train on CPU: FlexAttention has no CPU "
+                          "backward in this PyTorch; use 'sdpa' (the CPU default)")
+    # compiled FlexAttention on CUDA; on CPU (forced there, scoring only) eager, exact but slow
     out = prefix_sharing.prefix_attention(q, k, v, shared.group_ids, shared.member_ids, shared.backend,
-                                          mask=shared.mask())
+                                          mask=shared.mask(), compiled=q.device.type == "cuda")
     return out.to(hidden_states.dtype).transpose(1, 2).reshape(bsz, q_len, attn.hidden_size)
 
 

@@ -71,7 +71,7 @@ def _random_row(seed):
     return groups, pack_groups(groups)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "dense"])
 @pytest.mark.parametrize("seed", range(3))
 def test_attention_equals_each_candidate_alone_with_gqa(backend, seed):
     """Every candidate's outputs (and its prefix's) equal causal attention over its whole sequence alone."""
