@@ -463,6 +463,8 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=100000, help="synthetic pairs for the data benchmarks")
     p.add_argument("--skip-data", action="store_true", help="skip the (minutes-long) data benchmarks")
     p.add_argument("--skip-serve", action="store_true", help="skip the real-vLLM remote scoring benchmark")
+    p.add_argument("--skip-shared-prefix", action="store_true",
+                   help="skip shared prefixes against whole sequences (bench/shared_prefix.py)")
     p.add_argument("--convert-shape", default="1.8b", choices=["1.8b", "tiny", "none"],
                    help="model shape for the conversion-memory benchmark (none: skip it)")
     args = p.parse_args(argv)
@@ -477,6 +479,10 @@ def main(argv=None) -> int:
         tiny = make_tiny_model(os.path.join(tmp, "tiny"))
         results.update(train_throughput(tiny, args.steps))
         results.update(eval_throughput(tiny))
+        if not args.skip_shared_prefix:
+            import shared_prefix
+
+            results.update(shared_prefix.run(tiny))
         if not args.skip_serve:
             results.update(remote_throughput(tiny))
         if not args.skip_data:

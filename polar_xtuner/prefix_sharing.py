@@ -307,7 +307,7 @@ def _compiled_flex():
 
 @dataclass
 class Segments:
-    """The row as segments for the ``sdpa`` backend: each prefix and each candidate, with what it sees.
+    """Segments of a row for the ``sdpa`` backend, padded to one shape: their queries, keys and mask.
 
     A prefix sees itself causally; a candidate sees its group's whole prefix,
     then itself causally.
@@ -319,25 +319,10 @@ class Segments:
     q_valid: torch.Tensor  # (S, Lq) bool: a real query, not padding
 
 
-def segments(group_ids: torch.Tensor, member_ids: torch.Tensor) -> Segments:
-    """:class:`Segments` of a row (built once per row, shared by every layer)."""
-    t = len(group_ids)
-    device = group_ids.device
-    change = torch.ones(t, dtype=torch.bool, device=device)
-    change[1:] = (group_ids[1:] != group_ids[:-1]) | (member_ids[1:] != member_ids[:-1])
-    starts = torch.nonzero(change).flatten()
-    lengths = torch.diff(torch.cat([starts, torch.tensor([t], device=device)]))
-    is_prefix = member_ids[starts] == 0
-    # each segment's group prefix: the latest prefix segment at or before it (none for a prefix itself)
-    last_prefix = torch.cummax(torch.where(is_prefix, torch.arange(len(starts), device=device), -1), 0).values
-    has_pre = (~is_prefix) & (last_prefix >= 0)
-    has_pre &= group_ids[starts[last_prefix.clamp(min=0)]] == group_ids[starts]
-    pre_start = torch.where(has_pre, starts[last_prefix.clamp(min=0)], 0)
-    pre_len = torch.where(has_pre, lengths[last_prefix.clamp(min=0)], 0)
-    lq = int(lengths.max())
-    lk = int((pre_len + lengths).max())
-    i = torch.arange(lq, device=device)
-    j = torch.arange(lk, device=device)
+def _segment_batch(starts, lengths, pre_start, pre_len, t: int) -> Segments:
+    device = starts.device
+    i = torch.arange(int(lengths.max()), device=device)
+    j = torch.arange(int((pre_len + lengths).max()), device=device)
     q_valid = i[None, :] < lengths[:, None]
     q_index = (starts[:, None] + i[None, :]).clamp(max=t - 1)
     own = j[None, :] - pre_len[:, None]  # a key's offset in the segment itself (< 0: in the prefix)
@@ -349,14 +334,40 @@ def segments(group_ids: torch.Tensor, member_ids: torch.Tensor) -> Segments:
     return Segments(q_index, k_index, mask, q_valid)
 
 
-def _segment_sdpa(q, k, v, seg: Segments):
-    """Attention of a (1, H, T, D) row over its :class:`Segments` with one SDPA call."""
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q[0][:, seg.q_index].transpose(0, 1), k[0][:, seg.k_index].transpose(0, 1),
-        v[0][:, seg.k_index].transpose(0, 1), attn_mask=seg.mask[:, None], enable_gqa=k.shape[1] != q.shape[1])
-    # (S, H, Lq, D) -> the row's (1, H, T, D): each real query back at its position
-    rows = out.transpose(1, 2)[seg.q_valid]  # (T, H, D), in row order
-    return rows.permute(1, 0, 2)[None]
+def segments(group_ids: torch.Tensor, member_ids: torch.Tensor) -> list[Segments]:
+    """The row's prefixes and its candidates as two :class:`Segments` batches (built once per row).
+
+    Two batches, so a short candidate is not padded to a long prefix's length.
+    """
+    t = len(group_ids)
+    device = group_ids.device
+    change = torch.ones(t, dtype=torch.bool, device=device)
+    change[1:] = (group_ids[1:] != group_ids[:-1]) | (member_ids[1:] != member_ids[:-1])
+    starts = torch.nonzero(change).flatten()
+    lengths = torch.diff(torch.cat([starts, torch.tensor([t], device=device)]))
+    is_prefix = member_ids[starts] == 0
+    # each candidate's prefix: the latest prefix segment before it, when it is of the same group
+    last = torch.cummax(torch.where(is_prefix, torch.arange(len(starts), device=device), -1), 0).values.clamp(min=0)
+    has_pre = (~is_prefix) & is_prefix[last] & (group_ids[starts[last]] == group_ids[starts])
+    pre_start = torch.where(has_pre, starts[last], 0)
+    pre_len = torch.where(has_pre, lengths[last], 0)
+    return [_segment_batch(starts[sel], lengths[sel], pre_start[sel], pre_len[sel], t)
+            for sel in (is_prefix, ~is_prefix) if bool(sel.any())]
+
+
+def _segment_sdpa(q, k, v, batches: list[Segments]):
+    """Attention of a (1, H, T, D) row over its segment batches, one SDPA call each."""
+    gqa = k.shape[1] != q.shape[1]
+    q0, k0, v0 = (x[0].transpose(0, 1) for x in (q, k, v))  # (T, H, D)
+    positions, values = [], []
+    for seg in batches:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q0[seg.q_index].transpose(1, 2), k0[seg.k_index].transpose(1, 2), v0[seg.k_index].transpose(1, 2),
+            attn_mask=seg.mask[:, None], enable_gqa=gqa)  # (S, H, Lq, D)
+        positions.append(seg.q_index[seg.q_valid])
+        values.append(out.transpose(1, 2)[seg.q_valid])  # (n, H, D)
+    rows = q0.new_zeros(q0.shape).index_put((torch.cat(positions),), torch.cat(values))
+    return rows.transpose(0, 1)[None]
 
 
 def prefix_attention(q, k, v, group_ids, member_ids, backend: str = "flex", mask=None, compiled: bool = True):
