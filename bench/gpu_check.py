@@ -66,6 +66,7 @@ STEPS = [
     ("zero3", 70, 150),
     ("convert_zero3", 70, 200),
     ("packed_vs_padded", 40, 150),
+    ("shared_prefix", 90, 150),
     ("scoring", 30, 120),
     ("pytest_gpu", 150, 60),
     ("pytest_unit", 120, 60),
@@ -298,13 +299,17 @@ def step_train_xtuner(ctx: Context) -> dict:
     print(proc.tail[-2500:])
     ckpts = [n for n in os.listdir(work_dir) if n.startswith("iter_")] if os.path.isdir(work_dir) else []
     with open(ctx.path("train_xtuner.log")) as f:
-        scalars = _mmengine_scalars(f.read())
+        log = f.read()
+    scalars = _mmengine_scalars(log)
     out = {"command": " ".join(["xtuner", "train", os.path.relpath(CONFIG, REPO), "--deepspeed", "deepspeed_zero2"
                                 if not ctx.smoke else "configs/deepspeed/polar_zero2_cpu.json", "..."]),
            "exit": proc.returncode, "seconds": seconds, "checkpoints": sorted(ckpts),
            "iterations": len(scalars), "losses": [s.get("loss") for s in scalars][:50],
            "iter_seconds": [s.get("time") for s in scalars][:50],
            "tokens_per_iter": [s.get("num_tokens") for s in scalars][:50]}
+    # the config's share_prefix = True: the builder's line says what the rows hold
+    out["shared_prefix"] = next((line.split("polar_xtuner: ", 1)[1] for line in log.splitlines()
+                                 if "polar_xtuner: shared prefixes:" in line), None)
     timed = scalars[2:]  # the first iterations pay allocation and kernel selection
     if timed and all("time" in s and "num_tokens" in s for s in timed):
         out["tokens_per_s"] = sum(s["num_tokens"] for s in timed) / sum(s["time"] for s in timed)
@@ -419,6 +424,15 @@ def step_packed_vs_padded(ctx: Context) -> dict:
     from gpu import packed_vs_padded
 
     return packed_vs_padded(ctx.model_dir, ctx.device, ctx.max_length, steps=1 if ctx.smoke else 4)
+
+
+def step_shared_prefix(ctx: Context) -> dict:
+    """Training pairs/s with shared prefixes against whole sequences (bench/shared_prefix.py), the same pairs."""
+    import shared_prefix
+
+    sizes = {"demo": 40, "long_reference": 2, "ranked5": 2} if ctx.smoke else \
+        {"demo": 400, "long_reference": 24, "ranked5": 16}
+    return shared_prefix.run(ctx.model_dir, sizes, ctx.device, eval_too=False)
 
 
 def step_scoring(ctx: Context) -> dict:

@@ -84,16 +84,20 @@ def _layouts(records, tokenizer, row: int):
     return unshared_rows, shared_rows, report
 
 
-def _train_seconds(model, rows) -> float:
+def _train_seconds(model, rows, device: str = "cpu") -> float:
     """Seconds to train over ``rows`` (forward, backward, AdamW step), after one warm-up row."""
     from mmengine import MessageHub
 
     hub = MessageHub.get_instance("varlen_attn_args")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
+    def sync():
+        if device != "cpu":
+            torch.cuda.synchronize()
+
     def step(data):
-        data = dict(data)
-        hub.update_info("cumulative_len_rank_0", data.pop("cumulative_len")[0])
+        data = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        hub.update_info("cumulative_len_rank_0", data.pop("cumulative_len")[0].to(device))
         hub.update_info("max_seqlen_rank_0", data.pop("max_seqlen"))
         try:
             model(data, mode="loss")["loss"].backward()
@@ -104,14 +108,24 @@ def _train_seconds(model, rows) -> float:
         opt.zero_grad()
 
     step(rows[0])
+    sync()
     t0 = time.perf_counter()
     for data in rows:
         step(data)
+    sync()
     return time.perf_counter() - t0
 
 
-def run(tiny_dir: str, sizes: dict | None = None) -> dict:
-    """Every ``shared_prefix_*`` figure of the module docstring."""
+def run(tiny_dir: str, sizes: dict | None = None, device: str = "cpu", eval_too: bool = True) -> dict:
+    """Every ``shared_prefix_*`` figure of the module docstring.
+
+    Args:
+        tiny_dir: The model directory (the tiny model in ``make bench``; the
+            1.8B-shaped random model in scripts/gpu_check.sh).
+        sizes: Prompts (pairs for ``demo``) per workload.
+        device: Where to train and score ("cuda": FlexAttention, compiled).
+        eval_too: Also time local scoring.
+    """
     from transformers import AutoTokenizer
 
     from polar_xtuner.scoring import load_model, score_records
@@ -119,7 +133,7 @@ def run(tiny_dir: str, sizes: dict | None = None) -> dict:
 
     sizes = sizes or {"demo": 400, "long_reference": 24, "ranked5": 16}
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    scorer, _ = load_model(tiny_dir, device="cpu")
+    scorer = load_model(tiny_dir, device=device)[0] if eval_too else None
     out = {}
     for name in WORKLOADS:
         records = workload(name, sizes[name])
@@ -129,10 +143,15 @@ def run(tiny_dir: str, sizes: dict | None = None) -> dict:
         for kind, rows in (("unshared", unshared), ("shared", shared)):
             torch.manual_seed(0)
             model = PolarRewardModel.from_model_dir(tiny_dir, use_varlen_attn=True, use_activation_checkpointing=False,
-                                                    loss_type="ranking", penalty_type="none").train()
-            times[kind] = _train_seconds(model, rows)
+                                                    loss_type="ranking", penalty_type="none").to(device).train()
+            times[kind] = _train_seconds(model, rows, device)
+            del model
         out[f"shared_prefix_train_speedup_{name}"] = times["unshared"] / times["shared"]
         out[f"shared_prefix_train_pairs_per_s_{name}"] = len(records) / times["shared"]
+        if not eval_too:
+            print(f"{name}: {report.line()}; train {times['unshared']:.1f} s -> {times['shared']:.1f} s",
+                  file=sys.stderr)
+            continue
         score = {}
         for kind in ("unshared", "shared", "unshared", "shared"):  # each twice, alternating; the faster counts
             t0 = time.perf_counter()

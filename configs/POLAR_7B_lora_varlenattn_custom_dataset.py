@@ -45,7 +45,7 @@ use_varlen_attn = True
 # True: each prompt and reference is encoded once per row and the candidates
 # sharing them are scored after that one copy (docs/training.md, "Shared
 # prefixes"); the loss of every pair is unchanged. Needs use_varlen_attn.
-share_prefix = False
+share_prefix = True
 reward_token_id = 92527  # [UNUSED_TOKEN_130]; checked against the tokenizer
 loss_type = "ranking"
 penalty_type = "none"

@@ -302,7 +302,7 @@ def block_mask(group_ids: torch.Tensor, member_ids: torch.Tensor):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # shapes turn dynamic on the first recompile (row lengths vary)
 
 
 @dataclass

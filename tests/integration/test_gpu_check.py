@@ -41,6 +41,9 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     assert steps["exactness"]["all_within_tolerance"] and len(steps["exactness"]["cases"]) == 4  # sdpa only on CPU
     train = steps["train_xtuner"]
     assert train["iterations"] >= 3 and train["tokens_per_s"] > 0 and train["checkpoints"]
+    assert train["shared_prefix"].startswith("shared prefixes: ")  # the 1.8B recipe's share_prefix = True
+    assert {"shared_prefix_train_speedup_long_reference", "shared_prefix_train_speedup_ranked5"} \
+        <= set(steps["shared_prefix"]) and steps["shared_prefix"]["shared_prefix_token_ratio_ranked5"] > 4
     for stage in ("zero1", "zero2", "zero3"):
         assert steps[stage]["tokens_per_s"] > 0 and steps[stage]["backend"] == "sdpa"
     assert steps["zero2"]["top_kernels"]  # the profiled step
