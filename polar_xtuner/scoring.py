@@ -142,9 +142,11 @@ def score_ids(model, ids_list: Sequence[list[int]], pad_id: int, padding_side: s
     return scores
 
 
-# Shared-prefix scoring lays groups out in rows of about this many tokens, and
-# keeps a batch's dense masks within this many elements (128 MB in fp32).
-SHARED_ROW_TOKENS = 2048
+# Shared-prefix scoring puts groups together in a row up to this many tokens (0:
+# one group a row, rows batched with padding: the fastest measured on CPU, as a
+# row's mask grows with its length squared; bench/README.md), and keeps a
+# batch's dense masks within MASK_ELEMENTS (128 MB in fp32).
+SHARED_ROW_TOKENS = 0
 MASK_ELEMENTS = 2**25
 
 
