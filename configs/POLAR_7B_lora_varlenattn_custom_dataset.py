@@ -206,6 +206,7 @@ if val_files:
             interval=evaluation_freq,
             max_length=max_length,
             max_response_length=max_response_length,
+            share_prefix=share_prefix,
         ),
     ]
 if use_varlen_attn:

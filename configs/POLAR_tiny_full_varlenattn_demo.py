@@ -183,6 +183,7 @@ custom_hooks = [
         interval=evaluation_freq,
         max_length=max_length,
         max_response_length=max_response_length,
+        share_prefix=share_prefix,
     ),
 ]
 if use_varlen_attn:

@@ -32,6 +32,12 @@ class PolarEvalHook(Hook):
             the tokenizer's model directory, else POLAR's defaults).
         max_response_length: Response cap, as in training (None: likewise).
         batch_size: Sequences per forward pass.
+        share_prefix: Score the answers of one prompt and reference after one
+            copy of their prefix, rows of groups through the model's own
+            shared-prefix attention (a varlen model; a padded one scores
+            whole sequences). The scores equal the unshared ones within
+            float rounding.
+        row_tokens: Tokens of a shared-prefix row (a longer group gets its own).
     """
 
     # After VarlenAttnArgsToMessageHubHook (NORMAL) has cleared the packed
@@ -39,14 +45,18 @@ class PolarEvalHook(Hook):
     priority = "LOW"
 
     def __init__(self, data_files, tokenizer, interval: int = 500, max_length: int | None = None,
-                 max_response_length: int | None = None, batch_size: int = 16):
+                 max_response_length: int | None = None, batch_size: int = 16, share_prefix: bool = False,
+                 row_tokens: int = 8192):
         self.data_files = data_files
         self.tokenizer = tokenizer
         self.interval = interval
         self.max_length = max_length
         self.max_response_length = max_response_length
         self.batch_size = batch_size
+        self.share_prefix = share_prefix
+        self.row_tokens = row_tokens
         self._ids = None
+        self._groups = None
         self.history: list[tuple[int, float]] = []
 
     def before_train(self, runner) -> None:
@@ -60,9 +70,14 @@ class PolarEvalHook(Hook):
         model_dir = getattr(tok, "name_or_path", None)
         settings = EncodingSettings.from_model_dir(model_dir if model_dir and os.path.isdir(model_dir) else None)
         settings = settings.override(self.max_length, self.max_response_length)
-        feats = PolarEncoder(tok, settings.max_length, settings.max_response_length).encode_pairs(records)
+        encoder = PolarEncoder(tok, settings.max_length, settings.max_response_length)
+        feats = encoder.encode_pairs(records)
         self._ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
         self._pad = pad_id(tok)
+        if self.share_prefix:
+            from polar_xtuner.prefix_sharing import group_pairs
+
+            self._groups, self._where = group_pairs(records, encoder)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self.every_n_train_iters(runner, self.interval):
@@ -84,10 +99,13 @@ class PolarEvalHook(Hook):
         was_training = model.training
         model.eval()
         try:
-            flat = score_ids(model, self._ids, self._pad, "right", self.batch_size)
+            if self._groups is not None and getattr(model, "use_varlen_attn", False):
+                scores = score_shared_rows(model, self._groups, self.row_tokens)
+                pairs = [(scores[g][i], scores[g][j]) for g, i, j in self._where]
+            else:
+                pairs = unflatten(score_ids(model, self._ids, self._pad, "right", self.batch_size))
         finally:
             model.train(was_training)
-        pairs = unflatten(flat)
         acc, margin = accuracy(pairs), mean_margin(pairs)
         self.history.append((step, acc))
         if get_rank() == 0:
@@ -95,3 +113,36 @@ class PolarEvalHook(Hook):
             print_log(f"PolarEvalHook: iter {step} val/pref_accuracy {acc:.4f} "
                       f"margin {margin:.4f} (n={len(pairs)})", "current")
         return acc
+
+
+@torch.no_grad()
+def score_shared_rows(model, groups, row_tokens: int) -> list[list[float]]:
+    """Each group's candidate scores from the training model, rows of groups through its shared-prefix attention.
+
+    ``model`` is a ``PolarRewardModel`` with varlen attention (its patched
+    attention reads the row's layout); one row per forward pass.
+    """
+    from polar_xtuner.prefix_sharing import pack_groups
+    from polar_xtuner.train.attention import shared_prefix_backend, shared_prefix_row
+
+    device = next(model.parameters()).device
+    backend = shared_prefix_backend(getattr(model, "shared_prefix_attn_backend", None), device)
+    order = sorted(range(len(groups)), key=lambda i: groups[i].tokens)
+    out: list[list[float]] = [[] for _ in groups]
+    start = 0
+    while start < len(order):
+        stop, size = start, 0
+        while stop < len(order) and (stop == start or size + groups[order[stop]].tokens <= row_tokens):
+            size += groups[order[stop]].tokens
+            stop += 1
+        members = order[start:stop]
+        row = pack_groups([groups[i] for i in members]).to(device)
+        with shared_prefix_row(row.group_ids, row.member_ids, backend):
+            hidden = model.llm(input_ids=row.input_ids[None], position_ids=row.position_ids[None])[0]
+        values = model.v_head(hidden[0, row.score_index]).squeeze(-1).float().tolist()
+        k = 0
+        for i in members:
+            out[i] = values[k:k + len(groups[i].candidates)]
+            k += len(groups[i].candidates)
+        start = stop
+    return out

@@ -70,3 +70,30 @@ def test_a_bad_val_file_fails_before_training(tmp_path, tokenizer):
     hook = PolarEvalHook(str(bad), tokenizer)
     with pytest.raises(DataError, match="val.jsonl:1"):
         hook.before_train(_runner(None))
+
+
+def test_shared_prefix_evaluation_gives_the_unshared_scores(tiny_dir, tokenizer, tmp_path):
+    """share_prefix=True: rows of groups through the training model's own attention; same pairs, same scores."""
+    from common import build_reward_model
+
+    from polar_xtuner.pair_metrics import unflatten
+    from polar_xtuner.scoring import score_ids
+
+    recs = load_records(VAL)[:30]
+    recs += [{**recs[i], "chosen": recs[i + 10]["chosen"]} for i in range(8)]  # shared prompts and references
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in recs))
+    model = build_reward_model(tiny_dir)
+    hooks = {s: PolarEvalHook(str(path), tokenizer, share_prefix=s, row_tokens=600) for s in (True, False)}
+    for hook in hooks.values():
+        hook.before_train(_runner(model))
+    assert len(hooks[True]._groups) < len(recs)  # the extra records joined their prompt's group
+    accs = {s: hook.evaluate(_runner(model), 1) for s, hook in hooks.items()}
+    assert accs[True] == accs[False]
+    from polar_xtuner.train.eval_hook import score_shared_rows
+
+    h = hooks[True]
+    shared = score_shared_rows(model, h._groups, 600)
+    pairs = [(shared[g][i], shared[g][j]) for g, i, j in h._where]
+    plain = unflatten(score_ids(model, h._ids, h._pad, "right"))
+    assert max(abs(a - b) for p, q in zip(pairs, plain) for a, b in zip(p, q)) <= 1e-5
