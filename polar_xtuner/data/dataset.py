@@ -200,24 +200,29 @@ def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_respons
     for path in data_files:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such file")
-    def encode(records):
-        encoder = PolarEncoder(tokenizer, max_length, max_response_length, reward_token_id)
-        if group_tokens is None:
-            return encode_columns(records, encoder)
-        groups, report = group_records(records, encoder, group_tokens)
+
+    def encoder():
+        return PolarEncoder(tokenizer, max_length, max_response_length, reward_token_id)
+
+    def grouped(records):
+        groups, report = group_records(records, encoder(), group_tokens)
         print(f"polar_xtuner: {report.line()}", file=sys.stderr)
         return groups_to_columns(groups)
 
     if cache_dir is None:
-        return encode(load_records(data_files))
+        records = load_records(data_files)
+        return encode_columns(records, encoder()) if group_tokens is None else grouped(records)
     layout = "pairs" if group_tokens is None else f"groups:{group_tokens}"
     path = os.path.join(cache_dir, cache_key(data_files, tokenizer, max_length, max_response_length,
                                              reward_token_id, layout))
 
     def build():
+        records = load_records(data_files)
+        if group_tokens is None:
+            return encode_records(records, encoder())
         from datasets import Dataset
 
-        return Dataset.from_dict(encode(load_records(data_files)))
+        return Dataset.from_dict(grouped(records))
 
     if get_world_size() == 1 or get_rank() == 0:
         dataset = cached(path, build)
