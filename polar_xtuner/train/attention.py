@@ -47,6 +47,9 @@ from polar_xtuner.precision import backend_for, half_dtype
 
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
+FLEX_CPU_TRAINING = ("shared_prefix_attn_backend='flex' cannot train on CPU: FlexAttention has no CPU "
+                     "backward in this PyTorch; use 'sdpa' (the CPU default)")
+
 
 @dataclass(frozen=True)
 class VarlenSignature:
@@ -331,8 +334,7 @@ def _shared_prefix_forward(attn, hidden_states, position_ids, shared: _SharedRow
     cos, sin = attn.rotary_emb(v, position_ids)
     q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)  # (1, H, T, D)
     if shared.backend == "flex" and q.device.type == "cpu" and q.requires_grad:
-        raise ConfigError("shared_prefix_attn_backend='flex' cannot train on CPU: FlexAttention has no CPU "
-                          "backward in this PyTorch; use 'sdpa' (the CPU default)")
+        raise ConfigError(FLEX_CPU_TRAINING)
     # compiled FlexAttention on CUDA; on CPU (forced there, scoring only) eager, exact but slow
     out = prefix_sharing.prefix_attention(q, k, v, shared.group_ids, shared.member_ids, shared.backend,
                                           mask=shared.mask(), compiled=q.device.type == "cuda")

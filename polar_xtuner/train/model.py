@@ -50,6 +50,7 @@ from xtuner.parallel.sequence import (
 from polar_xtuner.errors import ConfigError, abort_training
 from polar_xtuner.precision import training_dtype
 from polar_xtuner.train.attention import (
+    FLEX_CPU_TRAINING,
     available_backends,
     dispatch_varlen_attention,
     select_backend,
@@ -280,14 +281,17 @@ class PolarRewardModel(RewardModel):
         Each candidate is scored once at its reward token; a candidate in
         several pairs gives its one score to each.
         """
+        # inside the training loop: one line and exit 2 (abort_training), not a traceback
         if sp:
-            raise ConfigError("share_prefix = True does not work with sequence parallel "
-                              "(sequence_parallel_size > 1): set share_prefix = False")
+            abort_training(ConfigError("share_prefix = True does not work with sequence parallel "
+                                       "(sequence_parallel_size > 1): set share_prefix = False"))
         if not self.use_varlen_attn:
-            raise ConfigError("share_prefix = True needs use_varlen_attn = True (one packed row per step)")
+            abort_training(ConfigError("share_prefix = True needs use_varlen_attn = True (one packed row per step)"))
         device = data["input_ids"].device
         shared = shared.to(device)
         backend = shared_prefix_backend(self.shared_prefix_attn_backend, device)
+        if backend == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+            abort_training(ConfigError(FLEX_CPU_TRAINING))
         with shared_prefix_row(shared.group_ids, shared.member_ids, backend):
             hidden_states = self.llm(**data)[0]
         scores = self.v_head(hidden_states)[0, shared.score_index, 0]

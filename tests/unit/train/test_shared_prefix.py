@@ -71,7 +71,7 @@ def _loss_and_grads(model, data, cu=None, max_seqlen=None):
 @pytest.mark.parametrize("case, backend", [("plain", "sdpa"), ("plain", "dense"), ("plain", "flex"),
                                            ("margins+centering+fp32", "sdpa"), ("truncated prefixes", "sdpa"),
                                            ("split groups", "sdpa")])
-def test_loss_and_gradients_equal_the_unshared_pairs(tiny_dir, tokenizer, case, backend):
+def test_loss_and_gradients_equal_the_unshared_pairs(tiny_dir, tokenizer, case, backend, capsys):
     """fp32 on CPU, GQA (8 query, 4 key/value heads), several groups in one row: within 1e-5 relative."""
     options = {"margin": True, "center_rewards_coefficient": 0.01, "loss_in_fp32": True} \
         if case == "margins+centering+fp32" else {}
@@ -90,16 +90,15 @@ def test_loss_and_gradients_equal_the_unshared_pairs(tiny_dir, tokenizer, case, 
 
     if backend == "flex" and not torch.cuda.is_available():
         # FlexAttention has no CPU backward: the loss only, and training with it is refused in one line
-        from polar_xtuner.errors import ConfigError
-
         with torch.no_grad():
             loss_s = model(dict(shared), mode="loss")["loss"].item()
             publish(*_unshared(groups)[1:])
             loss_u = model(dict(_unshared(groups)[0]), mode="loss")["loss"].item()
             publish(None, None)
         assert loss_s == pytest.approx(loss_u, rel=1e-5)
-        with pytest.raises(ConfigError, match="cannot train on CPU"):
+        with pytest.raises(SystemExit) as e:
             model(dict(shared), mode="loss")
+        assert e.value.code == 2 and "cannot train on CPU" in capsys.readouterr().err
         return
     out_s, grads_s = _loss_and_grads(model, shared)
     out_u, grads_u = _loss_and_grads(model, *_unshared(groups))
@@ -115,16 +114,20 @@ def test_loss_and_gradients_equal_the_unshared_pairs(tiny_dir, tokenizer, case, 
         assert (grads_s[name] - g).abs().max().item() <= 1e-5 * scale, name
 
 
-def test_sequence_parallel_and_padded_models_refuse_shared_rows(tiny_dir, tokenizer, monkeypatch):
-    from polar_xtuner.errors import ConfigError
-
+def test_sequence_parallel_and_padded_models_refuse_shared_rows(tiny_dir, tokenizer, monkeypatch, capsys):
+    """Inside the training loop: one line and exit 2, as every PolarRewardModel refusal."""
     data = _shared(_groups(tokenizer)[:1])
     padded = build_model(tiny_dir, use_varlen_attn=False)
-    with pytest.raises(ConfigError, match="needs use_varlen_attn = True"):
+    with pytest.raises(SystemExit) as e:
         padded(dict(data), mode="loss")
+    assert e.value.code == 2 and "needs use_varlen_attn = True" in capsys.readouterr().err
     model = build_model(tiny_dir)
     import polar_xtuner.train.model as m
 
     monkeypatch.setattr(m, "get_sequence_parallel_world_size", lambda: 2)
-    with pytest.raises(ConfigError, match="does not work with sequence parallel"):
+    with pytest.raises(SystemExit) as e:
         model(dict(data), mode="loss")
+    assert e.value.code == 2 and "does not work with sequence parallel" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a backend that does not exist: refused when the model is built
+        build_model(tiny_dir, shared_prefix_attn_backend="magic")
+    assert e.value.code == 2 and "shared_prefix_attn_backend must be one of" in capsys.readouterr().err
