@@ -287,16 +287,7 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
             return self.wo(_shared_prefix_forward(self, hidden_states, position_ids, shared)), None, past_key_value
         if int(cu_seqlens[-1]) != q_len * sp:
             raise ValueError(f"cumulative_len ends at {int(cu_seqlens[-1])} but the row has {q_len * sp} tokens")
-        mod = _modeling_module(self)
-        groups = self.num_key_value_groups
-        # wqkv packs, per kv head, `groups` query heads then one key and one value.
-        qkv = self.wqkv(hidden_states).view(bsz, q_len, self.num_key_value_heads, groups + 2, self.head_dim)
-        q = qkv[..., :groups, :].reshape(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = qkv[..., -2, :].transpose(1, 2)
-        v = qkv[..., -1, :].transpose(1, 2)
-        cos, sin = self.rotary_emb(v, position_ids)
-        q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (1, T/sp, H, D)
+        q, k, v = (x.transpose(1, 2) for x in _rotary_qkv(self, hidden_states, position_ids))  # (1, T/sp, H, D)
         if sp > 1:
             # Ulysses: trade the sequence split for a head split, so every rank
             # sees whole samples (xtuner's all-to-all; it splits the rows).
@@ -320,19 +311,27 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
     return forward
 
 
-def _shared_prefix_forward(attn, hidden_states, position_ids, shared: _SharedRow):
-    """The attention output (before ``wo``) of one shared-prefix row."""
+def _rotary_qkv(attn, hidden_states, position_ids):
+    """InternLM2's queries, keys and values, rotary applied: each (B, heads, T, D)."""
     mod = _modeling_module(attn)
     bsz, q_len, _ = hidden_states.shape
-    if q_len != len(shared.group_ids):
-        raise ValueError(f"the shared-prefix layout has {len(shared.group_ids)} tokens but the row has {q_len}")
     groups = attn.num_key_value_groups
+    # wqkv packs, per kv head, `groups` query heads then one key and one value.
     qkv = attn.wqkv(hidden_states).view(bsz, q_len, attn.num_key_value_heads, groups + 2, attn.head_dim)
     q = qkv[..., :groups, :].reshape(bsz, q_len, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = qkv[..., -2, :].transpose(1, 2)
     v = qkv[..., -1, :].transpose(1, 2)
     cos, sin = attn.rotary_emb(v, position_ids)
-    q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)  # (1, H, T, D)
+    q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def _shared_prefix_forward(attn, hidden_states, position_ids, shared: _SharedRow):
+    """The attention output (before ``wo``) of one shared-prefix row."""
+    bsz, q_len, _ = hidden_states.shape
+    if q_len != len(shared.group_ids):
+        raise ValueError(f"the shared-prefix layout has {len(shared.group_ids)} tokens but the row has {q_len}")
+    q, k, v = _rotary_qkv(attn, hidden_states, position_ids)  # (1, H, T, D)
     if shared.backend == "flex" and q.device.type == "cpu" and q.requires_grad:
         raise ConfigError(FLEX_CPU_TRAINING)
     # compiled FlexAttention on CUDA; on CPU (forced there, scoring only) eager, exact but slow
