@@ -210,6 +210,22 @@ def group_pairs(records: Sequence[dict], encoder, chunk: int = 1000) -> tuple[li
     return [Group.from_sequences(s, p) for s, p in zip(seqs, pairs)], where
 
 
+def rows_by_length(groups: Sequence[Group], row_tokens: int) -> list[list[int]]:
+    """Indices of ``groups`` in rows for scoring: shortest first, each row filled up to ``row_tokens``.
+
+    A group longer than ``row_tokens`` (or any, with 0) gets a row of its own.
+    """
+    rows: list[list[int]] = []
+    size = 0
+    for i in sorted(range(len(groups)), key=lambda i: groups[i].tokens):
+        if not rows or size + groups[i].tokens > row_tokens:
+            rows.append([])
+            size = 0
+        rows[-1].append(i)
+        size += groups[i].tokens
+    return rows
+
+
 @dataclass
 class SharedPrefixRow:
     """One packed row of groups, as tensors.

@@ -19,7 +19,7 @@ from polar_xtuner.constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, 
 from polar_xtuner.encoding import PolarEncoder
 from polar_xtuner.pair_metrics import unflatten
 from polar_xtuner.precision import SCORING_ATTENTION, default_device, eval_dtype
-from polar_xtuner.prefix_sharing import Group, dense_mask, group_pairs, pack_groups
+from polar_xtuner.prefix_sharing import Group, dense_mask, group_pairs, pack_groups, rows_by_length
 
 
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None,
@@ -169,16 +169,7 @@ def score_groups(model, groups: Sequence[Group], pad_id: int, row_tokens: int,
     device = next(model.parameters()).device
     dtype = next(model.v_head.parameters()).dtype
     backbone = model.llm if hasattr(model, "llm") else model.model
-    order = sorted(range(len(groups)), key=lambda i: groups[i].tokens)
-    rows, row, size = [], [], 0
-    for i in order:
-        if row and size + groups[i].tokens > row_tokens:
-            rows.append(row)
-            row, size = [], 0
-        row.append(i)
-        size += groups[i].tokens
-    if row:
-        rows.append(row)
+    rows = rows_by_length(groups, row_tokens)
     # Batches of up to batch_size rows whose (rows x width^2) masks stay within MASK_ELEMENTS.
     packed_rows = [(r, pack_groups([groups[i] for i in r])) for r in rows]
     batches, batch, width = [], [], 0

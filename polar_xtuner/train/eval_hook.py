@@ -122,20 +122,13 @@ def score_shared_rows(model, groups, row_tokens: int) -> list[list[float]]:
     ``model`` is a ``PolarRewardModel`` with varlen attention (its patched
     attention reads the row's layout); one row per forward pass.
     """
-    from polar_xtuner.prefix_sharing import pack_groups
+    from polar_xtuner.prefix_sharing import pack_groups, rows_by_length
     from polar_xtuner.train.attention import shared_prefix_backend, shared_prefix_row
 
     device = next(model.parameters()).device
     backend = shared_prefix_backend(getattr(model, "shared_prefix_attn_backend", None), device)
-    order = sorted(range(len(groups)), key=lambda i: groups[i].tokens)
     out: list[list[float]] = [[] for _ in groups]
-    start = 0
-    while start < len(order):
-        stop, size = start, 0
-        while stop < len(order) and (stop == start or size + groups[order[stop]].tokens <= row_tokens):
-            size += groups[order[stop]].tokens
-            stop += 1
-        members = order[start:stop]
+    for members in rows_by_length(groups, row_tokens):
         row = pack_groups([groups[i] for i in members]).to(device)
         with shared_prefix_row(row.group_ids, row.member_ids, backend):
             hidden = model.llm(input_ids=row.input_ids[None], position_ids=row.position_ids[None])[0]
@@ -144,5 +137,4 @@ def score_shared_rows(model, groups, row_tokens: int) -> list[list[float]]:
         for i in members:
             out[i] = values[k:k + len(groups[i].candidates)]
             k += len(groups[i].candidates)
-        start = stop
     return out

@@ -102,3 +102,13 @@ def test_the_mask_hides_siblings_and_other_groups():
     with pytest.raises(ValueError, match="backend must be one of"):
         prefix_attention(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4),
                          row.group_ids[:2], row.member_ids[:2], "magic")
+
+
+def test_rows_by_length_fill_shortest_first_and_give_a_long_group_its_own_row():
+    from polar_xtuner.prefix_sharing import rows_by_length
+
+    groups = [Group.from_sequences([[1] * n + [2], [1] * n + [3]], [(0, 1, 0.0)]) for n in (9, 2, 30, 4)]
+    assert [g.tokens for g in groups] == [11, 4, 32, 6]
+    assert rows_by_length(groups, 12) == [[1, 3], [0], [2]]
+    assert rows_by_length(groups, 0) == [[1], [3], [0], [2]]
+    assert rows_by_length([], 10) == []
