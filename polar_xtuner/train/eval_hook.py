@@ -71,13 +71,16 @@ class PolarEvalHook(Hook):
         settings = EncodingSettings.from_model_dir(model_dir if model_dir and os.path.isdir(model_dir) else None)
         settings = settings.override(self.max_length, self.max_response_length)
         encoder = PolarEncoder(tok, settings.max_length, settings.max_response_length)
-        feats = encoder.encode_pairs(records)
-        self._ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
         self._pad = pad_id(tok)
         if self.share_prefix:
             from polar_xtuner.prefix_sharing import group_pairs
 
+            # the groups rebuild every whole sequence: the val file is encoded once either way
             self._groups, self._where = group_pairs(records, encoder)
+            self._ids = [self._groups[g].sequence(k) for g, i, j in self._where for k in (i, j)]
+        else:
+            feats = encoder.encode_pairs(records)
+            self._ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self.every_n_train_iters(runner, self.interval):

@@ -95,5 +95,6 @@ def test_shared_prefix_evaluation_gives_the_unshared_scores(tiny_dir, tokenizer,
     h = hooks[True]
     shared = score_shared_rows(model, h._groups, 600)
     pairs = [(shared[g][i], shared[g][j]) for g, i, j in h._where]
-    plain = unflatten(score_ids(model, h._ids, h._pad, "right"))
+    assert h._ids == hooks[False]._ids  # the groups rebuild exactly the encoder's sequences
+    plain = unflatten(score_ids(model, hooks[False]._ids, h._pad, "right"))
     assert max(abs(a - b) for p, q in zip(pairs, plain) for a, b in zip(p, q)) <= 1e-5
