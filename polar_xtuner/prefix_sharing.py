@@ -210,20 +210,35 @@ def group_pairs(records: Sequence[dict], encoder, chunk: int = 1000) -> tuple[li
     return [Group.from_sequences(s, p) for s, p in zip(seqs, pairs)], where
 
 
-def rows_by_length(groups: Sequence[Group], row_tokens: int) -> list[list[int]]:
-    """Indices of ``groups`` in rows for scoring: shortest first, each row filled up to ``row_tokens``.
+def fill_rows(groups: Sequence[Group], order: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Indices of ``groups`` in rows: taken in ``order``, each row filled until the next would not fit.
 
     A group longer than ``row_tokens`` (or any, with 0) gets a row of its own.
     """
     rows: list[list[int]] = []
     size = 0
-    for i in sorted(range(len(groups)), key=lambda i: groups[i].tokens):
+    for i in order:
         if not rows or size + groups[i].tokens > row_tokens:
             rows.append([])
             size = 0
         rows[-1].append(i)
         size += groups[i].tokens
     return rows
+
+
+def rows_by_length(groups: Sequence[Group], row_tokens: int) -> list[list[int]]:
+    """:func:`fill_rows` shortest first: the scoring rows (little padding between rows of a batch)."""
+    return fill_rows(groups, sorted(range(len(groups)), key=lambda i: groups[i].tokens), row_tokens)
+
+
+def spread_scores(values: Sequence[float], members: Sequence[int], groups: Sequence[Group],
+                  out: list[list[float]]) -> None:
+    """A row's candidate scores (:attr:`SharedPrefixRow.score_index` order) into ``out[group]``."""
+    k = 0
+    for i in members:
+        n = len(groups[i].candidates)
+        out[i] = list(values[k:k + n])
+        k += n
 
 
 @dataclass

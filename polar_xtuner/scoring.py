@@ -19,7 +19,7 @@ from polar_xtuner.constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, 
 from polar_xtuner.encoding import PolarEncoder
 from polar_xtuner.pair_metrics import unflatten
 from polar_xtuner.precision import SCORING_ATTENTION, default_device, eval_dtype
-from polar_xtuner.prefix_sharing import Group, dense_mask, group_pairs, pack_groups, rows_by_length
+from polar_xtuner.prefix_sharing import Group, dense_mask, group_pairs, pack_groups, rows_by_length, spread_scores
 
 
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None,
@@ -196,12 +196,8 @@ def score_groups(model, groups: Sequence[Group], pad_id: int, row_tokens: int,
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))[0]
         for b, (members, p) in enumerate(packed):
-            values = model.v_head(hidden[b, p.score_index.to(device)]).squeeze(-1).float().tolist()
-            k = 0
-            for i in members:
-                n = len(groups[i].candidates)
-                out[i] = values[k:k + n]
-                k += n
+            spread_scores(model.v_head(hidden[b, p.score_index.to(device)]).squeeze(-1).float().tolist(),
+                          members, groups, out)
     return out
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from polar_xtuner.prefix_sharing import Group, group_pairs, pack_groups
+from polar_xtuner.prefix_sharing import Group, fill_rows, group_pairs, pack_groups
 from polar_xtuner.records import DataError
 
 GROUP_COLUMNS = ("prefix", "candidates", "pair_better", "pair_worse", "pair_margin")
@@ -116,17 +116,7 @@ class GroupRows(torch.utils.data.Dataset):
             raise DataError(f"{len(over)} group(s) are longer than max_packed_length={max_packed_length} "
                             f"(longest {max(over)}); split them first (Group.split)")
         order = np.random.default_rng(seed).permutation(len(groups)) if shuffle else np.arange(len(groups))
-        self.rows: list[list[Group]] = []
-        row, size = [], 0
-        for i in order.tolist():
-            g = groups[i]
-            if row and size + g.tokens > max_packed_length:
-                self.rows.append(row)
-                row, size = [], 0
-            row.append(g)
-            size += g.tokens
-        if row:
-            self.rows.append(row)
+        self.rows = [[groups[i] for i in row] for row in fill_rows(groups, order.tolist(), max_packed_length)]
 
     def __len__(self):
         return len(self.rows)

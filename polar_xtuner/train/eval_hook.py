@@ -125,7 +125,7 @@ def score_shared_rows(model, groups, row_tokens: int) -> list[list[float]]:
     ``model`` is a ``PolarRewardModel`` with varlen attention (its patched
     attention reads the row's layout); one row per forward pass.
     """
-    from polar_xtuner.prefix_sharing import pack_groups, rows_by_length
+    from polar_xtuner.prefix_sharing import pack_groups, rows_by_length, spread_scores
     from polar_xtuner.train.attention import shared_prefix_backend, shared_prefix_row
 
     device = next(model.parameters()).device
@@ -135,9 +135,5 @@ def score_shared_rows(model, groups, row_tokens: int) -> list[list[float]]:
         row = pack_groups([groups[i] for i in members]).to(device)
         with shared_prefix_row(row.group_ids, row.member_ids, backend):
             hidden = model.llm(input_ids=row.input_ids[None], position_ids=row.position_ids[None])[0]
-        values = model.v_head(hidden[0, row.score_index]).squeeze(-1).float().tolist()
-        k = 0
-        for i in members:
-            out[i] = values[k:k + len(groups[i].candidates)]
-            k += len(groups[i].candidates)
+        spread_scores(model.v_head(hidden[0, row.score_index]).squeeze(-1).float().tolist(), members, groups, out)
     return out
