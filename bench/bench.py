@@ -249,6 +249,13 @@ def eval_throughput(tiny_dir, repeats: int = 5) -> dict:
             "eval_speedup_batched_vs_single": batched / single}
 
 
+def demo_vocab() -> list[str]:
+    """The demo answers' ASCII words, sorted: the vocabulary the synthetic long texts are drawn from."""
+    from polar_xtuner.demo.data import TOPICS
+
+    return sorted({w for answers, *_ in TOPICS.values() for w in answers if w.isascii()})
+
+
 def long_records(n: int, seed: int, words: int = 300) -> list[dict]:
     """Demo records made long, each with a prompt and reference of its own.
 
@@ -258,10 +265,8 @@ def long_records(n: int, seed: int, words: int = 300) -> list[dict]:
     chosen and rejected texts share a long prefix, as an RL prompt's
     rollouts do. About 780 tokens per text with the tiny tokenizer.
     """
-    from polar_xtuner.demo.data import TOPICS
-
     rng = random.Random(seed)
-    vocab = sorted({w for answers, *_ in TOPICS.values() for w in answers if w.isascii()})
+    vocab = demo_vocab()
     out = []
     for rec in generate(n, seed):  # fresh records: edited in place
         context = " ".join(rng.choice(vocab) for _ in range(words))
@@ -283,10 +288,8 @@ def rollout_groups(n_prompts: int, n_rollouts: int, seed: int, words: int = 200)
     tokenizer. Returns flat (prompts, references, responses), a prompt's
     rollouts next to each other, the order an RL batch arrives in.
     """
-    from polar_xtuner.demo.data import TOPICS
-
     rng = random.Random(seed)
-    vocab = sorted({w for answers, *_ in TOPICS.values() for w in answers if w.isascii()})
+    vocab = demo_vocab()
 
     def say(n: int) -> str:
         return " ".join(rng.choice(vocab) for _ in range(n))

@@ -35,12 +35,6 @@ WORKLOADS = ("demo", "long_reference", "ranked5")
 MAX_LENGTH, MAX_RESPONSE_LENGTH = 2048, 1024
 
 
-def _vocab():
-    from polar_xtuner.demo.data import TOPICS
-
-    return sorted({w for answers, *_ in TOPICS.values() for w in answers if w.isascii()})
-
-
 def _say(rng, vocab, tokens: int) -> str:
     # about one token per word with the tiny tokenizer's word-level vocabulary
     return " ".join(rng.choice(vocab) for _ in range(tokens))
@@ -53,7 +47,9 @@ def workload(name: str, n: int, seed: int = 0) -> list[dict]:
 
     if name == "demo":
         return load_records(os.path.join(REPO, "data", "demo", "train.jsonl"))[:n]
-    rng, vocab = random.Random(seed), _vocab()
+    from bench import demo_vocab  # bench/bench.py, a sibling script
+
+    rng, vocab = random.Random(seed), demo_vocab()
     out = []
     for i in range(n):
         prompt = [{"role": "user", "content": f"Question {i}: {_say(rng, vocab, 200)}"}]
