@@ -243,6 +243,22 @@ class PolarEncoder:
         """Prompt tokens kept, from cut lengths; at most 0 means the prompt is dropped."""
         return (self.max_length - TEMPLATE_RESERVED_TOKENS - reference_len - longest_candidate_len) // 2
 
+    def kept_prompt_lengths(self, items: Sequence[tuple[Any, Any, Sequence[Any]]], fields) -> list[int]:
+        """Prompt tokens each item keeps: its budget from the cut reference and the item's longest cut candidate.
+
+        ``fields`` is :meth:`encode_fields` of the items. The candidates of one
+        item share the cut, so they share the whole text before the answer.
+        """
+        p_ids, r_ids, c_ids = fields
+        cap = self.max_response_length  # a cut field's length, without cutting it
+        kept, k = [], 0
+        for i, (_, _, cs) in enumerate(items):
+            longest = min(max(len(c_ids[k + j]) for j in range(len(cs))), cap)
+            k += len(cs)
+            budget = self.prompt_budget(min(len(r_ids[i]), cap), longest)
+            kept.append(min(len(p_ids[i]), max(budget, 0)))
+        return kept
+
     def texts(
         self,
         items: Sequence[tuple[Any, Any, Sequence[Any]]],
@@ -261,19 +277,12 @@ class PolarEncoder:
         Returns:
             For each item, one text per candidate.
         """
-        p_ids, r_ids, c_ids = fields if fields is not None else self.encode_fields(items)
+        fields = fields if fields is not None else self.encode_fields(items)
+        p_ids, r_ids, c_ids = fields
         r_ids = [self._cut(x) for x in r_ids]
         c_ids = [self._cut(x) for x in c_ids]
-
-        cut_prompts, k = [], 0
-        for i, (_, _, cs) in enumerate(items):
-            longest = max(len(c_ids[k + j]) for j in range(len(cs)))
-            k += len(cs)
-            budget = self.prompt_budget(len(r_ids[i]), longest)
-            ids = p_ids[i]
-            if len(ids) > budget:
-                ids = ids[len(ids) - budget:] if budget > 0 else []
-            cut_prompts.append(ids)
+        # the prompt keeps its tail
+        cut_prompts = [ids[len(ids) - n:] if n else [] for ids, n in zip(p_ids, self.kept_prompt_lengths(items, fields))]
 
         p_txt = self._decode(cut_prompts)
         r_txt = self._decode(r_ids)

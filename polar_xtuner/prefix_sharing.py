@@ -153,18 +153,6 @@ class Group:
         return out
 
 
-def _kept_prompt_lengths(encoder, fields, items) -> list[int]:
-    """Prompt tokens each item keeps (the encoder's rule: budget from the cut reference and longest candidate)."""
-    p_ids, r_ids, c_ids = fields
-    kept, k = [], 0
-    for i, (_, _, cs) in enumerate(items):
-        longest = max(len(encoder._cut(c_ids[k + j])) for j in range(len(cs)))
-        k += len(cs)
-        budget = encoder.prompt_budget(len(encoder._cut(r_ids[i])), longest)
-        kept.append(min(len(p_ids[i]), max(budget, 0)))
-    return kept
-
-
 def group_pairs(records: Sequence[dict], encoder, chunk: int = 1000) -> tuple[list[Group], list[tuple[int, int, int]]]:
     """The pairs of validated records as groups of the candidates that share a prefix.
 
@@ -188,7 +176,7 @@ def group_pairs(records: Sequence[dict], encoder, chunk: int = 1000) -> tuple[li
         part = records[start:start + chunk]
         items = pair_items(part)
         fields = encoder.encode_fields(items)
-        kept = _kept_prompt_lengths(encoder, fields, items)
+        kept = encoder.kept_prompt_lengths(items, fields)
         for rec, feat, n in zip(part, encoder.encode_pairs(part, fields), kept):
             key = (rec.get("wrapper", "sft"), json.dumps(rec["prompt"]), json.dumps(rec["reference"]), n)
             g = buckets.setdefault(key, len(buckets))
