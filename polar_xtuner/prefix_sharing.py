@@ -198,6 +198,62 @@ def group_pairs(records: Sequence[dict], encoder, chunk: int = 1000) -> tuple[li
     return [Group.from_sequences(s, p) for s, p in zip(seqs, pairs)], where
 
 
+def group_answers(items: Sequence[tuple], wrappers: Sequence[str], encoder,
+                  chunk: int = 1000) -> tuple[list[Group], list[list[int]]]:
+    """The answers of ``(prompt, reference, answers)`` items as groups of the sequences that share a prefix.
+
+    Items group when their wrapper, prompt, reference and kept prompt length
+    (the encoder's truncation: an item's answers share one cut) are equal,
+    as in :func:`group_pairs`; equal sequences are scored once. For scoring:
+    the groups carry no pairs.
+
+    Returns:
+        The groups, and for each item the indices of its answers' sequences
+        in its group: ``(group, [candidate, ...])``.
+    """
+    buckets: dict[tuple, int] = {}
+    index: list[dict] = []
+    where = []
+    for start in range(0, len(items), chunk):
+        part = list(items[start:start + chunk])
+        part_wrappers = list(wrappers[start:start + chunk])
+        fields = encoder.encode_fields(part)
+        kept = encoder.kept_prompt_lengths(part, fields)
+        texts = encoder.texts(part, part_wrappers, fields)
+        ids = iter(encoder.input_ids([t for per_item in texts for t in per_item]))
+        for (prompt, reference, answers), wrapper, n in zip(part, part_wrappers, kept):
+            key = (wrapper, json.dumps(prompt), json.dumps(reference), n)
+            g = buckets.setdefault(key, len(buckets))
+            if g == len(index):
+                index.append({})
+            where.append((g, [index[g].setdefault(tuple(next(ids)), len(index[g])) for _ in answers]))
+    return [Group.from_sequences(list(seqs), ()) for seqs in index], where
+
+
+def scoring_parts(groups: Sequence[Group], max_tokens: int) -> tuple[list[Group], list[tuple[int, list[int]]]]:
+    """Groups cut into parts of at most ``max_tokens`` (a candidate that alone is longer goes alone), for scoring.
+
+    The prefix is repeated in each part; pairs are not kept.
+
+    Returns:
+        The parts, and for each its group and the group's candidates it holds.
+    """
+    parts, origin = [], []
+    for g, group in enumerate(groups):
+        members: list[int] = []
+        size = len(group.prefix)
+        for k, cand in enumerate(group.candidates):
+            if members and size + len(cand) > max_tokens:
+                parts.append(Group(group.prefix, tuple(group.candidates[m] for m in members), ()))
+                origin.append((g, members))
+                members, size = [], len(group.prefix)
+            members.append(k)
+            size += len(cand)
+        parts.append(Group(group.prefix, tuple(group.candidates[m] for m in members), ()))
+        origin.append((g, members))
+    return parts, origin
+
+
 def fill_rows(groups: Sequence[Group], order: Sequence[int], row_tokens: int) -> list[list[int]]:
     """Indices of ``groups`` in rows: taken in ``order``, each row filled until the next would not fit.
 

@@ -179,6 +179,94 @@ def validate_record(obj: Any) -> dict:
     return out
 
 
+# A group record's responses carry one of these values each (the same one in a record).
+RESPONSE_VALUES = ("label", "score", "correct")
+
+
+def validate_group_record(obj: Any) -> dict:
+    """Check one group record and return it normalised.
+
+    A group record is ``{"prompt", "reference", "responses": [{"response",
+    "label" | "score" | "correct"}, ...]}``: at least two responses, each with
+    one value of the same kind, a finite number (``label``, ``score``; higher
+    is better) or a boolean (``correct``). Other keys are kept.
+
+    Raises:
+        RecordError: The first rule the record breaks (code ``one_response``
+            for a group that cannot rank anything).
+    """
+    if not isinstance(obj, dict):
+        raise RecordError(f"record must be a JSON object, got {type(obj).__name__}", None, "not_object")
+    missing = [f for f in ("prompt", "reference", "responses") if f not in obj]
+    if missing:
+        raise RecordError("missing field" + ("s " if len(missing) > 1 else " ") + ", ".join(f"'{f}'" for f in missing),
+                          missing[0], "missing_field")
+    out = dict(obj)
+    for name in ("prompt", "reference"):
+        out[name] = _normalise_field(name, obj[name])
+    responses = obj["responses"]
+    if not isinstance(responses, list):
+        raise RecordError(f"field 'responses' must be a list, got {type(responses).__name__}", "responses", "bad_type")
+    if len(responses) < 2:
+        raise RecordError(f"'responses' holds {len(responses)} response(s); a group needs at least 2 to rank",
+                          "responses", "one_response")
+    kinds = set()
+    normalised = []
+    for i, resp in enumerate(responses):
+        where = f"responses[{i}]"
+        if not isinstance(resp, dict) or "response" not in resp:
+            raise RecordError(f"'{where}' must be an object with 'response' and one of "
+                              f"{', '.join(RESPONSE_VALUES)}", "responses", "bad_response")
+        present = [k for k in RESPONSE_VALUES if k in resp]
+        if len(present) != 1:
+            raise RecordError(f"'{where}' must have exactly one of {', '.join(RESPONSE_VALUES)}, has "
+                              f"{', '.join(present) or 'none'}", "responses", "bad_response")
+        kind = present[0]
+        kinds.add(kind)
+        if kind == "correct":
+            if not isinstance(resp[kind], bool):
+                raise RecordError(f"'{where}.correct' must be true or false, got {json.dumps(resp[kind])}",
+                                  "responses", "bad_response")
+        else:
+            finite_number(resp[kind], f"{where}.{kind}", "responses")
+        item = dict(resp)
+        item["response"] = _normalise_field(f"{where}.response", resp["response"])
+        for key, value in resp.items():
+            if key not in ("response", kind):
+                refuse_non_finite(value, f"{where}.{key}")
+        normalised.append(item)
+    if len(kinds) > 1:
+        raise RecordError(f"'responses' mix {' and '.join(sorted(kinds))}; use one kind of value per record",
+                          "responses", "bad_response")
+    out["responses"] = normalised
+    for key, value in obj.items():
+        if key not in ("prompt", "reference", "responses"):
+            refuse_non_finite(value, key)
+    return out
+
+
+def response_values(record: dict) -> tuple[list[float], str]:
+    """A validated record's responses' values and their kind; a pair is [chosen, rejected] labelled [1, 0]."""
+    if "responses" not in record:
+        return [1.0, 0.0], "label"
+    kind = next(k for k in RESPONSE_VALUES if k in record["responses"][0])
+    return [float(r[kind]) for r in record["responses"]], kind
+
+
+def record_answers(record: dict) -> list:
+    """A validated record's answers in order: its responses, or chosen then rejected."""
+    if "responses" in record:
+        return [r["response"] for r in record["responses"]]
+    return [record["chosen"], record["rejected"]]
+
+
+def validate_eval_record(obj: Any) -> dict:
+    """A pair record or, when it has ``responses``, a group record: checked and normalised."""
+    if isinstance(obj, dict) and "responses" in obj:
+        return validate_group_record(obj)
+    return validate_record(obj)
+
+
 def check(item: Located, obj: Any) -> Located:
     """Validate obj into item.record, or set item.error; return item."""
     try:

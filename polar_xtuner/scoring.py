@@ -17,9 +17,17 @@ from tqdm import tqdm
 
 from polar_xtuner.constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 from polar_xtuner.encoding import PolarEncoder
-from polar_xtuner.pair_metrics import unflatten
 from polar_xtuner.precision import SCORING_ATTENTION, default_device, eval_dtype
-from polar_xtuner.prefix_sharing import Group, dense_mask, group_pairs, pack_groups, rows_by_length, spread_scores
+from polar_xtuner.prefix_sharing import (
+    Group,
+    dense_mask,
+    group_answers,
+    pack_groups,
+    rows_by_length,
+    scoring_parts,
+    spread_scores,
+)
+from polar_xtuner.records import record_answers
 
 
 def load_model(path: str, device: str | None = None, dtype: torch.dtype | None = None,
@@ -148,6 +156,9 @@ def score_ids(model, ids_list: Sequence[list[int]], pad_id: int, padding_side: s
 # batch's dense masks within MASK_ELEMENTS (128 MB in fp32).
 SHARED_ROW_TOKENS = 0
 MASK_ELEMENTS = 2**25
+# The longest shared-prefix row: a group longer than this (many long answers to
+# one prompt) is scored in parts, so one row's mask stays within MASK_ELEMENTS.
+MAX_ROW_TOKENS = int(MASK_ELEMENTS**0.5)
 
 
 @torch.no_grad()
@@ -169,6 +180,8 @@ def score_groups(model, groups: Sequence[Group], pad_id: int, row_tokens: int,
     device = next(model.parameters()).device
     dtype = next(model.v_head.parameters()).dtype
     backbone = model.llm if hasattr(model, "llm") else model.model
+    # A group too long for one row's mask goes in parts, its prefix repeated in each.
+    whole, (groups, origin) = groups, scoring_parts(groups, max(row_tokens, MAX_ROW_TOKENS))
     rows = rows_by_length(groups, row_tokens)
     # Batches of up to batch_size rows whose (rows x width^2) masks stay within MASK_ELEMENTS.
     packed_rows = [(r, pack_groups([groups[i] for i in r])) for r in rows]
@@ -198,6 +211,42 @@ def score_groups(model, groups: Sequence[Group], pad_id: int, row_tokens: int,
         for b, (members, p) in enumerate(packed):
             spread_scores(model.v_head(hidden[b, p.score_index.to(device)]).squeeze(-1).float().tolist(),
                           members, groups, out)
+    scores: list[list[float]] = [[0.0] * len(g.candidates) for g in whole]
+    for part_scores, (g, members) in zip(out, origin):
+        for k, v in zip(members, part_scores):
+            scores[g][k] = v
+    return scores
+
+
+def score_answers(model, tokenizer, records: Sequence[dict], max_length: int = DEFAULT_MAX_LENGTH,
+                  max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH, batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+                  padding_side: str | None = None, progress: bool = False,
+                  share_prefix: bool = False) -> list[list[float]]:
+    """Each validated record's answer scores: a pair's chosen and rejected, a group's responses, in order.
+
+    The answers of one record share one prompt cut (the encoder's rule for
+    candidates of one item). With ``share_prefix`` the answers of every record
+    with the same prompt and reference are scored after one copy of it
+    (:func:`score_groups`); the scores equal the unshared ones up to float
+    rounding.
+    """
+    if not records:
+        return []
+    enc = PolarEncoder(tokenizer, max_length=max_length, max_response_length=max_response_length,
+                       reward_token_id=getattr(model.config, "reward_token_id", None))
+    items = [(r["prompt"], r["reference"], record_answers(r)) for r in records]
+    wrappers = [r.get("wrapper", "sft") for r in records]
+    if share_prefix:
+        groups, where = group_answers(items, wrappers, enc)
+        scores = score_groups(model, groups, pad_id(tokenizer), SHARED_ROW_TOKENS, batch_size, progress)
+        return [[scores[g][k] for k in ks] for g, ks in where]
+    texts = enc.texts(items, wrappers)
+    flat = score_ids(model, enc.input_ids([t for per_item in texts for t in per_item]), pad_id(tokenizer),
+                     padding_side or tokenizer.padding_side, batch_size, progress)
+    out, k = [], 0
+    for per_item in texts:
+        out.append(flat[k:k + len(per_item)])
+        k += len(per_item)
     return out
 
 
@@ -205,22 +254,6 @@ def score_records(model, tokenizer, records: Sequence[dict], max_length: int = D
                   max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH, batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
                   padding_side: str | None = None, progress: bool = False,
                   share_prefix: bool = False) -> list[tuple[float, float]]:
-    """(chosen score, rejected score) for each validated record.
-
-    With ``share_prefix`` the records that share a prompt and reference are
-    scored as one group (:func:`score_groups`); the scores equal the unshared
-    ones up to float rounding.
-    """
-    if not records:
-        return []
-    enc = PolarEncoder(tokenizer, max_length=max_length, max_response_length=max_response_length,
-                       reward_token_id=getattr(model.config, "reward_token_id", None))
-    if share_prefix:
-        groups, where = group_pairs(records, enc)
-        scores = score_groups(model, groups, pad_id(tokenizer), SHARED_ROW_TOKENS, batch_size, progress)
-        return [(scores[g][i], scores[g][j]) for g, i, j in where]
-    feats = enc.encode_pairs(records)
-    ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
-    flat = score_ids(model, ids, pad_id(tokenizer), padding_side or tokenizer.padding_side,
-                     batch_size, progress)
-    return unflatten(flat)
+    """(chosen score, rejected score) for each validated pair record (:func:`score_answers`)."""
+    return [(s[0], s[1]) for s in score_answers(model, tokenizer, records, max_length, max_response_length,
+                                                batch_size, padding_side, progress, share_prefix)]

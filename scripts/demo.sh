@@ -40,7 +40,7 @@ python tools/build_dataset.py "$DEMO_TRAIN" -o "$DEMO_DIR/data"
 
 echo "== 3/6 evaluate the untrained model"
 python tools/eval_pref.py --model "$TINY_DIR" --data data/demo/val.jsonl \
-  --out "$DEMO_DIR/eval_untrained.json"
+  --out "$DEMO_DIR/eval_untrained.json" --save-scores "$DEMO_DIR/scores_untrained.jsonl"
 
 echo "== 4/6 xtuner train (DeepSpeed ZeRO-2 on CPU)"
 rm -rf "$DEMO_DIR/train"
@@ -67,15 +67,18 @@ bash tools/convert.sh "$DEMO_DIR/train/$(basename "$CONFIG")" "$DEMO_DIR/train" 
 
 echo "== 6/6 evaluate the trained model"
 python tools/eval_pref.py --model "$DEMO_DIR/hf" --data data/demo/val.jsonl \
-  --out "$DEMO_DIR/eval.json" --save-scores "$DEMO_DIR/scores.jsonl"
+  --out "$DEMO_DIR/eval.json" --save-scores "$DEMO_DIR/scores.jsonl" \
+  --compare "$DEMO_DIR/scores_untrained.jsonl"  # the same pairs, before and after: the gain with its interval
 
 python - "$DEMO_DIR" "$MIN_ACCURACY" "$start" <<'PY'
 import json, sys, time
 d, target, start = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 before = json.load(open(f"{d}/eval_untrained.json"))["accuracy"]
-after = json.load(open(f"{d}/eval.json"))["accuracy"]
-print(f"\nheld-out accuracy: untrained {before:.3f} -> trained {after:.3f} "
-      f"(target {target:.2f}); demo took {time.time() - start:.0f} s")
+report = json.load(open(f"{d}/eval.json"))
+after, gain = report["accuracy"], report["compare"]["difference"]["accuracy"]
+lo, hi = gain["ci95"]
+print(f"\nheld-out accuracy: untrained {before:.3f} -> trained {after:.3f}, a gain of {gain['difference']:+.3f} "
+      f"(paired 95% CI {lo:+.3f} to {hi:+.3f}; target {target:.2f}); demo took {time.time() - start:.0f} s")
 if after < target:
     sys.exit(f"error: the trained model did not reach {target:.2f}")
 PY

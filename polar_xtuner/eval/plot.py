@@ -1,34 +1,58 @@
-"""The score plot: chosen and rejected distributions and the margin histogram."""
+"""The score plot: best against other answers' score distributions and the margin histogram, per model."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from polar_xtuner.pair_metrics import accuracy
+from polar_xtuner.eval.metrics import best_responses, ordered_pairs
+from polar_xtuner.records import response_values
 
 
-def plot_scores(scores: Sequence[tuple[float, float]], path: str) -> None:
-    """Chosen vs rejected score distributions and the margin histogram, in the format of ``path``'s extension."""
+def _panels(scores: Sequence[Sequence[float]], records: Sequence[dict] | None):
+    """Scores of the best answers, of the others, and every ordered pair's margin (better minus worse)."""
+    best, other, margins = [], [], []
+    for k, s in enumerate(scores):
+        values, kind = response_values(records[k]) if records is not None else ([1.0, 0.0], "label")
+        top = best_responses(values, kind)
+        for i, v in enumerate(s):
+            (best if i in top else other).append(v)
+        margins += [s[i] - s[j] for i, j in ordered_pairs(values)]
+    return best, other, margins
+
+
+def plot_scores(scores: Sequence[Sequence[float]], path: str, records: Sequence[dict] | None = None,
+                others: Sequence[tuple[str, Sequence[Sequence[float]]]] = (), name: str = "model") -> None:
+    """Score distributions and margins, one row of two panels per model, in the format of ``path``'s extension.
+
+    Args:
+        scores: Each record's answer scores (pairs: chosen, rejected).
+        records: The records (None: ``scores`` are pairs); best answers are
+            the chosen, correct or top-labelled ones.
+        others: ``(name, scores)`` of models compared on the same records,
+            drawn below on the same axes.
+        name: This model's name in the titles.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = [c for c, _ in scores]
-    rejected = [r for _, r in scores]
-    margins = [c - r for c, r in scores]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    models = [(name, scores), *others]
+    panels = [_panels(s, records) for _, s in models]
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 4 * len(models)), squeeze=False,
+                             sharex="col", sharey=False)
     bins = 30
-    a.hist(chosen, bins=bins, alpha=0.6, label="chosen")
-    a.hist(rejected, bins=bins, alpha=0.6, label="rejected")
-    a.set_title("scores")
-    a.set_xlabel("reward")
-    a.legend()
-    b.hist(margins, bins=bins, color="gray")
-    b.axvline(0, color="red", linestyle="--")
-    acc = accuracy(list(scores))
-    b.set_title(f"chosen - rejected (accuracy {acc:.3f}, n={len(margins)})")
-    b.set_xlabel("margin")
+    for (label, _), (best, other, margins), (a, b) in zip(models, panels, axes):
+        a.hist(best, bins=bins, alpha=0.6, label="chosen / best")
+        a.hist(other, bins=bins, alpha=0.6, label="rejected / other")
+        a.set_title(f"{label}: scores")
+        a.set_xlabel("reward")
+        a.legend()
+        b.hist(margins, bins=bins, color="gray")
+        b.axvline(0, color="red", linestyle="--")
+        acc = sum(m > 0 for m in margins) / len(margins) if margins else float("nan")
+        b.set_title(f"{label}: better - worse (pairwise accuracy {acc:.3f}, n={len(margins)})")
+        b.set_xlabel("margin")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

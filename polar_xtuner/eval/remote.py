@@ -1,4 +1,4 @@
-"""Evaluation on a served model: pair scores through the remote client, and the served dtype's check."""
+"""Evaluation on a served model: answer scores through the remote client, and the served dtype's check."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 
 from polar_xtuner.client import RemoteScorer
 from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
-from polar_xtuner.encoding import PolarEncoder, pair_items
-from polar_xtuner.pair_metrics import unflatten
+from polar_xtuner.encoding import PolarEncoder
+from polar_xtuner.records import record_answers
 
 
 def check_served_dtype(scorer: RemoteScorer, model_dir: str) -> str:
@@ -33,9 +33,24 @@ def check_served_dtype(scorer: RemoteScorer, model_dir: str) -> str:
     return f"served dtype {served} matches the model's"
 
 
+def score_answers_remote(scorer: RemoteScorer, tokenizer, records, max_length=DEFAULT_MAX_LENGTH,
+                         max_response_length=DEFAULT_MAX_RESPONSE_LENGTH) -> list[list[float]]:
+    """Each validated record's answer scores from a served model (a pair's chosen and rejected, a group's responses).
+
+    Raises:
+        BadScoreError: With ``index`` the flat position of the answer (records' answers in order).
+    """
+    enc = PolarEncoder(tokenizer, max_length, max_response_length)
+    items = [(r["prompt"], r["reference"], record_answers(r)) for r in records]
+    flat = scorer.score(enc.serving_inputs(items, scorer.server_type, [r.get("wrapper", "sft") for r in records]))
+    out, k = [], 0
+    for _, _, answers in items:
+        out.append(flat[k:k + len(answers)])
+        k += len(answers)
+    return out
+
+
 def score_records_remote(scorer: RemoteScorer, tokenizer, records, max_length=DEFAULT_MAX_LENGTH,
                          max_response_length=DEFAULT_MAX_RESPONSE_LENGTH) -> list[tuple[float, float]]:
-    """(chosen, rejected) scores of records from a served model."""
-    enc = PolarEncoder(tokenizer, max_length, max_response_length)
-    inputs = enc.serving_inputs(pair_items(records), scorer.server_type, [r.get("wrapper", "sft") for r in records])
-    return unflatten(scorer.score(inputs))
+    """(chosen, rejected) scores of pair records from a served model."""
+    return [(s[0], s[1]) for s in score_answers_remote(scorer, tokenizer, records, max_length, max_response_length)]

@@ -1,13 +1,27 @@
-"""The preference report: accuracy, ties, margin quantiles, a bootstrap interval and per-source breakdowns."""
+"""The evaluation report: pairwise accuracy, best-of-N and MRR with intervals, margins, breakdowns, a comparison."""
 
 from __future__ import annotations
 
 import math
-import random
 from collections import defaultdict
 from typing import Sequence
 
-from polar_xtuner.pair_metrics import accuracy, mean_margin
+from polar_xtuner.eval.metrics import (
+    BOOTSTRAP_SEED,
+    N_BOOTSTRAP,
+    Outcome,
+    disagreements,
+    mcnemar,
+    metrics,
+    outcome,
+    paired_difference,
+)
+from polar_xtuner.records import response_values
+
+# Record keys whose values break the report down, each into by_<key>.
+BREAKDOWN_KEYS = ("source", "subset", "category")
+# Disagreeing records listed in the printed table (the JSON report lists all).
+SHOWN_DISAGREEMENTS = 10
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float:
@@ -18,57 +32,111 @@ def _quantile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
-def _accuracy_block(pairs: list[tuple[float, float]]) -> dict:
-    return {"accuracy": accuracy(pairs), "n": len(pairs), "ties": sum(c == r for c, r in pairs)}
+def outcomes_of(scores: Sequence[Sequence[float]], records: Sequence[dict]) -> list[Outcome]:
+    """Each record's :class:`~polar_xtuner.eval.metrics.Outcome` from its answers' scores."""
+    out = []
+    for s, rec in zip(scores, records):
+        values, kind = response_values(rec)
+        out.append(outcome(list(s), values, kind))
+    return out
+
+
+def ranking_report(scores: Sequence[Sequence[float]], records: Sequence[dict], n_bootstrap: int = N_BOOTSTRAP,
+                   seed: int = BOOTSTRAP_SEED) -> dict:
+    """The report of scored records (pairs and groups alike).
+
+    Args:
+        scores: Each record's answer scores (a pair: chosen, rejected).
+        records: The validated records; ``source``, ``subset`` and
+            ``category`` give breakdowns.
+        n_bootstrap: Resamples of the records for the intervals (0 to skip).
+        seed: Seed of the resampling.
+
+    Returns:
+        ``accuracy`` (pairwise), ``n`` (pairs), ``ties``, ``records``,
+        ``best_of_n``, ``mrr``, their ``*_ci95``, ``top_ties``,
+        ``without_best``, ``margin`` (mean and quantiles of better minus
+        worse), and ``by_<key>`` blocks of the same metrics.
+    """
+    outs = outcomes_of(scores, records)
+    report = metrics(outs, n_bootstrap, seed)
+    margins = sorted(m for o in outs for m in o.margins)
+    report["margin"] = {
+        "mean": sum(margins) / len(margins) if margins else math.nan,
+        **{f"q{int(q * 100):02d}": _quantile(margins, q) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+    }
+    for key in BREAKDOWN_KEYS:
+        groups: dict[str, list[Outcome]] = defaultdict(list)
+        for rec, o in zip(records, outs):
+            if key in rec:
+                groups[str(rec[key])].append(o)
+        if len(groups) > 1 or (groups and len(next(iter(groups.values()))) < len(outs)):
+            report[f"by_{key}"] = {k: metrics(v, n_bootstrap, seed) for k, v in sorted(groups.items())}
+    return report
 
 
 def preference_report(scores: Sequence[tuple[float, float]], records: Sequence[dict] | None = None,
-                      n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Accuracy (chosen > rejected), ties, margins and a 95% bootstrap interval.
+                      n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
+    """:func:`ranking_report` of (chosen, rejected) scores of pairs (records: their breakdown keys, if any)."""
+    return ranking_report(scores, records if records is not None else [{} for _ in scores], n_bootstrap, seed)
 
-    Args:
-        scores: (chosen, rejected) per pair.
-        records: The pairs' records; ``source``/``category`` give breakdowns.
-        n_bootstrap: Resamples for the interval (0 to skip).
-        seed: Seed of the resampling.
+
+def comparison(this: Sequence[Sequence[float]], other: Sequence[Sequence[float]], records: Sequence[dict],
+               where: Sequence[str], n_bootstrap: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
+    """This model against another on the same records.
+
+    Returns:
+        ``difference``: per metric this, other, this minus other and a paired
+        95% interval; ``mcnemar``: the pairwise test; ``disagreements``: the
+        records (``where``) on which a pair's outcome or the best-of-N pick
+        differs, with both models' scores.
     """
-    pairs = list(scores)
-    report = _accuracy_block(pairs)
-    margins = sorted(c - r for c, r in pairs)
-    report["margin"] = {
-        "mean": mean_margin(pairs),
-        **{f"q{int(q * 100):02d}": _quantile(margins, q) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+    a, b = outcomes_of(this, records), outcomes_of(other, records)
+    differ = disagreements(a, b)
+    return {
+        "difference": paired_difference(a, b, n_bootstrap, seed),
+        "mcnemar": mcnemar(a, b),
+        "disagreements": [{"where": where[k], "this": list(this[k]), "other": list(other[k])} for k in differ],
     }
-    if n_bootstrap and pairs:
-        rng = random.Random(seed)
-        wins = [1.0 if c > r else 0.0 for c, r in pairs]
-        n = len(wins)
-        accs = sorted(sum(wins[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_bootstrap))
-        report["accuracy_ci95"] = [_quantile(accs, 0.025), _quantile(accs, 0.975)]
-    if records:
-        for key in ("source", "category"):
-            groups = defaultdict(list)
-            for rec, pair in zip(records, pairs):
-                if key in rec:
-                    groups[str(rec[key])].append(pair)
-            if len(groups) > 1 or (groups and len(next(iter(groups.values()))) < len(pairs)):
-                report[f"by_{key}"] = {k: _accuracy_block(v) for k, v in sorted(groups.items())}
-    return report
+
+
+def _ci(block: dict, key: str) -> str:
+    ci = block.get(f"{key}_ci95")
+    return f"  (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""
 
 
 def format_report(report: dict) -> str:
     """A small plain-text table of the report."""
     lines = [
+        f"{'records':<12}{report['records']}",
         f"{'pairs':<12}{report['n']}",
-        f"{'accuracy':<12}{report['accuracy']:.4f}"
-        + (f"  (95% CI {report['accuracy_ci95'][0]:.4f}-{report['accuracy_ci95'][1]:.4f})"
-           if "accuracy_ci95" in report else ""),
-        f"{'ties':<12}{report['ties']}",
+        f"{'accuracy':<12}{report['accuracy']:.4f}" + _ci(report, "accuracy"),
+        f"{'best-of-N':<12}{report['best_of_n']:.4f}" + _ci(report, "best_of_n"),
+        f"{'MRR':<12}{report['mrr']:.4f}" + _ci(report, "mrr"),
+        f"{'ties':<12}{report['ties']} pairs, {report['top_ties']} records tied at the top",
         f"{'margin':<12}mean {report['margin']['mean']:.4f}  median {report['margin']['q50']:.4f}",
     ]
-    for key in ("by_source", "by_category"):
-        if key in report:
-            lines.append(f"{key.replace('_', ' ')}:")
-            for name, block in report[key].items():
-                lines.append(f"  {name:<18}{block['accuracy']:.4f}  (n={block['n']}, ties={block['ties']})")
+    if report.get("without_best"):
+        lines.append(f"{'no best':<12}{report['without_best']} records have no correct response (best-of-N 0)")
+    for key in BREAKDOWN_KEYS:
+        if f"by_{key}" in report:
+            lines.append(f"by {key}:")
+            for name, block in report[f"by_{key}"].items():
+                lines.append(f"  {name:<18}{block['accuracy']:.4f}  best-of-N {block['best_of_n']:.4f}  "
+                             f"(records={block['records']}, pairs={block['n']}, ties={block['ties']})")
+    cmp = report.get("compare")
+    if cmp:
+        lines.append(f"against {cmp['other']}:")
+        for key, d in cmp["difference"].items():
+            ci = f"  (95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})" if d.get("ci95") else ""
+            lines.append(f"  {key:<10}{d['this']:.4f} vs {d['other']:.4f}  difference {d['difference']:+.4f}{ci}")
+        m = cmp["mcnemar"]
+        lines.append(f"  McNemar: {m['only_this']} pairs won by this model only, {m['only_other']} by the other "
+                     f"only, p = {m['p_value']:.4g}")
+        dis = cmp["disagreements"]
+        lines.append(f"  {len(dis)} records disagree" + (":" if dis else ""))
+        for d in dis[:SHOWN_DISAGREEMENTS]:
+            lines.append(f"    {d['where']}")
+        if len(dis) > SHOWN_DISAGREEMENTS:
+            lines.append(f"    ... and {len(dis) - SHOWN_DISAGREEMENTS} more (the JSON report lists them all)")
     return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""Benchmark formats read into groups by their real field layouts, the bad inputs refused, groups scored."""
+import json
+import os
+
+import pytest
+import torch
+
+from polar_xtuner.errors import UserError
+from polar_xtuner.eval.benchmarks import load_eval_records, load_references
+from polar_xtuner.records import join_contents, response_values
+
+ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "benchmarks")
+
+
+def asset(name):
+    return os.path.join(ASSETS, name)
+
+
+def _text(field):
+    return join_contents(field)
+
+
+def test_verifybench_rows_of_one_question_form_a_group():
+    loaded = load_eval_records(asset("verifybench.jsonl"), "verifybench")
+    assert [r.line for r in loaded.records] == [1, 3, 6]  # each group at its first row
+    first = loaded.records[1].record
+    assert _text(first["prompt"]) == "Which city is the capital of France?" and _text(first["reference"]) == "Paris"
+    assert response_values(first) == ([1.0, 0.0, 0.0], "correct") and first["subset"] == "multiple_choice"
+    assert response_values(loaded.records[2].record)[0] == [0.0, 1.0]
+
+
+def test_ppe_maps_responses_scores_and_each_sets_ground_truth():
+    mmlu = load_eval_records(asset("ppe_mmlu_pro.jsonl"), "ppe").records
+    assert _text(mmlu[0].record["reference"]) == "B. B. green"  # the letter and the option it names
+    assert response_values(mmlu[0].record) == ([1.0, 0.0, 1.0, 0.0], "correct")
+    assert _text(mmlu[1].record["responses"][3]["response"]) == "The whale, (C)."  # response_4 <- scores[3]
+    assert mmlu[1].record["subset"] == "biology"
+    math = load_eval_records(asset("ppe_math.jsonl"), "ppe").records[0].record
+    assert _text(math["reference"]) == "2 + 3 = \\boxed{5}." and math["subset"] == "Prealgebra"
+    with pytest.raises(UserError, match=r"ppe_ifeval.jsonl:1: .*carry no reference; pass --references"):
+        load_eval_records(asset("ppe_ifeval.jsonl"), "ppe")
+    refs = load_references(asset("ppe_ifeval_references.jsonl"))
+    ifeval = load_eval_records(asset("ppe_ifeval.jsonl"), "ppe", refs).records[0].record
+    assert _text(ifeval["reference"]) == "Blue"
+
+
+def test_rewardbench2_needs_references_and_gets_them_by_id():
+    with pytest.raises(UserError, match="RewardBench 2 has no reference answers; pass --references"):
+        load_eval_records(asset("rewardbench2.jsonl"), "rewardbench2")
+    refs = load_references(asset("rewardbench2_references.jsonl"))
+    recs = load_eval_records(asset("rewardbench2.jsonl"), "rewardbench2", refs).records
+    assert [r.record["subset"] for r in recs] == ["Math", "Factuality", "Ties"]
+    assert response_values(recs[2].record) == ([1.0, 1.0, 0.0, 0.0], "correct")  # chosen first, then rejected
+    assert _text(recs[0].record["reference"]) == "7 x 6 = 42."
+
+
+def test_missing_and_matching_references_are_refused_with_the_row(tmp_path):
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(json.dumps({"id": "42", "reference": "7 x 6 = 42."}) + "\n")
+    with pytest.raises(UserError, match=r"rewardbench2.jsonl:2: no reference for id '7' in --references"):
+        load_eval_records(asset("rewardbench2.jsonl"), "rewardbench2", load_references(str(refs)))
+    # the chosen answer used as its own reference: the wrong conversion that inflates accuracy
+    refs.write_text("".join(json.dumps({"id": i, "reference": r}) + "\n" for i, r in
+                            [("42", "7 times 6 is 42."), ("7", "x"), ("tied:3", "y")]))
+    with pytest.raises(UserError, match=r"rewardbench2.jsonl:1: the reference is identical to response 1"):
+        load_eval_records(asset("rewardbench2.jsonl"), "rewardbench2", load_references(str(refs)))
+    ok = load_eval_records(asset("rewardbench2.jsonl"), "rewardbench2", load_references(str(refs)),
+                           allow_reference_match=True)
+    assert len(ok.records) == 3 and ok.reference_matches == 1
+    refs.write_text(json.dumps({"id": "42", "reference": "a"}) + "\n" + json.dumps({"id": "42", "reference": "b"}))
+    with pytest.raises(UserError, match=r"refs.jsonl:2: id '42' appears twice"):
+        load_references(str(refs))
+
+
+def test_a_group_with_one_response_is_refused_and_a_bad_pair_skipped(tmp_path):
+    data = tmp_path / "d.jsonl"
+    pair = {"prompt": "p", "reference": "r", "chosen": "a", "rejected": "b"}
+    one = {"prompt": "p", "reference": "r", "responses": [{"response": "a", "correct": True}]}
+    data.write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "chosen": "b"}) + "\n" + json.dumps(one) + "\n")
+    with pytest.raises(UserError, match=r"d.jsonl:3: 'responses' holds 1 response\(s\); a group needs at least 2"):
+        load_eval_records(str(data), "polar")
+    data.write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "chosen": "b"}) + "\n")
+    loaded = load_eval_records(str(data), "polar")
+    assert len(loaded.records) == 1 and loaded.skipped == [(f"{data}:2", "'chosen' is identical to 'rejected'")]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"responses": "x"}, "must be a list"),
+    ({"responses": [{"response": "a", "label": 1}, {"response": "b"}]}, r"exactly one of label, score, correct"),
+    ({"responses": [{"response": "a", "label": 1}, {"response": "b", "correct": True}]}, "mix correct and label"),
+    ({"responses": [{"response": "a", "correct": 1}, {"response": "b", "correct": False}]}, "must be true or false"),
+    ({"responses": [{"response": "a", "score": float("nan")}, {"response": "b", "score": 1}]}, "finite number"),
+])
+def test_group_rules_name_the_response(tmp_path, bad, reason):
+    from polar_xtuner.records import RecordError, validate_group_record
+
+    with pytest.raises(RecordError, match=reason):
+        validate_group_record({"prompt": "p", "reference": "r", **bad})
+
+
+def test_a_benchmark_file_of_another_format_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"verifybench.jsonl:1: no 'prompt' field, which --format ppe needs"):
+        load_eval_records(asset("verifybench.jsonl"), "ppe")
+
+
+def test_groups_score_the_same_shared_and_whole_and_in_parts(tiny_model, tokenizer, monkeypatch):
+    from polar_xtuner import scoring
+
+    recs = [r.record for r in load_eval_records(asset("groups.jsonl"), "polar").records]
+    recs += [r.record for r in load_eval_records(asset("ppe_mmlu_pro.jsonl"), "ppe").records]
+    whole = scoring.score_answers(tiny_model, tokenizer, recs, 256, 64, share_prefix=False)
+    shared = scoring.score_answers(tiny_model, tokenizer, recs, 256, 64, share_prefix=True)
+    assert [len(s) for s in whole] == [len(s) for s in shared] == [3, 2, 3, 4, 4]
+    torch.testing.assert_close(torch.tensor([x for s in shared for x in s]),
+                               torch.tensor([x for s in whole for x in s]), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(scoring, "MAX_ROW_TOKENS", 40)  # every group in parts, its prefix repeated
+    parts = scoring.score_answers(tiny_model, tokenizer, recs, 256, 64, share_prefix=True)
+    torch.testing.assert_close(torch.tensor([x for s in parts for x in s]),
+                               torch.tensor([x for s in whole for x in s]), rtol=1e-5, atol=1e-5)
