@@ -221,7 +221,7 @@ def read_saved_scores(path: str, loaded) -> list[list[float]]:
     """The scores a --save-scores file holds for these records, matched by each record's digest.
 
     Raises:
-        UserError: The file is not one, or lacks a record (saved from other data, lengths or format).
+        UserError: The file is not one, or lacks a record (saved from other data or another --format).
     """
     by_digest: dict[str, list[float]] = {}
     try:

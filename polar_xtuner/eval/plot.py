@@ -20,16 +20,23 @@ def _panels(scores: Sequence[Sequence[float]], records: Sequence[dict] | None):
     return best, other, margins
 
 
+def _bins(values: list[float], n: int = 30) -> list[float]:
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return [lo + (hi - lo) * i / n for i in range(n + 1)]
+
+
 def plot_scores(scores: Sequence[Sequence[float]], path: str, records: Sequence[dict] | None = None,
                 others: Sequence[tuple[str, Sequence[Sequence[float]]]] = (), name: str = "model") -> None:
-    """Score distributions and margins, one row of two panels per model, in the format of ``path``'s extension.
+    """Score distributions and margins, a column per model, in the format of ``path``'s extension.
 
     Args:
         scores: Each record's answer scores (pairs: chosen, rejected).
         records: The records (None: ``scores`` are pairs); best answers are
             the chosen, correct or top-labelled ones.
         others: ``(name, scores)`` of models compared on the same records,
-            drawn below on the same axes.
+            drawn beside it on the same axes.
         name: This model's name in the titles.
     """
     import matplotlib
@@ -39,16 +46,17 @@ def plot_scores(scores: Sequence[Sequence[float]], path: str, records: Sequence[
 
     models = [(name, scores), *others]
     panels = [_panels(s, records) for _, s in models]
-    fig, axes = plt.subplots(len(models), 2, figsize=(10, 4 * len(models)), squeeze=False,
-                             sharex="col", sharey=False)
-    bins = 30
-    for (label, _), (best, other, margins), (a, b) in zip(models, panels, axes):
-        a.hist(best, bins=bins, alpha=0.6, label="chosen / best")
-        a.hist(other, bins=bins, alpha=0.6, label="rejected / other")
+    # one column per model, side by side: scores above, margins below, each row on one x axis
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models) + 1, 8), squeeze=False, sharex="row")
+    score_bins = _bins([v for best, other, _ in panels for v in best + other])
+    margin_bins = _bins([m for _, _, margins in panels for m in margins])  # the same bins for every model
+    for (label, _), (best, other, margins), a, b in zip(models, panels, axes[0], axes[1]):
+        a.hist(best, bins=score_bins, alpha=0.6, label="chosen / best")
+        a.hist(other, bins=score_bins, alpha=0.6, label="rejected / other")
         a.set_title(f"{label}: scores")
         a.set_xlabel("reward")
         a.legend()
-        b.hist(margins, bins=bins, color="gray")
+        b.hist(margins, bins=margin_bins, color="gray")
         b.axvline(0, color="red", linestyle="--")
         acc = sum(m > 0 for m in margins) / len(margins) if margins else float("nan")
         b.set_title(f"{label}: better - worse (pairwise accuracy {acc:.3f}, n={len(margins)})")

@@ -20,6 +20,11 @@ def test_demo_learns(demo_run):
     assert before["accuracy"] < 0.75  # it learned, it did not start there
     assert os.path.isfile(os.path.join(demo_dir, "hf", "model.safetensors"))
     assert "held-out accuracy: untrained" in proc.stdout
+    # the trained model against the untrained one on the same pairs, with the gain's paired interval
+    gain = report["compare"]["difference"]["accuracy"]
+    assert gain["difference"] == pytest.approx(report["accuracy"] - before["accuracy"])
+    assert 0 < gain["ci95"][0] <= gain["difference"] <= gain["ci95"][1]
+    assert report["compare"]["mcnemar"]["p_value"] < 1e-6 and "paired 95% CI" in proc.stdout
 
 
 def test_encoding_settings_travel_with_the_model(demo_run, tmp_path):

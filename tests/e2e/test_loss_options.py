@@ -22,9 +22,9 @@ def test_demo_learns_with_every_loss_option_on(tmp_path):
     train = str(tmp_path / "train_margins.jsonl")
     write_jsonl(train, with_margins(load_records("data/demo/train.jsonl")))
     demo_dir = tmp_path / "demo"
-    # One epoch of the three (168 steps, the schedule left as configured): the
-    # published loss is past 0.95 by then at every seed measured (bench/README.md).
-    options = "model.margin=True model.center_rewards_coefficient=0.01 model.loss_in_fp32=True train_cfg.max_epochs=1"
+    # Two epochs of the three (106 shared-prefix steps, the schedule left as configured):
+    # every seed measured is at 0.97 or above by then (bench/README.md, "Shared prefixes on the demo").
+    options = "model.margin=True model.center_rewards_coefficient=0.01 model.loss_in_fp32=True train_cfg.max_epochs=2"
     proc = run_tool("bash", "scripts/demo.sh", env={"DEMO_DIR": str(demo_dir), "DEMO_TRAIN": train,
                                                     "DEMO_OPTIONS": options,
                                                     "TINY_DIR": str(tmp_path / "tiny")}, timeout=1200)

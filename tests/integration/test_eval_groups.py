@@ -53,9 +53,11 @@ def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(
     (["--data", f"{BENCH}/groups.jsonl", "--format", "rewardbench"], "invalid choice: 'rewardbench'"),
     (["--data", f"{BENCH}/ppe_ifeval.jsonl", "--format", "ppe"], "ppe_ifeval.jsonl:1: "),
     (["--data", VAL, "--compare", f"{BENCH}/groups.jsonl"], "groups.jsonl:1: not a line of eval_pref's --save-scores"),
+    (["--data", VAL, "--server-type", "vllm", "--compare", "TINY"], "pass --compare-server-address HOST:PORT"),
+    (["--data", VAL, "--compare-server-address", "127.0.0.1:1"], "--compare-server-address needs --server-type"),
 ])
 def test_bad_inputs_fail_with_one_line_and_exit_2(tiny_dir, args, message):
-    proc = _eval("--model", tiny_dir, *args)
+    proc = _eval("--model", tiny_dir, *[tiny_dir if a == "TINY" else a for a in args])
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert message in lines[-1] and "Traceback" not in proc.stderr

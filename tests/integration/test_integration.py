@@ -28,8 +28,10 @@ def train(tmp_path, cfg, deepspeed):
 @pytest.fixture(scope="module", params=["zero1", "zero2", "zero3", None], ids=["zero1", "zero2", "zero3", "no-deepspeed"])
 def trained(request, tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp(f"run_{request.param}")
-    # rows of 512 tokens hold ~4 pairs: ~50 packed steps (the 3% warm-up needs >= 34)
-    cfg = copy_config(str(tmp), f"polar_it_{request.param}.py", tiny_dir, VAL,
+    # rows of 512 tokens hold ~4 pairs: ~50 packed steps (the 3% warm-up needs >= 34). Whole
+    # sequences (share_prefix = False, the sp4 config's path) through every ZeRO stage; the demo,
+    # LoRA and loss-option tests train with shared prefixes (19 larger steps here)
+    cfg = copy_config(str(tmp), f"polar_it_{request.param}.py", tiny_dir, VAL, share_prefix=False,
                       max_epochs=1, max_length=256, save_steps=20, evaluation_freq=20)
     work, proc = train(tmp, cfg, request.param)
     return {"tmp": tmp, "cfg": cfg, "work": work, "log": proc.stdout + proc.stderr, "ds": request.param}

@@ -139,6 +139,28 @@ def test_serve_sh_scores_equal_local(serve_sh, served_model, local_scores, tmp_p
 
 
 @real_engine
+@pytest.mark.parametrize("data, extra", [
+    ("groups.jsonl", []),
+    ("rewardbench2.jsonl", ["--format", "rewardbench2", "--references",
+                            os.path.join(REPO, "tests", "assets", "benchmarks", "rewardbench2_references.jsonl")]),
+])
+def test_group_metrics_served_equal_local(serve_sh, served_model, tmp_path, data, extra):
+    """Best-of-N, MRR and pairwise accuracy of groups: the served model's equal the local model's."""
+    path = os.path.join(REPO, "tests", "assets", "benchmarks", data)
+    runs = {}
+    for name, flags in (("local", []), ("remote", ["--server-type", "vllm", "--server-address", serve_sh[0]])):
+        res = run_tool("python", "tools/eval_pref.py", "--model", served_model, "--data", path, *extra, *flags,
+                       "--out", str(tmp_path / f"{name}.json"), "--save-scores", str(tmp_path / f"{name}.jsonl"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = (json.load(open(tmp_path / f"{name}.json")),
+                      [r["scores"] for r in map(json.loads, open(tmp_path / f"{name}.jsonl"))])
+    (local, local_scores), (remote, remote_scores) = runs["local"], runs["remote"]
+    assert remote["backend"] == "vllm" and _close(remote_scores, local_scores)
+    for key in ("records", "n", "accuracy", "best_of_n", "mrr", "ties", "top_ties"):
+        assert remote[key] == local[key], key
+
+
+@real_engine
 def test_polar_client_gets_the_same_raw_scores(serve_sh, served_model, local_scores):
     polar = _polar_client_scores(served_model, serve_sh[0])
     assert _close(polar, local_scores[0])

@@ -99,8 +99,9 @@ def _train(tmp_path, tiny_dir, stage, **overrides):
 def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir):
     from safetensors.torch import load_file
 
-    # One epoch (168 steps): every seed measured is past 0.94 by step 200 (bench/README.md).
-    work = _train(tmp_path, tiny_dir, "zero2", **{"train_cfg.max_epochs": 1})
+    # Two epochs (106 shared-prefix steps): every seed measured is at 0.915 or above by then
+    # (bench/README.md, "Shared prefixes on the demo").
+    work = _train(tmp_path, tiny_dir, "zero2", **{"train_cfg.max_epochs": 2})
     trained_cfg = os.path.join(work, os.path.basename(TINY_LORA))
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
     proc = run_tool("bash", "tools/convert.sh", trained_cfg, work, str(merged))

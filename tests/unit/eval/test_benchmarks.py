@@ -117,3 +117,22 @@ def test_groups_score_the_same_shared_and_whole_and_in_parts(tiny_model, tokeniz
     parts = scoring.score_answers(tiny_model, tokenizer, recs, 256, 64, share_prefix=True)
     torch.testing.assert_close(torch.tensor([x for s in parts for x in s]),
                                torch.tensor([x for s in whole for x in s]), rtol=1e-5, atol=1e-5)
+
+
+def test_saved_scores_are_matched_to_records_by_digest(tmp_path):
+    from tools.eval_pref import read_saved_scores
+
+    loaded = load_eval_records(asset("groups.jsonl"), "polar")
+    rows = [{"line": r.line, "digest": r.digest, "scores": [0.5] * len(r.record["responses"])}
+            for r in loaded.records]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))  # order does not matter
+    assert read_saved_scores(str(path), loaded) == [[0.5] * 3, [0.5] * 2, [0.5] * 3]
+    rows[1]["digest"] = "0" * 16  # saved from other data, or read with another --format
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"no scores for .*groups.jsonl:2 \(record [0-9a-f]{16}\); save them from"):
+        read_saved_scores(str(path), loaded)
+    rows[1] = {**rows[1], "digest": loaded.records[1].digest, "scores": [0.5, float("inf")]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"s.jsonl:2: the scores must be finite numbers"):
+        read_saved_scores(str(path), loaded)
