@@ -118,9 +118,10 @@ def _statistics(cols: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.nd
     return {"accuracy": accuracy, "best_of_n": cols["best"][idx].mean(-1), "mrr": cols["rr"][idx].mean(-1)}
 
 
-def _point(cols: dict[str, np.ndarray]) -> dict[str, float]:
-    """The statistics over all records."""
-    return {k: float(v[0]) for k, v in _statistics(cols, np.arange(len(cols["wins"]))[None, :]).items()}
+def _point(cols: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """The statistics over all records (None where undefined: pairwise accuracy without a pair)."""
+    out = {k: float(v[0]) for k, v in _statistics(cols, np.arange(len(cols["wins"]))[None, :]).items()}
+    return {k: None if math.isnan(v) else v for k, v in out.items()}
 
 
 def _resamples(n: int, n_bootstrap: int, seed: int):
@@ -146,7 +147,7 @@ def metrics(outcomes: Sequence[Outcome], n_bootstrap: int = N_BOOTSTRAP, seed: i
     """Pairwise accuracy, best-of-N and MRR of records, each with a 95% bootstrap interval over records.
 
     Returns:
-        ``accuracy`` (NaN without pairs), ``n`` (pairs), ``ties``, ``records``,
+        ``accuracy`` (None without pairs), ``n`` (pairs), ``ties``, ``records``,
         ``best_of_n``, ``mrr``, ``top_ties`` (records whose top score is
         shared), ``without_best`` (records with no correct response), and
         ``accuracy_ci95``, ``best_of_n_ci95``, ``mrr_ci95`` when
@@ -160,7 +161,7 @@ def metrics(outcomes: Sequence[Outcome], n_bootstrap: int = N_BOOTSTRAP, seed: i
         "without_best": sum(not o.has_best for o in outcomes),
     }
     if not outcomes:
-        return {**out, "accuracy": math.nan, "best_of_n": math.nan, "mrr": math.nan}
+        return {**out, "accuracy": None, "best_of_n": None, "mrr": None}
     cols = _columns(outcomes)
     point = _point(cols)
     out.update(point)
@@ -186,7 +187,7 @@ def paired_difference(this: Sequence[Outcome], other: Sequence[Outcome], n_boots
         raise ValueError(f"{len(this)} records against {len(other)}")
     a, b = _columns(this), _columns(other)
     pa, pb = _point(a), _point(b)
-    out = {k: {"this": pa[k], "other": pb[k], "difference": pa[k] - pb[k]} for k in pa}
+    out = {k: {"this": pa[k], "other": pb[k], "difference": None if pa[k] is None else pa[k] - pb[k]} for k in pa}
     if n_bootstrap and this:
         diffs: dict[str, list] = {k: [] for k in pa}
         for idx in _resamples(len(this), n_bootstrap, seed):
@@ -194,7 +195,7 @@ def paired_difference(this: Sequence[Outcome], other: Sequence[Outcome], n_boots
             for k in pa:
                 diffs[k].append(sa[k] - sb[k])
         for k in pa:
-            out[k]["ci95"] = _interval(np.concatenate(diffs[k]))
+            out[k]["ci95"] = None if pa[k] is None else _interval(np.concatenate(diffs[k]))
     return out
 
 

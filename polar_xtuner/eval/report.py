@@ -61,9 +61,9 @@ def ranking_report(scores: Sequence[Sequence[float]], records: Sequence[dict], n
     outs = outcomes_of(scores, records)
     report = metrics(outs, n_bootstrap, seed)
     margins = sorted(m for o in outs for m in o.margins)
-    report["margin"] = {
-        "mean": sum(margins) / len(margins) if margins else math.nan,
-        **{f"q{int(q * 100):02d}": _quantile(margins, q) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+    report["margin"] = {  # None without a pair: the report is strict JSON
+        "mean": sum(margins) / len(margins) if margins else None,
+        **{f"q{int(q * 100):02d}": _quantile(margins, q) if margins else None for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
     }
     for key in BREAKDOWN_KEYS:
         groups: dict[str, list[Outcome]] = defaultdict(list)
@@ -105,16 +105,21 @@ def _ci(block: dict, key: str) -> str:
     return f"  (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""
 
 
+def _num(value, spec: str = ".4f") -> str:
+    """A figure, or n/a where it is undefined (pairwise accuracy of records without a pair)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def format_report(report: dict) -> str:
     """A small plain-text table of the report."""
     lines = [
         f"{'records':<12}{report['records']}",
         f"{'pairs':<12}{report['n']}",
-        f"{'accuracy':<12}{report['accuracy']:.4f}" + _ci(report, "accuracy"),
-        f"{'best-of-N':<12}{report['best_of_n']:.4f}" + _ci(report, "best_of_n"),
-        f"{'MRR':<12}{report['mrr']:.4f}" + _ci(report, "mrr"),
+        f"{'accuracy':<12}{_num(report['accuracy'])}" + _ci(report, "accuracy"),
+        f"{'best-of-N':<12}{_num(report['best_of_n'])}" + _ci(report, "best_of_n"),
+        f"{'MRR':<12}{_num(report['mrr'])}" + _ci(report, "mrr"),
         f"{'ties':<12}{report['ties']} pairs, {report['top_ties']} records tied at the top",
-        f"{'margin':<12}mean {report['margin']['mean']:.4f}  median {report['margin']['q50']:.4f}",
+        f"{'margin':<12}mean {_num(report['margin']['mean'])}  median {_num(report['margin']['q50'])}",
     ]
     if report.get("without_best"):
         lines.append(f"{'no best':<12}{report['without_best']} records have no correct response (best-of-N 0)")
@@ -122,14 +127,15 @@ def format_report(report: dict) -> str:
         if f"by_{key}" in report:
             lines.append(f"by {key}:")
             for name, block in report[f"by_{key}"].items():
-                lines.append(f"  {name:<18}{block['accuracy']:.4f}  best-of-N {block['best_of_n']:.4f}  "
+                lines.append(f"  {name:<18}{_num(block['accuracy'])}  best-of-N {_num(block['best_of_n'])}  "
                              f"(records={block['records']}, pairs={block['n']}, ties={block['ties']})")
     cmp = report.get("compare")
     if cmp:
         lines.append(f"against {cmp['other']}:")
         for key, d in cmp["difference"].items():
             ci = f"  (95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})" if d.get("ci95") else ""
-            lines.append(f"  {key:<10}{d['this']:.4f} vs {d['other']:.4f}  difference {d['difference']:+.4f}{ci}")
+            lines.append(f"  {key:<10}{_num(d['this'])} vs {_num(d['other'])}  difference "
+                         f"{_num(d['difference'], '+.4f')}{ci}")
         m = cmp["mcnemar"]
         lines.append(f"  McNemar: {m['only_this']} pairs won by this model only, {m['only_other']} by the other "
                      f"only, p = {m['p_value']:.4g}")

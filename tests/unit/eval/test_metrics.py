@@ -1,6 +1,4 @@
 """Ranking metrics on hand-checked groups, their bootstrap intervals, and the paired comparison."""
-import math
-
 import pytest
 
 from polar_xtuner.eval.metrics import mcnemar, metrics, outcome, paired_difference
@@ -42,7 +40,21 @@ def test_all_correct_and_none_correct_groups():
     none = outcome([0.1, 0.9, 0.5], [False, False, False], "correct")
     assert (none.pairs, none.best, none.rr, none.has_best) == (0, 0.0, 0.0, False)
     m = metrics([every, none], n_bootstrap=0)
-    assert m["best_of_n"] == 0.5 and m["without_best"] == 1 and math.isnan(m["accuracy"])
+    assert m["best_of_n"] == 0.5 and m["without_best"] == 1 and m["accuracy"] is None  # no pair: undefined
+
+
+def test_a_report_without_pairs_is_strict_json():
+    """Every group all correct: no ordered pair, so pairwise figures are null, not NaN (eval_pref's --out)."""
+    import json
+
+    recs = [{"responses": [{"response": "a", "correct": True}, {"response": "b", "correct": True}]}]
+    report = ranking_report([[0.2, 0.1]], recs)
+    report["compare"] = {"other": "x", **comparison([[0.2, 0.1]], [[0.1, 0.2]], recs, ["f:1"])}
+    json.dumps(report, allow_nan=False)
+    assert report["accuracy"] is None and report["margin"]["mean"] is None and report["best_of_n"] == 1.0
+    assert report["compare"]["difference"]["accuracy"] == {"this": None, "other": None, "difference": None,
+                                                          "ci95": None}
+    assert "accuracy    n/a" in format_report(report)
 
 
 def test_pairs_are_two_response_groups():
