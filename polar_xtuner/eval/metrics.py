@@ -36,7 +36,7 @@ import numpy as np
 N_BOOTSTRAP = 1000
 BOOTSTRAP_SEED = 0
 # Records a batch of resamples indexes at once (bounds the bootstrap's memory).
-_RESAMPLE_CELLS = 2**24
+_RESAMPLE_CELLS = 2**22
 
 
 @dataclass(frozen=True)
