@@ -199,8 +199,9 @@ def score(args, model_dir: str, loaded, server_address: str | None, flag: str = 
                                    f"{settings.source})") from None
         except BadScoreError as e:
             k, i = _answer_at(records, e.index)
+            answer = f"response {i + 1}" if "responses" in records[k] else ("chosen", "rejected")[i] + " answer"
             raise VerificationError(f"{loaded.records[k].where}: the server answered a {e.kind} score "
-                                    f"({e.value!r}) for its answer {i + 1}; nothing was written") from None
+                                    f"({e.value!r}) for its {answer}; nothing was written") from None
         note = check_served_dtype(scorer, model_dir)
     else:
         from polar_xtuner.scoring import load_model, score_answers
