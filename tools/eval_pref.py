@@ -20,8 +20,9 @@ records, broken down by source, subset and category. --compare scores another
 model on the same records (or reads its --save-scores file) and adds the
 difference per metric with a paired interval, McNemar's test and the records
 on which they disagree. Invalid pair records are reported (file:line:
-reason) and skipped; a group with one response, a benchmark row without its
-format's fields and a reference equal to a response it ranks are refused.
+reason) and skipped; a group record that breaks a rule (one response, no
+reference), a benchmark row without its format's fields and a reference
+equal to a response it ranks are refused.
 With --server-type the scores come from a served model and --model only
 provides the tokenizer and the encoding lengths. The lengths default to the
 ones the converter saved in the model directory (polar_encoding.json), so

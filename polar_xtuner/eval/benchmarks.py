@@ -229,10 +229,10 @@ def load_eval_records(path: str, fmt: str = "polar", references: dict | None = N
                       allow_reference_match: bool = False) -> Loaded:
     """The records of ``path`` read as ``fmt``, validated.
 
-    A row that breaks the record rules is skipped and reported (the pair
-    policy of every tool); a group with fewer than two responses, a benchmark
-    row without the format's fields and a reference equal to an answer are
-    refused.
+    A pair that breaks the record rules is skipped and reported (the policy
+    of every tool); a group that breaks them (fewer than two responses, no
+    reference, a bad value), a benchmark row without the format's fields and
+    a reference equal to a response are refused.
 
     Raises:
         UserError: naming the file and line (and the flag where one would help).
@@ -254,7 +254,8 @@ def load_eval_records(path: str, fmt: str = "polar", references: dict | None = N
         try:
             rec = validate_eval_record(obj)
         except RecordError as e:
-            if e.code == "one_response" or fmt != "polar":
+            # pairs keep every tool's skip-and-report policy; a group or a benchmark row is refused
+            if fmt != "polar" or (isinstance(obj, dict) and "responses" in obj):
                 raise UserError(f"{item.where}: {e.reason}") from None
             skipped.append((item.where, e.reason))
             continue

@@ -79,6 +79,11 @@ def test_a_group_with_one_response_is_refused_and_a_bad_pair_skipped(tmp_path):
     data.write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "chosen": "b"}) + "\n" + json.dumps(one) + "\n")
     with pytest.raises(UserError, match=r"d.jsonl:3: 'responses' holds 1 response\(s\); a group needs at least 2"):
         load_eval_records(str(data), "polar")
+    no_reference = {k: v for k, v in one.items() if k != "reference"}
+    no_reference["responses"] = one["responses"] * 2
+    data.write_text(json.dumps(pair) + "\n" + json.dumps(no_reference) + "\n")
+    with pytest.raises(UserError, match=r"d.jsonl:2: missing field 'reference'"):
+        load_eval_records(str(data), "polar")
     data.write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "chosen": "b"}) + "\n")
     loaded = load_eval_records(str(data), "polar")
     assert len(loaded.records) == 1 and loaded.skipped == [(f"{data}:2", "'chosen' is identical to 'rejected'")]
