@@ -230,7 +230,12 @@ def validate_group_record(obj: Any) -> dict:
         else:
             finite_number(resp[kind], f"{where}.{kind}", "responses")
         item = dict(resp)
-        item["response"] = _normalise_field(f"{where}.response", resp["response"])
+        raw = resp["response"]
+        if isinstance(raw, str) and not raw.strip():
+            # an empty answer is an answer to rank (a policy that said nothing), not a broken record
+            item["response"] = [{"role": "assistant", "content": raw}]
+        else:
+            item["response"] = _normalise_field(f"{where}.response", raw)
         for key, value in resp.items():
             if key not in ("response", kind):
                 refuse_non_finite(value, f"{where}.{key}")

@@ -103,6 +103,18 @@ def test_group_rules_name_the_response(tmp_path, bad, reason):
         validate_group_record({"prompt": "p", "reference": "r", **bad})
 
 
+def test_an_empty_response_is_an_answer_to_rank(tiny_model, tokenizer):
+    from polar_xtuner import scoring
+    from polar_xtuner.records import validate_group_record
+
+    rec = validate_group_record({"prompt": "p", "reference": "r", "responses": [
+        {"response": "", "correct": False}, {"response": "r", "correct": True}]})
+    assert rec["responses"][0]["response"] == [{"role": "assistant", "content": ""}]
+    whole = scoring.score_answers(tiny_model, tokenizer, [rec], 256, 64)
+    shared = scoring.score_answers(tiny_model, tokenizer, [rec], 256, 64, share_prefix=True)
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(whole), rtol=1e-5, atol=1e-5)
+
+
 def test_a_benchmark_file_of_another_format_is_named(tmp_path):
     with pytest.raises(UserError, match=r"verifybench.jsonl:1: no 'prompt' field, which --format ppe needs"):
         load_eval_records(asset("verifybench.jsonl"), "ppe")
