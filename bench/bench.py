@@ -312,7 +312,8 @@ REMOTE_SETS = {"short": ("remote", "pairs"), "long": ("remote_long", "pairs"), "
 REMOTE_MAX_LENGTH, REMOTE_MAX_RESPONSE_LENGTH = 1024, 128
 
 
-def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tuple[dict, dict]:
+def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int,
+                  engine_args: tuple = ()) -> tuple[dict, dict]:
     """Median seconds per client and set against one vLLM server started as tools/serve.sh starts it.
 
     ``work`` maps a name of :data:`REMOTE_SETS` to its records (pair sets)
@@ -327,7 +328,8 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tup
       the server's own time: no client can score these faster against this
       server, so ``polar / server_only`` bounds any client's speedup.
 
-    ``pooler`` overrides the server's pooler config (None: serve.sh's). The
+    ``pooler`` overrides the server's pooler config (None: serve.sh's);
+    ``engine_args`` go to the engine after serve.sh's own. The
     prefix cache is emptied before every timed run, so each run computes
     what a first scoring of these texts computes. Returns the times and our
     client's scores per set (checked equal to POLAR's client's).
@@ -349,7 +351,7 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tup
         raise RuntimeError(f"no vLLM CPU build at {CPU_SERVE_VENV}; run `make serve-setup`")
     lengths = (REMOTE_MAX_LENGTH, REMOTE_MAX_RESPONSE_LENGTH)
     port = free_port()
-    extra = ["--pooler-config", pooler] if pooler else []
+    extra = (["--pooler-config", pooler] if pooler else []) + list(engine_args)
     cmd = engine_command("vllm", tiny_dir, "127.0.0.1", port, python, extra, max_model_len=REMOTE_MAX_LENGTH, cpu=True)
     log = open(os.path.join(os.path.dirname(tiny_dir), "vllm_bench.log"), "w")
     proc = subprocess.Popen(cmd, env=engine_env("vllm", "127.0.0.1", False), stdout=log,
@@ -409,7 +411,7 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int) -> tup
 
 
 def remote_throughput(tiny_dir, n_pairs: int = 1000, n_long: int = 200, n_groups: int = 32, n_rollouts: int = 8,
-                      repeats: int = 3) -> dict:
+                      repeats: int = 3, engine_args: tuple = ()) -> dict:
     """Pairs (or rollouts)/s of our remote scoring vs POLAR's client against real vLLM servers.
 
     Three workloads (:data:`REMOTE_SETS`): the demo's short pairs
@@ -421,6 +423,7 @@ def remote_throughput(tiny_dir, n_pairs: int = 1000, n_long: int = 200, n_groups
     ``"task": "token_classify"``), the plugin's baseline in the same run.
     ``*_ceiling_vs_polar_client`` is POLAR's client's time over the server's
     own (see :func:`_remote_round`): the most any client could gain there.
+    ``engine_args`` are passed to both servers (the tests' ``--enforce-eager``).
     """
     from polar_xtuner.encoding import EncodingSettings
 
@@ -428,9 +431,9 @@ def remote_throughput(tiny_dir, n_pairs: int = 1000, n_long: int = 200, n_groups
     EncodingSettings(REMOTE_MAX_LENGTH, REMOTE_MAX_RESPONSE_LENGTH).save(tiny_dir)
     work = {"short": list(generate(n_pairs, 11)), "long": long_records(n_long, 12),
             "rl": rollout_groups(n_groups, n_rollouts, 13)}
-    served, got = _remote_round(tiny_dir, work, None, repeats)
+    served, got = _remote_round(tiny_dir, work, None, repeats, engine_args)
     stock, got_stock = _remote_round(tiny_dir, work, json.dumps({"use_activation": False, "task": "token_classify"}),
-                                     repeats)
+                                     repeats, engine_args)
     out = {}
     for name, (key, unit) in REMOTE_SETS.items():
         if max(abs(a - b) for a, b in zip(got[name], got_stock[name])) > 1e-4:

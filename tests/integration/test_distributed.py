@@ -77,12 +77,14 @@ def runs(tmp_path_factory, narrow_dir):
                     "--deepspeed", os.path.join(DS, "polar_zero2_cpu.json"), env={"NPROC_PER_NODE": "2"})
     out["two_zero2"] = (work, proc.stdout + proc.stderr)
 
-    # One rank accumulating two micro-steps, through the single-node launcher.
-    work = str(tmp / "one_zero2")
+    # One rank accumulating two micro-steps, through the single-node launcher. Under
+    # ZeRO-1: on one rank it partitions nothing and runs ZeRO-2's optimizer, so the
+    # comparisons below hold as they do under ZeRO-2, and the suite's ZeRO-1 run is this one.
+    work = str(tmp / "one_zero1")
     proc = run_tool("bash", "scripts/train.sh", one, "--work-dir", work,
-                    "--deepspeed", os.path.join(DS, "polar_zero2_cpu.json"))
+                    "--deepspeed", os.path.join(DS, "polar_zero1_cpu.json"))
     assert proc.returncode == 0, ranks_failure(proc.stderr)
-    out["one_zero2"] = (work, proc.stdout + proc.stderr)
+    out["one_zero1"] = (work, proc.stdout + proc.stderr)
 
     # ZeRO-3 on two ranks through the multi-node launcher (one node of one).
     work = str(tmp / "two_zero3")
@@ -91,7 +93,7 @@ def runs(tmp_path_factory, narrow_dir):
                     env={"NNODES": "1", "NODE_RANK": "0", "ADDR": "127.0.0.1", "NPROC_PER_NODE": "2"})
     assert proc.returncode == 0, ranks_failure(proc.stderr)
     out["two_zero3"] = (work, proc.stdout + proc.stderr)
-    for key in ("two_zero2", "one_zero2", "two_zero3"):
+    for key in ("two_zero2", "one_zero1", "two_zero3"):
         work, log = out[key]
         assert last_checkpoint(work), f"{key} did not finish:\n{log[-3000:]}"
     return out
@@ -107,7 +109,7 @@ def test_two_ranks_ran_on_cpu_with_gloo(runs):
 
 
 def test_two_ranks_equal_one_rank_accumulating_two_steps(runs):
-    one = steps(runs["one_zero2"][1])
+    one = steps(runs["one_zero1"][1])
     assert len(one) == 80
     for key in ("two_zero2", "two_zero3"):
         two = steps(runs[key][1])
@@ -119,7 +121,7 @@ def test_two_ranks_equal_one_rank_accumulating_two_steps(runs):
         # early steps agree to the printed precision; later ones by float drift only
         assert all(two[k][0] == one[2 * k - 1][0] for k in range(1, 11)), key
 
-    w_one = ds_weights(last_checkpoint(runs["one_zero2"][0]))
+    w_one = ds_weights(last_checkpoint(runs["one_zero1"][0]))
     for key in ("two_zero2", "two_zero3"):
         w_two = ds_weights(last_checkpoint(runs[key][0]))
         assert w_two.keys() == w_one.keys()
@@ -127,11 +129,11 @@ def test_two_ranks_equal_one_rank_accumulating_two_steps(runs):
             torch.testing.assert_close(w_two[name], w_one[name], atol=2e-3, rtol=0, msg=f"{key} {name}")
 
 
-def test_two_rank_zero3_converts_to_deepspeeds_reconstruction(runs):
+def _converts_to_deepspeeds_reconstruction(runs, key):
     from safetensors.torch import load_file
 
-    work, _ = runs["two_zero3"]
-    out = str(runs["tmp"] / "hf_zero3")
+    work, _ = runs[key]
+    out = str(runs["tmp"] / f"hf_{key}")
     proc = run_tool("bash", "tools/convert.sh", runs["one_cfg"], work, out)
     assert proc.returncode == 0, ranks_failure(proc.stderr)
     assert "largest relative score difference" in proc.stdout
@@ -143,6 +145,15 @@ def test_two_rank_zero3_converts_to_deepspeeds_reconstruction(runs):
         assert torch.equal(saved[k], want[k]), k
 
 
+def test_two_rank_zero3_converts_to_deepspeeds_reconstruction(runs):
+    _converts_to_deepspeeds_reconstruction(runs, "two_zero3")
+
+
+def test_one_rank_zero1_converts_to_deepspeeds_reconstruction(runs):
+    """The suite's ZeRO-1 checkpoint through tools/convert.sh (was test_integration's zero1 case)."""
+    _converts_to_deepspeeds_reconstruction(runs, "one_zero1")
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(runs, narrow_dir):
     tmp, one = runs["tmp"], runs["one_cfg"]
     killed = copy_config(str(tmp), "polar_dist_killed.py", narrow_dir, VAL, append=APPEND + (
@@ -150,7 +161,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(runs, narrow_dir):
         accumulative_counts=2, **SETTINGS)
     work = str(tmp / "resumed")
     env = {"PYTHONPATH": ASSETS + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    ds = ["--deepspeed", os.path.join(DS, "polar_zero2_cpu.json")]
+    ds = ["--deepspeed", os.path.join(DS, "polar_zero1_cpu.json")]  # the uninterrupted run's
     proc = run_tool("bash", "scripts/train.sh", killed, "--work-dir", work, *ds, env=env)
     # the launcher passes the crash on: killed by signal 9
     assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), (proc.returncode, proc.stderr[-2000:])
@@ -162,12 +173,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(runs, narrow_dir):
     assert proc.returncode == 0, ranks_failure(proc.stderr)
     log = proc.stdout + proc.stderr
     assert "--resume auto: resuming from" in log and "resumed epoch: 0, iter: 40" in log
-    resumed, full = steps(log), steps(runs["one_zero2"][1])
+    resumed, full = steps(log), steps(runs["one_zero1"][1])
     assert min(resumed) == 41 and max(resumed) == 80  # the step count continues
     # the data order continues: the same rows give the same losses as the uninterrupted run
     assert all(resumed[k] == full[k] for k in resumed)
     a = ds_weights(last_checkpoint(work))
-    b = ds_weights(last_checkpoint(runs["one_zero2"][0]))
+    b = ds_weights(last_checkpoint(runs["one_zero1"][0]))
     for name in b:
         assert torch.equal(a[name], b[name]), name
 

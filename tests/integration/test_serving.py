@@ -282,7 +282,10 @@ def test_rl_reward_functions_on_the_real_server(serve_sh, served_model, local_sc
 def test_bare_vllm_defaults_still_give_raw_scores(served_model, local_scores, tmp_path):
     port = free_port()
     cmd = [SERVE_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", served_model, "--runner", "pooling",
-           "--trust-remote-code", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+           "--trust-remote-code", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+           # Eager only to skip a 17 s graph compile: no activation or pooler setting depends on it,
+           # and the serve.sh server above runs vLLM's compiled default.
+           "--enforce-eager"]
     proc, log = _start(cmd, tmp_path / "vllm.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
