@@ -48,6 +48,16 @@ def run_tool(*args, cwd=REPO, env=None, timeout=900):
                           timeout=timeout)
 
 
+def load_tool(name):
+    """``tools/<name>.py`` as a module (``tools/`` is a folder of scripts): its main() runs in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def publish_varlen_args(cu=None, max_seqlen=None):
     """What xtuner's VarlenAttnArgsToMessageHubHook does before a step (rank 0)."""
     from mmengine import MessageHub

@@ -165,14 +165,9 @@ def test_the_library_writers_refuse_a_missing_folder_too(tmp_path):
 
 
 def _tool_main(name):
-    import importlib.util
+    from common import load_tool
 
-    from common import REPO
-
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool(name).main
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])

@@ -5,12 +5,11 @@ and an empty value: each is one ``error:`` line naming the flag, exit 2, no
 traceback, and nothing written. The tools are called in-process (their
 ``main(argv)``), so the walk costs no interpreter starts.
 """
-import importlib.util
 import os
 
 import pytest
 
-from common import REPO
+from common import load_tool
 from polar_xtuner.flags import float_in, int_at_least, size
 
 
@@ -23,10 +22,7 @@ def _tool(name):
         from polar_xtuner.convert.export import main
 
         return main
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_tool(name).main
 
 
 # tool -> (arguments that are otherwise valid, {flag: [out of range, wrong type]}); every flag is also tried empty

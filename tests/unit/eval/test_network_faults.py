@@ -1,7 +1,7 @@
 """Issue 27's network fault classes, each for every client that meets it.
 
 * deadlines: a server that never answers, stalls after its headers, trickles
-  a byte every half second, sends half its body or an empty one is given up
+  a byte every tenth of a second, sends half its body or an empty one is given up
   on within ``timeout x attempts + backoff`` (+1 s), by eval_pref's remote
   scoring, the RL reward functions, the sigmoid probe, the served-dtype check,
   bench's calls (``post_json``) and serve.sh's readiness wait;
@@ -14,7 +14,6 @@
   python without xtuner.
 """
 import base64
-import importlib.util
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from common import REPO, free_port, run_tool
+from common import REPO, free_port, load_tool, run_tool
 from polar_xtuner.client import RemoteScorer, RemoteScoringError, TextTooLongError, http_request, post_json
 from polar_xtuner.rl.reward import PolarReward, RFTSettings
 from polar_xtuner.serve.launcher import ServeError, wait_ready
@@ -37,6 +36,11 @@ from polar_xtuner.serve.launcher import ServeError, wait_ready
 RECORD = {"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b"}
 KINDS = ("silent", "stall", "trickle", "trickle_keepalive", "half_body", "empty")
 SLACK = 1.0  # seconds over timeout x attempts + backoff
+# Seconds per attempt where the client is built in the test: four trickled bytes fit in one,
+# so only a whole-request deadline stops a trickle (a per-read timeout never fires). Short,
+# as every case waits it out twice.
+TIMEOUT = 0.4
+TRICKLE_S = 0.1
 HOLD_S = 30.0  # how long a faulty server keeps a connection: a client without a deadline fails, not hangs
 
 
@@ -44,7 +48,7 @@ class FaultServer:
     """A loopback server (raw sockets) that answers every request with one fault.
 
     silent: reads the request and never answers. stall: sends its headers,
-    then nothing. trickle: headers, then a byte every half second, as
+    then nothing. trickle: headers, then a byte every TRICKLE_S seconds, as
     http.server does (HTTP/1.0: the client's connection closes with the
     response); trickle_keepalive: the same over HTTP/1.1 keep-alive.
     half_body: a Content-Length twice what it sends, then closes. empty:
@@ -79,8 +83,8 @@ class FaultServer:
                 version = "1.1" if self.kind == "trickle_keepalive" else "1.0"
                 conn.sendall(f"HTTP/{version} 200 OK\r\nContent-Type: application/json\r\n"
                              f"Content-Length: 1000000\r\n\r\n".encode())
-                for _ in range(int(HOLD_S / 0.5)):
-                    if self.done.wait(0.5):
+                for _ in range(int(HOLD_S / TRICKLE_S)):
+                    if self.done.wait(TRICKLE_S):
                         break
                     if self.kind != "stall":
                         conn.sendall(b" ")
@@ -117,18 +121,11 @@ def timed(fn, *args, **kw):
     return out, time.monotonic() - t0
 
 
-def load_eval_pref():
-    spec = importlib.util.spec_from_file_location("eval_pref_tool", os.path.join(REPO, "tools", "eval_pref.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def eval_in_process(capsys, tiny_dir, tmp_path, server_type, address, *flags):
     """tools/eval_pref.py's main in this process: (exit code, the error lines, seconds)."""
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps(RECORD) + "\n")
-    main = load_eval_pref().main
+    main = load_tool("eval_pref").main
     capsys.readouterr()
     t0 = time.monotonic()
     code = main(["--model", tiny_dir, "--data", str(data), "--server-type", server_type,
@@ -142,16 +139,17 @@ def eval_in_process(capsys, tiny_dir, tmp_path, server_type, address, *flags):
 # -- 1. deadlines ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # 18 cases that each wait out their deadline: about a minute together
+@pytest.mark.slow  # 18 cases that each wait out their deadline: about 20 s together
 @pytest.mark.parametrize("fault_server", KINDS, indirect=True)
 @pytest.mark.parametrize("server_type", ["vllm", "lmdeploy", "sglang"])
 def test_remote_scoring_gives_up_within_its_deadline(fault_server, server_type):
-    scorer = RemoteScorer(server_type, fault_server.address, timeout=1, max_retries=2, backoff=0.2, concurrency=1)
-    assert scorer.batch_deadline_s == pytest.approx(2.2)
+    scorer = RemoteScorer(server_type, fault_server.address, timeout=TIMEOUT, max_retries=2, backoff=0.2,
+                          concurrency=1)
+    assert scorer.batch_deadline_s == pytest.approx(TIMEOUT * 2 + 0.2)
     err, took = timed(scorer.score, ["a", "b"])
     assert isinstance(err, RemoteScoringError) and "failed after 2 attempt(s)" in str(err), err
     assert "\n" not in str(err)
-    assert took <= 1 * 2 + 0.2 + SLACK, took
+    assert took <= TIMEOUT * 2 + 0.2 + SLACK, took
     assert fault_server.requests == 2  # bounded retries
 
 
@@ -159,9 +157,9 @@ def test_remote_scoring_gives_up_within_its_deadline(fault_server, server_type):
 @pytest.mark.parametrize("fault_server", KINDS, indirect=True)
 def test_eval_pref_gives_up_within_its_deadline(fault_server, capsys, tiny_dir, tmp_path):
     code, errors, took = eval_in_process(capsys, tiny_dir, tmp_path, "vllm", fault_server.address,
-                                         "--timeout", "1", "--max-retries", "2")
+                                         "--timeout", str(TIMEOUT), "--max-retries", "2")
     assert code == 3 and len(errors) == 1 and "failed after 2 attempt(s)" in errors[0], errors
-    assert took <= 1 * 2 + 0.5 + SLACK, took  # eval_pref's backoff: 0.5 s before the second attempt
+    assert took <= TIMEOUT * 2 + 0.5 + SLACK, took  # eval_pref's backoff: 0.5 s before the second attempt
 
 
 class TrickleHandler(BaseHTTPRequestHandler):
@@ -213,14 +211,14 @@ def test_the_issue_example_eval_pref_timeout_2_against_a_trickling_http_server(t
 
 @pytest.mark.parametrize("fault_server", ["silent", "trickle", "half_body"], indirect=True)
 def test_rl_reward_functions_give_up_within_their_deadline(fault_server, tokenizer):
-    settings = RFTSettings(server_address=fault_server.address, timeout=1, max_retries=2, concurrency=1)
+    settings = RFTSettings(server_address=fault_server.address, timeout=TIMEOUT, max_retries=2, concurrency=1)
     reward = PolarReward(settings, tokenizer=tokenizer)
-    bound = 1 * 2 + reward.scorer.backoff + SLACK
+    bound = TIMEOUT * 2 + reward.scorer.backoff + SLACK
     err, took = timed(reward.score, ["q"], ["r"], ["a"])  # verl's batch manager
     assert isinstance(err, RemoteScoringError) and took <= bound, (err, took)
     err, took = timed(lambda: reward.submit("q", "r", "a").result())  # verl's reward loop, OpenRLHF
     assert isinstance(err, RemoteScoringError) and took <= bound + reward.gather_s, (err, took)
-    fallback = PolarReward(RFTSettings(server_address=fault_server.address, timeout=1, max_retries=2,
+    fallback = PolarReward(RFTSettings(server_address=fault_server.address, timeout=TIMEOUT, max_retries=2,
                                        fallback_score=-7.0), tokenizer=tokenizer)
     got, took = timed(fallback.score, ["q"], ["r"], ["a"])
     assert got == [-7.0] and took <= bound and fallback.fallback_uses == 1

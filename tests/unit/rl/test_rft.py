@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import REPO, run_tool
+from common import REPO, load_tool, run_tool
 from fakes import FakePolarServer, local_candidate_scores, verl_reward_loop, verl_rows
 from polar_xtuner import rft
 from polar_xtuner.client import RemoteScorer, RemoteScoringError
@@ -307,7 +307,6 @@ def test_the_file_loads_by_path_as_openrlhf_and_verl_load_it():
 
 def test_evaluation_and_rl_share_one_set_of_remote_defaults():
     import dataclasses
-    import importlib.util
 
     from polar_xtuner.client import RemoteScorer, RemoteSettings
     from polar_xtuner.rl.reward import RFTSettings
@@ -323,9 +322,6 @@ def test_evaluation_and_rl_share_one_set_of_remote_defaults():
                         batch_tokens=5, concurrency=6).scorer(model_name="M")
     assert (built.server_type, built.urls, built.timeout, built.max_retries, built.batch_size, built.batch_tokens,
             built.concurrency, built.model_name) == ("sglang", ["http://h:1"], 7, 2, 3, 5, 6, "M")
-    spec = importlib.util.spec_from_file_location("eval_pref_tool", os.path.join(REPO, "tools", "eval_pref.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    args = tool.parse_args(["--model", "M", "--data", "D.jsonl"])
+    args = load_tool("eval_pref").parse_args(["--model", "M", "--data", "D.jsonl"])
     assert (args.timeout, args.max_retries, args.concurrency, args.batch_tokens) == (
         scorer["timeout"], scorer["max_retries"], scorer["concurrency"], scorer["batch_tokens"])
