@@ -135,15 +135,26 @@ def test_bad_training_data_stops_with_file_and_line(tmp_path, tiny_dir):
     assert "Traceback" not in proc.stderr
 
 
-def test_unavailable_backend_stops_training_with_one_line(tmp_path, tiny_dir):
+def test_unavailable_backend_in_the_config_is_refused_at_model_build(tmp_path, tiny_dir, capsys):
+    """The config's varlen_attn_backend reaches the model, which refuses one this machine lacks.
+
+    Built in process from the config: how a training error ends `xtuner train` (one
+    line, no traceback, no checkpoint) is test_bad_training_data_stops_with_file_and_line's.
+    """
+    from mmengine.config import Config
+    from xtuner.registry import BUILDER
+
+    from polar_xtuner.errors import ConfigError
+
     if "flash_attn" in __import__("polar_xtuner.train.attention", fromlist=["x"]).available_backends():
         pytest.skip("flash-attn is available here")
     cfg = copy_config(str(tmp_path), "polar_it_backend.py", tiny_dir, VAL, max_epochs=1)
     text = open(cfg).read().replace("    use_activation_checkpointing=False,\n",
                                     "    use_activation_checkpointing=False,\n    varlen_attn_backend=\"flash_attn\",\n")
     open(cfg, "w").write(text)
-    work = str(tmp_path / "work")
-    proc = run_tool("xtuner", "train", cfg, "--work-dir", work, timeout=300)
-    assert not os.path.exists(os.path.join(work, "last_checkpoint"))
-    assert "error: varlen_attn_backend='flash_attn' is not available here" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # inside training, the model ends the process with the error's code
+        BUILDER.build(Config.fromfile(cfg).model)
+    assert e.value.code == ConfigError.exit_code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: varlen_attn_backend='flash_attn' is not available here")

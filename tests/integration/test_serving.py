@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from common import REPO, free_port, run_tool
+from common import REPO, free_port, load_tool, run_tool
 from polar_xtuner.serve.launcher import CPU_SERVE_VENV, ServeError, cuda_available, stop, wait_ready
 
 
@@ -144,14 +144,18 @@ def test_serve_sh_scores_equal_local(serve_sh, served_model, local_scores, tmp_p
     ("rewardbench2.jsonl", ["--format", "rewardbench2", "--references",
                             os.path.join(REPO, "tests", "assets", "benchmarks", "rewardbench2_references.jsonl")]),
 ])
-def test_group_metrics_served_equal_local(serve_sh, served_model, tmp_path, data, extra):
-    """Best-of-N, MRR and pairwise accuracy of groups: the served model's equal the local model's."""
+def test_group_metrics_served_equal_local(serve_sh, served_model, tmp_path, data, extra, capsys):
+    """Best-of-N, MRR and pairwise accuracy of groups: the served model's equal the local model's.
+
+    Through eval_pref's main() in this process (its own process runs in the tests above).
+    """
     path = os.path.join(REPO, "tests", "assets", "benchmarks", data)
+    main = load_tool("eval_pref").main
     runs = {}
     for name, flags in (("local", []), ("remote", ["--server-type", "vllm", "--server-address", serve_sh[0]])):
-        res = run_tool("python", "tools/eval_pref.py", "--model", served_model, "--data", path, *extra, *flags,
-                       "--out", str(tmp_path / f"{name}.json"), "--save-scores", str(tmp_path / f"{name}.jsonl"))
-        assert res.returncode == 0, res.stderr[-3000:]
+        code = main(["--model", served_model, "--data", path, *extra, *flags,
+                     "--out", str(tmp_path / f"{name}.json"), "--save-scores", str(tmp_path / f"{name}.jsonl")])
+        assert code == 0, capsys.readouterr().err[-3000:]
         runs[name] = (json.load(open(tmp_path / f"{name}.json")),
                       [r["scores"] for r in map(json.loads, open(tmp_path / f"{name}.jsonl"))])
     (local, local_scores), (remote, remote_scores) = runs["local"], runs["remote"]
