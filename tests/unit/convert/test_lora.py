@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from common import REPO, build_reward_model, copy_config, run_tool
+from common import REPO, build_reward_model, copy_config, load_tool, run_tool
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["wqkv", "wo", "w1", "w2", "w3"], bias="none")
 TINY_LORA = os.path.join(REPO, "configs", "POLAR_tiny_lora_varlenattn_demo.py")
@@ -110,8 +110,11 @@ def _train(tmp_path, tiny_dir, stage, **overrides):
 
 @pytest.mark.integration
 @pytest.mark.slow  # ~180 s measured
-def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir):
+def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir, capsys):
+    """Merged through the tools' processes; the adapter through their main() here (the same code)."""
     from safetensors.torch import load_file
+
+    from polar_xtuner.convert.export import main as convert
 
     # Two epochs (106 shared-prefix steps): every seed measured is at 0.915 or above by then
     # (bench/README.md, "Shared prefixes on the demo").
@@ -121,8 +124,7 @@ def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir):
     proc = run_tool("bash", "tools/convert.sh", trained_cfg, work, str(merged))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LoRA checkpoint" in proc.stdout and "bit for bit" in proc.stdout
-    proc = run_tool("bash", "tools/convert.sh", trained_cfg, work, str(adapter), "--adapter")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert convert([trained_cfg, work, str(adapter), "--adapter"]) == 0, capsys.readouterr().err[-3000:]
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
 
     base_head = load_file(os.path.join(tiny_dir, "model.safetensors"))["v_head.weight"]
@@ -138,9 +140,13 @@ def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir):
 
     results = {}
     for name, path in (("merged", merged), ("adapter", adapter)):
-        proc = run_tool("python", "tools/eval_pref.py", "--model", str(path), "--data", VAL,
-                        "--out", str(tmp_path / f"{name}.json"), "--save-scores", str(tmp_path / f"{name}.jsonl"))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        args = ["--model", str(path), "--data", VAL, "--out", str(tmp_path / f"{name}.json"),
+                "--save-scores", str(tmp_path / f"{name}.jsonl")]
+        if name == "merged":
+            proc = run_tool("python", "tools/eval_pref.py", *args)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            assert load_tool("eval_pref").main(args) == 0, capsys.readouterr().err[-3000:]
         results[name] = (json.load(open(tmp_path / f"{name}.json")), _scores(tmp_path / f"{name}.jsonl"))
     m, a = results["merged"][1], results["adapter"][1]
     worst = max(abs(x - y) / max(1.0, abs(y)) for pm, pa in zip(m, a) for x, y in zip(pm, pa))

@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from common import REPO, run_tool
+from common import REPO, load_tool, run_tool
 from fakes import FakePolarServer
 from polar_xtuner.client import BadScoreError, RemoteScorer, RemoteScoringError, parse_scores
 from polar_xtuner.eval.remote import score_records_remote
@@ -78,7 +78,8 @@ def test_wrong_shape_and_unreachable_are_errors():
 
 
 @pytest.mark.integration  # runs a repository tool in a subprocess
-def test_eval_cli_against_servers(tiny_dir, tmp_path):
+def test_eval_cli_against_servers(tiny_dir, tmp_path, capsys):
+    """eval_pref's process against a served model and a dead server; the local baseline through its main() here."""
     from polar_xtuner.scoring import load_model
 
     model, tok = load_model(tiny_dir, device="cpu")
@@ -90,8 +91,8 @@ def test_eval_cli_against_servers(tiny_dir, tmp_path):
                         "--plot", str(tmp_path / "scores.png"))
         assert proc.returncode == 0, proc.stderr[-2000:]
         local = tmp_path / "local.json"
-        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL, "--out", str(local))
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        code = load_tool("eval_pref").main(["--model", tiny_dir, "--data", VAL, "--out", str(local)])
+        assert code == 0, capsys.readouterr().err[-2000:]
     finally:
         server.close()
     remote_r, local_r = json.load(open(out)), json.load(open(local))
