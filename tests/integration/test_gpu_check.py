@@ -6,6 +6,7 @@ same code: the users' `xtuner train` command, the converter on ZeRO-2 and ZeRO-3
 checkpoints, the ZeRO throughput runs, packed against padded, scoring and pytest.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,8 +43,7 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     train = steps["train_xtuner"]
     assert train["iterations"] >= 3 and train["tokens_per_s"] > 0 and train["checkpoints"]
     assert train["shared_prefix"].startswith("shared prefixes: ")  # the 1.8B recipe's share_prefix = True
-    assert {"shared_prefix_train_speedup_long_reference", "shared_prefix_train_speedup_ranked5"} \
-        <= set(steps["shared_prefix"]) and steps["shared_prefix"]["shared_prefix_token_ratio_ranked5"] > 4
+    _every_shared_prefix_figure(steps["shared_prefix"])
     for stage in ("zero1", "zero2", "zero3"):
         assert steps[stage]["tokens_per_s"] > 0 and steps[stage]["backend"] == "sdpa"
     assert steps["zero2"]["top_kernels"]  # the profiled step
@@ -55,6 +55,26 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     assert "passed" in steps["pytest_gpu"]["summary"] and "passed" in steps["pytest_unit"]["summary"]
     log = (out / "log.txt").read_text()
     assert "===== train_xtuner" in log and "===== pytest_unit" in log
+
+
+def _every_shared_prefix_figure(out):
+    """`make bench`'s shared-prefix section (bench/shared_prefix.py) on the smoke's small workloads.
+
+    Was tests/integration/test_bench_shared_prefix.py's own run of the same function on
+    the same sizes: every figure comes back, and the token ratios are the layouts'.
+    """
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import shared_prefix
+
+    out = {k: v for k, v in out.items() if k.startswith("shared_prefix_")}  # less the step's ok and wall_s
+    keys = {f"shared_prefix_{kind}_{name}" for kind in ("token_ratio", "train_speedup", "train_pairs_per_s",
+                                                       "eval_speedup") for name in shared_prefix.WORKLOADS}
+    assert set(out) == keys
+    assert all(math.isfinite(v) and v > 0 for v in out.values()), out
+    # the layouts, not timings: one copy of a 1,000-token prefix per pair; one per ranked record of six pairs
+    assert 1.4 < out["shared_prefix_token_ratio_long_reference"] < 1.7
+    assert out["shared_prefix_token_ratio_ranked5"] > 4
+    assert out["shared_prefix_token_ratio_demo"] > 1.2
 
 
 @pytest.mark.integration  # runs the script in a subprocess
