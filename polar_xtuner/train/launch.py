@@ -48,13 +48,14 @@ Environment (xtuner's names):
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import socket
 import sys
 
 from polar_xtuner.constants import MKL_CBWR
-from polar_xtuner.entry import cli, entry_point, start_tool
+from polar_xtuner.entry import cli, end_without_collection, entry_point, start_tool
 from polar_xtuner.errors import UserError
 
 DEFAULT_PORT = 29500  # torchrun's and DeepSpeed's; the nodes of a job must agree on it
@@ -159,6 +160,10 @@ def prepare_training_process() -> None:
     """
     os.environ.setdefault("MKL_CBWR", MKL_CBWR)
     ensure_rendezvous_env()
+    # Registered before any other exit handler, so it runs after all of them (checkpoints, logs and
+    # TensorBoard are closed by then): the process then ends without a collection over the whole
+    # heap, 1.9 s of CPU per training process (polar_xtuner.entry.end_without_collection).
+    atexit.register(end_without_collection)
 
 
 def single_process_env(port: int | None = None) -> dict:
