@@ -58,6 +58,24 @@ def load_tool(name):
     return module
 
 
+def assert_converted(out_dir, state_dict):
+    """A converted model dir holds exactly training's weights (``llm.*`` named ``model.*``), in HF's layout."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(out_dir, "model.safetensors"))
+    want = {("model." + k[4:] if k.startswith("llm.") else k): v.float() for k, v in state_dict.items()}
+    assert saved.keys() == want.keys()
+    for k in want:
+        assert torch.equal(saved[k], want[k]), k
+    cfg = json.load(open(os.path.join(out_dir, "config.json")))
+    assert "attn_implementation" not in cfg and cfg["torch_dtype"] == "float32"
+    assert os.path.isfile(os.path.join(out_dir, "modeling_internlm2.py"))
+    assert "config" in open(os.path.join(out_dir, "README.md")).read()
+
+
 def publish_varlen_args(cu=None, max_seqlen=None):
     """What xtuner's VarlenAttnArgsToMessageHubHook does before a step (rank 0)."""
     from mmengine import MessageHub

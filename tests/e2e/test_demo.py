@@ -9,9 +9,8 @@ import os
 import re
 
 import pytest
-import torch
 
-from common import REPO, copy_config, run_tool
+from common import REPO, assert_converted, copy_config, run_tool
 
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 
@@ -73,26 +72,14 @@ def test_training_ran_and_logged_the_ranking_loss(demo_run):
 def test_convert_verify_and_evaluate(demo_run):
     """The demo's conversion (tools/convert.sh) and evaluation, checked against what training saved."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import load_file
 
     m = re.search(r"largest relative score difference ([0-9.e+-]+)", demo_run.proc.stdout)
     assert m and float(m.group(1)) <= 1e-4
 
     # the weights are exactly DeepSpeed's own zero_to_fp32 reconstruction
-    out = os.path.join(demo_run, "hf")
     ckpt = open(os.path.join(demo_run, "train", "last_checkpoint")).read().strip()
     parent, tag = os.path.split(ckpt)
-    want = {("model." + k[4:] if k.startswith("llm.") else k): v.float()
-            for k, v in get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag).items()}
-    saved = load_file(os.path.join(out, "model.safetensors"))
-    assert saved.keys() == want.keys()
-    for k in want:
-        assert torch.equal(saved[k], want[k]), k
-
-    cfg = json.load(open(os.path.join(out, "config.json")))
-    assert "attn_implementation" not in cfg and cfg["torch_dtype"] == "float32"
-    assert os.path.isfile(os.path.join(out, "modeling_internlm2.py"))
-    assert "config" in open(os.path.join(out, "README.md")).read()
+    assert_converted(os.path.join(demo_run, "hf"), get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag))
 
     report = json.load(open(os.path.join(demo_run, "eval.json")))
     assert report["n"] == 200 and {"accuracy", "ties", "margin", "accuracy_ci95"} <= set(report)

@@ -12,7 +12,7 @@ import signal
 import pytest
 import torch
 
-from common import ASSETS, REPO, copy_config, ranks_failure, run_tool
+from common import ASSETS, REPO, assert_converted, copy_config, ranks_failure, run_tool
 
 # every test reads the module's training runs (~50 s) or trains itself (~20 s), measured
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -130,19 +130,12 @@ def test_two_ranks_equal_one_rank_accumulating_two_steps(runs):
 
 
 def _converts_to_deepspeeds_reconstruction(runs, key):
-    from safetensors.torch import load_file
-
     work, _ = runs[key]
     out = str(runs["tmp"] / f"hf_{key}")
     proc = run_tool("bash", "tools/convert.sh", runs["one_cfg"], work, out)
     assert proc.returncode == 0, ranks_failure(proc.stderr)
     assert "largest relative score difference" in proc.stdout
-    saved = load_file(os.path.join(out, "model.safetensors"))
-    want = {("model." + k[4:] if k.startswith("llm.") else k): v for k, v in
-            ds_weights(last_checkpoint(work)).items()}
-    assert saved.keys() == want.keys()
-    for k in want:
-        assert torch.equal(saved[k], want[k]), k
+    assert_converted(out, ds_weights(last_checkpoint(work)))
 
 
 def test_two_rank_zero3_converts_to_deepspeeds_reconstruction(runs):
