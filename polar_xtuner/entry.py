@@ -117,8 +117,10 @@ def end_without_collection() -> None:
     and closed. torch, transformers and DeepSpeed leave millions of objects,
     and walking them at exit took 0.6-1.9 s of CPU per process on 2 cores
     (``import torch`` to ``xtuner.tools.train``; 0.2 s frozen, measured).
-    Frozen objects are still freed by reference counting; only cyclic garbage
-    is left to the operating system, as at any process exit.
+    Frozen objects are still freed by reference counting; cyclic garbage is
+    left unfinalized to the operating system, which is safe only here, where
+    nothing the process wrote is pending (logging flushes in its own exit
+    handler).
     """
     gc.freeze()
 
