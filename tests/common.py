@@ -58,6 +58,19 @@ def load_tool(name):
     return module
 
 
+def run_in_process(main, args, capsys):
+    """A tool's ``main(args)`` in this process, as a CompletedProcess (its exit code, stdout, stderr).
+
+    For tests whose subject is the tool's logic, not its process: the same code
+    without a few seconds of start-up. ``capsys`` is pytest's fixture.
+    """
+    import subprocess
+
+    capsys.readouterr()  # what the test printed before is not the tool's
+    code = main(list(args))
+    return subprocess.CompletedProcess(list(args), code, *capsys.readouterr())
+
+
 def assert_converted(out_dir, state_dict):
     """A converted model dir holds exactly training's weights (``llm.*`` named ``model.*``), in HF's layout."""
     import json

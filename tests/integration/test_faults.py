@@ -18,7 +18,7 @@ import threading
 import time
 
 import pytest
-from common import REPO, TINY_CONFIG, copy_config, load_tool, run_tool
+from common import REPO, TINY_CONFIG, copy_config, load_tool, run_in_process, run_tool
 
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 RECORD = {"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b"}
@@ -365,9 +365,7 @@ def test_a_score_that_is_not_a_finite_number_is_an_error_naming_the_record(value
         if value == "NaN":
             proc = run_tool("python", "tools/eval_pref.py", *args)
         else:
-            capsys.readouterr()
-            code = load_tool("eval_pref").main(args)
-            proc = subprocess.CompletedProcess(args, code, *capsys.readouterr())
+            proc = run_in_process(load_tool("eval_pref").main, args, capsys)
     finally:
         server.close()
     line = one_error_line(proc)

@@ -58,7 +58,7 @@ def test_convert_verify_and_evaluate(trained):
     m = re.search(r"largest relative score difference ([0-9.e+-]+)", proc.stdout)
     assert m and float(m.group(1)) <= 1e-4
 
-    # the weights are exactly the .pth's (the DeepSpeed runs: DeepSpeed's own zero_to_fp32 reconstruction)
+    # the weights are exactly the .pth's (DeepSpeed checkpoints: test_demo.py and test_distributed.py)
     ckpt = open(os.path.join(trained["work"], "last_checkpoint")).read().strip()
     assert_converted(out, torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
 

@@ -1,12 +1,11 @@
 """LoRA and QLoRA: the value head is trained, saved and converted; QLoRA refuses CPU cleanly."""
 import json
 import os
-import subprocess
 
 import pytest
 import torch
 
-from common import REPO, build_reward_model, copy_config, load_tool, run_tool
+from common import REPO, build_reward_model, copy_config, load_tool, run_in_process, run_tool
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["wqkv", "wo", "w1", "w2", "w3"], bias="none")
 TINY_LORA = os.path.join(REPO, "configs", "POLAR_tiny_lora_varlenattn_demo.py")
@@ -47,9 +46,7 @@ def test_convert_refuses_an_untrained_or_missing_head(tiny_dir, tmp_path, capsys
     def convert(*args):
         if args[1].endswith("same_head.pth"):
             return run_tool("bash", "tools/convert.sh", *args)
-        capsys.readouterr()
-        code = main(list(args))
-        return subprocess.CompletedProcess(args, code, *capsys.readouterr())
+        return run_in_process(main, args, capsys)
 
     cfg = copy_config(str(tmp_path), "polar_lora_refuse.py", tiny_dir, VAL,
                       append="\nfrom peft import LoraConfig\nmodel['lora'] = dict(type=LoraConfig, **%r)\n" % LORA)
