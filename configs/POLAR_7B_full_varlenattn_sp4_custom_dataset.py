@@ -48,6 +48,10 @@ pretrained_model_name_or_path = "internlm/POLAR-7B-Base"
 use_varlen_attn = True
 # Shared prefixes (polar_xtuner/data/groups.py) are refused with sequence parallel.
 share_prefix = False
+# Activation checkpointing: True recomputes every layer's forward in backward
+# (activations of one layer at a time), False keeps them all, k recomputes the
+# first k layers. MEMORY_NOTE
+activation_checkpointing = True
 reward_token_id = 92527  # [UNUSED_TOKEN_130]; checked against the tokenizer
 loss_type = "ranking"
 penalty_type = "none"
@@ -109,6 +113,7 @@ model = dict(
     margin=margin,
     center_rewards_coefficient=center_rewards_coefficient,
     loss_in_fp32=loss_in_fp32,
+    use_activation_checkpointing=activation_checkpointing,
     llm=dict(
         type=AutoModel.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,

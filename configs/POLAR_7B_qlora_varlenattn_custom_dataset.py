@@ -49,6 +49,10 @@ use_varlen_attn = True
 # sharing them are scored after that one copy (docs/training.md, "Shared
 # prefixes"); the loss of every pair is unchanged. Needs use_varlen_attn.
 share_prefix = True
+# Activation checkpointing: True recomputes every layer's forward in backward
+# (activations of one layer at a time), False keeps them all, k recomputes the
+# first k layers. MEMORY_NOTE
+activation_checkpointing = True
 reward_token_id = 92527  # [UNUSED_TOKEN_130]; checked against the tokenizer
 loss_type = "ranking"
 penalty_type = "none"
@@ -120,6 +124,7 @@ model = dict(
     margin=margin,
     center_rewards_coefficient=center_rewards_coefficient,
     loss_in_fp32=loss_in_fp32,
+    use_activation_checkpointing=activation_checkpointing,
     lora=dict(
         type=LoraConfig,
         r=lora_r,

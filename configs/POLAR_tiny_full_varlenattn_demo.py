@@ -41,6 +41,10 @@ use_varlen_attn = True
 # CPU the candidates attend through SDPA over segments; a demo epoch is 53 rows
 # instead of 168 (bench/demo_seeds.json).
 share_prefix = True
+# Activation checkpointing: True recomputes every layer's forward in backward
+# (activations of one layer at a time), False keeps them all, k recomputes the
+# first k layers. The tiny CPU model's activations are a few MB: False.
+activation_checkpointing = False
 reward_token_id = 4  # [UNUSED_TOKEN_130] in the tiny tokenizer; checked against it
 loss_type = "ranking"
 penalty_type = "none"
@@ -103,8 +107,7 @@ model = dict(
     margin=margin,
     center_rewards_coefficient=center_rewards_coefficient,
     loss_in_fp32=loss_in_fp32,
-    # Activation checkpointing saves GPU memory; on a tiny CPU model it only costs time.
-    use_activation_checkpointing=False,
+    use_activation_checkpointing=activation_checkpointing,
     llm=dict(
         type=AutoModel.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,

@@ -99,27 +99,39 @@ def publish_varlen_args(cu=None, max_seqlen=None):
 
 
 def build_reward_model(tiny_dir, use_varlen_attn=True, **kw):
-    """PolarRewardModel over a model directory, as a config builds it."""
+    """PolarRewardModel over a model directory, as the GPU configs build it (activation checkpointing on).
+
+    In eval mode; a test that trains calls ``.train()``, and then every layer is
+    recomputed in backward, as in the shipped 1.8B and 7B recipes.
+    """
     import torch
 
     from polar_xtuner.train.model import PolarRewardModel
 
     torch.manual_seed(0)
-    kw = {"loss_type": "ranking", "penalty_type": "none", **kw}
-    return PolarRewardModel.from_model_dir(
-        tiny_dir, use_varlen_attn=use_varlen_attn, use_activation_checkpointing=False, **kw,
-    ).eval()
+    kw = {"loss_type": "ranking", "penalty_type": "none", "use_activation_checkpointing": True, **kw}
+    return PolarRewardModel.from_model_dir(tiny_dir, use_varlen_attn=use_varlen_attn, **kw).eval()
 
 
 def copy_config(dst_dir, name, model_dir, data_file, append="", **settings):
     """A copy of the demo config pointing at test paths (docs/training.md's 'copy the config' way)."""
-    text = open(TINY_CONFIG, encoding="utf-8").read()
-    settings = {"pretrained_model_name_or_path": model_dir, "data_files": data_file, **settings}
+    return config_as_shipped(TINY_CONFIG, dst_dir, name=name, append=append,
+                             pretrained_model_name_or_path=model_dir, data_files=data_file, **settings)
+
+
+def config_as_shipped(src, dst_dir, name=None, append="", **settings):
+    """A copy of config ``src`` in ``dst_dir`` with the PART 1 settings given (paths, sizes) replaced.
+
+    Every other line is the shipped file's, so what is built from the copy is
+    what users build, but for the model path, the data and the sizes a test
+    swaps. Each name must be a top-level ``name = ...`` line of the config.
+    """
+    text = open(src, encoding="utf-8").read()
     for key, value in settings.items():
         text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
-        assert n == 1, key
+        assert n == 1, f"{os.path.basename(src)} has no top-level `{key} = ...`"
     text += append
-    path = os.path.join(dst_dir, name)
+    path = os.path.join(dst_dir, name or os.path.basename(src))
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path

@@ -23,14 +23,17 @@ The backend is chosen automatically (in that order), logged once, and can be
 forced with ``varlen_attn_backend`` in the model config. Under sequence
 parallel each rank holds a slice of the row; xtuner's Ulysses all-to-all turns
 that into whole samples for a share of the heads around the attention call,
-and back. When a row carries no
-boundaries (evaluation, or ``use_varlen_attn=False``) the module's original
-forward runs unchanged.
+and back.
+
+The layout a forward uses (the bounds, or a shared-prefix row) is not read
+from process-wide state: :mod:`polar_xtuner.train.layout` carries it with the
+row, through activation-checkpoint recomputes too. A padded batch declares
+:data:`~polar_xtuner.train.layout.WHOLE` and gets the module's original
+forward; no layout at all is an error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import inspect
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 from polar_xtuner import prefix_sharing
 from polar_xtuner.errors import ConfigError
 from polar_xtuner.precision import backend_for, half_dtype
+from polar_xtuner.train.layout import WHOLE, SharedPrefix, require_layout
 
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
 
@@ -162,21 +166,6 @@ def varlen_args():
     return hub.get_info(f"cumulative_len_rank_{rank}"), hub.get_info(f"max_seqlen_rank_{rank}")
 
 
-class _SharedRow:
-    """The shared-prefix row of this step (:mod:`polar_xtuner.prefix_sharing`) and its mask, built once."""
-
-    def __init__(self, group_ids, member_ids, backend: str):
-        self.group_ids, self.member_ids, self.backend = group_ids, member_ids, backend
-        self._mask = None
-
-    def mask(self):
-        if self._mask is None:
-            build = {"flex": prefix_sharing.block_mask, "sdpa": prefix_sharing.segments,
-                     "dense": prefix_sharing.dense_mask}[self.backend]
-            self._mask = build(self.group_ids, self.member_ids)
-        return self._mask
-
-
 def shared_prefix_backend(requested: str | None, device: torch.device | str) -> str:
     """The shared-prefix attention backend: compiled FlexAttention on CUDA, segment SDPA on CPU.
 
@@ -190,28 +179,6 @@ def shared_prefix_backend(requested: str | None, device: torch.device | str) -> 
         raise ConfigError(f"shared_prefix_attn_backend must be one of {', '.join(prefix_sharing.BACKENDS)} "
                           f"or None, got {requested!r}")
     return requested
-
-
-@contextlib.contextmanager
-def shared_prefix_row(group_ids, member_ids, backend: str):
-    """Within this block, the patched attention lays the row out as shared-prefix groups."""
-    from mmengine import MessageHub
-    from mmengine.dist import get_rank
-
-    hub = MessageHub.get_instance("varlen_attn_args")
-    key = f"shared_prefix_rank_{get_rank()}"
-    hub.update_info(key, _SharedRow(group_ids, member_ids, backend))
-    try:
-        yield
-    finally:
-        hub.update_info(key, None)
-
-
-def _shared_row():
-    from mmengine import MessageHub
-    from mmengine.dist import get_rank
-
-    return MessageHub.get_instance("varlen_attn_args").get_info(f"shared_prefix_rank_{get_rank()}")
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str):
@@ -273,20 +240,19 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
                 output_attentions=False, use_cache=False, cache_position=None, **kwargs):
-        shared = _shared_row()
-        cu_seqlens, max_seqlen = varlen_args()
-        if cu_seqlens is None and shared is None:
+        layout = require_layout()  # carried with the row, recomputes included (polar_xtuner/train/layout.py)
+        if layout is WHOLE:
             return original_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                     past_key_value=past_key_value, output_attentions=output_attentions,
                                     use_cache=use_cache, cache_position=cache_position, **kwargs)
         bsz, q_len, _ = hidden_states.shape
         if bsz != 1:
             raise ValueError(f"varlen attention takes one packed row per step, got a batch of {bsz}")
+        if isinstance(layout, SharedPrefix):
+            return self.wo(_shared_prefix_forward(self, hidden_states, position_ids, layout)), None, past_key_value
         sp = sequence_parallel_size()
-        if shared is not None:
-            return self.wo(_shared_prefix_forward(self, hidden_states, position_ids, shared)), None, past_key_value
-        if int(cu_seqlens[-1]) != q_len * sp:
-            raise ValueError(f"cumulative_len ends at {int(cu_seqlens[-1])} but the row has {q_len * sp} tokens")
+        if layout.tokens != q_len * sp:
+            raise ValueError(f"cumulative_len ends at {layout.tokens} but the row has {q_len * sp} tokens")
         q, k, v = (x.transpose(1, 2) for x in _rotary_qkv(self, hidden_states, position_ids))  # (1, T/sp, H, D)
         if sp > 1:
             # Ulysses: trade the sequence split for a head split, so every rank
@@ -299,7 +265,7 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
         if q.dtype == torch.float32 and use != "sdpa":
             # flash kernels take half precision only (fp32 master weights under autocast)
             q, k, v = (x.to(half_dtype(q.device)) for x in (q, k, v))
-        out = varlen_attention(q, k, v, cu_seqlens.to(torch.int32), int(max_seqlen), use)
+        out = varlen_attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, use)
         out = out.to(hidden_states.dtype)[None]
         if sp > 1:
             from xtuner.parallel.sequence import post_process_for_sequence_parallel_attn
@@ -326,7 +292,7 @@ def _rotary_qkv(attn, hidden_states, position_ids):
     return q, k, v
 
 
-def _shared_prefix_forward(attn, hidden_states, position_ids, shared: _SharedRow):
+def _shared_prefix_forward(attn, hidden_states, position_ids, shared: SharedPrefix):
     """The attention output (before ``wo``) of one shared-prefix row."""
     bsz, q_len, _ = hidden_states.shape
     if q_len != len(shared.group_ids):

@@ -19,6 +19,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from polar_xtuner.records import load_records
+from polar_xtuner.train.layout import WHOLE, SharedPrefix, row_layout
 
 
 class PolarEvalHook(Hook):
@@ -40,8 +41,8 @@ class PolarEvalHook(Hook):
         row_tokens: Tokens of a shared-prefix row (a longer group gets its own).
     """
 
-    # After VarlenAttnArgsToMessageHubHook (NORMAL) has cleared the packed
-    # row's boundaries, so evaluation runs padded batches.
+    # After the step's other hooks. Evaluation does not depend on the order: its
+    # forwards declare their own layout (padded rows, or its shared-prefix rows).
     priority = "LOW"
 
     def __init__(self, data_files, tokenizer, interval: int = 500, max_length: int | None = None,
@@ -106,7 +107,8 @@ class PolarEvalHook(Hook):
                 scores = score_shared_rows(model, self._groups, self.row_tokens)
                 pairs = [(scores[g][i], scores[g][j]) for g, i, j in self._where]
             else:
-                pairs = unflatten(score_ids(model, self._ids, self._pad, "right", self.batch_size))
+                with row_layout(WHOLE):  # padded batches: each row one sequence
+                    pairs = unflatten(score_ids(model, self._ids, self._pad, "right", self.batch_size))
         finally:
             model.train(was_training)
         acc, margin = accuracy(pairs), mean_margin(pairs)
@@ -123,17 +125,17 @@ def score_shared_rows(model, groups, row_tokens: int) -> list[list[float]]:
     """Each group's candidate scores from the training model, rows of groups through its shared-prefix attention.
 
     ``model`` is a ``PolarRewardModel`` with varlen attention (its patched
-    attention reads the row's layout); one row per forward pass.
+    attention reads the row's layout, given here); one row per forward pass.
     """
     from polar_xtuner.prefix_sharing import pack_groups, rows_by_length, spread_scores
-    from polar_xtuner.train.attention import shared_prefix_backend, shared_prefix_row
+    from polar_xtuner.train.attention import shared_prefix_backend
 
     device = next(model.parameters()).device
     backend = shared_prefix_backend(getattr(model, "shared_prefix_attn_backend", None), device)
     out: list[list[float]] = [[] for _ in groups]
     for members in rows_by_length(groups, row_tokens):
         row = pack_groups([groups[i] for i in members]).to(device)
-        with shared_prefix_row(row.group_ids, row.member_ids, backend):
+        with row_layout(SharedPrefix(row.group_ids, row.member_ids, backend)):
             hidden = model.llm(input_ids=row.input_ids[None], position_ids=row.position_ids[None])[0]
         spread_scores(model.v_head(hidden[0, row.score_index]).squeeze(-1).float().tolist(), members, groups, out)
     return out

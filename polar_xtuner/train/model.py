@@ -29,6 +29,12 @@ changes only what breaks or misleads:
   exported the base model's head). Here the head stays trainable and is
   saved with the adapters. QLoRA (a 4-bit ``quantization_config``) on a
   machine without CUDA is refused: bitsandbytes' 4-bit kernels need a GPU.
+* Packed rows stay packed under activation checkpointing. The row's attention
+  layout (varlen bounds, shared-prefix groups) is built once per step and
+  handed to every layer's recompute as an argument; xtuner only published it
+  in a MessageHub entry, which a recompute of a shared-prefix row did not see
+  (candidates then attended to their siblings: wrong gradients, right loss).
+  ``activation_checkpointing`` may also recompute only the first k layers.
 * The loss takes the options of :mod:`polar_xtuner.train.objectives` (a per-record
   margin, reward centering, the loss in fp32), all off by default, and logs
   each term.
@@ -56,8 +62,9 @@ from polar_xtuner.train.attention import (
     select_backend,
     sequence_parallel_size,
     shared_prefix_backend,
-    shared_prefix_row,
+    varlen_args,
 )
+from polar_xtuner.train.layout import WHOLE, Packed, SharedPrefix, checkpoint_setting, install_recompute, row_layout
 from polar_xtuner.train.objectives import LossSettings, pair_loss_terms
 
 QLORA_NEEDS_GPU = (
@@ -85,6 +92,9 @@ class PolarRewardModel(RewardModel):
     the best available) and the loss options of
     :class:`polar_xtuner.train.objectives.LossSettings` (``margin``,
     ``center_rewards_coefficient``, ``loss_in_fp32``).
+    ``use_activation_checkpointing`` is a config's ``activation_checkpointing``:
+    True (every layer recomputed in backward), False, or k (the first k layers);
+    every recompute replays its row's attention layout (:mod:`polar_xtuner.train.layout`).
 
     Exits:
         With code 2 and one ``error:`` line (a :class:`ConfigError`) for an
@@ -114,6 +124,7 @@ class PolarRewardModel(RewardModel):
         shared_prefix_attn_backend=None,
     ):
         try:
+            recompute = checkpoint_setting(use_activation_checkpointing)
             self_loss = LossSettings(margin=margin, center_rewards_coefficient=center_rewards_coefficient,
                                      loss_in_fp32=loss_in_fp32)
             if isinstance(llm, dict) and llm.get("quantization_config") is not None \
@@ -132,7 +143,7 @@ class PolarRewardModel(RewardModel):
                 backend = select_backend(varlen_attn_backend)
             super().__init__(
                 llm, lora=lora, peft_model=peft_model,
-                use_activation_checkpointing=use_activation_checkpointing,
+                use_activation_checkpointing=recompute != "off",
                 # xtuner's own varlen dispatch is skipped: ours covers every backend.
                 use_varlen_attn=False, tokenizer=tokenizer,
                 max_position_embeddings=max_position_embeddings, reward_token_id=reward_token_id,
@@ -159,6 +170,12 @@ class PolarRewardModel(RewardModel):
             if use_varlen_attn:
                 n = dispatch_varlen_attention(self.llm, backend)
                 print_log(f"PolarRewardModel: varlen attention backend '{backend}' on {n} layers", "current")
+            # last: xtuner and PEFT (re)enable checkpointing above; each recompute must replay its row's layout
+            self.activation_checkpointing = recompute
+            if recompute != "off":
+                k = install_recompute(self.llm, recompute)
+                print_log(f"PolarRewardModel: activation checkpointing {recompute!r} ({k} layers recomputed)",
+                          "current")
         except ConfigError as e:
             abort_training(e)  # built inside the training loop: one line and exit 2, not a traceback
 
@@ -201,6 +218,55 @@ class PolarRewardModel(RewardModel):
                 "must point to a POLAR reward model (InternLM2ForRewardModel), not a language model"
             )
         return model
+
+    def forward(self, data, data_samples=None, mode="loss"):
+        """xtuner's forward (``loss``, ``predict``, ``tensor``) under the row's attention layout.
+
+        The layout (:mod:`polar_xtuner.train.layout`) is built once from the
+        row: a shared-prefix row's groups, else the varlen bounds (``cumulative_len``
+        and ``max_seqlen`` in ``data``, or where xtuner's
+        ``VarlenAttnArgsToMessageHubHook`` published them), else whole rows. Every
+        attention forward of this call, activation-checkpoint recomputes
+        included, uses that one layout.
+        """
+        with row_layout(self.row_layout(data, mode)):
+            return super().forward(data, data_samples, mode)
+
+    def row_layout(self, data, mode: str = "loss"):
+        """The attention layout of ``data``'s row; pops the varlen keys from ``data``.
+
+        Exits (code 2, one line) for a training row of a varlen model that
+        carries no sample bounds: attending over the whole packed row would
+        let its samples see each other. (A batch of several rows is padded,
+        not packed: xtuner packs one row per batch.)
+        """
+        cu, max_seqlen = data.pop("cumulative_len", None), data.pop("max_seqlen", None)
+        shared = data.get("shared_prefix")
+        if shared is not None:
+            # inside the training loop: one line and exit 2 (abort_training), not a traceback
+            if get_sequence_parallel_world_size() > 1:
+                abort_training(ConfigError("share_prefix = True does not work with sequence parallel "
+                                           "(sequence_parallel_size > 1): set share_prefix = False"))
+            if not self.use_varlen_attn:
+                abort_training(ConfigError("share_prefix = True needs use_varlen_attn = True "
+                                           "(one packed row per step)"))
+            device = data["input_ids"].device
+            backend = shared_prefix_backend(self.shared_prefix_attn_backend, device)
+            if backend == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+                abort_training(ConfigError(FLEX_CPU_TRAINING))
+            return SharedPrefix(shared.group_ids.to(device), shared.member_ids.to(device), backend)
+        if not self.use_varlen_attn:
+            return WHOLE
+        if cu is None:
+            cu, max_seqlen = varlen_args()
+        if cu is None:
+            if mode == "loss" and data["input_ids"].shape[0] == 1:  # packed rows come one per batch
+                abort_training(ConfigError(
+                    "use_varlen_attn = True but this training row carries no sample bounds: add "
+                    "VarlenAttnArgsToMessageHubHook to custom_hooks (every shipped config has it) or keep "
+                    "polar_collate_fn's cumulative_len in the batch"))
+            return WHOLE  # a padded batch: several rows, or predict / tensor
+        return Packed.of(cu, max_seqlen, data["input_ids"].device)
 
     def compute_loss(self, data, labels=None):
         """The reward loss of one batch, with its terms for the log.
@@ -281,19 +347,11 @@ class PolarRewardModel(RewardModel):
         Each candidate is scored once at its reward token; a candidate in
         several pairs gives its one score to each.
         """
-        # inside the training loop: one line and exit 2 (abort_training), not a traceback
-        if sp:
+        if sp:  # row_layout refused this already; kept for a direct call
             abort_training(ConfigError("share_prefix = True does not work with sequence parallel "
                                        "(sequence_parallel_size > 1): set share_prefix = False"))
-        if not self.use_varlen_attn:
-            abort_training(ConfigError("share_prefix = True needs use_varlen_attn = True (one packed row per step)"))
-        device = data["input_ids"].device
-        shared = shared.to(device)
-        backend = shared_prefix_backend(self.shared_prefix_attn_backend, device)
-        if backend == "flex" and device.type == "cpu" and torch.is_grad_enabled():
-            abort_training(ConfigError(FLEX_CPU_TRAINING))
-        with shared_prefix_row(shared.group_ids, shared.member_ids, backend):
-            hidden_states = self.llm(**data)[0]
+        shared = shared.to(data["input_ids"].device)
+        hidden_states = self.llm(**data)[0]  # under forward's SharedPrefix layout
         scores = self.v_head(hidden_states)[0, shared.score_index, 0]
         return scores[shared.pairs[:, 0]], scores[shared.pairs[:, 1]], hidden_states
 

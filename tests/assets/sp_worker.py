@@ -5,7 +5,7 @@ Run by tests/unit/train/test_sequence_parallel.py as
 feeds its half of one packed row through the model with xtuner's sequence
 parallel group of 2 (Ulysses all-to-all over gloo) and must get its half of
 the hidden states, and together the gradients, of the whole row run on one
-rank. (xtuner 0.2.0 gathers the value-head scores with a collective that
+rank, with activation checkpointing on as the sp4 config ships it. (xtuner 0.2.0 gathers the value-head scores with a collective that
 refuses CPU tensors, so the full training step is GPU-only; this checks
 everything up to that point.) Prints "OK <rank> <max diff>" on success.
 """
@@ -13,15 +13,16 @@ import sys
 
 import torch
 import torch.distributed as dist
-from mmengine import MessageHub
-
+from polar_xtuner.train.layout import Packed, row_layout
 from polar_xtuner.train.model import PolarRewardModel
 
 
 def main(model_dir):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model = PolarRewardModel.from_model_dir(model_dir, use_varlen_attn=True, use_activation_checkpointing=False,
+    # activation checkpointing on, as the sp4 config ships it: every layer's recompute
+    # repeats the all-to-all under the row's layout
+    model = PolarRewardModel.from_model_dir(model_dir, use_varlen_attn=True, use_activation_checkpointing=True,
                                             loss_type="ranking", penalty_type="none").train()
     lengths = [37, 50, 21, 60, 32]  # five packed samples, 200 tokens
     total = sum(lengths)
@@ -30,12 +31,11 @@ def main(model_dir):
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     weight = torch.randn(1, total, model.llm.config.hidden_size, generator=gen)
     cu = torch.tensor([0] + lengths).cumsum(0)
-    hub = MessageHub.get_instance("varlen_attn_args")
-    hub.update_info(f"cumulative_len_rank_{rank}", cu)
-    hub.update_info(f"max_seqlen_rank_{rank}", max(lengths))
+    layout = Packed.of(cu, max(lengths), "cpu")  # the whole row's bounds, on every rank
 
     # the whole row on this rank (sequence parallel size 1)
-    full = model.llm(input_ids=ids, position_ids=pos)[0]
+    with row_layout(layout):
+        full = model.llm(input_ids=ids, position_ids=pos)[0]
     (full * weight).sum().backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -49,7 +49,8 @@ def main(model_dir):
 
     init_sequence_parallel(2)
     half = slice(rank * total // 2, (rank + 1) * total // 2)
-    part = model.llm(input_ids=ids[:, half], position_ids=pos[:, half])[0]
+    with row_layout(layout):
+        part = model.llm(input_ids=ids[:, half], position_ids=pos[:, half])[0]
     torch.testing.assert_close(part, full[:, half].detach(), atol=1e-5, rtol=1e-5)
     (part * weight[:, half]).sum().backward()
     worst = 0.0

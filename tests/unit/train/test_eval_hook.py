@@ -74,7 +74,11 @@ def test_a_bad_val_file_fails_before_training(tmp_path, tokenizer):
 
 def test_shared_prefix_evaluation_gives_the_unshared_scores(tiny_dir, tokenizer, tmp_path):
     """share_prefix=True: rows of groups through the training model's own attention; same pairs, same scores."""
+    import torch
+
     from common import build_reward_model
+    from common import publish_varlen_args as publish
+    from polar_xtuner.train.layout import WHOLE, MissingLayoutError, row_layout
 
     from polar_xtuner.pair_metrics import unflatten
     from polar_xtuner.scoring import score_ids
@@ -83,18 +87,28 @@ def test_shared_prefix_evaluation_gives_the_unshared_scores(tiny_dir, tokenizer,
     recs += [{**recs[i], "chosen": recs[i + 10]["chosen"]} for i in range(8)]  # shared prompts and references
     path = tmp_path / "val.jsonl"
     path.write_text("".join(__import__("json").dumps(r) + "\n" for r in recs))
-    model = build_reward_model(tiny_dir)
+    model = build_reward_model(tiny_dir).train()  # checkpointing on, mid-training, as the shipped recipes
     hooks = {s: PolarEvalHook(str(path), tokenizer, share_prefix=s, row_tokens=600) for s in (True, False)}
     for hook in hooks.values():
         hook.before_train(_runner(model))
     assert len(hooks[True]._groups) < len(recs)  # the extra records joined their prompt's group
-    accs = {s: hook.evaluate(_runner(model), 1) for s, hook in hooks.items()}
-    assert accs[True] == accs[False]
+    # A training row's bounds still published (the hook's order among after_train_iter
+    # hooks must not matter): evaluation declares its own layouts.
+    publish(torch.tensor([0, 5, 11], dtype=torch.int32), 6)
+    try:
+        accs = {s: hook.evaluate(_runner(model), 1) for s, hook in hooks.items()}
+    finally:
+        publish(None, None)
+    assert accs[True] == accs[False] and model.training
     from polar_xtuner.train.eval_hook import score_shared_rows
 
     h = hooks[True]
+    model.eval()
     shared = score_shared_rows(model, h._groups, 600)
     pairs = [(shared[g][i], shared[g][j]) for g, i, j in h._where]
     assert h._ids == hooks[False]._ids  # the groups rebuild exactly the encoder's sequences
-    plain = unflatten(score_ids(model, hooks[False]._ids, h._pad, "right"))
+    with row_layout(WHOLE):
+        plain = unflatten(score_ids(model, hooks[False]._ids, h._pad, "right"))
     assert max(abs(a - b) for p, q in zip(pairs, plain) for a, b in zip(p, q)) <= 1e-5
+    with pytest.raises(MissingLayoutError):  # a forward that brings no layout is refused, never whole-row
+        score_ids(model, hooks[False]._ids[:2], h._pad, "right")

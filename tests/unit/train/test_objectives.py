@@ -96,9 +96,11 @@ def _pairs(tokenizer, n=5, seed=3):
 def _hand_loss(model, feats, settings, l2=0.0):
     """The loss from each pair scored alone, then the formulas by hand."""
     from polar_xtuner.scoring import score_ids
+    from polar_xtuner.train.layout import WHOLE, row_layout
 
     ids = [x for f in feats for x in (f["chosen_ids"], f["rejected_ids"])]
-    s = score_ids(model, ids, pad_id=0)
+    with row_layout(WHOLE):  # padded batches, each row one pair's sequence
+        s = score_ids(model, ids, pad_id=0)
     total = 0.0
     for i, f in enumerate(feats):
         c, r = s[2 * i], s[2 * i + 1]

@@ -8,6 +8,7 @@ from polar_xtuner.encoding import PolarEncoder
 
 from common import build_reward_model as build_model
 from common import publish_varlen_args as publish
+from polar_xtuner.train.layout import WHOLE, MissingLayoutError, Packed, row_layout
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def _pairs(tokenizer, n, seed=0):
 
 
 def _score_alone(model, ids):
-    with torch.no_grad():
+    with torch.no_grad(), row_layout(WHOLE):
         h = model.llm(input_ids=torch.tensor([ids]))[0]
         return model.v_head(h)[0, -1, 0].item()
 
@@ -41,17 +42,17 @@ def test_packed_scores_equal_each_sample_alone(varlen_model, tokenizer, n_pairs)
     ids = torch.tensor([[t for s in seqs for t in s]])
     pos = torch.tensor([[i for s in seqs for i in range(len(s))]])  # restart per sample
     cu = torch.tensor([0] + list(torch.tensor([len(s) for s in seqs]).cumsum(0)), dtype=torch.int32)
-    publish(cu, max(len(s) for s in seqs))
-    with torch.no_grad():
+    with torch.no_grad(), row_layout(Packed.of(cu, max(len(s) for s in seqs), "cpu")):
         values = varlen_model.v_head(varlen_model.llm(input_ids=ids, position_ids=pos)[0])[0, :, 0]
     packed = [values[int(e) - 1].item() for e in cu[1:]]
     assert packed == pytest.approx(alone, abs=1e-5)
 
-    if n_pairs > 1:  # the same row without boundaries leaks: the test can tell
-        publish(None)
-        with torch.no_grad():
+    if n_pairs > 1:  # the same row laid out whole leaks: the test can tell
+        with torch.no_grad(), row_layout(WHOLE):
             leaky = varlen_model.v_head(varlen_model.llm(input_ids=ids, position_ids=pos)[0])[0, :, 0]
         assert leaky[int(cu[-1]) - 1].item() != pytest.approx(alone[-1], abs=1e-3)
+    with pytest.raises(MissingLayoutError):  # and without any layout it is refused, never laid out whole
+        varlen_model.llm(input_ids=ids, position_ids=pos)
 
 
 def test_packed_loss_and_gradients_equal_unpacked(varlen_model, tokenizer):
