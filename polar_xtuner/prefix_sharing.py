@@ -362,15 +362,52 @@ def dense_mask(group_ids: torch.Tensor, member_ids: torch.Tensor) -> torch.Tenso
     return allowed(group_ids, member_ids, idx[:, None], idx[None, :])
 
 
-def block_mask(group_ids: torch.Tensor, member_ids: torch.Tensor):
-    """FlexAttention's block mask of a row (built once per row, shared by every layer)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+# Query rows per chunk when classifying a row's blocks: a chunk's mask is CHUNK x T bools
+# (32 MiB at T = 32768), never the row's T x T (1 GiB).
+BLOCK_MASK_CHUNK = 1024
+
+
+def block_mask(group_ids: torch.Tensor, member_ids: torch.Tensor, block_size: int = 128,
+               chunk: int = BLOCK_MASK_CHUNK):
+    """FlexAttention's block mask of a row, built blockwise (once per row, shared by every layer).
+
+    ``create_block_mask`` evaluates the mask over the whole (T, T) grid (1 GiB
+    at a 32768-token row) unless compiled. Here each chunk of query blocks is
+    classified against every key block (empty, full or partial), so memory is
+    ``chunk x T``; the result is the block mask ``create_block_mask`` gives.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    t, device = len(group_ids), group_ids.device
+    nb = -(-t // block_size)
+    padded = nb * block_size
+    chunk = max(block_size, chunk // block_size * block_size)
+    kv = torch.arange(padded, device=device)
+    kv_in = kv < t
+    kv_c = kv.clamp(max=t - 1)
+    full_blocks, partial_blocks = [], []
+    for start in range(0, padded, chunk):
+        q = torch.arange(start, min(start + chunk, padded), device=device)
+        q_in = q < t
+        ok = allowed(group_ids, member_ids, q.clamp(max=t - 1)[:, None], kv_c[None, :])
+        ok &= q_in[:, None] & kv_in[None, :]
+        counts = ok.view(len(q) // block_size, block_size, nb, block_size).sum(dim=(1, 3))
+        full_blocks.append(counts == block_size * block_size)
+        partial_blocks.append((counts > 0) & (counts < block_size * block_size))
+    full, partial = torch.cat(full_blocks), torch.cat(partial_blocks)
+
+    def ordered(blocks):  # (nb, nb) bool -> counts and indices, present blocks first in order
+        blocks = blocks.to(torch.int32)
+        idx = torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)
+        return blocks.sum(-1).to(torch.int32)[None, None], idx[None, None].contiguous()
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed(group_ids, member_ids, q_idx, kv_idx)
 
-    t = len(group_ids)
-    return create_block_mask(mask_mod, None, None, t, t, device=group_ids.device)
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(t, t))
 
 
 @functools.lru_cache(maxsize=None)

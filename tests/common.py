@@ -12,6 +12,7 @@ from polar_xtuner.train.launch import free_port  # noqa: F401 - the project's on
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, "tests", "assets")
+BENCH = os.path.join(REPO, "bench")
 TINY_CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 
@@ -124,14 +125,14 @@ def config_as_shipped(src, dst_dir, name=None, append="", **settings):
 
     Every other line is the shipped file's, so what is built from the copy is
     what users build, but for the model path, the data and the sizes a test
-    swaps. Each name must be a top-level ``name = ...`` line of the config.
+    swaps (bench/recipe_gradients.py's ``config_copy``, plus ``append``).
     """
-    text = open(src, encoding="utf-8").read()
-    for key, value in settings.items():
-        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, count=1, flags=re.M)
-        assert n == 1, f"{os.path.basename(src)} has no top-level `{key} = ...`"
-    text += append
-    path = os.path.join(dst_dir, name or os.path.basename(src))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    from recipe_gradients import config_copy
+
+    path = config_copy(src, dst_dir, name, **settings)
+    if append:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(append)
     return path

@@ -112,3 +112,50 @@ def test_rows_by_length_fill_shortest_first_and_give_a_long_group_its_own_row():
     assert rows_by_length(groups, 12) == [[1, 3], [0], [2]]
     assert rows_by_length(groups, 0) == [[1], [3], [0], [2]]
     assert rows_by_length([], 10) == []
+
+
+def _layout(parts):
+    gid, mid = [], []
+    for g, (prefix, candidates) in enumerate(parts):
+        gid += [g] * prefix
+        mid += [0] * prefix
+        for k, n in enumerate(candidates, start=1):
+            gid += [g] * n
+            mid += [k] * n
+    return torch.tensor(gid, dtype=torch.int32), torch.tensor(mid, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("parts, chunk", [
+    ([(150, [40, 90, 300]), (33, [7, 260]), (400, [129, 128, 1])], 256),  # 1688 tokens: a part block at the end
+    ([(128, [128, 128]), (256, [128])], 128),  # every edge on a block edge
+    ([(5, [3])], 1024),  # one block, mostly padding
+])
+def test_block_mask_is_built_blockwise_and_equals_torchs(parts, chunk, monkeypatch):
+    """The same BlockMask as create_block_mask, without ever holding the row's (T, T) mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    import polar_xtuner.prefix_sharing as ps
+
+    gid, mid = _layout(parts)
+    t = len(gid)
+    want = create_block_mask(lambda b, h, q, k: ps.allowed(gid, mid, q, k), None, None, t, t, device="cpu")
+    largest = []
+    real = ps.allowed
+
+    def spy(g, m, q, k):
+        out = real(g, m, q, k)
+        largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(ps, "allowed", spy)
+    got = ps.block_mask(gid, mid, chunk=chunk)
+    monkeypatch.undo()
+    padded = -(-t // 128) * 128
+    assert max(largest) <= max(chunk, 128) * padded < t * t or t <= 128
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    q, k, v = torch.randn(1, 4, t, 32, dtype=torch.float64), *torch.randn(2, 1, 2, t, 32, dtype=torch.float64)
+    out = prefix_attention(q, k, v, gid, mid, "flex", mask=got, compiled=False)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(gid, mid), enable_gqa=True)
+    assert (out - ref).abs().max().item() < 1e-10
