@@ -88,6 +88,7 @@ def _model(tiny_dir, varlen):
     from polar_xtuner.train.model import PolarRewardModel
 
     torch.manual_seed(0)
+    # as the tiny CPU configs ship it (activation_checkpointing = False): the figures compare layouts
     return PolarRewardModel.from_model_dir(tiny_dir, use_varlen_attn=varlen, use_activation_checkpointing=False,
                                            loss_type="ranking", penalty_type="none").train()
 

@@ -237,3 +237,9 @@ log_processor = dict(by_epoch=False)
 # (PyTorch varlen on CUDA, per-sample SDPA on CPU). The flag lives on in
 # `model`, `train_dataset` and `collate_fn` above; only the name is dropped.
 del use_varlen_attn
+
+# mmengine's Runner reads a top-level `activation_checkpointing` as a list of
+# sub-module names to wrap in its own checkpoint (whose recompute would not
+# replay a packed row's layout). The setting lives on in `model` above
+# (`use_activation_checkpointing`); only the name is dropped.
+del activation_checkpointing

@@ -229,10 +229,10 @@ class PolarRewardModel(RewardModel):
         attention forward of this call, activation-checkpoint recomputes
         included, uses that one layout.
         """
-        with row_layout(self.row_layout(data, mode)):
+        with row_layout(self.layout_of(data, mode)):
             return super().forward(data, data_samples, mode)
 
-    def row_layout(self, data, mode: str = "loss"):
+    def layout_of(self, data, mode: str = "loss"):
         """The attention layout of ``data``'s row; pops the varlen keys from ``data``.
 
         Exits (code 2, one line) for a training row of a varlen model that
@@ -347,7 +347,7 @@ class PolarRewardModel(RewardModel):
         Each candidate is scored once at its reward token; a candidate in
         several pairs gives its one score to each.
         """
-        if sp:  # row_layout refused this already; kept for a direct call
+        if sp:  # layout_of refused this already; kept for a direct call
             abort_training(ConfigError("share_prefix = True does not work with sequence parallel "
                                        "(sequence_parallel_size > 1): set share_prefix = False"))
         shared = shared.to(data["input_ids"].device)

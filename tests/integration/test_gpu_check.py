@@ -51,6 +51,10 @@ def test_cpu_smoke_runs_every_step(tmp_path):
         assert "largest relative score difference" in steps[conv]["verification"]
         assert "model.safetensors" in steps[conv]["files"]
     assert steps["packed_vs_padded"]["speedup_packed_vs_padded"] > 0
+    recipe = steps["recipe_gradients"]["configs"]["POLAR_1_8B_full_varlenattn_custom_dataset.py"]
+    # the 1.8B recipe as shipped: a shared-prefix row, every layer recomputed, every gradient within fp32's 1e-5
+    assert recipe["ok"] and recipe["shared_row"] and recipe["attention_calls"] == [2, 2]
+    assert recipe["tokens_whole"] > 1.3 * recipe["tokens_shared"] and recipe["worst_grad"][1] <= 1e-5
     assert steps["scoring"]["eval_pairs_per_s"] > 0
     assert "passed" in steps["pytest_gpu"]["summary"] and "passed" in steps["pytest_unit"]["summary"]
     log = (out / "log.txt").read_text()

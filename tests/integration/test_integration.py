@@ -133,9 +133,10 @@ def test_unavailable_backend_in_the_config_is_refused_at_model_build(tmp_path, t
     if "flash_attn" in __import__("polar_xtuner.train.attention", fromlist=["x"]).available_backends():
         pytest.skip("flash-attn is available here")
     cfg = copy_config(str(tmp_path), "polar_it_backend.py", tiny_dir, VAL, max_epochs=1)
-    text = open(cfg).read().replace("    use_activation_checkpointing=False,\n",
-                                    "    use_activation_checkpointing=False,\n    varlen_attn_backend=\"flash_attn\",\n")
-    open(cfg, "w").write(text)
+    line = "    use_activation_checkpointing=activation_checkpointing,\n"
+    text = open(cfg).read()
+    assert line in text
+    open(cfg, "w").write(text.replace(line, line + "    varlen_attn_backend=\"flash_attn\",\n"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # inside training, the model ends the process with the error's code
         BUILDER.build(Config.fromfile(cfg).model)

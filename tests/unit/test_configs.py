@@ -76,6 +76,10 @@ def test_config_keeps_polar_settings(path):
     assert cfg.train_dataloader.dataset.use_varlen_attn is varlen
     hooks = [h["type"].__name__ for h in cfg.custom_hooks]
     assert "VarlenAttnArgsToMessageHubHook" in hooks
+    # activation_checkpointing: a PART 1 setting that reaches the model; the top-level name is
+    # dropped, as mmengine's Runner would read it as a list of module names to wrap
+    assert "activation_checkpointing" not in cfg
+    assert cfg.model.use_activation_checkpointing == _part1_value(path, "activation_checkpointing")
     if cfg.val_files:
         assert "PolarEvalHook" in hooks and os.path.isfile(os.path.join(REPO, cfg.val_files))
     assert cfg.visualizer.vis_backends[0]["type"].__name__ == "TensorboardVisBackend"
@@ -133,3 +137,26 @@ def test_deepspeed_configs(path):
         assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     else:
         assert ds["bf16"]["enabled"] == "auto" and "fp16" not in ds
+
+
+def _part1_value(path, name):
+    """The literal value of a top-level ``name = ...`` in PART 1 of a config (read with ast, nothing run)."""
+    import ast
+
+    text = open(path, encoding="utf-8").read()
+    part2 = text.index("PART 2")
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]:
+            assert sum(len(line) + 1 for line in text.splitlines()[:node.lineno - 1]) < part2, f"{name} after PART 1"
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{os.path.basename(path)} has no top-level {name} = ...")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_activation_checkpointing_is_set_with_its_memory_reason(path):
+    """Every GPU config recomputes (a 32768-token row's activations do not fit otherwise); the tiny CPU ones do not."""
+    value = _part1_value(path, "activation_checkpointing")
+    text = open(path, encoding="utf-8").read()
+    comment = text[:text.index("activation_checkpointing = ")].rsplit("\n\n", 1)[-1]
+    assert "GiB" in comment or "MB" in comment, "the setting's comment gives its memory reason"
+    assert value is ("tiny" not in os.path.basename(path))

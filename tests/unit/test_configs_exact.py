@@ -110,7 +110,7 @@ def test_config_as_shipped_trains_on_its_pairs_gradients(path, tiny_dir, records
 
     # the step is the one the config describes
     assert (batch["data"].get("shared_prefix") is not None) == bool(cfg.share_prefix)
-    recompute = cfg.activation_checkpointing
+    recompute = cfg.model.use_activation_checkpointing  # the PART 1 setting (its top-level name is dropped)
     want_calls = [2 if recompute is True or (recompute and i < recompute) else 1
                   for i in range(len(got["attention_calls"]))]
     assert got["attention_calls"] == want_calls, f"activation_checkpointing={recompute!r}"
