@@ -136,3 +136,83 @@ def config_as_shipped(src, dst_dir, name=None, append="", **settings):
         with open(path, "a", encoding="utf-8") as f:
             f.write(append)
     return path
+
+
+# Shared-prefix rows and the same pairs whole, for the exactness tests.
+
+def prompt_sharing_records(seed=0, margins=True):
+    """9 records sharing prompts and references: 3 per prompt, answers drawn from other records."""
+    from polar_xtuner.demo.data import generate
+
+    base = list(generate(12, seed))
+    records = []
+    for p in range(3):
+        for r in range(3):
+            other = base[3 + 3 * p + r]
+            records.append({**base[p], "chosen": base[p]["chosen"] if r == 0 else other["chosen"],
+                            "rejected": other["rejected"], **({"margin": 0.5 * r} if margins else {})})
+    return records
+
+
+def prompt_groups(tokenizer, max_length=512, split_at=None, seed=0):
+    """:func:`prompt_sharing_records` as shared-prefix groups, one per prompt (or its parts when split)."""
+    from polar_xtuner.encoding import PolarEncoder
+    from polar_xtuner.prefix_sharing import Group
+
+    records = prompt_sharing_records(seed)
+    feats = PolarEncoder(tokenizer, max_length, 128).encode_pairs(records)
+    groups = []
+    for p in range(3):
+        seqs, pairs = [], []
+        for r in range(3):
+            f, rec = feats[3 * p + r], records[3 * p + r]
+            idx = []
+            for s in (f["chosen_ids"], f["rejected_ids"]):
+                if s not in seqs:
+                    seqs.append(s)
+                idx.append(seqs.index(s))
+            pairs.append((idx[0], idx[1], rec["margin"]))
+        group = Group.from_sequences(seqs, pairs)
+        groups += group.split(split_at) if split_at else [group]
+    return groups
+
+
+def whole_pairs_batch(groups):
+    """The groups' pairs, in order, as a packed row of whole sequences: (data, cu_seqlens, max_seqlen)."""
+    import torch
+
+    ids, pos, labels, cu, margins = [], [], [], [0], []
+    for g in groups:
+        for i, j, m in g.pairs:
+            for s, label in ((g.sequence(i), 0), (g.sequence(j), 1)):
+                ids += s
+                pos += range(len(s))
+                labels += [-100] * (len(s) - 1) + [label]
+                cu.append(len(ids))
+            margins.append(m)
+    data = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "labels": torch.tensor([labels]),
+            "margins": torch.tensor(margins)}
+    return data, torch.tensor(cu, dtype=torch.int32), max(b - a for a, b in zip(cu, cu[1:]))
+
+
+def shared_row_batch(groups):
+    """The groups as one shared-prefix row, as the model takes it."""
+    import torch
+
+    from polar_xtuner.prefix_sharing import pack_groups
+
+    row = pack_groups(groups)
+    return {"input_ids": row.input_ids[None], "position_ids": row.position_ids[None],
+            "labels": torch.full((1, len(row.input_ids)), -100), "shared_prefix": row}
+
+
+def loss_and_grads(model, data, cu=None, max_seqlen=None):
+    """One loss-mode forward and backward (bounds published as xtuner's hook does): (outputs, gradients)."""
+    model.zero_grad()
+    publish_varlen_args(cu, max_seqlen)
+    try:
+        out = model(dict(data), mode="loss")
+    finally:
+        publish_varlen_args(None, None)
+    out["loss"].backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

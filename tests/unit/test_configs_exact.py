@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from common import BENCH, REPO
+from common import BENCH, REPO, prompt_sharing_records
 from polar_xtuner.demo.tiny_model import TINY_REWARD_TOKEN_ID
 
 sys.path.insert(0, BENCH)
@@ -33,17 +33,7 @@ TOLERANCE = 1e-5
 
 
 def _records():
-    """Records that share prompts and references: 3 prompts x 3 records, answers drawn from other records."""
-    from polar_xtuner.demo.data import generate
-
-    base = list(generate(12, 0))
-    out = []
-    for p in range(3):
-        for r in range(3):
-            other = base[3 + 3 * p + r]
-            out.append({**base[p], "chosen": base[p]["chosen"] if r == 0 else other["chosen"],
-                        "rejected": other["rejected"]})
-    return out
+    return prompt_sharing_records(margins=False)
 
 
 @pytest.fixture(scope="module")

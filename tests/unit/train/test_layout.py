@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from common import build_reward_model
+from common import loss_and_grads as _loss_and_grads
+from common import prompt_groups as _groups
+from common import shared_row_batch as _shared
+from common import whole_pairs_batch as _unshared
 from polar_xtuner.train.layout import MissingLayoutError, checkpoint_setting, install_recompute
-
-from test_shared_prefix import _groups, _loss_and_grads, _shared, _unshared
 
 
 def _attention_calls(model):

@@ -3,69 +3,11 @@ import pytest
 import torch
 
 from common import build_reward_model as build_model
+from common import loss_and_grads as _loss_and_grads
+from common import prompt_groups as _groups
 from common import publish_varlen_args as publish
-from polar_xtuner.demo.data import generate
-from polar_xtuner.encoding import PolarEncoder
-from polar_xtuner.prefix_sharing import Group, pack_groups
-
-
-def _groups(tokenizer, max_length=512, split_at=None, seed=0):
-    """Records sharing prompts and references (3 per prompt, answers drawn from other records), as groups."""
-    base = list(generate(12, seed))
-    records = []
-    for p in range(3):
-        for r in range(3):
-            other = base[3 + 3 * p + r]
-            records.append({**base[p], "chosen": base[p]["chosen"] if r == 0 else other["chosen"],
-                            "rejected": other["rejected"], "margin": 0.5 * r})
-    feats = PolarEncoder(tokenizer, max_length, 128).encode_pairs(records)
-    groups = []
-    for p in range(3):
-        seqs, pairs = [], []
-        for r in range(3):
-            f, rec = feats[3 * p + r], records[3 * p + r]
-            idx = []
-            for s in (f["chosen_ids"], f["rejected_ids"]):
-                if s not in seqs:
-                    seqs.append(s)
-                idx.append(seqs.index(s))
-            pairs.append((idx[0], idx[1], rec["margin"]))
-        group = Group.from_sequences(seqs, pairs)
-        groups += group.split(split_at) if split_at else [group]
-    return groups
-
-
-def _unshared(groups):
-    """The same pairs, in the same order, as today's packed row: both whole sequences of every pair."""
-    ids, pos, labels, cu, margins = [], [], [], [0], []
-    for g in groups:
-        for i, j, m in g.pairs:
-            for s, label in ((g.sequence(i), 0), (g.sequence(j), 1)):
-                ids += s
-                pos += range(len(s))
-                labels += [-100] * (len(s) - 1) + [label]
-                cu.append(len(ids))
-            margins.append(m)
-    data = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "labels": torch.tensor([labels]),
-            "margins": torch.tensor(margins)}
-    return data, torch.tensor(cu, dtype=torch.int32), max(b - a for a, b in zip(cu, cu[1:]))
-
-
-def _shared(groups):
-    row = pack_groups(groups)
-    return {"input_ids": row.input_ids[None], "position_ids": row.position_ids[None],
-            "labels": torch.full((1, len(row.input_ids)), -100), "shared_prefix": row}
-
-
-def _loss_and_grads(model, data, cu=None, max_seqlen=None):
-    model.zero_grad()
-    publish(cu, max_seqlen)
-    try:
-        out = model(dict(data), mode="loss")
-    finally:
-        publish(None, None)
-    out["loss"].backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+from common import shared_row_batch as _shared
+from common import whole_pairs_batch as _unshared
 
 
 @pytest.mark.parametrize("case, backend", [("plain", "sdpa"), ("plain", "dense"), ("plain", "flex"),
