@@ -50,6 +50,8 @@ import sys
 import time
 import traceback
 
+from polar_xtuner.errors import UserError
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
 sys.path.insert(0, BENCH)
@@ -647,6 +649,51 @@ def _step_in_fork(name: str, work: str, log, budget: float) -> bool:
     return False
 
 
+def prepare_results_dir(path: str, force: bool) -> str | None:
+    """Make RESULTS_DIR ready for a new run without losing an earlier one's results.
+
+    An existing folder with files is refused unless ``force``; then it is moved
+    aside to ``RESULTS_DIR.<YYYYmmdd-HHMMSS>`` whole. The folder is created and a
+    file written and removed in it, so a read-only place fails here, before any step.
+
+    Returns:
+        Where the earlier files went, or None.
+
+    Raises:
+        UserError: one line naming RESULTS_DIR: a file, an earlier run without
+            ``--force``, or a folder that cannot be created or written.
+    """
+
+    where = f"RESULTS_DIR {path}"
+    aside = None
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{where}: is a file, expected a folder for results.json and log.txt")
+    if os.path.isdir(path) and os.listdir(path):
+        if not force:
+            raise UserError(f"{where} holds an earlier run's files ({', '.join(sorted(os.listdir(path))[:4])}); "
+                            "name a new folder, or pass --force to move them aside to "
+                            f"{os.path.basename(os.path.abspath(path))}.<time>")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside, n = f"{os.path.abspath(path)}.{stamp}", 1
+        while os.path.exists(aside):
+            n += 1
+            aside = f"{os.path.abspath(path)}.{stamp}-{n}"
+        try:
+            os.rename(path, aside)
+        except OSError as e:
+            raise UserError(f"{where}: cannot move the earlier run aside ({e.strerror}); "
+                            "name a new folder") from None
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("0")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{where}: not writable ({e.strerror}); choose a writable folder") from None
+    return aside
+
+
 def write_json(path: str, obj: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -655,12 +702,17 @@ def write_json(path: str, obj: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results_dir")
+    from polar_xtuner.flags import ArgumentParser, float_in
+
+    p = ArgumentParser(prog="bash scripts/gpu_check.sh", description=__doc__.split("\n\n")[0])
+    p.add_argument("results_dir", metavar="RESULTS_DIR")
     p.add_argument("--cpu-smoke", action="store_true", help="every step at the tiny shape on CPU")
     p.add_argument("--work", default=None, help="scratch directory (default: a new one under $TMPDIR)")
     p.add_argument("--only", default=None, help="comma-separated steps to run (others are skipped)")
-    p.add_argument("--budget", type=float, default=480, help="seconds for the whole run (default 480)")
+    p.add_argument("--budget", type=float_in(0, low_open=True), default=480,
+                   help="seconds for the whole run, a finite number > 0 (default 480)")
+    p.add_argument("--force", action="store_true",
+                   help="RESULTS_DIR may hold an earlier run: its files are moved aside to RESULTS_DIR.<time>")
     p.add_argument("--step", help=argparse.SUPPRESS)  # internal: run one step in this process
     args = p.parse_args(argv)
     if args.step:
@@ -680,7 +732,13 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: --only: unknown step(s) {', '.join(unknown)} (steps: {', '.join(names)})", file=sys.stderr)
         return 2
-    os.makedirs(args.results_dir, exist_ok=True)
+    try:
+        aside = prepare_results_dir(args.results_dir, args.force)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if aside:
+        print(f"note: the earlier run's files in {args.results_dir} were moved to {aside}", file=sys.stderr)
     work = args.work or tempfile.mkdtemp(prefix="polar_gpu_check_")
     os.makedirs(work, exist_ok=True)
     results_path = os.path.join(args.results_dir, "results.json")

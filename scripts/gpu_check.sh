@@ -2,7 +2,7 @@
 # Every GPU path in one prepared run (bench/gpu_check.py has the steps).
 #
 # Usage:
-#   bash scripts/gpu_check.sh RESULTS_DIR [--cpu-smoke] [--only STEP,...] [--budget SECONDS]
+#   bash scripts/gpu_check.sh RESULTS_DIR [--cpu-smoke] [--only STEP,...] [--budget SECONDS] [--force]
 #
 # On a GPU machine: the repository with .whl/ beside it (make gpu-wheels), then
 #   bash scripts/gpu_check.sh RESULTS_DIR
@@ -13,14 +13,21 @@
 # are used as they are (make setup's .venv, for the CPU smoke run in the tests).
 #
 # RESULTS_DIR/results.json holds every step's figures, written as each ends, and
-# RESULTS_DIR/log.txt the steps' output. Exit 0: every step passed; 1: one or more
-# failed (results.json says which); 2: bad arguments or no GPU without --cpu-smoke.
+# RESULTS_DIR/log.txt the steps' output (a relative RESULTS_DIR is taken from
+# where the command runs). A RESULTS_DIR holding an earlier run is refused; with
+# --force its files are moved aside to RESULTS_DIR.<time> first. Exit 0: every
+# step passed; 1: one or more failed (results.json says which); 2: bad arguments,
+# an unusable RESULTS_DIR, or no GPU without --cpu-smoke (one line each).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
-  echo "usage: bash scripts/gpu_check.sh RESULTS_DIR [--cpu-smoke] [--only STEP,...] [--budget SECONDS]" >&2
+  echo "usage: bash scripts/gpu_check.sh RESULTS_DIR [--cpu-smoke] [--only STEP,...] [--budget SECONDS] [--force]" >&2
   exit 2
 fi
+# a relative RESULTS_DIR is where the command was run from, not the repository root it moves to
+results=$1
+shift
+[[ "$results" == /* ]] || results="$PWD/$results"
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/polar_gpu_check.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
@@ -46,4 +53,4 @@ export PYTHONUNBUFFERED=1 MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
 # `xtuner train`, the users' command, gets a free rendezvous port before DeepSpeed starts.
 "$PY" -m polar_xtuner.cpu_ranks --install > /dev/null \
   || echo "note: could not install the start-up file; a one-process xtuner train falls back to DeepSpeed's port 29500" >&2
-"$PY" bench/gpu_check.py "$@" --work "$scratch/work"
+"$PY" bench/gpu_check.py "$results" "$@" --work "$scratch/work"

@@ -104,9 +104,70 @@ def test_a_step_that_fails_is_recorded_and_the_next_one_runs(tmp_path, monkeypat
 
     out = tmp_path / "r"
     rc = gpu_check.main([str(out), "--cpu-smoke", "--only", "model,zero1,pytest_unit", "--work",
-                         str(tmp_path / "w"), "--budget", "0"])
+                         str(tmp_path / "w"), "--budget", "1"])
     res = json.loads((out / "results.json").read_text())
     assert rc == 1 and res["all_ok"] is False
     assert res["steps"]["model"] == {"ok": False, "skipped": "the run's time budget was spent"}
     assert res["steps"]["zero1"]["skipped"] == "needs step model, which did not pass"
     assert set(res["steps"]) == {"model", "zero1", "pytest_unit"}
+
+
+def _main_in_process(args, capsys):
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import gpu_check
+
+    capsys.readouterr()
+    try:
+        code = gpu_check.main(args)
+    except SystemExit as e:  # argparse's refusals
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-1", "0", "", "ten"])
+def test_the_budget_is_a_finite_positive_number(budget, tmp_path, capsys):
+    code, err = _main_in_process([str(tmp_path / "r"), "--cpu-smoke", "--budget", budget], capsys)
+    assert code == 2 and err.startswith("error: argument --budget:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # refused before anything was made
+
+
+def test_results_dir_refusals_are_one_line_and_lose_nothing(tmp_path, capsys):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("mine")
+    code, err = _main_in_process([str(a_file), "--cpu-smoke", "--budget", "1"], capsys)
+    assert code == 2 and "is a file" in err and len(err.strip().splitlines()) == 1 and a_file.read_text() == "mine"
+
+    earlier = tmp_path / "res"
+    earlier.mkdir()
+    (earlier / "results.json").write_text('{"steps": "an H200 run"}')
+    code, err = _main_in_process([str(earlier), "--cpu-smoke", "--budget", "1"], capsys)
+    assert code == 2 and "--force" in err and "results.json" in err and len(err.strip().splitlines()) == 1
+    assert (earlier / "results.json").read_text() == '{"steps": "an H200 run"}'
+
+    code, err = _main_in_process(["/proc/self/polar_results", "--cpu-smoke", "--budget", "1"], capsys)
+    assert code == 2 and err.startswith("error: RESULTS_DIR /proc/self/polar_results: not writable")
+    assert "Traceback" not in err
+
+
+def test_force_moves_the_earlier_run_aside(tmp_path, capsys):
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "results.json").write_text('{"steps": "an H200 run"}')
+    (res / "log.txt").write_text("its log")
+    code, err = _main_in_process([str(res), "--cpu-smoke", "--budget", "1", "--work", str(tmp_path / "w"),
+                                  "--only", "versions", "--force"], capsys)
+    assert code == 1  # the run itself: its one step skipped, the budget being spent
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("res.")]
+    assert len(aside) == 1 and f"moved to {aside[0]}" in err
+    assert (aside[0] / "results.json").read_text() == '{"steps": "an H200 run"}'
+    assert (aside[0] / "log.txt").read_text() == "its log"
+    assert json.loads((res / "results.json").read_text())["steps"]["versions"]["skipped"]
+
+
+@pytest.mark.integration  # runs the script in a subprocess
+def test_a_relative_results_dir_is_taken_from_where_the_command_runs(tmp_path):
+    proc = subprocess.run(["bash", SCRIPT, "rel_results", "--cpu-smoke", "--budget", "1", "--only", "versions"],
+                          capture_output=True, text=True, cwd=str(tmp_path), env=_env())
+    assert proc.returncode == 1, proc.stderr[-2000:]  # the step skipped: the budget was spent
+    assert (tmp_path / "rel_results" / "results.json").is_file()
+    assert not os.path.exists(os.path.join(REPO, "rel_results"))
