@@ -52,6 +52,11 @@ def int_at_least(low: int, high: int | None = None):
     return parse
 
 
+# A random seed: torch.manual_seed takes 0 to 2**64 - 1 (a larger one was an OverflowError traceback).
+seed = int_at_least(0, 2**64 - 1)
+seed.__name__ = "seed"
+
+
 def float_in(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False):
     """An argparse type: a finite number between low and high (each end open or closed)."""
 

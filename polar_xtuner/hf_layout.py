@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 
 from polar_xtuner.errors import UserError
@@ -58,6 +59,22 @@ def modeling_code_dir() -> str:
     raise UserError(f"cannot check a model directory's Python code: the InternLM2 code it is checked against "
                     f"comes with xtuner, which is installed neither for {sys.executable} nor in {repo}/.venv; "
                     f"run `make setup` (or install xtuner), or pass {TRUST_FLAG} to run the directory's code unchecked")
+
+
+# The names a model directory written here may hold (tools/make_tiny_model.py, tools/convert.sh,
+# full or --adapter): HF's model, tokenizer and PEFT files, their remote code, our
+# encoding settings and model card. --force replaces a directory of these only.
+_MODEL_DIR_ENTRY = re.compile(
+    r"(config|generation_config|polar_encoding|adapter_config|tokenizer_config|special_tokens_map"
+    r"|added_tokens|model\.safetensors\.index|adapter_model\.safetensors\.index|chat_template)\.json"
+    r"|(model|adapter_model)(-\d{5}-of-\d{5})?\.safetensors"
+    r"|(configuration|modeling|tokenization)_\w+\.py|__pycache__"
+    r"|tokenizer\.(json|model)|vocab\.\w+|merges\.txt|README\.md|chat_template\.jinja")
+
+
+def model_dir_entry(name: str) -> bool:
+    """Whether ``name`` is a file a model directory written by this project may hold."""
+    return _MODEL_DIR_ENTRY.fullmatch(name) is not None
 
 
 def copy_remote_code(out_dir: str) -> None:

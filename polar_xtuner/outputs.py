@@ -101,6 +101,30 @@ def check_writable(path: str, flag: str) -> None:
     _probe_dir(os.path.dirname(output_target(path)), flag, path)
 
 
+def refuse_foreign(out_dir: str, flag: str, ours, error=UserError) -> None:
+    """Refuse to replace a directory that holds anything the tool would not have written.
+
+    Every tool that replaces a directory whole (``--force``, ``-o``) asks this
+    first, so a user's other files are never deleted with an earlier output.
+
+    Args:
+        out_dir: The directory about to be replaced (nothing happens if it does not exist).
+        flag: The flag or argument that named it, for the message.
+        ours: ``ours(name)`` is True for an entry the tool writes.
+        error: The error class to raise (a :class:`UserError`).
+
+    Raises:
+        ``error``: naming the directory and up to five of the other entries.
+    """
+    if not os.path.isdir(out_dir):
+        return
+    foreign = sorted(n for n in os.listdir(out_dir) if not ours(n))
+    if foreign:
+        raise error(f"{flag} {out_dir} holds files this tool did not write ({', '.join(foreign[:5])}"
+                    f"{' ...' if len(foreign) > 5 else ''}), which replacing it would delete; "
+                    "choose a new or empty directory")
+
+
 def require_extension(path: str, flag: str, allowed: dict[str, str]) -> str:
     """Refuse an output whose extension does not name what is written to it.
 

@@ -39,7 +39,7 @@ from polar_xtuner.data.check import build
 from polar_xtuner.data.formats import DEFAULT_PAIRS_PER_PROMPT, FORMATS
 from polar_xtuner.entry import cli, entry_point
 from polar_xtuner.errors import UserError
-from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty
+from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty, seed
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed, training_run_problem
 from polar_xtuner.outputs import check_writable_dir, refuse_overlap
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--val-ratio", type=float_in(0, 1, high_open=True), default=0.0, help="share of records for val.jsonl")
     g.add_argument("--val-size", type=int_at_least(0), default=0, help="number of records for val.jsonl")
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the val split (and of --from policies' triples)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the val split (and of --from policies' triples)")
     p.add_argument("--dedupe", action="store_true", help="drop exact duplicate records")
     p.add_argument("--from", dest="fmt", choices=FORMATS, default="polar",
                    help="input format: POLAR records (default), ranked responses (best = reference), "

@@ -15,7 +15,7 @@ if __name__ == "__main__":  # first, run as a tool: Ctrl-C, a missing module, re
 
 from polar_xtuner.demo.data import write_demo_data
 from polar_xtuner.entry import cli, entry_point
-from polar_xtuner.flags import ArgumentParser, int_at_least, non_empty
+from polar_xtuner.flags import ArgumentParser, int_at_least, non_empty, seed
 
 
 @entry_point
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("out_dir", nargs="?", default="data/demo", type=non_empty)
     p.add_argument("--train", type=int_at_least(1), default=8000, help="training pairs")
     p.add_argument("--val", type=int_at_least(0), default=200, help="held-out pairs")
-    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--seed", type=seed, default=0)
     args = p.parse_args(argv)
     counts = write_demo_data(args.out_dir, args.train, args.val, args.seed)
     print(f"wrote {counts['train']} train and {counts['val']} val pairs to {args.out_dir}")

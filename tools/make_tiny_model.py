@@ -8,7 +8,8 @@ and AutoTokenizer.from_pretrained(OUT_DIR): an InternLM2ForRewardModel with ever
 field of the real POLAR config at toy sizes, and a byte-level BPE tokenizer with
 POLAR's special tokens (<|reward|>, [UNUSED_TOKEN_130]).
 The directory is written whole or not at all, with the modes your umask gives.
-A non-empty OUT_DIR is refused unless --force, which replaces it whole; its
+A non-empty OUT_DIR is refused unless --force, which replaces it whole if it
+holds a model directory's files only (anything else is named and kept); its
 folder must exist. Exit codes: 0 written, 2 a bad flag or output.
 """
 
@@ -22,20 +23,23 @@ import os
 from polar_xtuner.demo.tiny_model import TINY_REWARD_TOKEN_ID, make_tiny_model
 from polar_xtuner.entry import cli, entry_point
 from polar_xtuner.errors import UserError
-from polar_xtuner.flags import ArgumentParser, int_at_least, non_empty
-from polar_xtuner.outputs import atomic_dir, check_writable_dir
+from polar_xtuner.flags import ArgumentParser, non_empty, seed
+from polar_xtuner.hf_layout import model_dir_entry
+from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_foreign
 
 
 @entry_point
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", type=non_empty)
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random weights")
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR whole")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the random weights")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty OUT_DIR whole when it holds a model directory's files only")
     args = p.parse_args(argv)
     check_writable_dir(args.out_dir, "OUT_DIR")
     if os.path.isdir(args.out_dir) and os.listdir(args.out_dir) and not args.force:
         raise UserError(f"OUT_DIR {args.out_dir} is not empty; pass --force to replace it whole")
+    refuse_foreign(args.out_dir, "OUT_DIR", model_dir_entry)  # --force replaces a model directory, nothing else
     with atomic_dir(args.out_dir) as tmp:  # all of it or nothing, modes by the umask
         make_tiny_model(tmp, seed=args.seed)
     print(f"wrote {args.out_dir} (reward token id {TINY_REWARD_TOKEN_ID})")

@@ -40,7 +40,8 @@ import os
 from polar_xtuner.entry import entry_point
 from polar_xtuner.errors import UserError, VerificationError
 from polar_xtuner.flags import ArgumentParser, non_empty, size
-from polar_xtuner.outputs import atomic_dir, check_writable_dir, output_target, refuse_overlap
+from polar_xtuner.hf_layout import model_dir_entry
+from polar_xtuner.outputs import atomic_dir, check_writable_dir, output_target, refuse_foreign, refuse_overlap
 from polar_xtuner.precision import (
     HF_NAMES,  # short name -> HF config name
     to_dtype,
@@ -190,6 +191,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     check_writable_dir(out_dir, "OUT_DIR")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise ConvertError(f"OUT_DIR {out_dir} is not empty; pass --force to replace it whole")
+    refuse_foreign(out_dir, "OUT_DIR", model_dir_entry, ConvertError)  # --force replaces a model, nothing else
     dtype = dtype or deepspeed_dtype_name(ckpt) or training_dtype_name(cfg)
     if dtype not in HF_NAMES:
         raise ConvertError(f"--dtype must be one of {', '.join(HF_NAMES)}, got {dtype}")
@@ -448,7 +450,8 @@ def main(argv=None) -> int:
                         "else fp32)")
     p.add_argument("--max-shard-size", default="5GB", type=size, help="largest safetensors shard (default 5GB)")
     p.add_argument("--force", action="store_true",
-                   help="replace a non-empty OUT_DIR whole (none of its old files survive)")
+                   help="replace a non-empty OUT_DIR whole (none of its old files survive) when it holds a model "
+                        "directory's files only; anything else is named and kept")
     p.add_argument("--no-verify", action="store_true", help="skip scoring the output")
     p.add_argument("--adapter", action="store_true",
                    help="LoRA checkpoints: write the adapters and the trained v_head as a PEFT directory "

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_overlap, write_json
+from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_foreign, refuse_overlap, write_json
 from polar_xtuner.records import DATA_SUFFIXES, DataError, Located, RecordError, check, iter_records
 
 OUTPUTS = ("train.jsonl", "val.jsonl", "rejected.jsonl", "report.json")
@@ -233,12 +233,7 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
     refuse_overlap({"-o": out_dir}, [("SRC", src) for src in sources])
     files = expand_sources(sources)
     check_writable_dir(out_dir, "-o")
-    if os.path.isdir(out_dir):
-        foreign = sorted(set(os.listdir(out_dir)) - set(OUTPUTS))
-        if foreign:
-            raise DataError(f"-o {out_dir} holds files this tool did not write ({', '.join(foreign[:5])}"
-                            f"{' ...' if len(foreign) > 5 else ''}), which replacing it would delete; "
-                            f"choose a new or empty directory")
+    refuse_foreign(out_dir, "-o", OUTPUTS.__contains__, DataError)
     res = BuildResult(files=files)
     seen: set[str] = set()
     # The whole directory is written beside OUT_DIR and swapped in when the

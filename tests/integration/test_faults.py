@@ -180,7 +180,7 @@ def test_build_killed_at_random_points_leaves_old_or_new_outputs(tmp_path):
 @pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_convert_killed_at_random_points_leaves_old_or_new_model(pth_run, tmp_path):
     out = tmp_path / "hf"
-    old_marker = out / "old.txt"
+    old_marker = out / "model-00001-of-00002.safetensors"  # an earlier sharded model's: --force replaces it
     out.mkdir()
     old_marker.write_text("the previous model")
     old = snapshot(out)

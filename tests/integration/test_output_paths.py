@@ -66,12 +66,12 @@ def test_convert_writes_through_a_symlinked_out_dir(pth_run, tmp_path, capsys):
     real = tmp_path / "models" / "v1"
     real.parent.mkdir()
     real.mkdir()
-    (real / "old.txt").write_text("an earlier model")
+    (real / "model-00001-of-00002.safetensors").write_text("an earlier model")
     link = tmp_path / "hf"
     link.symlink_to(real)
     assert main([pth_run["cfg"], pth_run["ckpt"], str(link), "--force", "--no-verify"]) == 0, capsys.readouterr().err
     assert os.path.islink(link) and os.path.realpath(link) == str(real)
-    assert (real / "model.safetensors").exists() and not (real / "old.txt").exists()
+    assert (real / "model.safetensors").exists() and not (real / "model-00001-of-00002.safetensors").exists()
     assert leftovers(tmp_path) == [] and leftovers(real.parent) == []
 
 
@@ -194,7 +194,11 @@ def test_the_tiny_model_tool_follows_the_umask_and_keeps_a_folder_it_was_not_tol
     assert os.listdir(mine) == ["notes.txt"]
     assert main([str(tmp_path / "no" / "tiny")]) == 2
     assert "does not exist" in one_error_line(capsys.readouterr().err)
-    assert main([str(mine), "--force"]) == 0 and "notes.txt" not in os.listdir(mine)
+    assert main([str(mine), "--force"]) == 2  # --force replaces a model directory, never a user's files
+    assert "notes.txt" in one_error_line(capsys.readouterr().err) and os.listdir(mine) == ["notes.txt"]
+    stale = out / "model-00001-of-00002.safetensors"  # an earlier sharded model's file: ours to replace
+    stale.write_bytes(b"old")
+    assert main([str(out), "--force"]) == 0 and not stale.exists()
     assert leftovers(tmp_path) == []
 
 
@@ -210,3 +214,36 @@ def test_an_evaluation_output_named_for_another_format_is_refused_before_scoring
     line = one_error_line(capsys.readouterr().err)
     assert rc == 2 and line.startswith(f"error: {flag} ") and ("extension" in line), line
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("tool", ["make_tiny_model", "convert", "build_dataset"])
+@pytest.mark.parametrize("where", ["a folder", "the working directory"])
+def test_replacing_a_directory_never_deletes_files_the_tool_did_not_write(tool, where, pth_run, tmp_path,
+                                                                         monkeypatch, capsys):
+    """--force (make_tiny_model, convert) and -o (build_dataset) replace only their own kind of files.
+
+    A folder holding a user's other files, `.` included, is refused in one line naming
+    them, exit 2, and keeps every file.
+    """
+    from common import VAL, load_tool
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("{}")  # a model's file name among them changes nothing
+    target = str(out)
+    if where == "the working directory":
+        monkeypatch.chdir(out)
+        target = "."
+    if tool == "make_tiny_model":
+        code = load_tool("make_tiny_model").main([target, "--force"])
+    elif tool == "convert":
+        from polar_xtuner.convert.export import main
+
+        code = main([pth_run["cfg"], pth_run["ckpt"], target, "--force", "--no-verify"])
+    else:
+        code = load_tool("build_dataset").main([VAL, "-o", target])
+    err = capsys.readouterr().err
+    assert code == 2 and "notes.txt" in one_error_line(err) and "did not write" in err, err
+    assert sorted(os.listdir(out)) == ["config.json", "notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert leftovers(tmp_path) == []

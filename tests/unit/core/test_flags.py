@@ -28,15 +28,15 @@ def _tool(name):
 # tool -> (arguments that are otherwise valid, {flag: [out of range, wrong type]}); every flag is also tried empty
 TABLE = {
     "build_dataset": (["SRC.jsonl", "-o", "OUT"], {
-        "--val-ratio": ["1", "x"], "--val-size": ["-1", "1.5"], "--seed": ["-3", "one"],
+        "--val-ratio": ["1", "x"], "--val-size": ["-1", "1.5"], "--seed": ["-3", "one", "1180591620717411303424"],
         "--pairs-per-prompt": ["0", "2.0"], "--max-length": ["4", "1e3"], "--max-response-length": ["0", "?"],
         "--max-packed-length": ["3", "big"], "--tokenizer": [], "-o": [],
     }),
     "make_rft_data": (["SRC.jsonl", "-o", "OUT.parquet"], {
         "--data-source": [], "--ability": [], "--split": [], "-o": [],
     }),
-    "make_demo_data": (["OUT"], {"--train": ["0", "many"], "--val": ["-1", "0.5"], "--seed": ["-1", "s"]}),
-    "make_tiny_model": (["OUT"], {"--seed": ["-1", "nan"]}),
+    "make_demo_data": (["OUT"], {"--train": ["0", "many"], "--val": ["-1", "0.5"], "--seed": ["-1", "s", "18446744073709551616"]}),
+    "make_tiny_model": (["OUT"], {"--seed": ["-1", "nan", "1180591620717411303424"]}),
     "eval_pref": (["--model", "M", "--data", "D.jsonl"], {
         "--model": [], "--data": [], "--out": [], "--save-scores": [], "--plot": [], "--server-address": [],
         "--batch-size": ["0", "2.5"], "--max-length": ["3", "x"], "--max-response-length": ["0", "1k"],
