@@ -1,7 +1,7 @@
 """The on-disk cache of encoded pairs: one entry per exact input, published whole, shared by ranks and runs.
 
 An entry is ``cache_dir/<key>`` (:func:`cache_key`: the data files' content,
-the tokenizer, the lengths); its manifest (:data:`CACHE_MANIFEST`, written
+the tokenizer's files, settings and library versions, the lengths); its manifest (:data:`CACHE_MANIFEST`, written
 last) lists every file's size and checksum, so a hit is checked, a torn or
 corrupt entry is rebuilt, and separate runs that build one entry at once
 agree on the one that is published (:func:`cached`).
@@ -46,12 +46,49 @@ def cache_key(data_files: Sequence[str], tokenizer, max_length: int, max_respons
     h = hashlib.sha1()
     for path in data_files:
         h.update(f"{os.path.getsize(path)}|{file_digest(path, digest_size=16)}\n".encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else f"{tokenizer.name_or_path}|{len(tokenizer)}").encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(json.dumps([max_length, max_response_length, reward_token_id, CACHE_FORMAT]).encode())
     if layout != "pairs":  # shared-prefix groups (and their row length); pair entries keep their keys
         h.update(layout.encode())
     return h.hexdigest()[:16]
+
+
+# Files of a tokenizer directory that can change the ids (tokenization_*.py, its code, too).
+_TOKENIZER_FILES = re.compile(r"tokenizer\.(json|model)|tokenizer_config\.json|special_tokens_map\.json"
+                              r"|added_tokens\.json|vocab\.\w+|merges\.txt|tokenization_\w+\.py|\w+\.tiktoken")
+# Settings that name a file or shape a batch, not how text becomes ids: left out, so a moved
+# tokenizer, or one loaded with another padding side, still hits.
+_NOT_IDS = {"name_or_path", "vocab_file", "merges_file", "tokenizer_file", "special_tokens_map_file",
+            "added_tokens_file", "auto_map", "trust_remote_code", "padding_side", "truncation_side",
+            "model_input_names", "_commit_hash"}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Everything about a tokenizer that can change the ids it gives, as one string.
+
+    The fast tokenizer's whole state (vocabulary, merges, normalizer, added
+    tokens), the settings it was built with (``tokenizer_config.json`` and any
+    given in code: ``clean_up_tokenization_spaces``, ``add_bos_token`` ...),
+    the content of every tokenizer file in its directory (a slow tokenizer's
+    ``tokenizer.model``, its code), and the transformers and tokenizers
+    versions, whose decoders and normalizers change between releases.
+    """
+    import tokenizers
+    import transformers
+
+    parts = [f"transformers {transformers.__version__}", f"tokenizers {tokenizers.__version__}",
+             type(tokenizer).__name__, str(len(tokenizer))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        parts.append(backend.to_str())
+    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if k not in _NOT_IDS}
+    parts.append(json.dumps(settings, sort_keys=True, default=str))
+    folder = getattr(tokenizer, "name_or_path", None)
+    if folder and os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if _TOKENIZER_FILES.fullmatch(name):
+                parts.append(f"{name}|{file_digest(os.path.join(folder, name), digest_size=16)}")
+    return "\n".join(parts)
 
 
 def barrier():

@@ -116,3 +116,51 @@ def test_bad_data_and_settings_exit_with_a_message(tokenizer, capsys, tmp_path):
     with pytest.raises(SystemExit):
         build_polar_dataset(VAL, tokenizer, 512, 128, reward_token_id=92527)
     assert "set reward_token_id = 4" in capsys.readouterr().err
+
+
+def test_cache_key_follows_everything_that_changes_the_ids(tmp_path, tiny_dir, monkeypatch):
+    """Each tokenizer file, each tokenizer setting, the lengths and the library versions: a new key each."""
+    import json
+    import shutil
+
+    import tokenizers
+    import transformers
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(open(VAL).readline())
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(tiny_dir, tok_dir)
+
+    def key(**kw):
+        return cache_key([str(data)], AutoTokenizer.from_pretrained(str(tok_dir), **kw), 512, 128, None)
+
+    base = key()
+    assert key() == base and key(padding_side="left") == base  # stable; a batch setting is not the ids'
+    assert cache_key([str(data)], AutoTokenizer.from_pretrained(str(tok_dir)), 513, 128, None) != base
+    assert cache_key([str(data)], AutoTokenizer.from_pretrained(str(tok_dir)), 512, 128, 7) != base
+    changed = set()
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    for name, value in (("clean_up_tokenization_spaces", not config.get("clean_up_tokenization_spaces")),
+                        ("add_bos_token", False)):  # the issue's example, and another setting
+        saved = (tok_dir / "tokenizer_config.json").read_text()
+        (tok_dir / "tokenizer_config.json").write_text(json.dumps({**config, name: value}))
+        changed.add(key() != base)
+        (tok_dir / "tokenizer_config.json").write_text(saved)
+    for name in ("special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenization_internlm2.py"):
+        path = tok_dir / name
+        saved = path.read_bytes() if path.exists() else None
+        if name.endswith(".json"):  # the same content written otherwise: the file's digest is what counts
+            path.write_text(json.dumps(json.loads(path.read_text()), indent=3))
+        else:
+            path.write_bytes(b"a tokenizer file that appeared")
+        changed.add(key() != base)
+        path.unlink()
+        if saved is not None:
+            path.write_bytes(saved)
+    assert key() == base
+    for module in (transformers, tokenizers):
+        monkeypatch.setattr(module, "__version__", module.__version__ + ".post1")
+        changed.add(key() != base)
+        monkeypatch.undo()
+    assert changed == {True}
