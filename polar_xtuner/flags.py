@@ -18,11 +18,42 @@ from polar_xtuner.errors import EXIT_USER
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the project's one-line refusals: ``error: argument --x: ...``, exit 2."""
+    """argparse with the project's one-line refusals: ``error: argument --x: ...``, exit 2.
+
+    A flag given twice is refused, and so are two flags that set one value
+    (``--share-prefix --no-share-prefix``): argparse keeps the last silently,
+    which hides a mistake in a long command line. Flags declared with
+    ``action="append"``, ``"extend"`` or ``"count"`` are repeatable.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 - argparse's method
+        for action in self._actions:  # groups' flags included: they share the parser's list
+            if action.option_strings and not isinstance(action, (_REPEATABLE, _Once)):
+                action.__class__ = type(f"Once{type(action).__name__}", (_Once, type(action)), {})
+        self._polar_given = {}
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USER)
+
+
+_REPEATABLE = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction,
+               argparse._ExtendAction, argparse._HelpAction, argparse._VersionAction)
+
+
+class _Once:
+    """Mixed into a flag's argparse action: the second time its value is given is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(parser, "_polar_given", None)
+        if given is not None:
+            first = given.get(self.dest)
+            if first is not None:
+                what = "given twice" if first == option_string else f"{first} was given too; give one of them"
+                parser.error(f"argument {option_string}: {what}")
+            given[self.dest] = option_string
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _number(kind, text: str):

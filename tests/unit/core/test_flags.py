@@ -69,6 +69,42 @@ def test_a_bad_flag_value_is_one_line_naming_the_flag(tool, flag, value, capsys,
     assert os.listdir(tmp_path) == []
 
 
+GOOD = {"--val-ratio": "0.1", "--max-shard-size": "5GB", "--timeout": "3", "--ready-timeout": "30",
+        "--port": "30000", "--out": "r.json", "--save-scores": "s.jsonl", "--plot": "p.png",
+        "-o": "OUT.parquet"}  # a value each flag takes ("7" for the rest)
+TWICE = [(tool, flag) for tool, (_, flags) in TABLE.items() for flag in flags]
+
+
+@pytest.mark.parametrize("tool, flag", TWICE, ids=[f"{t}{f}" for t, f in TWICE])
+def test_a_flag_given_twice_is_one_line_naming_it(tool, flag, capsys, tmp_path, monkeypatch):
+    """argparse would keep the last value silently; no flag of a tool is repeatable."""
+    monkeypatch.chdir(tmp_path)
+    base, _ = TABLE[tool]
+    value = base[base.index(flag) + 1] if flag in base else GOOD.get(flag, "7")
+    with pytest.raises(SystemExit) as e:
+        _tool(tool)([*base, flag, value, flag, value] if flag not in base else [*base, flag, value])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: argument {flag}: given twice"), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_two_flags_that_set_one_value_are_refused():
+    from polar_xtuner.flags import ArgumentParser
+
+    p = ArgumentParser(prog="t")
+    p.add_argument("--share-prefix", dest="share", action="store_true")
+    p.add_argument("--no-share-prefix", dest="share", action="store_false")
+    p.add_argument("--tag", action="append")
+    p.add_argument("-v", action="count")
+    assert p.parse_args(["--tag", "a", "--tag", "b", "-v", "-v"]).tag == ["a", "b"]  # declared repeatable
+    assert p.parse_args(["--share-prefix"]).share is True and p.parse_args([]).share is False
+    with pytest.raises(SystemExit):
+        p.parse_args(["--share-prefix", "--no-share-prefix"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["--tag=a", "--share-prefix", "--share-prefix"])
+
+
 # tool -> (its arguments, the positions of its positional arguments, by name): each is tried empty
 POSITIONALS = {
     "build_dataset": (["SRC.jsonl", "-o", "OUT"], {"SRC": 0}),
