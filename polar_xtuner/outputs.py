@@ -178,13 +178,28 @@ def require_parent(path: str, flag: str | None = None) -> None:
 
 def _probe_dir(parent: str, flag: str, path: str) -> None:
     require_parent(path, flag)
+    # The probe is the output's own temporary sibling, the longest name a run writes for it
+    # (the final name, the sibling, the kept-aside copy: all as long or shorter): a name the
+    # file system cannot hold fails here, before the work and before any other output appears.
+    probe = _tmp_sibling(os.path.join(parent, os.path.basename(output_target(path))))
     try:
-        probe = os.path.join(parent, f".{_TMP}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         with open(probe, "wb") as f:
             f.write(b"\0")  # a full disk shows up here, not after hours of work
         os.remove(probe)
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            name = os.path.basename(probe)
+            raise UserError(f"{flag} {path}: the name is too long for this file system (its temporary sibling "
+                            f"{name!r} takes {len(name.encode())} bytes, over the limit of "
+                            f"{_name_max(parent)}); choose a shorter name") from None
         raise UserError(f"{flag} {path}: not writable ({e.strerror}: {parent}); choose a writable path") from None
+
+
+def _name_max(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def _tmp_sibling(path: str, keep_ext: bool = True, marker: str = _TMP) -> str:

@@ -166,11 +166,19 @@ def write_jsonl(path: str, records) -> int:
 
 
 def write_demo_data(out_dir: str, n_train: int = 2000, n_val: int = 200, seed: int = 0) -> dict:
-    """Write train.jsonl and val.jsonl (different seeds, so val is held out)."""
-    return {
-        "train": write_jsonl(os.path.join(out_dir, "train.jsonl"), generate(n_train, seed)),
-        "val": write_jsonl(os.path.join(out_dir, "val.jsonl"), generate(n_val, seed + 1)),
-    }
+    """Write train.jsonl and val.jsonl (different seeds, so val is held out).
+
+    Both destinations are checked before any record is made, and each file
+    replaces its earlier version only once written whole.
+    """
+    from polar_xtuner.outputs import atomic_file, check_writable
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "val")}
+    for path in paths.values():
+        check_writable(path, "OUT_DIR")
+    with atomic_file(paths["train"]) as train, atomic_file(paths["val"]) as val:
+        return {"train": write_jsonl(train, generate(n_train, seed)), "val": write_jsonl(val, generate(n_val, seed + 1))}
 
 
 def corpus_for_tokenizer(n: int = 3000, seed: int = 1234) -> list[str]:

@@ -247,3 +247,34 @@ def test_replacing_a_directory_never_deletes_files_the_tool_did_not_write(tool, 
     assert code == 2 and "notes.txt" in one_error_line(err) and "did not write" in err, err
     assert sorted(os.listdir(out)) == ["config.json", "notes.txt"] and (out / "notes.txt").read_text() == "mine"
     assert leftovers(tmp_path) == []
+
+
+LONG = "r" * 240  # a legal name; with its temporary sibling's marks it passes the usual 255 bytes
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("eval_pref", ["--data", VAL, "--out", LONG + ".json", "--plot", "f.png"]),
+    ("eval_pref", ["--data", VAL, "--save-scores", LONG + ".jsonl", "--out", "r.json"]),
+    ("eval_pref", ["--data", VAL, "--plot", LONG + ".png", "--out", "r.json"]),
+    ("make_rft_data", [VAL, "-o", LONG + ".jsonl"]),
+    ("build_dataset", [VAL, "-o", LONG]),
+    ("make_tiny_model", [LONG]),
+    ("convert", [LONG]),
+], ids=["eval--out", "eval--save-scores", "eval--plot", "rft-o", "build-o", "tiny", "convert"])
+def test_an_output_name_too_long_with_its_temporary_sibling_is_refused_before_any_work(tool, args, tiny_dir, pth_run,
+                                                                                       tmp_path, monkeypatch, capsys):
+    """Checked on the output's own temporary sibling, before scoring or writing: no output appears."""
+    from common import load_tool
+
+    monkeypatch.chdir(tmp_path)
+    if tool == "eval_pref":
+        args = ["--model", tiny_dir, *args]
+    if tool == "convert":
+        from polar_xtuner.convert.export import main
+
+        code = main([pth_run["cfg"], pth_run["ckpt"], *args, "--no-verify"])
+    else:
+        code = load_tool(tool).main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "the name is too long for this file system" in one_error_line(err), err
+    assert os.listdir(tmp_path) == []
