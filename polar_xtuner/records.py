@@ -331,6 +331,17 @@ _PARQUET_MAGIC = b"PAR1"
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
 
+# A line (one record) longer than this is refused, naming the file and line, instead of
+# growing without bound (a file with no newline; /dev/zero). The long-record path keeps
+# only what truncation needs of a record, so real records stay far below it.
+MAX_LINE_BYTES = 256 * 2**20
+# A .json array is parsed whole: the same bound for the whole file.
+MAX_JSON_ARRAY_BYTES = 2 * 2**30
+# A pipe or FIFO must deliver its first byte (or close) within this many seconds; a FIFO
+# nobody writes to would otherwise block the reader for ever.
+STREAM_FIRST_BYTE_TIMEOUT_S = 60.0
+
+
 def _check_file(path: str) -> None:
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
@@ -338,18 +349,130 @@ def _check_file(path: str) -> None:
         raise DataError(f"{path}: is a directory, expected a data file ({', '.join(DATA_SUFFIXES)})")
 
 
-def _sniff(path: str) -> str:
-    """The container: "gzip", "parquet" or "text", from the first bytes (not the name)."""
+def input_kind(path: str) -> str:
+    """``"file"`` (a regular file) or ``"stream"`` (a pipe, FIFO or socket, read once, front to back).
+
+    Raises:
+        DataError: The path is missing, a directory, or a device (``/dev/zero``, a terminal): not data.
+    """
+    import stat
+
+    _check_file(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(4)
+        mode = os.stat(path).st_mode
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        return "stream"
+    what = "a terminal or character device" if stat.S_ISCHR(mode) else "a device or special file"
+    raise DataError(f"{path}: is {what}, not a data file; give a file, a pipe or a FIFO "
+                    f"({', '.join(DATA_SUFFIXES)})")
+
+
+def require_regular_file(path: str, why: str) -> None:
+    """Refuse a pipe or FIFO where the data must be read more than once (``why`` says where)."""
+    if input_kind(path) != "file":
+        raise DataError(f"{path}: is a pipe or FIFO, which can be read only once; {why}: "
+                        "write it to a file first")
+
+
+class _Prefixed:
+    """A binary stream with bytes already read put back in front (the format sniff's)."""
+
+    def __init__(self, head: bytes, stream):
+        self._head, self._stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._stream.read(n)
+        if n is None or n < 0:
+            out, self._head = self._head + self._stream.read(), b""
+            return out
+        out, self._head = self._head[:n], self._head[n:]
+        if len(out) < n:
+            out += self._stream.read(n - len(out))
+        return out
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self._head:
+            nl = self._head.find(b"\n")
+            if nl >= 0 and (limit < 0 or nl < limit):
+                out, self._head = self._head[:nl + 1], self._head[nl + 1:]
+                return out
+            out, self._head = self._head, b""
+            if limit >= 0 and len(out) >= limit:
+                self._head = out[limit:]
+                return out[:limit]
+            return out + self._stream.readline(-1 if limit < 0 else limit - len(out))
+        return self._stream.readline(limit)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _open_stream(path: str):
+    """A pipe or FIFO opened without blocking on a missing writer, then read blocking."""
+    import fcntl
+    import select
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    poll = select.poll()
+    poll.register(fd, select.POLLIN | select.POLLHUP)
+    if not poll.poll(int(STREAM_FIRST_BYTE_TIMEOUT_S * 1000)):
+        os.close(fd)
+        raise DataError(f"{path}: a pipe or FIFO that gave nothing within {STREAM_FIRST_BYTE_TIMEOUT_S:g} s "
+                        "(no writer?); start the writer, or give a file")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return os.fdopen(fd, "rb")
+
+
+def open_input(path: str):
+    """``(binary stream, container)`` of a data file, opened once: nothing read is lost to the sniff.
+
+    The container ("gzip", "parquet" or "text") comes from the first bytes,
+    which are put back in front of the stream. A regular file, a pipe or a
+    FIFO (``<(cat f)``, ``/dev/stdin`` under a pipe) are read alike; a
+    device is refused.
+
+    Raises:
+        DataError: As :func:`input_kind`; a stream with no writer; an unreadable file.
+    """
+    kind = input_kind(path)
+    try:
+        raw = open(path, "rb") if kind == "file" else _open_stream(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    head = b""
+    try:
+        while len(head) < 4:
+            chunk = raw.read(4 - len(head))
+            if not chunk:
+                break
+            head += chunk
+    except OSError as e:
+        raw.close()
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     if head[:2] == _GZIP_MAGIC:
-        return "gzip"
-    if head == _PARQUET_MAGIC:
-        return "parquet"
-    return "text"
+        container = "gzip"
+    elif head == _PARQUET_MAGIC:
+        container = "parquet"
+    else:
+        container = "text"
+    if kind == "file":
+        raw.seek(0)
+        return raw, container
+    return _Prefixed(head, raw), container
 
 
 def iter_records(path: str, validate: bool = True) -> Iterator[Located]:
@@ -358,30 +481,31 @@ def iter_records(path: str, validate: bool = True) -> Iterator[Located]:
     JSON Lines (``.jsonl``), a JSON array (``.json``; the line is the index
     + 1), either gzip-compressed (found by its magic bytes, whatever the
     name), or Parquet (one record per row; the line is the row + 1). Invalid
-    records are yielded with ``error`` set, never skipped silently.
+    records are yielded with ``error`` set, never skipped silently. The file
+    is opened once and read front to back, so a pipe or FIFO works as a file
+    does (Parquet, read from its end, needs a file).
 
     Raises:
-        DataError: The file is missing, unreadable or not one of these formats.
+        DataError: The file is missing, unreadable, a device, a line longer
+            than :data:`MAX_LINE_BYTES`, or not one of these formats.
     """
-    _check_file(path)
-    kind = _sniff(path)
-    if kind == "parquet":
-        yield from _iter_parquet(path, validate)
-        return
-    name = path[:-3] if path.endswith(".gz") else path
-    if name.endswith(".json"):
-        yield from _iter_json_array(path, kind == "gzip", validate)
-    else:
-        yield from _iter_lines(path, kind == "gzip", validate)
+    stream, kind = open_input(path)
+    with stream:
+        if kind == "parquet":
+            if isinstance(stream, _Prefixed):
+                raise DataError(f"{path}: Parquet is read from its end, which a pipe or FIFO cannot give; "
+                                "write it to a file first")
+            yield from _iter_parquet(path, validate)
+            return
+        name = path[:-3] if path.endswith(".gz") else path
+        if kind == "gzip":
+            import gzip
 
-
-def _open_binary(path: str, gz: bool):
-    import gzip
-
-    try:
-        return gzip.open(path, "rb") if gz else open(path, "rb")  # bytes: a bad byte is pinned to its line
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+            stream = gzip.GzipFile(fileobj=stream, mode="rb")
+        if name.endswith(".json"):
+            yield from _iter_json_array(path, stream, validate)
+        else:
+            yield from _iter_lines(path, stream, validate)
 
 
 def _parsed(item: Located, validate: bool) -> Located:
@@ -402,36 +526,44 @@ def _parsed(item: Located, validate: bool) -> Located:
     return item
 
 
-def _iter_lines(path: str, gz: bool, validate: bool) -> Iterator[Located]:
+def _iter_lines(path: str, f, validate: bool) -> Iterator[Located]:
     import zlib
 
-    with _open_binary(path, gz) as f:
-        lineno = 0
-        try:
-            for lineno, bline in enumerate(f, 1):
-                if lineno == 1 and bline.startswith(b"\xef\xbb\xbf"):
-                    bline = bline[3:]  # a UTF-8 byte-order mark, as some editors write
-                try:
-                    raw = bline.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    item = Located(path, lineno, bline.decode("utf-8", "replace").rstrip("\r\n"))
-                    item.error = RecordError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, "not_utf8")
-                    yield item
-                    continue
-                if not raw.strip():
-                    continue
-                yield _parsed(Located(path, lineno, raw), validate)
-        except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
-            raise DataError(f"{path}:{lineno + 1}: cannot decompress ({e}); the file is truncated or "
-                            f"corrupt") from None
+    lineno = 0
+    try:
+        while True:
+            bline = f.readline(MAX_LINE_BYTES + 1)
+            if not bline:
+                break
+            lineno += 1
+            if len(bline) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{lineno}: a line of more than {MAX_LINE_BYTES // 2**20} MiB; "
+                                "one record per line is expected (is this a data file?)")
+            if lineno == 1 and bline.startswith(b"\xef\xbb\xbf"):
+                bline = bline[3:]  # a UTF-8 byte-order mark, as some editors write
+            try:
+                raw = bline.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                item = Located(path, lineno, bline.decode("utf-8", "replace").rstrip("\r\n"))
+                item.error = RecordError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, "not_utf8")
+                yield item
+                continue
+            if not raw.strip():
+                continue
+            yield _parsed(Located(path, lineno, raw), validate)
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz
+        raise DataError(f"{path}:{lineno + 1}: cannot decompress ({e}); the file is truncated or "
+                        f"corrupt") from None
 
 
-def _iter_json_array(path: str, gz: bool, validate: bool) -> Iterator[Located]:
+def _iter_json_array(path: str, f, validate: bool) -> Iterator[Located]:
     import zlib
 
     try:
-        with _open_binary(path, gz) as f:
-            data = f.read()
+        data = f.read(MAX_JSON_ARRAY_BYTES + 1)
+        if len(data) > MAX_JSON_ARRAY_BYTES:
+            raise DataError(f"{path}: a .json array of more than {MAX_JSON_ARRAY_BYTES // 2**30} GiB is read "
+                            "whole; write it as JSON Lines (.jsonl), one record per line")
         text = data.decode("utf-8-sig")  # a byte-order mark is accepted
         records = json.loads(text, object_pairs_hook=_no_duplicate_keys_lenient)
     except json.JSONDecodeError as e:

@@ -29,7 +29,7 @@ from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENG
 from polar_xtuner.data.cache import barrier, cache_key, cached, open_entry
 from polar_xtuner.data.groups import GroupRows, collate_group_row, columns_to_groups, group_records, groups_to_columns
 from polar_xtuner.errors import ConfigError, UserError, abort_training
-from polar_xtuner.records import DataError, load_records
+from polar_xtuner.records import DataError, load_records, require_regular_file
 
 ENCODE_CHUNK = 1000  # records per batched tokenizer call
 
@@ -198,8 +198,10 @@ def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_respons
     from polar_xtuner.encoding import PolarEncoder
 
     for path in data_files:
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise DataError(f"{path}: no such file")
+        # every rank reads the data, and the cache is keyed by its content: a pipe would be split or emptied
+        require_regular_file(path, "training reads its data on every rank and keys its cache by the content")
 
     def encoder():
         return PolarEncoder(tokenizer, max_length, max_response_length, reward_token_id)

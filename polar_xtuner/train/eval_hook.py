@@ -18,7 +18,7 @@ from mmengine.dist import get_rank
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
-from polar_xtuner.records import load_records
+from polar_xtuner.records import load_records, require_regular_file
 from polar_xtuner.train.layout import WHOLE, SharedPrefix, row_layout
 
 
@@ -65,7 +65,10 @@ class PolarEvalHook(Hook):
         from polar_xtuner.encoding import EncodingSettings, PolarEncoder
         from polar_xtuner.scoring import pad_id
 
-        # Validate and encode once: a bad val file fails before training starts.
+        # Validate and encode once: a bad val file fails before training starts. Every rank reads
+        # it, so a pipe would be split between them: files only.
+        for path in [self.data_files] if isinstance(self.data_files, str) else list(self.data_files):
+            require_regular_file(path, "every rank reads the validation file")
         records = load_records(self.data_files)
         tok = _build_tokenizer(self.tokenizer)
         model_dir = getattr(tok, "name_or_path", None)
