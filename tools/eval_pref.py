@@ -226,6 +226,7 @@ def read_saved_scores(path: str, loaded) -> list[list[float]]:
         UserError: The file is not one, or lacks a record (saved from other data or another --format).
     """
     by_digest: dict[str, list[float]] = {}
+    where: dict[str, str] = {}
     try:
         rows = list(iter_records(path, validate=False))
     except DataError as e:
@@ -240,7 +241,12 @@ def read_saved_scores(path: str, loaded) -> list[list[float]]:
         if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                    and math.isfinite(v) for v in values):
             raise UserError(f"--compare {item.where}: the scores must be finite numbers")
-        by_digest[str(row["digest"])] = [float(v) for v in values]
+        digest, scores = str(row["digest"]), [float(v) for v in values]
+        if digest in by_digest and by_digest[digest] != scores:  # the same record saved twice must agree
+            raise UserError(f"--compare {where[digest]} and {item.where}: record {digest} is saved twice with "
+                            "different scores; which run's are these? save them again from one run")
+        by_digest[digest] = scores
+        where.setdefault(digest, item.where)
     out = []
     for rec in loaded.records:
         got = by_digest.get(rec.digest)

@@ -8,11 +8,14 @@ from their dataset cards and loaders:
 * ``polar``: this project's records, pairs or groups, one per line.
 * ``verifybench`` (ZJU-REAL/VerifyBench, VerifyBench-Hard): one completion a
   row, ``question``, ``answer`` (the reference), ``completion``,
-  ``gold_correct``; the rows of one question and answer form a group, in
-  file order. ``answer_type`` breaks the results down.
+  ``gold_correct``; the rows of one question (``question_id`` and the
+  ``question`` text) and one answer form a group, in file order: rows that
+  share an id but ask another question are another group. ``answer_type``
+  breaks the results down.
 * ``ppe`` (lmarena-ai/PPE-*-Best-of-K): one prompt a row with ``prompt``,
   ``response_1`` .. ``response_K`` and ``scores`` (K booleans, ``scores[i]``
-  for ``response_{i+1}``). The ground truth is set-specific: ``solution``
+  for ``response_{i+1}``); every ``response_N`` present is read, a missing
+  one in between included (K is the largest N). The ground truth is set-specific: ``solution``
   (MATH), ``correct_choice`` (GPQA), ``answer`` with ``options[answer_index]``
   (MMLU-Pro), ``code`` (MBPP-Plus); IFEval has none, so it needs
   ``--references``.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -48,6 +52,7 @@ from polar_xtuner.records import (
 
 FORMATS = ("polar", "verifybench", "ppe", "rewardbench2")
 
+_PPE_RESPONSE = re.compile(r"response_([1-9]\d*)")
 # PPE's ground-truth field per set, in the order tried (the first present wins).
 PPE_REFERENCE_FIELDS = ("ground_truth", "solution", "correct_choice", "answer", "code")
 
@@ -92,6 +97,7 @@ def load_references(path: str) -> dict[str, Any]:
         UserError: The file is missing or a row is bad or repeats an id, named by line.
     """
     out: dict[str, Any] = {}
+    first: dict[str, str] = {}
     try:
         rows = list(iter_records(path, validate=False))
     except DataError as e:
@@ -104,8 +110,9 @@ def load_references(path: str) -> dict[str, Any]:
             raise UserError(f"--references {item.where}: each line must be {{\"id\", \"reference\"}}")
         key = str(obj["id"])
         if key in out:
-            raise UserError(f"--references {item.where}: id {key!r} appears twice")
+            raise UserError(f"--references {first[key]} and {item.where}: id {key!r} appears twice; keep one")
         out[key] = obj["reference"]
+        first[key] = item.where
     if not out:
         raise UserError(f"--references {path}: no references")
     return out
@@ -142,7 +149,8 @@ def _verifybench(rows: list[Located], references, fmt) -> Iterable[tuple[Located
             raise UserError(f"{item.where}: 'gold_correct' must be true or false, got {json.dumps(correct)}")
         key = obj.get("question_id", question)
         reference = _reference(obj, key, references, obj.get("answer"), item.where, fmt)
-        group_key = (json.dumps(key), json.dumps(reference))
+        # a group is one question asked with one reference: the id alone merged distinct questions that shared it
+        group_key = (json.dumps(key), json.dumps(question, ensure_ascii=False), json.dumps(reference))
         if group_key not in groups:
             rec = {"prompt": question, "reference": reference, "responses": [], "id": key}
             if "answer_type" in obj:
@@ -168,16 +176,16 @@ def _ppe(rows: list[Located], references, fmt) -> Iterable[tuple[Located, dict]]
         obj = item.record
         prompt = _field(obj, "prompt", item.where, fmt)
         flags = _field(obj, "scores", item.where, fmt)
-        k = 0
-        while f"response_{k + 1}" in obj:
-            k += 1
-        if not k:
+        # every response_N field, whatever its index: a missing response_4 must not hide response_5
+        numbers = sorted(int(m.group(1)) for m in map(_PPE_RESPONSE.fullmatch, obj) if m and obj[m.group(0)] is not None)
+        if not numbers:
             raise UserError(f"{item.where}: no 'response_1' field, which --format ppe needs (is this a ppe file?)")
+        k = numbers[-1]
         if not isinstance(flags, list) or len(flags) != k or not all(isinstance(f, bool) for f in flags):
             raise UserError(f"{item.where}: 'scores' must be {k} booleans, one per response_1..response_{k}")
         key = obj.get("question_id")
         rec = {"prompt": prompt, "reference": _reference(obj, key, references, _ppe_reference(obj), item.where, fmt),
-               "responses": [{"response": obj[f"response_{i + 1}"], "correct": flags[i]} for i in range(k)],
+               "responses": [{"response": obj[f"response_{n}"], "correct": flags[n - 1]} for n in numbers],
                "id": key}
         for name in ("category", "type", "Subdomain"):
             if obj.get(name):

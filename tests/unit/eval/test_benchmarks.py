@@ -153,3 +153,42 @@ def test_saved_scores_are_matched_to_records_by_digest(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError, match=r"s.jsonl:2: the scores must be finite numbers"):
         read_saved_scores(str(path), loaded)
+
+
+def test_verifybench_questions_sharing_an_id_stay_apart(tmp_path):
+    """The documented key is the id, the question and the reference: distinct questions are never merged."""
+    rows = [{"question_id": 7, "question": q, "answer": "4", "completion": c, "gold_correct": ok}
+            for q in ("What is 2 + 2?", "What is 8 / 2?") for c, ok in (("4", True), ("5", False))]
+    path = tmp_path / "vb.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = load_eval_records(str(path), "verifybench", allow_reference_match=True).records
+    assert [_text(r.record["prompt"]) for r in recs] == ["What is 2 + 2?", "What is 8 / 2?"]
+    assert [len(r.record["responses"]) for r in recs] == [2, 2]
+
+
+def test_ppe_reads_every_response_field_whatever_its_index(tmp_path):
+    row = {"prompt": "Pick blue.", "solution": "Blue", "scores": [True, False, False, False, True],
+           **{f"response_{n}": f"answer {n}" for n in (1, 2, 3, 5)}}  # no response_4
+    path = tmp_path / "ppe.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    rec = load_eval_records(str(path), "ppe").records[0].record
+    assert [_text(r["response"]) for r in rec["responses"]] == ["answer 1", "answer 2", "answer 3", "answer 5"]
+    assert response_values(rec) == ([1.0, 0.0, 0.0, 1.0], "correct")  # response_5 <- scores[4]
+
+
+def test_a_duplicate_key_is_refused_naming_both_lines(tmp_path):
+    from tools.eval_pref import read_saved_scores
+
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(json.dumps({"id": "1", "reference": "a"}) + "\n" + json.dumps({"id": "1", "reference": "b"}) + "\n")
+    with pytest.raises(UserError, match=r"refs.jsonl:1 and .*refs.jsonl:2: id '1' appears twice"):
+        load_references(str(refs))
+    loaded = load_eval_records(asset("groups.jsonl"), "polar")
+    rows = [{"digest": r.digest, "scores": [0.5] * len(r.record["responses"])} for r in loaded.records]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[0]]))  # the same record, the same scores
+    assert len(read_saved_scores(str(path), loaded)) == 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**rows[0], "scores": [0.1] * 3}]))
+    with pytest.raises(UserError, match=r"s.jsonl:1 and .*s.jsonl:4: record [0-9a-f]{16} is saved twice with "
+                                        r"different scores"):
+        read_saved_scores(str(path), loaded)
