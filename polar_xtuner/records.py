@@ -243,6 +243,15 @@ def validate_group_record(obj: Any) -> dict:
     if len(kinds) > 1:
         raise RecordError(f"'responses' mix {' and '.join(sorted(kinds))}; use one kind of value per record",
                           "responses", "bad_response")
+    kind = kinds.pop()
+    seen: dict[str, int] = {}
+    for i, item in enumerate(normalised):  # as a pair refuses chosen == rejected
+        text = join_contents(item["response"])
+        j = seen.setdefault(text, i)
+        if j != i and normalised[j][kind] != item[kind]:
+            raise RecordError(f"'responses[{j}]' and 'responses[{i}]' are the same answer with different "
+                              f"{kind} values ({json.dumps(normalised[j][kind])}, {json.dumps(item[kind])})",
+                              "responses", "same_answer_different_values")
     out["responses"] = normalised
     for key, value in obj.items():
         if key not in ("prompt", "reference", "responses"):

@@ -18,7 +18,11 @@ highest value. Per record (:class:`Outcome`):
 
 Ties always count against the model, so a model that scores everything alike
 gets no credit. Pairwise accuracy is over pairs (each pair counts once, as in
-POLAR's paper); best-of-N and MRR are means over records. Intervals are a
+POLAR's paper); best-of-N and MRR are means over the records that rank
+something: a *degenerate* record, whose responses are all equally right or all
+equally wrong (no ordered pair: every one correct, none correct, one label for
+all), is left out of both, since any pick is "best" (or none can be) whatever
+the model does, and counted apart (``degenerate``). Intervals are a
 percentile bootstrap over records with a fixed seed; a comparison resamples
 the same records for both models (paired), and McNemar's exact test compares
 the two models' pairwise outcomes pair by pair.
@@ -107,15 +111,21 @@ def _columns(outcomes: Sequence[Outcome]) -> dict[str, np.ndarray]:
         "pairs": np.array([o.pairs for o in outcomes], dtype=np.float64),
         "best": np.array([o.best for o in outcomes], dtype=np.float64),
         "rr": np.array([o.rr for o in outcomes], dtype=np.float64),
+        "ranked": np.array([o.pairs > 0 for o in outcomes], dtype=np.float64),
     }
 
 
 def _statistics(cols: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
     """Pairwise accuracy, best-of-N and MRR of each row of ``idx`` (resamples x record indices)."""
     pairs = cols["pairs"][idx].sum(-1)
+    ranked = cols["ranked"][idx]
+    n_ranked = ranked.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         accuracy = np.where(pairs > 0, cols["wins"][idx].sum(-1) / pairs, np.nan)
-    return {"accuracy": accuracy, "best_of_n": cols["best"][idx].mean(-1), "mrr": cols["rr"][idx].mean(-1)}
+        # degenerate records (nothing to rank) are left out of best-of-N and MRR
+        best = np.where(n_ranked > 0, (cols["best"][idx] * ranked).sum(-1) / n_ranked, np.nan)
+        rr = np.where(n_ranked > 0, (cols["rr"][idx] * ranked).sum(-1) / n_ranked, np.nan)
+    return {"accuracy": accuracy, "best_of_n": best, "mrr": rr}
 
 
 def _point(cols: dict[str, np.ndarray]) -> dict[str, float | None]:
@@ -148,8 +158,10 @@ def metrics(outcomes: Sequence[Outcome], n_bootstrap: int = N_BOOTSTRAP, seed: i
 
     Returns:
         ``accuracy`` (None without pairs), ``n`` (pairs), ``ties``, ``records``,
-        ``best_of_n``, ``mrr``, ``top_ties`` (records whose top score is
-        shared), ``without_best`` (records with no correct response), and
+        ``best_of_n``, ``mrr`` (over the records that rank something; None
+        without one), ``degenerate`` (records with no ordered pair, left out
+        of both), ``top_ties`` (records whose top score is shared),
+        ``without_best`` (records with no correct response), and
         ``accuracy_ci95``, ``best_of_n_ci95``, ``mrr_ci95`` when
         ``n_bootstrap`` > 0 (None for an undefined statistic).
     """
@@ -159,6 +171,7 @@ def metrics(outcomes: Sequence[Outcome], n_bootstrap: int = N_BOOTSTRAP, seed: i
         "ties": sum(o.ties for o in outcomes),
         "top_ties": sum(o.top_tied for o in outcomes),
         "without_best": sum(not o.has_best for o in outcomes),
+        "degenerate": sum(o.pairs == 0 for o in outcomes),
     }
     if not outcomes:
         return {**out, "accuracy": None, "best_of_n": None, "mrr": None}

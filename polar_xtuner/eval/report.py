@@ -55,7 +55,7 @@ def ranking_report(scores: Sequence[Sequence[float]], records: Sequence[dict], n
     Returns:
         ``accuracy`` (pairwise), ``n`` (pairs), ``ties``, ``records``,
         ``best_of_n``, ``mrr``, their ``*_ci95``, ``top_ties``,
-        ``without_best``, ``margin`` (mean and quantiles of better minus
+        ``without_best``, ``degenerate``, ``margin`` (mean and quantiles of better minus
         worse), and ``by_<key>`` blocks of the same metrics.
     """
     outs = outcomes_of(scores, records)
@@ -121,8 +121,9 @@ def format_report(report: dict) -> str:
         f"{'ties':<12}{report['ties']} pairs, {report['top_ties']} records tied at the top",
         f"{'margin':<12}mean {_num(report['margin']['mean'])}  median {_num(report['margin']['q50'])}",
     ]
-    if report.get("without_best"):
-        lines.append(f"{'no best':<12}{report['without_best']} records have no correct response (best-of-N 0)")
+    if report.get("degenerate"):
+        lines.append(f"{'degenerate':<12}{report['degenerate']} records rank nothing (every response equally right "
+                     f"or equally wrong): left out of best-of-N and MRR")
     for key in BREAKDOWN_KEYS:
         if f"by_{key}" in report:
             lines.append(f"by {key}:")

@@ -95,6 +95,10 @@ def test_a_group_with_one_response_is_refused_and_a_bad_pair_skipped(tmp_path):
     ({"responses": [{"response": "a", "label": 1}, {"response": "b", "correct": True}]}, "mix correct and label"),
     ({"responses": [{"response": "a", "correct": 1}, {"response": "b", "correct": False}]}, "must be true or false"),
     ({"responses": [{"response": "a", "score": float("nan")}, {"response": "b", "score": 1}]}, "finite number"),
+    # as a pair refuses chosen == rejected; the same answer with the same value is a legal duplicate
+    ({"responses": [{"response": "a", "correct": True}, {"response": "b", "correct": False},
+                    {"response": [{"role": "assistant", "content": "a"}], "correct": False}]},
+     r"'responses\[0\]' and 'responses\[2\]' are the same answer with different correct values"),
 ])
 def test_group_rules_name_the_response(tmp_path, bad, reason):
     from polar_xtuner.records import RecordError, validate_group_record

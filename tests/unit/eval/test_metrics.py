@@ -40,7 +40,22 @@ def test_all_correct_and_none_correct_groups():
     none = outcome([0.1, 0.9, 0.5], [False, False, False], "correct")
     assert (none.pairs, none.best, none.rr, none.has_best) == (0, 0.0, 0.0, False)
     m = metrics([every, none], n_bootstrap=0)
-    assert m["best_of_n"] == 0.5 and m["without_best"] == 1 and m["accuracy"] is None  # no pair: undefined
+    # neither ranks anything: both left out of best-of-N and MRR, counted apart (no free hit, no free miss)
+    assert m["best_of_n"] is None and m["mrr"] is None and m["accuracy"] is None
+    assert m["degenerate"] == 2 and m["without_best"] == 1
+    ranked = outcome([0.9, 0.1], [True, False], "correct")
+    m = metrics([every, none, ranked, outcome([0.1, 0.9], [True, False], "correct")], n_bootstrap=200)
+    assert (m["best_of_n"], m["mrr"], m["degenerate"]) == (0.5, 0.75, 2)  # over the two ranked records only
+    assert m["best_of_n_ci95"][0] >= 0.0 and m["best_of_n_ci95"][1] <= 1.0
+
+
+def test_an_untrained_model_gets_no_best_of_n_from_degenerate_groups():
+    """The issue's case: pair accuracy 0.00 but best-of-N 0.50 from a group whose responses are all correct."""
+    wrong_pair = outcome([0.1, 0.9], [1, 0], "label")  # the model picks the worse answer
+    all_correct = outcome([0.4, 0.6], [True, True], "correct")
+    all_equal = outcome([0.3, 0.2, 0.1], [2, 2, 2], "label")
+    m = metrics([wrong_pair, all_correct, all_equal], n_bootstrap=0)
+    assert m["accuracy"] == 0.0 and m["best_of_n"] == 0.0 and m["mrr"] == 0.5 and m["degenerate"] == 2
 
 
 def test_a_report_without_pairs_is_strict_json():
@@ -51,7 +66,8 @@ def test_a_report_without_pairs_is_strict_json():
     report = ranking_report([[0.2, 0.1]], recs)
     report["compare"] = {"other": "x", **comparison([[0.2, 0.1]], [[0.1, 0.2]], recs, ["f:1"])}
     json.dumps(report, allow_nan=False)
-    assert report["accuracy"] is None and report["margin"]["mean"] is None and report["best_of_n"] == 1.0
+    assert report["accuracy"] is None and report["margin"]["mean"] is None and report["best_of_n"] is None
+    assert report["degenerate"] == 1
     assert report["compare"]["difference"]["accuracy"] == {"this": None, "other": None, "difference": None,
                                                           "ci95": None}
     assert "accuracy    n/a" in format_report(report)
