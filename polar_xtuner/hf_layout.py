@@ -141,21 +141,76 @@ def remember_code(model_dir: str) -> None:
     os.replace(tmp, path)
 
 
+def auto_map_entries(model_dir: str) -> list[tuple[str, str, str]]:
+    """Every ``auto_map`` entry of every JSON config file of a directory: ``(file, auto class, reference)``.
+
+    transformers runs the code an entry names when a model or tokenizer is
+    loaded with ``trust_remote_code``: ``module.Class`` (``module.py`` in the
+    directory), or ``repo_or_path--module.Class`` (code from another repository
+    or directory). ``config.json``, ``tokenizer_config.json`` and the others all
+    count; an entry that is not a string is kept as its JSON.
+    """
+    out = []
+    for name in sorted(os.listdir(model_dir)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(model_dir, name), encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue  # not a config transformers could read either; the loader names it
+        amap = data.get("auto_map") if isinstance(data, dict) else None
+        if not isinstance(amap, dict):
+            continue
+        for auto_class, refs in amap.items():
+            for ref in refs if isinstance(refs, list) else [refs]:
+                if ref is not None:
+                    out.append((name, str(auto_class), ref if isinstance(ref, str) else json.dumps(ref)))
+    return out
+
+
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _module_file(model_dir: str, ref: str) -> str | None:
+    """The file an in-directory ``module.Class`` reference runs, or None where it names code elsewhere."""
+    if "--" in ref or "." not in ref:
+        return None
+    module = ref.rsplit(".", 1)[0]
+    if not _MODULE.fullmatch(module):
+        return None
+    return os.path.join(model_dir, *module.split(".")) + ".py"
+
+
 def untrusted_code(model_dir: str) -> list[str]:
-    """Python files of a local model directory that are not trusted code (names, sorted)."""
-    files = sorted(glob.glob(os.path.join(model_dir, "*.py")))
-    if not files:
-        return []
+    """What a local model directory would run that is not trusted code, each named, sorted.
+
+    The directory's Python files not trusted by digest, every module an
+    ``auto_map`` entry names inside it (a subfolder's included) that is not,
+    and every entry that names code outside it (``file: auto_map.Class = ref``).
+    """
+    files = set(glob.glob(os.path.join(model_dir, "*.py")))
+    outside = []
+    for name, auto_class, ref in auto_map_entries(model_dir):
+        path = _module_file(model_dir, ref)
+        if path is None:
+            outside.append(f"{name}: auto_map.{auto_class} = {ref!r}, code outside {model_dir}")
+        elif os.path.isfile(path):
+            files.add(path)
+    if not files and not outside:
+        return outside
     trusted = trusted_digests()
-    return [os.path.basename(p) for p in files if file_digest(p) not in trusted]
+    local = sorted(os.path.relpath(p, model_dir) for p in files if file_digest(p) not in trusted)
+    return local + outside
 
 
 def remote_code_allowed(path: str, trust_remote_code: bool = False, flag: str = TRUST_FLAG) -> bool:
     """The ``trust_remote_code`` value to load ``path`` with.
 
-    A local directory whose Python files are all trusted code: True. With
-    other code: True only when the user passed the flag (a note says what
-    will run); otherwise an error. A hub name: the flag's value (the hub's
+    A local directory whose Python files, and every module its config files'
+    ``auto_map`` entries name, are trusted code: True. With other code, or an
+    entry naming code outside the directory: True only when the user passed
+    the flag (a note says what will run); otherwise an error. A hub name: the flag's value (the hub's
     own code is the user's choice).
 
     Raises:
@@ -171,8 +226,31 @@ def remote_code_allowed(path: str, trust_remote_code: bool = False, flag: str = 
 
         print(f"note: {flag}: running {', '.join(unknown)} from {path}", file=sys.stderr)
         return True
-    raise UserError(f"{path} holds Python code this project did not ship ({', '.join(unknown)}), which loading "
+    raise UserError(f"{path} names Python code this project did not ship ({'; '.join(unknown)}), which loading "
                     f"the model would run; inspect it, then pass {flag} to allow it")
+
+
+TRUST_ENV = "POLAR_TRUST_REMOTE_CODE"
+
+
+def refuse_code_outside(path: str, what: str) -> None:
+    """Inside ``xtuner train``: refuse a model directory whose ``auto_map`` names code outside it.
+
+    A config's ``trust_remote_code=True`` consents to the directory's own code
+    (POLAR-Base's InternLM2 files); it must not reach code another directory or
+    repository holds, which the directory cannot vouch for. ``POLAR_TRUST_REMOTE_CODE=1``
+    allows it.
+
+    Raises:
+        UserError: naming the file and the entry.
+    """
+    if not isinstance(path, str) or not os.path.isdir(path) or os.environ.get(TRUST_ENV) == "1":
+        return
+    outside = [f"{name}: auto_map.{cls} = {ref!r}" for name, cls, ref in auto_map_entries(path)
+               if _module_file(path, ref) is None]
+    if outside:
+        raise UserError(f"{what} {path} names code outside itself ({'; '.join(outside)}), which loading would "
+                        f"run; inspect it, then set {TRUST_ENV}=1 to allow it")
 
 
 def check_model_dir(path: str, flag: str = "--model", weights: bool = True) -> None:

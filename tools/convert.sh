@@ -3,7 +3,7 @@
 #
 # Usage:
 #   bash tools/convert.sh CONFIG CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32]
-#        [--max-shard-size 5GB] [--force] [--no-verify]
+#        [--max-shard-size 5GB] [--force] [--no-verify] [--trust-remote-code]
 #
 # CHECKPOINT: a .pth file, a DeepSpeed checkpoint dir (iter_N.pth/), or a work
 # dir (its last checkpoint). Exit codes: 0 ok, 2 bad input, 3 verification failed.

@@ -151,7 +151,7 @@ def clean_config(out_dir: str, reward_token_id: int, dtype_name: str) -> None:
 
 def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None = None,
             max_shard_size: str = "5GB", force: bool = False, verify: bool = True,
-            adapter: bool = False) -> float | None:
+            adapter: bool = False, trust_remote_code: bool = False) -> float | None:
     """Convert and (by default) verify. Returns the largest score difference.
 
     A LoRA checkpoint (adapters plus the trained head) is merged into the
@@ -177,6 +177,13 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
         model_dir = cfg.model.llm.pretrained_model_name_or_path
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad config
         raise ConvertError(f"config {config_path}: cannot read it ({e})") from None
+    if os.path.isdir(str(model_dir)):  # the base model's code runs when it loads: ours, or the user's consent
+        from polar_xtuner.hf_layout import remote_code_allowed
+
+        try:
+            remote_code_allowed(model_dir, trust_remote_code)
+        except UserError as e:
+            raise ConvertError(f"the config's model {e}") from None
     ckpt = resolve_checkpoint(checkpoint)
     if os.path.isdir(str(model_dir)):  # its config and tokenizer are read (a LoRA's weights too): named if cut short
         from polar_xtuner.hf_layout import check_files_whole
@@ -453,6 +460,8 @@ def main(argv=None) -> int:
                    help="replace a non-empty OUT_DIR whole (none of its old files survive) when it holds a model "
                         "directory's files only; anything else is named and kept")
     p.add_argument("--no-verify", action="store_true", help="skip scoring the output")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the config's model directory's own code where this project did not ship it")
     p.add_argument("--adapter", action="store_true",
                    help="LoRA checkpoints: write the adapters and the trained v_head as a PEFT directory "
                         "(default: merge them into the base model)")
@@ -461,7 +470,7 @@ def main(argv=None) -> int:
         p.error("--adapter writes fp32 adapters; --dtype applies to merged models")
     try:
         convert(args.config, args.checkpoint, args.out_dir, args.dtype,
-                args.max_shard_size, args.force, not args.no_verify, args.adapter)
+                args.max_shard_size, args.force, not args.no_verify, args.adapter, args.trust_remote_code)
     except VerificationError as e:
         raise VerificationError(f"verification failed: {e}; {args.out_dir} was left as it was") from None
     return 0

@@ -38,6 +38,9 @@ def _build_tokenizer(tokenizer):
     if isinstance(tokenizer, dict):
         from xtuner.registry import BUILDER
 
+        from polar_xtuner.hf_layout import refuse_code_outside
+
+        refuse_code_outside(tokenizer.get("pretrained_model_name_or_path"), "the config's tokenizer")
         return BUILDER.build(tokenizer)
     return tokenizer
 

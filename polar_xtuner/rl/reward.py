@@ -246,7 +246,13 @@ class PolarReward:
                 raise RFTConfigError(f"POLAR_MODEL={settings.model}: no such directory")
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(settings.model)
+            from polar_xtuner.hf_layout import TRUST_ENV, remote_code_allowed
+
+            try:  # the tokenizer's code runs when it loads: ours, or the user's consent
+                trust = remote_code_allowed(settings.model, os.environ.get(TRUST_ENV) == "1", f"{TRUST_ENV}=1")
+            except UserError as e:
+                raise RFTConfigError(f"POLAR_MODEL={e}") from None
+            tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=trust)
         try:
             self.encoding = EncodingSettings.from_model_dir(model_dir if os.path.isdir(model_dir) else None)
         except ValueError as e:

@@ -53,7 +53,8 @@ from xtuner.parallel.sequence import (
     get_sequence_parallel_world_size,
 )
 
-from polar_xtuner.errors import ConfigError, abort_training
+from polar_xtuner.errors import ConfigError, UserError, abort_training
+from polar_xtuner.hf_layout import refuse_code_outside
 from polar_xtuner.precision import training_dtype
 from polar_xtuner.train.attention import (
     FLEX_CPU_TRAINING,
@@ -202,6 +203,10 @@ class PolarRewardModel(RewardModel):
         # missing from the checkpoint would stay uninitialised memory, and a
         # model without v_head would get a fresh zero head, both silently.
         if isinstance(cfg_or_mod, dict) and getattr(cfg_or_mod.get("type"), "__name__", "") == "from_pretrained":
+            try:
+                refuse_code_outside(cfg_or_mod.get("pretrained_model_name_or_path"), "the config's model")
+            except UserError as e:
+                raise ConfigError(str(e)) from None
             cfg_or_mod = dict(cfg_or_mod, output_loading_info=True)
             model, info = super()._build_from_cfg_or_module(cfg_or_mod)
             missing = list(info.get("missing_keys", []))

@@ -433,6 +433,86 @@ def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def _model_naming_code_elsewhere(tmp_path, tiny_dir, where):
+    """A copy of the tiny model whose config.json or tokenizer_config.json auto_map names another directory's module."""
+    import json
+    import shutil
+
+    evil = tmp_path / "elsewhere"
+    evil.mkdir()
+    marker = tmp_path / "elsewhere_ran"
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass Evil: pass\n")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    name, auto_class = {"config": ("config.json", "AutoModel"),
+                        "tokenizer": ("tokenizer_config.json", "AutoTokenizer")}[where]
+    cfg = json.loads((model / name).read_text())
+    ref = f"{evil}--evil.Evil"
+    cfg.setdefault("auto_map", {})[auto_class] = [ref, None] if auto_class == "AutoTokenizer" else ref
+    (model / name).write_text(json.dumps(cfg))
+    return model, marker
+
+
+ENTRY_POINTS = ["eval_pref", "build_dataset --tokenizer", "convert", "serve", "rl", "eval hook", "training model"]
+
+
+@pytest.mark.parametrize("where", ["config", "tokenizer"])
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_code_an_auto_map_names_outside_the_directory_never_runs_without_consent(entry, where, tmp_path, tiny_dir,
+                                                                                monkeypatch, capsys):
+    """Every entry point that loads a model or tokenizer: refused in one line naming the file and the entry."""
+    from common import load_tool
+
+    from polar_xtuner.errors import UserError
+
+    model, marker = _model_naming_code_elsewhere(tmp_path, tiny_dir, where)
+    monkeypatch.delenv("POLAR_TRUST_REMOTE_CODE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    file = "config.json" if where == "config" else "tokenizer_config.json"
+    if entry == "eval_pref":
+        code, err = load_tool("eval_pref").main(["--model", str(model), "--data", VAL]), capsys.readouterr().err
+    elif entry == "build_dataset --tokenizer":
+        code = load_tool("build_dataset").main([VAL, "-o", "out", "--tokenizer", str(model)])
+        err = capsys.readouterr().err
+    elif entry == "convert":
+        from polar_xtuner.convert.export import main
+
+        cfg = copy_config(str(tmp_path), "polar_consent.py", str(model), VAL)
+        ckpt = tmp_path / "ckpt.pth"
+        ckpt.write_bytes(b"")  # never read: the model directory is refused first
+        code, err = main([cfg, str(ckpt), "out"]), capsys.readouterr().err
+    elif entry == "serve":
+        from polar_xtuner.serve.launcher import main
+
+        code, err = main([str(model)]), capsys.readouterr().err
+    elif entry == "rl":
+        from polar_xtuner.rl.reward import PolarReward, RFTConfigError, RFTSettings
+
+        with pytest.raises(RFTConfigError) as e:
+            PolarReward(RFTSettings(model=str(model), server_address="127.0.0.1:1"))
+        code, err = 2, f"error: {e.value}"
+    else:
+        from polar_xtuner.train.eval_hook import PolarEvalHook
+
+        tok = dict(type=__import__("transformers").AutoTokenizer.from_pretrained,
+                   pretrained_model_name_or_path=str(model), trust_remote_code=True)
+        try:
+            if entry == "eval hook":
+                PolarEvalHook(VAL, tok).before_train(None)
+            else:
+                from common import build_reward_model
+
+                build_reward_model(str(model))
+            code, err = 0, capsys.readouterr().err
+        except UserError as e:
+            code, err = 2, f"error: {e}"
+        except SystemExit as e:  # the model refuses inside the training loop: one line, exit 2
+            code, err = e.code, capsys.readouterr().err
+    assert not marker.exists()
+    assert code == 2 and "elsewhere--evil.Evil" in err and file in err, err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+
+
 # -- truncated checkpoints ---------------------------------------------------------------------------------
 
 
@@ -500,3 +580,25 @@ def test_a_tool_run_by_an_interpreter_without_its_packages_says_so_in_one_line(t
         assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
         assert "has no module 'torch'" in one_error_line(proc) and "make setup" in proc.stderr, cmd
     assert sorted(os.listdir(tmp_path)) == ["sitecustomize.py"]
+
+
+def test_a_module_an_auto_map_names_in_a_subfolder_is_checked_too(tmp_path, tiny_dir, monkeypatch):
+    """The digest check covered the directory's top-level *.py only: a sub/module.py named by auto_map ran."""
+    import json
+    import shutil
+
+    from polar_xtuner.errors import UserError
+    from polar_xtuner.hf_layout import remote_code_allowed
+
+    monkeypatch.setenv("POLAR_XTUNER_HOME", str(tmp_path / "home"))  # no earlier trusted digests
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    assert remote_code_allowed(str(model)) is True  # the shipped code: no flag needed
+    (model / "sub").mkdir()
+    (model / "sub" / "mod.py").write_text("class Model: pass\n")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"]["AutoModel"] = "sub.mod.Model"
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"sub/mod.py.*pass --trust-remote-code"):
+        remote_code_allowed(str(model))
+    assert remote_code_allowed(str(model), trust_remote_code=True) is True

@@ -161,9 +161,15 @@ def test_non_empty_out_dir_needs_force_and_force_replaces_it_whole(good, tmp_pat
     assert err.startswith(f"error: OUT_DIR {busy} is not empty") and "--force" in err and err.count("\n") == 1
     assert os.listdir(busy) == ["x"] and (busy / "x").read_text() == "keep me"
 
-    # the control: the same checkpoint and config convert, and --force leaves no old file behind
+    # --force replaces a model directory, never a user's other files
+    assert main([good["cfg"], good["ckpt"], str(busy), "--no-verify", "--force"]) == 2
+    assert "did not write (x)" in capsys.readouterr().err and (busy / "x").read_text() == "keep me"
+    # the control: over an earlier model the same checkpoint and config convert, and no old file stays behind
+    (busy / "x").unlink()
+    (busy / "model-00001-of-00002.safetensors").write_text("an earlier, sharded model")
     assert main([good["cfg"], good["ckpt"], str(busy), "--no-verify", "--force"]) == 0
-    assert not (busy / "x").exists() and (busy / "model.safetensors").is_file()
+    assert os.listdir(busy) and not (busy / "model-00001-of-00002.safetensors").exists()
+    assert (busy / "model.safetensors").is_file()
 
 
 def test_the_good_checkpoint_converts(good, tmp_path):
