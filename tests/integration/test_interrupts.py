@@ -87,7 +87,7 @@ def pth_run(tiny_dir, tmp_path_factory):
 def test_convert_interrupted_at_any_moment_keeps_the_old_model(sig, pth_run, tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
-    (out / "old.txt").write_text("the previous model")
+    (out / "model-00001-of-00002.safetensors").write_text("the previous model")  # a model's file: --force replaces it
     before = snapshot(out)
 
     def writing():  # the new model is on disk beside OUT_DIR, being verified
