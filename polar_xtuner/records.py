@@ -183,6 +183,16 @@ def validate_record(obj: Any) -> dict:
 RESPONSE_VALUES = ("label", "score", "correct")
 
 
+def _blank_answer(raw: Any) -> str | None:
+    """The text of an answer that says nothing (blank string, or messages of blank string content), else None."""
+    if isinstance(raw, str):
+        return raw if not raw.strip() else None
+    if isinstance(raw, list) and raw and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in raw):
+        text = "\n".join(m["content"] for m in raw)
+        return text if not text.strip() else None
+    return None
+
+
 def validate_group_record(obj: Any) -> dict:
     """Check one group record and return it normalised.
 
@@ -231,9 +241,11 @@ def validate_group_record(obj: Any) -> dict:
             finite_number(resp[kind], f"{where}.{kind}", "responses")
         item = dict(resp)
         raw = resp["response"]
-        if isinstance(raw, str) and not raw.strip():
-            # an empty answer is an answer to rank (a policy that said nothing), not a broken record
-            item["response"] = [{"role": "assistant", "content": raw}]
+        blank = _blank_answer(raw)
+        if blank is not None:
+            # an empty answer is an answer to rank (a policy that said nothing), not a broken record,
+            # whether given as "" or as messages with empty content
+            item["response"] = [{"role": "assistant", "content": blank}]
         else:
             item["response"] = _normalise_field(f"{where}.response", raw)
         for key, value in resp.items():

@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     compare_dir = args.compare is not None and os.path.isdir(args.compare)
     if args.compare is not None:
         if compare_dir:
-            check_model_dir(args.compare, weights=not args.server_type)
+            check_model_dir(args.compare, "--compare", weights=not args.server_type)
             if args.server_type and not args.compare_server_address:
                 raise UserError(f"--compare {args.compare}: with --server-type the other model is served too; "
                                 f"pass --compare-server-address HOST:PORT, or its --save-scores .jsonl")

@@ -46,6 +46,7 @@ from polar_xtuner.records import (
     RecordError,
     iter_records,
     join_contents,
+    normalise_field,
     record_answers,
     validate_eval_record,
 )
@@ -108,6 +109,10 @@ def load_references(path: str) -> dict[str, Any]:
         obj = item.record
         if not isinstance(obj, dict) or "id" not in obj or "reference" not in obj:
             raise UserError(f"--references {item.where}: each line must be {{\"id\", \"reference\"}}")
+        try:  # a bad reference is this file's line, not the data row that would use it
+            normalise_field("reference", obj["reference"])
+        except RecordError as e:
+            raise UserError(f"--references {item.where}: {e.reason}") from None
         key = str(obj["id"])
         if key in out:
             raise UserError(f"--references {first[key]} and {item.where}: id {key!r} appears twice; keep one")

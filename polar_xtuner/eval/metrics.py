@@ -39,6 +39,9 @@ import numpy as np
 # Resamples of the bootstrap and its seed: the same records give the same interval.
 N_BOOTSTRAP = 1000
 BOOTSTRAP_SEED = 0
+# Below this many records a percentile bootstrap is too coarse to trust (one record: a zero-width
+# "interval"); the report says so beside the intervals.
+MIN_RECORDS_FOR_INTERVALS = 30
 # Records a batch of resamples indexes at once (bounds the bootstrap's memory).
 _RESAMPLE_CELLS = 2**22
 
@@ -182,6 +185,9 @@ def metrics(outcomes: Sequence[Outcome], n_bootstrap: int = N_BOOTSTRAP, seed: i
         parts = [_statistics(cols, idx) for idx in _resamples(len(outcomes), n_bootstrap, seed)]
         for k in point:
             out[f"{k}_ci95"] = _interval(np.concatenate([p[k] for p in parts]))
+        if len(outcomes) < MIN_RECORDS_FOR_INTERVALS:
+            out["ci95_warning"] = (f"from {len(outcomes)} record(s): a bootstrap over fewer than "
+                                   f"{MIN_RECORDS_FOR_INTERVALS} records is not a reliable interval")
     return out
 
 

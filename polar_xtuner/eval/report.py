@@ -121,6 +121,8 @@ def format_report(report: dict) -> str:
         f"{'ties':<12}{report['ties']} pairs, {report['top_ties']} records tied at the top",
         f"{'margin':<12}mean {_num(report['margin']['mean'])}  median {_num(report['margin']['q50'])}",
     ]
+    if report.get("ci95_warning"):
+        lines.append(f"{'note':<12}95% CIs {report['ci95_warning']}")
     if report.get("degenerate"):
         lines.append(f"{'degenerate':<12}{report['degenerate']} records rank nothing (every response equally right "
                      f"or equally wrong): left out of best-of-N and MRR")

@@ -67,3 +67,42 @@ def test_the_plot_is_written_in_the_format_its_extension_names(ext, magic, tmp_p
     with atomic_file(str(path)) as tmp:  # as eval_pref writes it: the temporary name keeps the extension
         plot_scores([(1.0, 0.5), (0.2, 0.4), (0.9, -0.3)], tmp)
     assert path.read_bytes().startswith(magic)
+
+
+def test_messages_name_the_flag_or_file_that_is_wrong(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--compare, --references and small samples: each message points at what is wrong (issue #42)."""
+    import json as _json
+
+    from common import VAL, load_tool, run_in_process
+
+    main = load_tool("eval_pref").main
+    monkeypatch.chdir(tmp_path)
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    proc = run_in_process(main, ["--model", tiny_dir, "--data", VAL, "--compare", str(not_a_model)], capsys)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --compare {not_a_model}"), proc.stderr
+
+    rows = tmp_path / "rb2.jsonl"
+    rows.write_text(_json.dumps({"id": "1", "prompt": "q", "chosen": ["a"], "rejected": ["b"]}) + "\n")
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text(_json.dumps({"id": "0", "reference": "r"}) + "\n" + _json.dumps({"id": "1", "reference": []}) + "\n")
+    proc = run_in_process(main, ["--model", tiny_dir, "--data", str(rows), "--format", "rewardbench2",
+                                 "--references", str(refs)], capsys)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --references {refs}:2:"), proc.stderr
+
+    one = tmp_path / "one.jsonl"
+    one.write_text(open(VAL).readline())
+    proc = run_in_process(main, ["--model", tiny_dir, "--data", str(one), "--out", "r.json"], capsys)
+    assert proc.returncode == 0 and "95% CIs from 1 record(s)" in proc.stdout + proc.stderr
+    assert "fewer than 30" in _json.load(open("r.json"))["ci95_warning"]
+
+
+def test_an_empty_answer_is_one_whether_a_string_or_messages(tiny_model, tokenizer):
+    from polar_xtuner.records import validate_group_record
+
+    base = {"prompt": "q", "reference": "r"}
+    as_text = validate_group_record({**base, "responses": [{"response": "", "correct": False},
+                                                           {"response": "r", "correct": True}]})
+    as_messages = validate_group_record({**base, "responses": [
+        {"response": [{"role": "assistant", "content": ""}], "correct": False}, {"response": "r", "correct": True}]})
+    assert as_text["responses"] == as_messages["responses"]
