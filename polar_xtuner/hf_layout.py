@@ -302,6 +302,20 @@ def check_model_dir(path: str, flag: str = "--model", weights: bool = True) -> N
     check_files_whole(path, flag, weights=weights)
 
 
+def hub_unreachable(name, what: str, e: OSError) -> UserError:
+    """One line for a model name that is no local directory and that the hub did not give.
+
+    On an offline cluster transformers answers ``from_pretrained("internlm/POLAR-7B-Base")``
+    with a long OSError about connecting to huggingface.co; this says what to do.
+    """
+    if isinstance(name, str) and os.path.exists(name):
+        return UserError(f"{what} {name}: cannot load it ({type(e).__name__}: {str(e)[:200]})")
+    return UserError(f"{what} {name!r} is not a local directory, and the Hugging Face hub did not give it "
+                     f"(offline, or no such model); download it where the hub is reachable "
+                     f"(huggingface-cli download {name} --local-dir DIR) and set pretrained_model_name_or_path "
+                     f"= DIR in the config")
+
+
 def load_failure(path: str, what: str, e: Exception, flag: str = "--model") -> UserError:
     """One line for a model directory whose files are present but do not load."""
     return UserError(f"{flag} {path}: its {what} does not load ({type(e).__name__}: {str(e)[:300]}); a file is "

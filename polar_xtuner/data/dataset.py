@@ -38,10 +38,14 @@ def _build_tokenizer(tokenizer):
     if isinstance(tokenizer, dict):
         from xtuner.registry import BUILDER
 
-        from polar_xtuner.hf_layout import refuse_code_outside
+        from polar_xtuner.hf_layout import hub_unreachable, refuse_code_outside
 
-        refuse_code_outside(tokenizer.get("pretrained_model_name_or_path"), "the config's tokenizer")
-        return BUILDER.build(tokenizer)
+        name = tokenizer.get("pretrained_model_name_or_path")
+        refuse_code_outside(name, "the config's tokenizer")
+        try:
+            return BUILDER.build(tokenizer)
+        except OSError as e:  # a hub name on an offline machine: one line saying what to do
+            raise hub_unreachable(name, "the config's tokenizer", e) from None
     return tokenizer
 
 

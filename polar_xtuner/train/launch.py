@@ -50,13 +50,14 @@ from __future__ import annotations
 
 import atexit
 import errno
+import json
 import os
 import socket
 import sys
 
 from polar_xtuner.constants import MKL_CBWR
 from polar_xtuner.entry import cli, end_without_collection, entry_point, start_tool
-from polar_xtuner.errors import UserError
+from polar_xtuner.errors import EXIT_USER, UserError
 
 DEFAULT_PORT = 29500  # torchrun's and DeepSpeed's; the nodes of a job must agree on it
 # Set by MPI launchers and srun: a value above 1 means several processes that DeepSpeed's
@@ -159,11 +160,50 @@ def prepare_training_process() -> None:
     (:func:`ensure_rendezvous_env`, a no-op outside xtuner's ``tools/train.py``).
     """
     os.environ.setdefault("MKL_CBWR", MKL_CBWR)
+    refuse_gpu_dtype_without_gpu(sys.argv)
     ensure_rendezvous_env()
     # Registered before any other exit handler, so it runs after all of them (checkpoints, logs and
     # TensorBoard are closed by then): the process then ends without a collection over the whole
     # heap, 1.9 s of CPU per training process (polar_xtuner.entry.end_without_collection).
     atexit.register(end_without_collection)
+
+
+def refuse_gpu_dtype_without_gpu(argv: list[str]) -> None:
+    """Exit with one line where ``--deepspeed`` names a JSON that picks its dtype from a CUDA GPU, and there is none.
+
+    xtuner's ``deepspeed_zero*`` and this project's GPU JSONs say ``"enabled": "auto"``
+    for bf16/fp16; xtuner resolves it with ``torch.<device>.is_bf16_supported()``,
+    which ``torch.cpu`` lacks: the README's command on a login node or a first try
+    without a GPU ended in an AttributeError traceback.
+    """
+    try:
+        _, value = _option(argv[1:], "--deepspeed")
+    except LaunchError:
+        return  # xtuner's own parser reports it
+    if not value:
+        return
+    path = value
+    if not os.path.isfile(path):
+        import importlib.util
+
+        spec = importlib.util.find_spec("xtuner")
+        if spec is None or not spec.submodule_search_locations:
+            return
+        path = os.path.join(list(spec.submodule_search_locations)[0], "configs", "deepspeed", f"{value}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds = json.load(f)
+    except (OSError, ValueError):
+        return  # xtuner names a missing or bad file itself
+    if not any(isinstance(ds.get(k), dict) and ds[k].get("enabled") == "auto" for k in ("bf16", "fp16")):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"error: --deepspeed {value} picks bf16 or fp16 from a CUDA GPU, and this machine has none; on CPU "
+              "use --deepspeed configs/deepspeed/polar_zero2_cpu.json (zero1, zero3: their _cpu twins)",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_USER)  # at interpreter start-up (the start-up file): SystemExit would be a fatal site error
 
 
 def single_process_env(port: int | None = None) -> dict:

@@ -54,7 +54,7 @@ from xtuner.parallel.sequence import (
 )
 
 from polar_xtuner.errors import ConfigError, UserError, abort_training
-from polar_xtuner.hf_layout import refuse_code_outside
+from polar_xtuner.hf_layout import hub_unreachable, refuse_code_outside
 from polar_xtuner.precision import training_dtype
 from polar_xtuner.train.attention import (
     FLEX_CPU_TRAINING,
@@ -198,6 +198,14 @@ class PolarRewardModel(RewardModel):
         llm = ConfigDict(type=AutoModel.from_pretrained, pretrained_model_name_or_path=path, trust_remote_code=True)
         return cls(llm=llm, **kwargs)
 
+    def _dispatch_lm_model_cfg(self, cfg, max_position_embeddings=None):
+        # xtuner reads the model's config here first: an unreachable hub name fails in this call
+        try:
+            return super()._dispatch_lm_model_cfg(cfg, max_position_embeddings)
+        except OSError as e:
+            raise ConfigError(str(hub_unreachable(cfg.get("pretrained_model_name_or_path"),
+                                                  "the config's model", e))) from None
+
     def _build_from_cfg_or_module(self, cfg_or_mod):
         # Load with loading info: xtuner builds under LoadWoInit, so a weight
         # missing from the checkpoint would stay uninitialised memory, and a
@@ -208,7 +216,11 @@ class PolarRewardModel(RewardModel):
             except UserError as e:
                 raise ConfigError(str(e)) from None
             cfg_or_mod = dict(cfg_or_mod, output_loading_info=True)
-            model, info = super()._build_from_cfg_or_module(cfg_or_mod)
+            try:
+                model, info = super()._build_from_cfg_or_module(cfg_or_mod)
+            except OSError as e:  # a hub name on an offline machine: one line saying what to do
+                raise ConfigError(str(hub_unreachable(cfg_or_mod.get("pretrained_model_name_or_path"),
+                                                      "the config's model", e))) from None
             missing = list(info.get("missing_keys", []))
             if missing:
                 raise ConfigError(

@@ -602,3 +602,32 @@ def test_a_module_an_auto_map_names_in_a_subfolder_is_checked_too(tmp_path, tiny
     with pytest.raises(UserError, match=r"sub/mod.py.*pass --trust-remote-code"):
         remote_code_allowed(str(model))
     assert remote_code_allowed(str(model), trust_remote_code=True) is True
+
+
+# -- the README's commands on a machine that lacks what they need -------------------------------------------
+
+
+@pytest.mark.integration  # runs xtuner's CLI and python in subprocesses
+def test_the_readmes_training_command_without_a_gpu_or_the_hub_is_one_line(tmp_path):
+    """A login node (no GPU) and an offline cluster (no hub): each ends in one line saying what to do."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    shipped = os.path.join(REPO, "configs", "POLAR_7B_full_varlenattn_custom_dataset.py")
+    for ds in ("deepspeed_zero2", os.path.join(REPO, "configs", "deepspeed", "polar_zero2.json")):
+        proc = run_tool("xtuner", "train", shipped, "--deepspeed", ds, cwd=str(tmp_path), timeout=300)
+        line = one_error_line(proc)
+        assert "picks bf16 or fp16 from a CUDA GPU" in line and "polar_zero2_cpu.json" in line, proc.stderr[-2000:]
+    code = ("import sys; from mmengine.config import Config; from xtuner.registry import BUILDER; "
+            f"from polar_xtuner.data.dataset import _build_tokenizer; cfg = Config.fromfile({shipped!r}); "
+            "what = sys.argv[1]; BUILDER.build(cfg.model) if what == 'model' else _build_tokenizer(cfg.tokenizer)")
+    for what in ("model", "tokenizer"):
+        proc = run_tool(sys.executable, "-c", code, what, env={"HF_HUB_OFFLINE": "1"}, cwd=str(tmp_path))
+        if what == "model":  # inside the training loop: the model ends the process, one line, exit 2
+            line = one_error_line(proc)
+            assert proc.returncode == 2
+        else:  # the dataset builder's error, which build_polar_dataset turns into the same one line
+            assert "UserError" in proc.stderr
+            line = proc.stderr.strip().splitlines()[-1]
+        assert "internlm/POLAR-7B-Base" in line and "huggingface-cli download" in line, proc.stderr[-2000:]
