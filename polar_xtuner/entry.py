@@ -14,6 +14,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 from polar_xtuner import signals
@@ -106,8 +107,22 @@ def entry_point(main: Callable[[Sequence[str] | None], int | None]) -> Callable[
 def cli(main: Callable[[Sequence[str] | None], int | None]) -> None:
     """``sys.exit(run(main))``: the last line of every tool, which then ends without a last collection."""
     code = run(main)
+    ignore_late_signals()
     end_without_collection()
     sys.exit(code)
+
+
+def ignore_late_signals() -> None:
+    """From here the outputs are final and the exit code decided: SIGINT and SIGTERM are ignored.
+
+    Interpreter shutdown puts the default handlers back; a SIGTERM then (a
+    job scheduler's, after a conversion had swapped its model in) ended the
+    process with 143, which says "outputs left as they were", silently. An
+    ignored signal is not reset by the shutdown, so the exit code stays the run's.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def end_without_collection() -> None:

@@ -235,3 +235,46 @@ def test_a_signal_after_main_returned_changes_nothing(tmp_path, capsys, own_hand
         Transaction.commit = commit
     assert json.loads((tmp_path / "r.json").read_text()) == {"new": True}
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+LATE_SIGNAL_TOOL = """
+import atexit, os, signal, sys, time
+
+from polar_xtuner.entry import cli, start_tool
+from polar_xtuner.outputs import atomic_file
+
+start_tool()
+
+
+def at_shutdown():
+    # What interpreter shutdown does (signal module finalization): a Python-level handler goes back to
+    # the default action, an ignored signal stays ignored. Then a scheduler's late SIGTERM arrives.
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+
+
+atexit.register(at_shutdown)
+
+
+def main(argv):
+    with atomic_file(sys.argv[1]) as tmp:
+        open(tmp, "w").write("the new output")
+    return 0
+
+
+cli(main)
+"""
+
+
+@pytest.mark.integration  # a tool in a subprocess, signalled during its shutdown
+def test_a_signal_after_the_output_is_complete_exits_0(tmp_path):
+    """143 says "outputs left as they were": a SIGTERM once the new output is in place must not say it."""
+    script = tmp_path / "tool.py"
+    script.write_text(LATE_SIGNAL_TOOL)
+    out = tmp_path / "out.txt"
+    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert out.read_text() == "the new output" and "error" not in proc.stderr
