@@ -309,11 +309,11 @@ def hub_unreachable(name, what: str, e: OSError) -> UserError:
     with a long OSError about connecting to huggingface.co; this says what to do.
     """
     if isinstance(name, str) and os.path.exists(name):
-        return UserError(f"{what} {name}: cannot load it ({type(e).__name__}: {str(e)[:200]})")
+        return UserError(f"{what} {name}: cannot load it ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
     return UserError(f"{what} {name!r} is not a local directory, and the Hugging Face hub did not give it "
                      f"(offline, or no such model); download it where the hub is reachable "
-                     f"(huggingface-cli download {name} --local-dir DIR) and set pretrained_model_name_or_path "
-                     f"= DIR in the config")
+                     f"(huggingface-cli download {name} --local-dir DIR) and give DIR instead "
+                     f"(pretrained_model_name_or_path in a config)")
 
 
 def load_failure(path: str, what: str, e: Exception, flag: str = "--model") -> UserError:

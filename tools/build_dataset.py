@@ -40,7 +40,7 @@ from polar_xtuner.data.formats import DEFAULT_PAIRS_PER_PROMPT, FORMATS
 from polar_xtuner.entry import cli, entry_point
 from polar_xtuner.errors import UserError
 from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty, seed
-from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed, training_run_problem
+from polar_xtuner.hf_layout import TRUST_FLAG, hub_unreachable, remote_code_allowed, training_run_problem
 from polar_xtuner.outputs import check_writable_dir, refuse_overlap
 
 
@@ -95,8 +95,10 @@ def main(argv=None) -> int:
                                 packed_length(args.max_length, args.max_packed_length))
         except UserError:
             raise
-        except (OSError, ValueError) as e:
-            raise UserError(f"--tokenizer {args.tokenizer}: cannot load it ({e})") from None
+        except OSError as e:  # a hub name on an offline machine, or a directory that does not load
+            raise hub_unreachable(args.tokenizer, "--tokenizer", e) from None
+        except ValueError as e:
+            raise UserError(f"--tokenizer {args.tokenizer}: cannot load it ({' '.join(str(e).split())})") from None
     res = build(args.sources, args.out_dir, args.val_ratio, args.val_size, args.seed,
                 args.dedupe, progress=sys.stderr.isatty(), meter=meter, drop_overlong=args.drop_overlong,
                 fmt=args.fmt, pairs_per_prompt=args.pairs_per_prompt)

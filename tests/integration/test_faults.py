@@ -631,3 +631,7 @@ def test_the_readmes_training_command_without_a_gpu_or_the_hub_is_one_line(tmp_p
             assert "UserError" in proc.stderr
             line = proc.stderr.strip().splitlines()[-1]
         assert "internlm/POLAR-7B-Base" in line and "huggingface-cli download" in line, proc.stderr[-2000:]
+    # the README's first step, its --tokenizer a hub name
+    proc = run_tool(sys.executable, os.path.join(REPO, "tools", "build_dataset.py"), VAL, "-o", "mine",
+                    "--tokenizer", "internlm/POLAR-7B-Base", env={"HF_HUB_OFFLINE": "1"}, cwd=str(tmp_path))
+    assert proc.returncode == 2 and "huggingface-cli download internlm/POLAR-7B-Base" in one_error_line(proc)
