@@ -233,10 +233,10 @@ def read_saved_scores(path: str, loaded) -> list[list[float]]:
         raise UserError(f"--compare {e}") from None
     for item in rows:
         row = item.record if item.error is None else None
+        if isinstance(row, dict) and row.get("error") is not None and "line" in row:
+            continue  # a row the other run skipped: --save-scores writes it without a digest
         if not isinstance(row, dict) or "digest" not in row:
             raise UserError(f"--compare {item.where}: not a line of eval_pref's --save-scores (no 'digest')")
-        if row.get("error") is not None:
-            continue  # a row the other run skipped
         values = row["scores"] if "scores" in row else [row.get("chosen"), row.get("rejected")]
         if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                    and math.isfinite(v) for v in values):

@@ -90,6 +90,20 @@ def test_saved_scores_are_read_by_compare(written, tiny_dir, tmp_path, capsys):
     assert json.load(open(out))["compare"]["difference"]["accuracy"]["difference"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_saved_scores_of_data_with_a_skipped_record_are_read_by_compare(tiny_dir, tmp_path, capsys):
+    """The issue's case: the skipped record's line has no digest, and --compare refused the whole file."""
+    data = tmp_path / "d.jsonl"
+    lines = open(VAL).readlines()[:20]
+    bad = json.loads(lines[3])
+    data.write_text("".join(lines[:3]) + json.dumps({**bad, "rejected": bad["chosen"]}) + "\n" + "".join(lines[4:]))
+    main = load_tool("eval_pref").main
+    assert main(["--model", tiny_dir, "--data", str(data), "--save-scores", str(tmp_path / "s.jsonl")]) == 0
+    assert any("error" in json.loads(line) for line in open(tmp_path / "s.jsonl"))
+    assert main(["--model", tiny_dir, "--data", str(data), "--compare", str(tmp_path / "s.jsonl"),
+                 "--out", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    assert json.load(open(tmp_path / "r.json"))["records"] == 19
+
+
 def test_written_statistics_are_read_by_the_rl_reward(written):
     from polar_xtuner.rl.reward import reward_stats
 
