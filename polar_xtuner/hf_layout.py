@@ -233,24 +233,24 @@ def remote_code_allowed(path: str, trust_remote_code: bool = False, flag: str = 
 TRUST_ENV = "POLAR_TRUST_REMOTE_CODE"
 
 
-def refuse_code_outside(path: str, what: str) -> None:
-    """Inside ``xtuner train``: refuse a model directory whose ``auto_map`` names code outside it.
+def refuse_untrusted_code(path: str, what: str) -> None:
+    """Inside ``xtuner train``: refuse a model directory that would run code this project cannot vouch for.
 
-    A config's ``trust_remote_code=True`` consents to the directory's own code
-    (POLAR-Base's InternLM2 files); it must not reach code another directory or
-    repository holds, which the directory cannot vouch for. ``POLAR_TRUST_REMOTE_CODE=1``
-    allows it.
+    The same rule as the tools' (:func:`untrusted_code`: every ``auto_map``
+    entry resolved, code outside the directory or not trusted by digest). A
+    config's ``trust_remote_code=True`` is the shipped default, not a user's
+    consent, and ``xtuner train`` takes no flag of ours: ``POLAR_TRUST_REMOTE_CODE=1``
+    is the consent.
 
     Raises:
-        UserError: naming the file and the entry.
+        UserError: naming the directory, the files and the entries.
     """
     if not isinstance(path, str) or not os.path.isdir(path) or os.environ.get(TRUST_ENV) == "1":
         return
-    outside = [f"{name}: auto_map.{cls} = {ref!r}" for name, cls, ref in auto_map_entries(path)
-               if _module_file(path, ref) is None]
-    if outside:
-        raise UserError(f"{what} {path} names code outside itself ({'; '.join(outside)}), which loading would "
-                        f"run; inspect it, then set {TRUST_ENV}=1 to allow it")
+    unknown = untrusted_code(path)
+    if unknown:
+        raise UserError(f"{what} {path} names Python code this project did not ship ({'; '.join(unknown)}), which "
+                        f"loading it would run; inspect it, then set {TRUST_ENV}=1 to allow it")
 
 
 def check_model_dir(path: str, flag: str = "--model", weights: bool = True) -> None:

@@ -38,10 +38,10 @@ def _build_tokenizer(tokenizer):
     if isinstance(tokenizer, dict):
         from xtuner.registry import BUILDER
 
-        from polar_xtuner.hf_layout import hub_unreachable, refuse_code_outside
+        from polar_xtuner.hf_layout import hub_unreachable, refuse_untrusted_code
 
         name = tokenizer.get("pretrained_model_name_or_path")
-        refuse_code_outside(name, "the config's tokenizer")
+        refuse_untrusted_code(name, "the config's tokenizer")
         try:
             return BUILDER.build(tokenizer)
         except OSError as e:  # a hub name on an offline machine: one line saying what to do

@@ -54,7 +54,7 @@ from xtuner.parallel.sequence import (
 )
 
 from polar_xtuner.errors import ConfigError, UserError, abort_training
-from polar_xtuner.hf_layout import hub_unreachable, refuse_code_outside
+from polar_xtuner.hf_layout import hub_unreachable, refuse_untrusted_code
 from polar_xtuner.precision import training_dtype
 from polar_xtuner.train.attention import (
     FLEX_CPU_TRAINING,
@@ -212,7 +212,7 @@ class PolarRewardModel(RewardModel):
         # model without v_head would get a fresh zero head, both silently.
         if isinstance(cfg_or_mod, dict) and getattr(cfg_or_mod.get("type"), "__name__", "") == "from_pretrained":
             try:
-                refuse_code_outside(cfg_or_mod.get("pretrained_model_name_or_path"), "the config's model")
+                refuse_untrusted_code(cfg_or_mod.get("pretrained_model_name_or_path"), "the config's model")
             except UserError as e:
                 raise ConfigError(str(e)) from None
             cfg_or_mod = dict(cfg_or_mod, output_loading_info=True)

@@ -444,6 +444,10 @@ def _model_naming_code_elsewhere(tmp_path, tiny_dir, where):
     (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass Evil: pass\n")
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
+    if where == "planted":  # the directory's own modeling code, edited: not the code this project ships
+        code = (model / "modeling_internlm2.py").read_text()
+        (model / "modeling_internlm2.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n" + code)
+        return model, marker
     name, auto_class = {"config": ("config.json", "AutoModel"),
                         "tokenizer": ("tokenizer_config.json", "AutoTokenizer")}[where]
     cfg = json.loads((model / name).read_text())
@@ -456,11 +460,15 @@ def _model_naming_code_elsewhere(tmp_path, tiny_dir, where):
 ENTRY_POINTS = ["eval_pref", "build_dataset --tokenizer", "convert", "serve", "rl", "eval hook", "training model"]
 
 
-@pytest.mark.parametrize("where", ["config", "tokenizer"])
+@pytest.mark.parametrize("where", ["config", "tokenizer", "planted"])
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_code_an_auto_map_names_outside_the_directory_never_runs_without_consent(entry, where, tmp_path, tiny_dir,
                                                                                 monkeypatch, capsys):
-    """Every entry point that loads a model or tokenizer: refused in one line naming the file and the entry."""
+    """Every entry point that loads a model or tokenizer: refused in one line naming the file and the entry.
+
+    Three ways a directory runs code we did not ship: an auto_map entry in config.json or in
+    tokenizer_config.json naming another directory's module, and its own modeling file edited.
+    """
     from common import load_tool
 
     from polar_xtuner.errors import UserError
@@ -468,7 +476,8 @@ def test_code_an_auto_map_names_outside_the_directory_never_runs_without_consent
     model, marker = _model_naming_code_elsewhere(tmp_path, tiny_dir, where)
     monkeypatch.delenv("POLAR_TRUST_REMOTE_CODE", raising=False)
     monkeypatch.chdir(tmp_path)
-    file = "config.json" if where == "config" else "tokenizer_config.json"
+    file = {"config": "config.json", "tokenizer": "tokenizer_config.json", "planted": "modeling_internlm2.py"}[where]
+    named = "modeling_internlm2.py" if where == "planted" else "elsewhere--evil.Evil"
     if entry == "eval_pref":
         code, err = load_tool("eval_pref").main(["--model", str(model), "--data", VAL]), capsys.readouterr().err
     elif entry == "build_dataset --tokenizer":
@@ -509,7 +518,7 @@ def test_code_an_auto_map_names_outside_the_directory_never_runs_without_consent
         except SystemExit as e:  # the model refuses inside the training loop: one line, exit 2
             code, err = e.code, capsys.readouterr().err
     assert not marker.exists()
-    assert code == 2 and "elsewhere--evil.Evil" in err and file in err, err
+    assert code == 2 and named in err and file in err, err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
 
 
