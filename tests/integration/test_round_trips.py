@@ -70,6 +70,8 @@ def test_pair_data_is_read_whole_by_every_reader(writer, reader, written, tiny_d
     elif reader == "training dataset":
         from polar_xtuner.data.dataset import build_polar_dataset
 
+        # whole pairs, unpacked: the reader is under test here, one item per record (the shipped
+        # packing and shared prefixes are test_configs_exact.py's and test_configs_train.py's)
         ds = build_polar_dataset(data_files=path, tokenizer=tokenizer, max_length=512, max_response_length=128,
                                  reward_token_id=None, use_varlen_attn=False)
         assert len(ds) == n
