@@ -245,12 +245,12 @@ def refuse_untrusted_code(path: str, what: str) -> None:
     Raises:
         UserError: naming the directory, the files and the entries.
     """
-    if not isinstance(path, str) or not os.path.isdir(path) or os.environ.get(TRUST_ENV) == "1":
+    if not isinstance(path, str) or not os.path.isdir(path):
         return
-    unknown = untrusted_code(path)
-    if unknown:
-        raise UserError(f"{what} {path} names Python code this project did not ship ({'; '.join(unknown)}), which "
-                        f"loading it would run; inspect it, then set {TRUST_ENV}=1 to allow it")
+    try:  # the tools' rule, with the variable for the flag
+        remote_code_allowed(path, os.environ.get(TRUST_ENV) == "1", f"{TRUST_ENV}=1")
+    except UserError as e:
+        raise UserError(f"{what} {e}") from None
 
 
 def check_model_dir(path: str, flag: str = "--model", weights: bool = True) -> None:

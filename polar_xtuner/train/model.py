@@ -299,7 +299,7 @@ class PolarRewardModel(RewardModel):
         shared = data.pop("shared_prefix", None)
         sp = get_sequence_parallel_world_size() > 1
         if shared is not None:
-            chosen, rejected, hidden_states = self._shared_prefix_scores(data, shared, sp)
+            chosen, rejected, hidden_states = self._shared_prefix_scores(data, shared)
             margins = shared.margins
         else:
             if sp:
@@ -358,15 +358,13 @@ class PolarRewardModel(RewardModel):
             )
         return out
 
-    def _shared_prefix_scores(self, data, shared, sp: bool):
+    def _shared_prefix_scores(self, data, shared):
         """(chosen, rejected, hidden states) of a shared-prefix row (:mod:`polar_xtuner.prefix_sharing`).
 
         Each candidate is scored once at its reward token; a candidate in
-        several pairs gives its one score to each.
+        several pairs gives its one score to each. :meth:`layout_of` refused
+        the row already where it cannot be shared (sequence parallel, no varlen).
         """
-        if sp:  # layout_of refused this already; kept for a direct call
-            abort_training(ConfigError("share_prefix = True does not work with sequence parallel "
-                                       "(sequence_parallel_size > 1): set share_prefix = False"))
         shared = shared.to(data["input_ids"].device)
         hidden_states = self.llm(**data)[0]  # under forward's SharedPrefix layout
         scores = self.v_head(hidden_states)[0, shared.score_index, 0]
