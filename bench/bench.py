@@ -234,7 +234,7 @@ def startup(tiny_dir, data_file: str, rounds: int = 2) -> dict:
 
 
 def eval_throughput(tiny_dir, repeats: int = 5) -> dict:
-    from polar_xtuner.scoring import load_model, score_records
+    from polar_xtuner.scoring.local import load_model, score_records
 
     model, tok = load_model(tiny_dir, device="cpu")
     recs = list(generate(200, 1))
@@ -340,9 +340,9 @@ def _remote_round(tiny_dir, work: dict, pooler: str | None, repeats: int,
     from transformers import AutoTokenizer
     from xtuner.utils import RewardModelClient
 
-    from polar_xtuner.client import RemoteScorer, post_json
+    from polar_xtuner.scoring.client import RemoteScorer, post_json
     from polar_xtuner.encoding import PolarEncoder, pair_items
-    from polar_xtuner.eval.remote import score_records_remote
+    from polar_xtuner.scoring.remote import score_records_remote
     from polar_xtuner.rl.reward import PolarReward, RFTSettings
     from polar_xtuner.serve.launcher import CPU_SERVE_VENV, engine_command, engine_env, stop, wait_ready
     from polar_xtuner.train.launch import free_port

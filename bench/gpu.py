@@ -283,7 +283,7 @@ def eval_throughput(model_dir: str, device: str, pairs: int, max_length: int) ->
     from transformers import AutoConfig
 
     from bench import chat_like_lengths, synthetic_pairs
-    from polar_xtuner.scoring import load_model, score_ids
+    from polar_xtuner.scoring.local import load_model, score_ids
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     feats = synthetic_pairs(chat_like_lengths(pairs, max_length, seed=3), config.vocab_size,

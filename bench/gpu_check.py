@@ -109,7 +109,7 @@ def step_versions(ctx: Context) -> dict:
 
     import torch
 
-    from polar_xtuner.train.attention import _installed_varlen, available_backends
+    from polar_xtuner.train.attention import installed_varlen, available_backends
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "cpu_count": os.cpu_count()}
@@ -128,7 +128,7 @@ def step_versions(ctx: Context) -> dict:
     out["transformers_imported"] = transformers.__version__
     out["mmengine_imported"] = mmengine.__version__
     out["deepspeed_imported"] = deepspeed.__version__
-    fn, sig = _installed_varlen()
+    fn, sig = installed_varlen()
     out["varlen_attn_signature"] = None if sig is None else {"causal": sig.causal, "gqa": sig.gqa}
     out["varlen_backends"] = available_backends()
     if ctx.device == "cuda":
@@ -702,7 +702,7 @@ def write_json(path: str, obj: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from polar_xtuner.flags import ArgumentParser, float_in
+    from polar_xtuner.cli.flags import ArgumentParser, float_in
 
     p = ArgumentParser(prog="bash scripts/gpu_check.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("results_dir", metavar="RESULTS_DIR")

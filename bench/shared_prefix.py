@@ -129,7 +129,7 @@ def run(tiny_dir: str, sizes: dict | None = None, device: str = "cpu", eval_too:
     """
     from transformers import AutoTokenizer
 
-    from polar_xtuner.scoring import load_model, score_records
+    from polar_xtuner.scoring.local import load_model, score_records
     from polar_xtuner.train.model import PolarRewardModel
 
     sizes = sizes or {"demo": 400, "long_reference": 24, "ranked5": 16}

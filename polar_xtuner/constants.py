@@ -45,3 +45,6 @@ def packed_length(max_length: int, max_packed_length: int | None = None) -> int:
 # entry points set it (entry.start_tool, the configs, the Makefile, the launchers,
 # the tests), never an import.
 MKL_CBWR = "AUTO,STRICT"
+
+# The score statistics eval_pref --write-stats saves in a model dir, for the RL reward's POLAR_NORMALIZE=1.
+STATS_FILE = "polar_reward_stats.json"

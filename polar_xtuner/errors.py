@@ -1,6 +1,6 @@
 """The project's error policy: typed errors in the library; exit codes in the entry points.
 
-Library code raises; only :func:`polar_xtuner.entry.run` (every tool's entry point) and
+Library code raises; only :func:`polar_xtuner.cli.entry.run` (every tool's entry point) and
 :func:`abort_training` (inside ``xtuner train``, whose CLI is not ours) turn
 an error into a message and an exit code:
 

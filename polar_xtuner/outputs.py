@@ -20,7 +20,7 @@ Rules every writer follows:
 * what is written has the modes the user's umask gives new files, even where
   a writer made it through a private temporary file (safetensors writes
   0600 files);
-* inside :func:`polar_xtuner.entry.run` (every tool), an output replaced
+* inside :func:`polar_xtuner.cli.entry.run` (every tool), an output replaced
   during the run is kept aside until the run ends, and put back when a
   SIGINT or SIGTERM ends it (:class:`Transaction`).
 """
@@ -387,7 +387,7 @@ def _keep_aside(path: str, backup: str) -> None:
 class Transaction:
     """The outputs one tool run replaced, so that an interrupted run can put the old ones back.
 
-    :func:`polar_xtuner.entry.run` opens one around ``main``: while it is
+    :func:`polar_xtuner.cli.entry.run` opens one around ``main``: while it is
     open, :func:`atomic_file` and :func:`atomic_dir` keep each replaced
     output aside (``.NAME.old-PID-*``, removed by the next run if this one is
     killed) instead of deleting it. :meth:`commit` deletes them;

@@ -48,16 +48,17 @@ unless a fallback score was asked for.
 
 # Loaded by path, this file is a module outside the package: it only re-exports
 # the package's implementation, with absolute imports.
+from polar_xtuner.constants import STATS_FILE  # noqa: F401
 from polar_xtuner.rl.reward import (  # noqa: F401
     END_MARKERS,
-    STATS_FILE,
     PolarReward,
     RFTConfigError,
     RFTSettings,
-    _instances,
     compute_score,
     compute_score_batch,
+    forget_rewards,
     get_reward,
+    loaded_rewards,
     parse_label,
     response_of,
     reward_func,
@@ -67,4 +68,4 @@ from polar_xtuner.rl.reward import (  # noqa: F401
 
 __all__ = ["compute_score", "compute_score_batch", "reward_func", "RFTSettings", "RFTConfigError",
            "PolarReward", "STATS_FILE", "parse_label", "response_of", "strip_thinking", "reward_stats",
-           "get_reward"]
+           "get_reward", "loaded_rewards", "forget_rewards"]

@@ -1,13 +1,13 @@
 """How a tool's process takes SIGINT and SIGTERM: one interrupt state, and critical sections.
 
 A tool's SIGINT and SIGTERM handlers are installed by
-:func:`polar_xtuner.entry.start_tool` (before torch and the other heavy
-imports) and by :func:`polar_xtuner.entry.run`. While the tool starts
+:func:`polar_xtuner.cli.entry.start_tool` (before torch and the other heavy
+imports) and by :func:`polar_xtuner.cli.entry.run`. While the tool starts
 (nothing written yet) a signal ends it at once; while ``main`` runs it raises :class:`Interrupted`
 and is *sticky*: libraries catch it with bare ``except:`` (DeepSpeed's
 op-builder probes compile a test program during ``import deepspeed`` and
 swallow any exception, a Ctrl-C included), so it is raised again every half
-second until it reaches :func:`polar_xtuner.entry.run`. Outputs replaced during the run are kept
+second until it reaches :func:`polar_xtuner.cli.entry.run`. Outputs replaced during the run are kept
 aside (:func:`polar_xtuner.outputs.Transaction`) and put back when the run
 ends interrupted; the decision, and every swap of an output, happens with
 signals deferred, so exit 130/143 always means the old outputs and exit 0

@@ -157,7 +157,7 @@ def prompt_sharing_records(seed=0, margins=True):
 def prompt_groups(tokenizer, max_length=512, split_at=None, seed=0):
     """:func:`prompt_sharing_records` as shared-prefix groups, one per prompt (or its parts when split)."""
     from polar_xtuner.encoding import PolarEncoder
-    from polar_xtuner.prefix_sharing import Group
+    from polar_xtuner.encoding.shared_prefix import Group
 
     records = prompt_sharing_records(seed)
     feats = PolarEncoder(tokenizer, max_length, 128).encode_pairs(records)
@@ -199,7 +199,7 @@ def shared_row_batch(groups):
     """The groups as one shared-prefix row, as the model takes it."""
     import torch
 
-    from polar_xtuner.prefix_sharing import pack_groups
+    from polar_xtuner.encoding.shared_prefix import pack_groups
 
     row = pack_groups(groups)
     return {"input_ids": row.input_ids[None], "position_ids": row.position_ids[None],

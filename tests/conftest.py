@@ -108,7 +108,7 @@ def tokenizer(tiny_dir):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
-    from polar_xtuner.scoring import load_model
+    from polar_xtuner.scoring.local import load_model
 
     return load_model(tiny_dir, device="cpu")[0]
 

@@ -84,12 +84,12 @@ class FakePolarServer:
 
 def verl_rows(records):
     """What verl hands compute_score for rows written by tools/make_rft_data.py (parquet -> numpy)."""
-    from polar_xtuner.rl.prompts import _messages
+    from polar_xtuner.rl.prompts import plain_messages
 
     out = []
     for r in records:
-        prompt = np.array(_messages(r["prompt"]), dtype=object)
-        out.append({"data_source": "polar", "ground_truth": np.array(_messages(r["reference"]), dtype=object),
+        prompt = np.array(plain_messages(r["prompt"]), dtype=object)
+        out.append({"data_source": "polar", "ground_truth": np.array(plain_messages(r["reference"]), dtype=object),
                     "extra_info": {"prompt": prompt, "ability": "general", "split": "train", "index": 0,
                                    "num_turns": 2, "rollout_reward_scores": {}}})
     return out
@@ -98,7 +98,7 @@ def verl_rows(records):
 def local_candidate_scores(model, tok, records, max_length=16384, max_response_length=4096):
     """Each record's chosen and rejected scored on its own (as RL scores one response at a time)."""
     from polar_xtuner.encoding import PolarEncoder
-    from polar_xtuner.scoring import pad_id, score_ids
+    from polar_xtuner.scoring.local import pad_id, score_ids
 
     enc = PolarEncoder(tok, max_length, max_response_length)
     items = [(r["prompt"], r["reference"], (r[k],)) for r in records for k in ("chosen", "rejected")]

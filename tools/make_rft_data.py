@@ -17,16 +17,16 @@ output path equal to an input, an extension that is not the format's).
 """
 
 if __name__ == "__main__":  # first, run as a tool: Ctrl-C, a missing module, reproducible MKL
-    from polar_xtuner.entry import start_tool
+    from polar_xtuner.cli.entry import start_tool
 
     start_tool()
 
 import os
 import sys
 
-from polar_xtuner.entry import cli, entry_point
+from polar_xtuner.cli.entry import cli, entry_point
 from polar_xtuner.errors import UserError
-from polar_xtuner.flags import ArgumentParser, non_empty
+from polar_xtuner.cli.flags import ArgumentParser, non_empty
 from polar_xtuner.outputs import check_writable, refuse_overlap
 from polar_xtuner.rl.prompts import FORMATS, rl_rows, write_rows
 

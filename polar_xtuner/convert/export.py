@@ -37,9 +37,9 @@ import gc
 import json
 import os
 
-from polar_xtuner.entry import entry_point
+from polar_xtuner.cli.entry import entry_point
 from polar_xtuner.errors import UserError, VerificationError
-from polar_xtuner.flags import ArgumentParser, non_empty, size
+from polar_xtuner.cli.flags import ArgumentParser, non_empty, size
 from polar_xtuner.hf_layout import model_dir_entry
 from polar_xtuner.outputs import atomic_dir, check_writable_dir, output_target, refuse_foreign, refuse_overlap
 from polar_xtuner.precision import (
@@ -168,7 +168,7 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     from xtuner.registry import BUILDER
 
     from polar_xtuner.convert.lora import LoraCheckpointError, adapted_model, is_lora_state_dict
-    from polar_xtuner.scoring import score_records
+    from polar_xtuner.scoring.local import score_records
 
     if not os.path.isfile(config_path):
         raise ConvertError(f"config {config_path}: no such file")
@@ -292,7 +292,7 @@ def _write_and_verify(work, out_dir, config_path, cfg, ckpt, held, tokenizer, se
     model = held.pop()
     from polar_xtuner.convert.lora import merge, save_adapter
     from polar_xtuner.hf_layout import copy_remote_code, remember_code
-    from polar_xtuner.scoring import load_model
+    from polar_xtuner.scoring.local import load_model
 
     verify = before is not None
     if adapter:
@@ -365,7 +365,7 @@ def _verify_scores(out_dir, dtype, load_dtype, records, before, enc_kwargs, load
     Raises:
         VerificationError: A score differs beyond the dtype's tolerance.
     """
-    from polar_xtuner.scoring import load_model, score_records
+    from polar_xtuner.scoring.local import load_model, score_records
 
     fresh, fresh_tok = loaded or load_model(out_dir, device="cpu", dtype=load_dtype)
     after = score_records(fresh, fresh_tok, records, **enc_kwargs)

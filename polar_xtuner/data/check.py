@@ -130,7 +130,7 @@ class LengthMeter:
         """Record lengths; return per record why it is overlong (or None).
 
         A field far longer than truncation keeps is tokenized in windows
-        (:class:`polar_xtuner.token_windows.ClippedIds`): its length is recorded as
+        (:class:`polar_xtuner.encoding.windows.ClippedIds`): its length is recorded as
         the lower bound the windows give, and the reason says "at least". Such
         a field is over its limit by construction, so the truncation counts
         stay exact; the pair lengths come from the built sequences, as always.

@@ -34,7 +34,7 @@ from polar_xtuner.records import DataError, load_records, require_regular_file
 ENCODE_CHUNK = 1000  # records per batched tokenizer call
 
 
-def _build_tokenizer(tokenizer):
+def build_tokenizer(tokenizer):
     if isinstance(tokenizer, dict):
         from xtuner.registry import BUILDER
 
@@ -295,7 +295,7 @@ def build_polar_dataset(
             raise ConfigError("share_prefix = True needs use_varlen_attn = True (groups are packed into rows)")
         with _no_cyclic_gc():
             row = packed_length(max_length, max_packed_length)
-            dataset = encoded_pairs(files, _build_tokenizer(tokenizer), max_length, max_response_length,
+            dataset = encoded_pairs(files, build_tokenizer(tokenizer), max_length, max_response_length,
                                     reward_token_id, cache_dir, group_tokens=row if share_prefix else None)
             if share_prefix:
                 dataset = GroupRows(columns_to_groups(dataset), row, shuffle_before_pack, seed)

@@ -3,7 +3,7 @@
 With ``share_prefix = True`` (a config's PART 1) the builder gathers the
 distinct candidates of every record with the same prompt, reference, wrapper
 and prompt cut (the truncation rules of :class:`polar_xtuner.encoding.PolarEncoder`,
-unchanged) into a :class:`polar_xtuner.prefix_sharing.Group`, with the
+unchanged) into a :class:`polar_xtuner.encoding.shared_prefix.Group`, with the
 record's pairs (and margins) between them. A ranked record's pairs and a
 policies prompt's pairs share their prompt and reference, so they group the
 same way. A group longer than a row is split with its prefix repeated, every
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from polar_xtuner.prefix_sharing import Group, fill_rows, group_pairs, pack_groups
+from polar_xtuner.encoding.shared_prefix import Group, fill_rows, group_pairs, pack_groups
 from polar_xtuner.records import DataError
 
 GROUP_COLUMNS = ("prefix", "candidates", "pair_better", "pair_worse", "pair_margin")

@@ -23,7 +23,7 @@ from polar_xtuner.records import RecordError, iter_records, normalise_field
 FORMATS = ("verl", "openrlhf")
 
 
-def _messages(field: list[dict]) -> list[dict]:
+def plain_messages(field: list[dict]) -> list[dict]:
     # role and content only: one Arrow schema for every row
     return [{"role": str(m.get("role", "user")), "content": m["content"]} for m in field]
 
@@ -50,8 +50,8 @@ def rl_rows(paths: Iterable[str], fmt: str = "verl", data_source: str = "polar",
                 missing = [k for k in ("prompt", "reference") if k not in rec]
                 if missing:
                     raise RecordError(f"missing field '{missing[0]}'", missing[0])
-                prompt = _messages(normalise_field("prompt", rec["prompt"]))
-                reference = _messages(normalise_field("reference", rec["reference"]))
+                prompt = plain_messages(normalise_field("prompt", rec["prompt"]))
+                reference = plain_messages(normalise_field("reference", rec["reference"]))
             except RecordError as e:
                 rejected.append(f"{item.where}: {e.reason}")
                 continue

@@ -22,19 +22,19 @@ from typing import Any, Sequence
 
 # Absolute imports: OpenRLHF (and verl given a file path) load this file on its
 # own, outside the package, where relative imports fail.
-from polar_xtuner.client import (
+from polar_xtuner.scoring.client import (
     SERVER_TYPES,
     RemoteScoringError,
     RemoteSettings,
     parse_addresses,
 )
+from polar_xtuner.constants import STATS_FILE
 from polar_xtuner.encoding import EncodingSettings, PolarEncoder
 from polar_xtuner.errors import UserError
 from polar_xtuner.records import read_settings
 
-log = logging.getLogger("polar_xtuner.rft")
+log = logging.getLogger(__name__)
 
-STATS_FILE = "polar_reward_stats.json"
 # End-of-turn markers that OpenRLHF leaves on the decoded query (it decodes
 # with special tokens); stripped from the end of a response.
 END_MARKERS = ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<eos>",
@@ -369,6 +369,18 @@ def get_reward(address: str | None = None, tokenizer=None, overrides: dict | Non
             _instances[key] = PolarReward(settings, tokenizer=None if settings.model else tokenizer,
                                           address=address)
         return _instances[key]
+
+
+def loaded_rewards() -> list[PolarReward]:
+    """The rewards this process has built, one per settings (their counters, e.g. ``fallback_uses``)."""
+    with _instances_lock:
+        return list(_instances.values())
+
+
+def forget_rewards() -> None:
+    """Drop the built rewards, so that the next call reads the settings again."""
+    with _instances_lock:
+        _instances.clear()
 
 
 def _prompt_of(extra_info, kwargs) -> Any:

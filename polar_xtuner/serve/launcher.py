@@ -33,9 +33,9 @@ import subprocess
 import sys
 import time
 
-from polar_xtuner.entry import cli, entry_point, start_tool
+from polar_xtuner.cli.entry import cli, entry_point, start_tool
 from polar_xtuner.errors import UserError
-from polar_xtuner.flags import ArgumentParser, float_in, int_at_least, non_empty
+from polar_xtuner.cli.flags import ArgumentParser, float_in, int_at_least, non_empty
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
 
 ENGINES = ("vllm", "sglang", "lmdeploy")
@@ -188,7 +188,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     Raises:
         ServeError: The process exited first, or the timeout passed.
     """
-    from polar_xtuner.client import http_request
+    from polar_xtuner.scoring.client import http_request
 
     start = time.monotonic()
     deadline = start + timeout

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from polar_xtuner import prefix_sharing
+from polar_xtuner.train import shared_prefix_attention
 from polar_xtuner.errors import ConfigError
 from polar_xtuner.precision import backend_for, half_dtype
 from polar_xtuner.train.layout import WHOLE, SharedPrefix, require_layout
@@ -83,7 +83,7 @@ def varlen_signature(fn) -> VarlenSignature | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _installed_varlen():
+def installed_varlen():
     """(varlen_attn, its signature) of this PyTorch, or (None, None)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -114,7 +114,7 @@ def torch_varlen_call(fn, sig: VarlenSignature, q, k, v, cu_seqlens, max_seqlen:
 
 
 def _has_torch_varlen() -> bool:
-    return _installed_varlen()[1] is not None
+    return installed_varlen()[1] is not None
 
 
 def available_backends() -> list[str]:
@@ -171,12 +171,12 @@ def shared_prefix_backend(requested: str | None, device: torch.device | str) -> 
 
     On CPU a compiled FlexAttention pays a compile per row length, and eager
     FlexAttention is slow; one SDPA call over gathered segments costs what the
-    candidates attend to. ``requested`` forces one (:data:`prefix_sharing.BACKENDS`).
+    candidates attend to. ``requested`` forces one (:data:`shared_prefix_attention.BACKENDS`).
     """
     if requested is None:
         return "flex" if torch.device(device).type == "cuda" else "sdpa"
-    if requested not in prefix_sharing.BACKENDS:
-        raise ConfigError(f"shared_prefix_attn_backend must be one of {', '.join(prefix_sharing.BACKENDS)} "
+    if requested not in shared_prefix_attention.BACKENDS:
+        raise ConfigError(f"shared_prefix_attn_backend must be one of {', '.join(shared_prefix_attention.BACKENDS)} "
                           f"or None, got {requested!r}")
     return requested
 
@@ -199,7 +199,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, backend: str):
 
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
     if backend == "torch_varlen":
-        fn, sig = _installed_varlen()
+        fn, sig = installed_varlen()
         if sig is None:
             raise ConfigError(f"varlen_attn_backend='torch_varlen': PyTorch {torch.__version__} has no causal "
                               "varlen_attn; use varlen_attn_backend='sdpa' or PyTorch >= 2.10")
@@ -301,7 +301,7 @@ def _shared_prefix_forward(attn, hidden_states, position_ids, shared: SharedPref
     if shared.backend == "flex" and q.device.type == "cpu" and q.requires_grad:
         raise ConfigError(FLEX_CPU_TRAINING)
     # compiled FlexAttention on CUDA; on CPU (forced there, scoring only) eager, exact but slow
-    out = prefix_sharing.prefix_attention(q, k, v, shared.group_ids, shared.member_ids, shared.backend,
+    out = shared_prefix_attention.prefix_attention(q, k, v, shared.group_ids, shared.member_ids, shared.backend,
                                           mask=shared.mask(), compiled=q.device.type == "cuda")
     return out.to(hidden_states.dtype).transpose(1, 2).reshape(bsz, q_len, attn.hidden_size)
 

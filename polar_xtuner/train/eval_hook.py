@@ -61,23 +61,23 @@ class PolarEvalHook(Hook):
         self.history: list[tuple[int, float]] = []
 
     def before_train(self, runner) -> None:
-        from polar_xtuner.data.dataset import _build_tokenizer
+        from polar_xtuner.data.dataset import build_tokenizer
         from polar_xtuner.encoding import EncodingSettings, PolarEncoder
-        from polar_xtuner.scoring import pad_id
+        from polar_xtuner.scoring.local import pad_id
 
         # Validate and encode once: a bad val file fails before training starts. Every rank reads
         # it, so a pipe would be split between them: files only.
         for path in [self.data_files] if isinstance(self.data_files, str) else list(self.data_files):
             require_regular_file(path, "every rank reads the validation file")
         records = load_records(self.data_files)
-        tok = _build_tokenizer(self.tokenizer)
+        tok = build_tokenizer(self.tokenizer)
         model_dir = getattr(tok, "name_or_path", None)
         settings = EncodingSettings.from_model_dir(model_dir if model_dir and os.path.isdir(model_dir) else None)
         settings = settings.override(self.max_length, self.max_response_length)
         encoder = PolarEncoder(tok, settings.max_length, settings.max_response_length)
         self._pad = pad_id(tok)
         if self.share_prefix:
-            from polar_xtuner.prefix_sharing import group_pairs
+            from polar_xtuner.encoding.shared_prefix import group_pairs
 
             # the groups rebuild every whole sequence: the val file is encoded once either way
             self._groups, self._where = group_pairs(records, encoder)
@@ -97,8 +97,8 @@ class PolarEvalHook(Hook):
     @torch.no_grad()
     def evaluate(self, runner, step: int) -> float:
         """Score the val file with the current weights; log and return the accuracy."""
-        from polar_xtuner.pair_metrics import accuracy, mean_margin, unflatten
-        from polar_xtuner.scoring import score_ids
+        from polar_xtuner.eval.metrics import accuracy, mean_margin, unflatten
+        from polar_xtuner.scoring.local import score_ids
 
         model = runner.model
         while hasattr(model, "module"):  # DeepSpeed / DDP wrappers
@@ -130,7 +130,7 @@ def score_shared_rows(model, groups, row_tokens: int) -> list[list[float]]:
     ``model`` is a ``PolarRewardModel`` with varlen attention (its patched
     attention reads the row's layout, given here); one row per forward pass.
     """
-    from polar_xtuner.prefix_sharing import pack_groups, rows_by_length, spread_scores
+    from polar_xtuner.encoding.shared_prefix import pack_groups, rows_by_length, spread_scores
     from polar_xtuner.train.attention import shared_prefix_backend
 
     device = next(model.parameters()).device

@@ -56,7 +56,7 @@ import socket
 import sys
 
 from polar_xtuner.constants import MKL_CBWR
-from polar_xtuner.entry import cli, end_without_collection, entry_point, start_tool
+from polar_xtuner.cli.entry import cli, end_without_collection, entry_point, start_tool
 from polar_xtuner.errors import EXIT_USER, UserError
 
 DEFAULT_PORT = 29500  # torchrun's and DeepSpeed's; the nodes of a job must agree on it
@@ -164,7 +164,7 @@ def prepare_training_process() -> None:
     ensure_rendezvous_env()
     # Registered before any other exit handler, so it runs after all of them (checkpoints, logs and
     # TensorBoard are closed by then): the process then ends without a collection over the whole
-    # heap, 1.9 s of CPU per training process (polar_xtuner.entry.end_without_collection).
+    # heap, 1.9 s of CPU per training process (polar_xtuner.cli.entry.end_without_collection).
     atexit.register(end_without_collection)
 
 

@@ -2,7 +2,7 @@
 
 A packed row is only correct when its attention sees the row's layout: the
 sample bounds of a varlen row, or the groups of a shared-prefix row
-(:mod:`polar_xtuner.prefix_sharing`). Activation checkpointing runs each
+(:mod:`polar_xtuner.encoding.shared_prefix`). Activation checkpointing runs each
 layer's forward a second time during backward, after the step's forward has
 returned, on the autograd engine's thread. A layout published only around the
 forward (a MessageHub entry, a context manager) is gone by then, so the
@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from polar_xtuner import prefix_sharing
+from polar_xtuner.encoding.shared_prefix import dense_mask
+from polar_xtuner.train.shared_prefix_attention import block_mask, segments
 from polar_xtuner.errors import ConfigError, PolarError
 
 
@@ -80,8 +81,8 @@ class SharedPrefix:
     """A row of shared-prefix groups; the backend's mask is built once and reused by every layer and recompute.
 
     Attributes:
-        group_ids, member_ids: (T,) the row's layout (:class:`polar_xtuner.prefix_sharing.SharedPrefixRow`).
-        backend: One of :data:`polar_xtuner.prefix_sharing.BACKENDS`.
+        group_ids, member_ids: (T,) the row's layout (:class:`polar_xtuner.encoding.shared_prefix.SharedPrefixRow`).
+        backend: One of :data:`polar_xtuner.train.shared_prefix_attention.BACKENDS`.
     """
 
     group_ids: torch.Tensor
@@ -95,8 +96,7 @@ class SharedPrefix:
 
     def mask(self):
         if self._mask is None:
-            build = {"flex": prefix_sharing.block_mask, "sdpa": prefix_sharing.segments,
-                     "dense": prefix_sharing.dense_mask}[self.backend]
+            build = {"flex": block_mask, "sdpa": segments, "dense": dense_mask}[self.backend]
             self._mask = build(self.group_ids, self.member_ids)
         return self._mask
 

@@ -359,7 +359,7 @@ class PolarRewardModel(RewardModel):
         return out
 
     def _shared_prefix_scores(self, data, shared):
-        """(chosen, rejected, hidden states) of a shared-prefix row (:mod:`polar_xtuner.prefix_sharing`).
+        """(chosen, rejected, hidden states) of a shared-prefix row (:mod:`polar_xtuner.encoding.shared_prefix`).
 
         Each candidate is scored once at its reward token; a candidate in
         several pairs gives its one score to each. :meth:`layout_of` refused

@@ -43,7 +43,7 @@ def run_verl(model_dir, address, items, tokenizer):
     from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
-    from polar_xtuner.rl.prompts import _messages
+    from polar_xtuner.rl.prompts import plain_messages
 
     config = OmegaConf.create({"reward": {"custom_reward_function": {
         "path": "pkg://polar_xtuner.rft", "name": "compute_score",
@@ -64,10 +64,10 @@ def run_verl(model_dir, address, items, tokenizer):
         mask[i, pl:pl + len(r)] = 1
     non_tensor = {
         "data_source": np.array(["polar"] * len(items), dtype=object),
-        "reward_model": np.array([{"style": "polar", "ground_truth": np.array(_messages(r["reference"]),
+        "reward_model": np.array([{"style": "polar", "ground_truth": np.array(plain_messages(r["reference"]),
                                                                               dtype=object)}
                                   for r, _ in items], dtype=object),
-        "extra_info": np.array([{"prompt": np.array(_messages(r["prompt"]), dtype=object), "ability": "general",
+        "extra_info": np.array([{"prompt": np.array(plain_messages(r["prompt"]), dtype=object), "ability": "general",
                                  "split": "test", "index": i} for i, (r, _) in enumerate(items)], dtype=object),
     }
     data = DataProto.from_dict(tensors={"prompts": p_ids, "responses": r_ids, "attention_mask": mask,

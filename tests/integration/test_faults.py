@@ -629,8 +629,8 @@ def test_the_readmes_training_command_without_a_gpu_or_the_hub_is_one_line(tmp_p
         line = one_error_line(proc)
         assert "picks bf16 or fp16 from a CUDA GPU" in line and "polar_zero2_cpu.json" in line, proc.stderr[-2000:]
     code = ("import sys; from mmengine.config import Config; from xtuner.registry import BUILDER; "
-            f"from polar_xtuner.data.dataset import _build_tokenizer; cfg = Config.fromfile({shipped!r}); "
-            "what = sys.argv[1]; BUILDER.build(cfg.model) if what == 'model' else _build_tokenizer(cfg.tokenizer)")
+            f"from polar_xtuner.data.dataset import build_tokenizer; cfg = Config.fromfile({shipped!r}); "
+            "what = sys.argv[1]; BUILDER.build(cfg.model) if what == 'model' else build_tokenizer(cfg.tokenizer)")
     for what in ("model", "tokenizer"):
         proc = run_tool(sys.executable, "-c", code, what, env={"HF_HUB_OFFLINE": "1"}, cwd=str(tmp_path))
         if what == "model":  # inside the training loop: the model ends the process, one line, exit 2

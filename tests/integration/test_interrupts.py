@@ -132,7 +132,7 @@ def test_build_interrupted_at_any_moment_keeps_the_old_outputs(sig, big_input, t
 
 SWALLOWING_TOOL = textwrap.dedent("""
     import os, signal, sys, time
-    from polar_xtuner.entry import cli
+    from polar_xtuner.cli.entry import cli
     from polar_xtuner.outputs import atomic_dir
 
     def main(argv=None):
@@ -184,7 +184,7 @@ def own_handlers():
 def test_a_signal_during_the_swap_or_after_it_puts_every_output_back(sig, tmp_path, monkeypatch, capsys,
                                                                       own_handlers):
     import polar_xtuner.outputs as outputs
-    from polar_xtuner.entry import run
+    from polar_xtuner.cli.entry import run
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_text("old dir")
@@ -214,7 +214,7 @@ def test_a_signal_during_the_swap_or_after_it_puts_every_output_back(sig, tmp_pa
 
 def test_a_signal_after_main_returned_changes_nothing(tmp_path, capsys, own_handlers):
     """Once the run has decided (exit 0, new outputs), a late signal neither undoes nor interrupts it."""
-    from polar_xtuner.entry import run
+    from polar_xtuner.cli.entry import run
     from polar_xtuner.outputs import Transaction, write_json
 
     commit = Transaction.commit
@@ -240,7 +240,7 @@ def test_a_signal_after_main_returned_changes_nothing(tmp_path, capsys, own_hand
 LATE_SIGNAL_TOOL = """
 import atexit, os, signal, sys, time
 
-from polar_xtuner.entry import cli, start_tool
+from polar_xtuner.cli.entry import cli, start_tool
 from polar_xtuner.outputs import atomic_file
 
 start_tool()

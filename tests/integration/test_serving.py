@@ -184,7 +184,7 @@ def test_plugin_answers_the_last_token_and_reuses_shared_prefixes(serve_sh, serv
     """One row per text (not one per token), and a pair's rejected text reads its chosen's prefix from cache."""
     from transformers import AutoTokenizer
 
-    from polar_xtuner.client import RemoteScorer, post_json
+    from polar_xtuner.scoring.client import RemoteScorer, post_json
     from polar_xtuner.encoding import EncodingSettings, PolarEncoder, pair_items
     from polar_xtuner.records import load_records
     from polar_xtuner.serve.launcher import CPU_BLOCK_SIZE
@@ -257,7 +257,7 @@ def test_rl_reward_functions_on_the_real_server(serve_sh, served_model, local_sc
         monkeypatch.delenv(key)
     monkeypatch.setenv("POLAR_SERVER_ADDRESS", serve_sh[0])
     monkeypatch.setenv("POLAR_MODEL", served_model)
-    rft._instances.clear()
+    rft.forget_rewards()
     recs = load_records(VAL)
     local = [s for pair in local_scores[0] for s in pair]
     responses = [r[k][0]["content"] for r in recs for k in ("chosen", "rejected")]
@@ -276,7 +276,7 @@ def test_rl_reward_functions_on_the_real_server(serve_sh, served_model, local_sc
         with ThreadPoolExecutor(16) as pool:
             orl = list(pool.map(openrlhf, range(len(responses))))
     finally:
-        rft._instances.clear()
+        rft.forget_rewards()
     for got in (loop, batch, orl):
         assert len(got) == 400
         assert all(abs(a - b) <= REMOTE_TOL * max(1.0, abs(b)) for a, b in zip(got, local))

@@ -1,4 +1,5 @@
-"""The package's architecture, checked: import-linter's contract, and nothing set up on import."""
+"""The package's architecture, checked: import-linter's contract, no private name across modules, nothing set up on import."""
+import ast
 import os
 import shutil
 import subprocess
@@ -22,18 +23,22 @@ def test_the_layers_contract_holds():
 
 
 def test_a_wing_importing_another_wing_breaks_the_contract(tmp_path):
-    """The contract has teeth: train importing eval (no arrow) and the core importing a wing both fail it."""
+    """The contract has teeth: a wing importing another off its arrows, and the core importing a wing, fail it."""
     for name in ("polar_xtuner", "tools", "bench", "configs"):
         shutil.copytree(os.path.join(REPO, name), tmp_path / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.json", "*.png"))
     shutil.copy(os.path.join(REPO, "pyproject.toml"), tmp_path)
     model = tmp_path / "polar_xtuner" / "train" / "model.py"
-    model.write_text(model.read_text() + "\nfrom polar_xtuner.eval.report import preference_report  # noqa\n")
+    model.write_text(model.read_text() + "\nfrom polar_xtuner.eval.report import format_report  # noqa\n")
+    # eval_hook -> eval.metrics is an arrow; eval_hook -> eval.report is not
+    hook = tmp_path / "polar_xtuner" / "train" / "eval_hook.py"
+    hook.write_text(hook.read_text() + "\nimport polar_xtuner.eval.report  # noqa\n")
     records = tmp_path / "polar_xtuner" / "records.py"
     records.write_text(records.read_text() + "\nimport polar_xtuner.data.check  # noqa\n")
     proc = _lint(str(tmp_path))
     assert proc.returncode != 0
     assert "polar_xtuner.train.model -> polar_xtuner.eval.report" in proc.stdout, proc.stdout[-3000:]
+    assert "polar_xtuner.train.eval_hook -> polar_xtuner.eval.report" in proc.stdout, proc.stdout[-3000:]
     assert "polar_xtuner.records -> polar_xtuner.data.check" in proc.stdout, proc.stdout[-3000:]
 
 
@@ -60,3 +65,60 @@ def test_importing_every_module_sets_nothing_up():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) >= 40  # every module of the package, wings included
+
+
+SOURCES = ("polar_xtuner", "tools", "bench", "configs", "tests")
+PROJECT = ("polar_xtuner", "tools", "bench")
+
+
+def private_imports(root) -> list[str]:
+    """``file:line name`` of each private name one module takes from another of the project.
+
+    ``from M import _x`` anywhere (tests included), and ``m._x`` in the package,
+    tools and bench where ``m`` is a project module bound by an import. Dunders
+    (``__version__``) are public.
+    """
+    found = []
+    for top in SOURCES:
+        for dirpath, _, names in os.walk(os.path.join(root, top)):
+            for name in sorted(n for n in names if n.endswith(".py")):
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, root)
+                tree = ast.parse(open(path, encoding="utf-8").read(), rel)
+                bound = set()
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PROJECT)):
+                        for alias in node.names:
+                            if alias.name.startswith("_") and not alias.name.startswith("__"):
+                                found.append(f"{rel}:{node.lineno} {node.module}.{alias.name}")
+                            elif node.module and node.module.startswith(PROJECT):
+                                bound.add(alias.asname or alias.name)  # maybe a module: checked below
+                    elif isinstance(node, ast.Import):
+                        for alias in node.names:
+                            if alias.name.startswith(PROJECT):
+                                bound.add(alias.asname or alias.name)
+                if top == "tests":
+                    continue  # tests may reach into a module (monkeypatch) but import nothing private
+                for node in ast.walk(tree):
+                    if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                            and isinstance(node.value, ast.Name) and node.value.id in bound):
+                        found.append(f"{rel}:{node.lineno} {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_name_crosses_a_module():
+    """A leading underscore means "this module's own": nothing imports one from another module."""
+    assert private_imports(REPO) == []
+
+
+def test_a_private_import_is_caught(tmp_path):
+    for name in SOURCES:
+        shutil.copytree(os.path.join(REPO, name), tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.json"))
+    tool = tmp_path / "tools" / "eval_pref.py"
+    tool.write_text(tool.read_text() + "\nfrom polar_xtuner.records import _parsed  # noqa\n")
+    hook = tmp_path / "polar_xtuner" / "train" / "eval_hook.py"
+    hook.write_text(hook.read_text() + "\nimport polar_xtuner.records as r  # noqa\nr._parsed  # noqa\n")
+    found = private_imports(str(tmp_path))
+    assert len(found) == 2, found
+    assert found[0].startswith("polar_xtuner/train/eval_hook.py:") and found[0].endswith("r._parsed"), found
+    assert found[1].startswith("tools/eval_pref.py:") and found[1].endswith("polar_xtuner.records._parsed"), found

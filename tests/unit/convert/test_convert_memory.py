@@ -46,7 +46,7 @@ def test_verification_scores_with_the_kernel_the_saved_model_loads_with(tiny_dir
     """CI once failed a good conversion by 2.3e-3: the check built the checkpoint model
     with eager attention (the model config's) and reloaded the saved one with SDPA."""
     from polar_xtuner.train.checkpoint import assign_state_dict, build_empty_model
-    from polar_xtuner.scoring import load_model, score_records
+    from polar_xtuner.scoring.local import load_model, score_records
 
     saved, tok = load_model(tiny_dir, device="cpu", dtype=torch.float32)
     built = build_empty_model(tiny_dir, torch.float32)

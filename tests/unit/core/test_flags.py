@@ -10,7 +10,7 @@ import os
 import pytest
 
 from common import load_tool
-from polar_xtuner.flags import float_in, int_at_least, size
+from polar_xtuner.cli.flags import float_in, int_at_least, size
 
 
 def _tool(name):
@@ -90,7 +90,7 @@ def test_a_flag_given_twice_is_one_line_naming_it(tool, flag, capsys, tmp_path, 
 
 
 def test_two_flags_that_set_one_value_are_refused():
-    from polar_xtuner.flags import ArgumentParser
+    from polar_xtuner.cli.flags import ArgumentParser
 
     p = ArgumentParser(prog="t")
     p.add_argument("--share-prefix", dest="share", action="store_true")

@@ -10,9 +10,9 @@ import pytest
 
 from common import run_tool
 from polar_xtuner.data.check import LengthMeter
-from polar_xtuner import token_windows
+from polar_xtuner.encoding import windows as token_windows
 from polar_xtuner.encoding import PolarEncoder, pair_items
-from polar_xtuner.token_windows import ClippedIds
+from polar_xtuner.encoding.windows import ClippedIds
 from polar_xtuner.records import validate_record
 
 

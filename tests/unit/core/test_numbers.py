@@ -11,7 +11,7 @@ import math
 import pytest
 
 from polar_xtuner.data.formats import from_policies, from_ranked
-from polar_xtuner.records import Located, RecordError, _parsed, finite_number, validate_record
+from polar_xtuner.records import RecordError, finite_number, iter_records, validate_record
 
 BAD_NUMBERS = [float("nan"), float("inf"), float("-inf"), True, "8.5", None, [1], {"v": 1}]
 GOOD = {"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b"}
@@ -68,5 +68,8 @@ def test_finite_numbers_and_other_kept_values_pass():
 
 
 def test_a_nan_literal_read_from_a_line_is_refused_with_its_field(tmp_path):
-    item = _parsed(Located("data.jsonl", 7, json.dumps({**GOOD, "margin": float("nan")})), validate=True)
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "margin": float("nan")}) + "\n")  # NaN literal
+    item = list(iter_records(str(path)))[1]
+    assert item.where.endswith("data.jsonl:2")
     assert item.record is None and item.error.field == "margin" and "NaN" in item.error.reason

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from polar_xtuner.pair_metrics import accuracy, interleave, mean_margin, unflatten, wins
+from polar_xtuner.eval.metrics import accuracy, interleave, mean_margin, unflatten, wins
 
 
 def test_interleave_and_unflatten_are_inverse():

@@ -1,8 +1,9 @@
-"""Shared-prefix rows (polar_xtuner/prefix_sharing.py): layout, splitting, and attention equal to each sequence alone."""
+"""Shared-prefix rows (polar_xtuner/encoding/shared_prefix.py): layout, splitting, and attention equal to each sequence alone."""
 import pytest
 import torch
 
-from polar_xtuner.prefix_sharing import Group, dense_mask, pack_groups, prefix_attention, split_prefix
+from polar_xtuner.encoding.shared_prefix import Group, dense_mask, pack_groups, split_prefix
+from polar_xtuner.train.shared_prefix_attention import prefix_attention
 from polar_xtuner.records import DataError
 
 
@@ -105,7 +106,7 @@ def test_the_mask_hides_siblings_and_other_groups():
 
 
 def test_rows_by_length_fill_shortest_first_and_give_a_long_group_its_own_row():
-    from polar_xtuner.prefix_sharing import rows_by_length
+    from polar_xtuner.encoding.shared_prefix import rows_by_length
 
     groups = [Group.from_sequences([[1] * n + [2], [1] * n + [3]], [(0, 1, 0.0)]) for n in (9, 2, 30, 4)]
     assert [g.tokens for g in groups] == [11, 4, 32, 6]
@@ -134,7 +135,7 @@ def test_block_mask_is_built_blockwise_and_equals_torchs(parts, chunk, monkeypat
     """The same BlockMask as create_block_mask, without ever holding the row's (T, T) mask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    import polar_xtuner.prefix_sharing as ps
+    import polar_xtuner.train.shared_prefix_attention as ps
 
     gid, mid = _layout(parts)
     t = len(gid)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polar_xtuner.client import SERVER_TYPES, RemoteScoringError, parse_scores
+from polar_xtuner.scoring.client import SERVER_TYPES, RemoteScoringError, parse_scores
 from polar_xtuner.data.formats import from_policies, from_ranked
 from polar_xtuner.records import DataError, RecordError, iter_records, validate_record
 

@@ -1,11 +1,11 @@
-"""Local scoring with shared prefixes (polar_xtuner/scoring.py): each score equals the unshared one."""
+"""Local scoring with shared prefixes (polar_xtuner/scoring/local.py): each score equals the unshared one."""
 import os
 
 import pytest
 
 from common import REPO
 from polar_xtuner.records import load_records
-from polar_xtuner.scoring import pad_id, score_groups, score_records
+from polar_xtuner.scoring.local import pad_id, score_groups, score_records
 
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 
@@ -30,7 +30,7 @@ def test_shared_prefix_scores_equal_the_unshared_ones(tiny_model, tokenizer, max
 
 def test_small_batches_and_rows_give_the_same_scores(tiny_model, tokenizer):
     from polar_xtuner.encoding import PolarEncoder
-    from polar_xtuner.prefix_sharing import group_pairs
+    from polar_xtuner.encoding.shared_prefix import group_pairs
 
     groups, _ = group_pairs(_records(), PolarEncoder(tokenizer, 1024, 128))
     big = score_groups(tiny_model, groups, pad_id(tokenizer), 4096, batch_size=16)

@@ -108,7 +108,7 @@ def test_group_rules_name_the_response(tmp_path, bad, reason):
 
 
 def test_an_empty_response_is_an_answer_to_rank(tiny_model, tokenizer):
-    from polar_xtuner import scoring
+    from polar_xtuner.scoring import local as scoring
     from polar_xtuner.records import validate_group_record
 
     rec = validate_group_record({"prompt": "p", "reference": "r", "responses": [
@@ -125,7 +125,7 @@ def test_a_benchmark_file_of_another_format_is_named(tmp_path):
 
 
 def test_groups_score_the_same_shared_and_whole_and_in_parts(tiny_model, tokenizer, monkeypatch):
-    from polar_xtuner import scoring
+    from polar_xtuner.scoring import local as scoring
 
     recs = [r.record for r in load_eval_records(asset("groups.jsonl"), "polar").records]
     recs += [r.record for r in load_eval_records(asset("ppe_mmlu_pro.jsonl"), "ppe").records]
@@ -141,7 +141,7 @@ def test_groups_score_the_same_shared_and_whole_and_in_parts(tiny_model, tokeniz
 
 
 def test_saved_scores_are_matched_to_records_by_digest(tmp_path):
-    from tools.eval_pref import read_saved_scores
+    from polar_xtuner.eval.run import read_saved_scores
 
     loaded = load_eval_records(asset("groups.jsonl"), "polar")
     rows = [{"line": r.line, "digest": r.digest, "scores": [0.5] * len(r.record["responses"])}
@@ -181,7 +181,7 @@ def test_ppe_reads_every_response_field_whatever_its_index(tmp_path):
 
 
 def test_a_duplicate_key_is_refused_naming_both_lines(tmp_path):
-    from tools.eval_pref import read_saved_scores
+    from polar_xtuner.eval.run import read_saved_scores
 
     refs = tmp_path / "refs.jsonl"
     refs.write_text(json.dumps({"id": "1", "reference": "a"}) + "\n" + json.dumps({"id": "1", "reference": "b"}) + "\n")

@@ -9,10 +9,10 @@ import torch
 
 from common import REPO, load_tool, run_tool
 from fakes import FakePolarServer
-from polar_xtuner.client import BadScoreError, RemoteScorer, RemoteScoringError, parse_scores
-from polar_xtuner.eval.remote import score_records_remote
+from polar_xtuner.scoring.client import BadScoreError, RemoteScorer, RemoteScoringError, parse_scores
+from polar_xtuner.scoring.remote import score_records_remote
 from polar_xtuner.demo.data import generate
-from polar_xtuner.scoring import score_records
+from polar_xtuner.scoring.local import score_records
 
 VAL = f"{REPO}/data/demo/val.jsonl"
 
@@ -80,7 +80,7 @@ def test_wrong_shape_and_unreachable_are_errors():
 @pytest.mark.integration  # runs a repository tool in a subprocess
 def test_eval_cli_against_servers(tiny_dir, tmp_path, capsys):
     """eval_pref's process against a served model and a dead server; the local baseline through its main() here."""
-    from polar_xtuner.scoring import load_model
+    from polar_xtuner.scoring.local import load_model
 
     model, tok = load_model(tiny_dir, device="cpu")
     server = FakePolarServer("vllm", model, tok)

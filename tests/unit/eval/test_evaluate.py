@@ -4,7 +4,7 @@ import torch
 
 from polar_xtuner.demo.data import generate
 from polar_xtuner.eval.report import preference_report
-from polar_xtuner.scoring import score_ids, score_records
+from polar_xtuner.scoring.local import score_ids, score_records
 
 
 def test_left_and_right_padding_give_equal_scores(tiny_model, tokenizer):

@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from common import REPO, free_port, load_tool, run_tool
-from polar_xtuner.client import RemoteScorer, RemoteScoringError, TextTooLongError, http_request, post_json
+from polar_xtuner.scoring.client import RemoteScorer, RemoteScoringError, TextTooLongError, http_request, post_json
 from polar_xtuner.rl.reward import PolarReward, RFTSettings
 from polar_xtuner.serve.launcher import ServeError, wait_ready
 

@@ -21,7 +21,7 @@ import torch
 from common import REPO, load_tool, run_tool
 from fakes import FakePolarServer, local_candidate_scores, verl_reward_loop, verl_rows
 from polar_xtuner import rft
-from polar_xtuner.client import RemoteScorer, RemoteScoringError
+from polar_xtuner.scoring.client import RemoteScorer, RemoteScoringError
 from polar_xtuner.demo.data import generate
 
 
@@ -30,9 +30,9 @@ def fresh_rft(monkeypatch):
     for key in list(os.environ):
         if key.startswith("POLAR_"):
             monkeypatch.delenv(key)
-    rft._instances.clear()
+    rft.forget_rewards()
     yield
-    rft._instances.clear()
+    rft.forget_rewards()
 
 
 def setup_env(monkeypatch, server, tiny_dir, **more):
@@ -70,7 +70,7 @@ def test_a_verl_sized_batch_goes_out_in_few_requests(monkeypatch, tiny_dir):
     scored = [b["input"] for _, b in server.requests if b.get("use_activation") is False]
     assert sum(len(x) for x in scored) == 1024 and max(len(x) for x in scored) == 64
     assert len(scored) <= 20, len(scored)  # 1024 responses in about 16 requests, not 1024
-    reward = next(iter(rft._instances.values()))
+    reward = rft.loaded_rewards()[0]
     inputs = reward.inputs([r["prompt"] for r in recs], [r["reference"] for r in recs],
                            [r["chosen"][0]["content"] for r in recs])
     expected = [float(len(ids)) for ids in inputs]
@@ -151,13 +151,13 @@ def test_dead_server_raises_and_fallback_is_opt_in_and_counted(monkeypatch, tiny
         with pytest.raises(RemoteScoringError):
             rft.compute_score_batch(["polar"] * 3, ["x"] * 3, [r["ground_truth"] for r in rows],
                                     [r["extra_info"] for r in rows])
-        rft._instances.clear()
+        rft.forget_rewards()
         monkeypatch.setenv("POLAR_FALLBACK_SCORE", "-5")
         got = asyncio.run(verl_reward_loop(recs, ["x"] * 3))
     finally:
         dead.close()
     assert got == [-5.0] * 3
-    assert next(iter(rft._instances.values())).fallback_uses == 3
+    assert rft.loaded_rewards()[0].fallback_uses == 3
     assert "using the fallback score -5.0 (3 use(s) so far)" in caplog.text
 
 
@@ -174,7 +174,7 @@ def test_thinking_is_stripped_unless_turned_off(monkeypatch, tiny_dir, tiny_mode
         thought = ["<think>Let me compare with something else.</think>" + p for p in plain]
         a = asyncio.run(verl_reward_loop(recs, plain))
         b = asyncio.run(verl_reward_loop(recs, thought))
-        rft._instances.clear()
+        rft.forget_rewards()
         monkeypatch.setenv("POLAR_STRIP_THINKING", "0")
         c = asyncio.run(verl_reward_loop(recs, thought))
     finally:
@@ -199,7 +199,7 @@ def test_normalisation_uses_the_saved_stats(monkeypatch, tmp_path, tiny_dir, tin
         assert proc.returncode == 0, proc.stderr[-2000:]
         stats = json.load(open(os.path.join(model_dir, rft.STATS_FILE)))
         assert stats["n"] == 400 and stats["std"] > 0
-        rft._instances.clear()
+        rft.forget_rewards()
         normed = asyncio.run(verl_reward_loop(recs, [r["chosen"][0]["content"] for r in recs]))
     finally:
         server.close()
@@ -302,13 +302,13 @@ def test_the_file_loads_by_path_as_openrlhf_and_verl_load_it():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # a dataclass or relative import here would fail
     assert module.reward_func is rft.reward_func and module.compute_score is rft.compute_score
-    assert module._instances is rft._instances  # one copy of the state, however it was loaded
+    assert module.loaded_rewards is rft.loaded_rewards  # one copy of the state, however it was loaded
 
 
 def test_evaluation_and_rl_share_one_set_of_remote_defaults():
     import dataclasses
 
-    from polar_xtuner.client import RemoteScorer, RemoteSettings
+    from polar_xtuner.scoring.client import RemoteScorer, RemoteSettings
     from polar_xtuner.rl.reward import RFTSettings
 
     # one settings class: RL's extends evaluation's, and the scorer it builds carries every value

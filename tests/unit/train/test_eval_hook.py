@@ -4,9 +4,9 @@ import types
 import pytest
 
 from common import VAL
-from polar_xtuner.pair_metrics import accuracy, mean_margin
+from polar_xtuner.eval.metrics import accuracy, mean_margin
 from polar_xtuner.records import load_records
-from polar_xtuner.scoring import score_records
+from polar_xtuner.scoring.local import score_records
 from polar_xtuner.train.eval_hook import PolarEvalHook
 
 
@@ -80,8 +80,8 @@ def test_shared_prefix_evaluation_gives_the_unshared_scores(tiny_dir, tokenizer,
     from common import publish_varlen_args as publish
     from polar_xtuner.train.layout import WHOLE, MissingLayoutError, row_layout
 
-    from polar_xtuner.pair_metrics import unflatten
-    from polar_xtuner.scoring import score_ids
+    from polar_xtuner.eval.metrics import unflatten
+    from polar_xtuner.scoring.local import score_ids
 
     recs = load_records(VAL)[:30]
     recs += [{**recs[i], "chosen": recs[i + 10]["chosen"]} for i in range(8)]  # shared prompts and references

@@ -95,7 +95,7 @@ def _pairs(tokenizer, n=5, seed=3):
 
 def _hand_loss(model, feats, settings, l2=0.0):
     """The loss from each pair scored alone, then the formulas by hand."""
-    from polar_xtuner.scoring import score_ids
+    from polar_xtuner.scoring.local import score_ids
     from polar_xtuner.train.layout import WHOLE, row_layout
 
     ids = [x for f in feats for x in (f["chosen_ids"], f["rejected_ids"])]

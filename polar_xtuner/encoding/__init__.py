@@ -51,7 +51,7 @@ from polar_xtuner.constants import (
     TEMPLATE_RESERVED_TOKENS,
 )
 from polar_xtuner.records import join_contents, read_settings
-from polar_xtuner.token_windows import encode_kept
+from polar_xtuner.encoding.windows import encode_kept
 
 # Written by the converter next to config.json: the lengths the model was
 # trained with travel with it, so evaluation and serving clients truncate as
@@ -208,7 +208,7 @@ class PolarEncoder:
 
         A field too long to matter whole (far more text than truncation can
         keep) is tokenized in windows at its kept end instead: its entry is then
-        a :class:`polar_xtuner.token_windows.ClippedIds`, the verified ids nearest the kept end, more than
+        a :class:`polar_xtuner.encoding.windows.ClippedIds`, the verified ids nearest the kept end, more than
         truncation keeps, so cutting it gives the ids the whole text would.
 
         Returns:
@@ -229,7 +229,7 @@ class PolarEncoder:
         """Ids of texts of which at most ``keep`` tokens (the last ones if ``tail``) are used.
 
         Long texts are tokenized in windows at their kept end
-        (:func:`polar_xtuner.token_windows.encode_kept`).
+        (:func:`polar_xtuner.encoding.windows.encode_kept`).
         """
         return encode_kept(self._encode, texts, keep, tail, self._longest_token, self._head_anchored)
 

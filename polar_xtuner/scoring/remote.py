@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from polar_xtuner.client import RemoteScorer
+from polar_xtuner.scoring.client import RemoteScorer
 from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 from polar_xtuner.encoding import PolarEncoder
 from polar_xtuner.records import record_answers

@@ -18,15 +18,7 @@ from tqdm import tqdm
 from polar_xtuner.constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 from polar_xtuner.encoding import PolarEncoder
 from polar_xtuner.precision import SCORING_ATTENTION, default_device, eval_dtype
-from polar_xtuner.prefix_sharing import (
-    Group,
-    dense_mask,
-    group_answers,
-    pack_groups,
-    rows_by_length,
-    scoring_parts,
-    spread_scores,
-)
+from polar_xtuner.encoding.shared_prefix import Group, dense_mask, group_answers, pack_groups, rows_by_length, scoring_parts, spread_scores
 from polar_xtuner.records import record_answers
 
 
@@ -168,7 +160,7 @@ def score_groups(model, groups: Sequence[Group], pad_id: int, row_tokens: int,
 
     Groups are laid out in rows of about ``row_tokens`` (a longer group gets a
     row of its own), ``batch_size`` rows a batch, with a 4-D mask that lets a
-    candidate see its prefix and itself only (:mod:`polar_xtuner.prefix_sharing`)
+    candidate see its prefix and itself only (:mod:`polar_xtuner.encoding.shared_prefix`)
     and positions that continue from the prefix: each score is the
     candidate's whole sequence scored alone. Needs the SDPA or eager attention
     of the HF model (:data:`polar_xtuner.precision.SCORING_ATTENTION`); flash
