@@ -122,3 +122,40 @@ def test_a_private_import_is_caught(tmp_path):
     assert len(found) == 2, found
     assert found[0].startswith("polar_xtuner/train/eval_hook.py:") and found[0].endswith("r._parsed"), found
     assert found[1].startswith("tools/eval_pref.py:") and found[1].endswith("polar_xtuner.records._parsed"), found
+
+
+def test_the_commands_are_exactly_the_modules_with_a_command_line():
+    import polar_xtuner
+
+    found = set()
+    for dirpath, _, names in os.walk(os.path.join(REPO, "polar_xtuner")):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            module = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+            if name == "__main__.py":
+                found.add(module.rsplit(".", 1)[0])
+            elif name.endswith(".py") and 'if __name__ == "__main__"' in open(path, encoding="utf-8").read():
+                found.add(module)
+    assert found == set(polar_xtuner.COMMANDS)
+
+
+def test_python_m_on_a_module_without_a_command_line_refuses_in_one_line():
+    """It used to import and exit 0, so bench/convert_memory.py timed a conversion that never ran."""
+    for module in ("polar_xtuner.convert.export", "polar_xtuner.records", "polar_xtuner.scoring.local"):
+        proc = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (module, proc.stderr[-2000:])
+        assert proc.stderr.count("\n") == 1 and "not a command" in proc.stderr and "python -m polar_xtuner.convert" \
+            in proc.stderr, proc.stderr
+    for module in __import__("polar_xtuner").COMMANDS:  # each runs its own command line
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+        assert "usage:" in proc.stdout + proc.stderr and "not a command" not in proc.stderr, (module, proc.stderr)
+
+
+def test_only_python_m_is_read_from_the_command_line():
+    from polar_xtuner import module_run_by_python_m as target
+
+    assert target(["python", "-m", "polar_xtuner.records", "-m", "x"]) == "polar_xtuner.records"
+    assert target(["python", "-X", "dev", "-W", "error", "-mpolar_xtuner.records"]) == "polar_xtuner.records"
+    assert target(["python", "tools/eval_pref.py", "-m", "polar_xtuner.records"]) is None
+    assert target(["python", "-c", "pass", "-m", "polar_xtuner.records"]) is None
+    assert target(["python"]) is None
