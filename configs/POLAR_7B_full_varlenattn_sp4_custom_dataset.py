@@ -46,8 +46,8 @@ from polar_xtuner.train.schedulers import WarmupCosineAnnealingLR, WarmupLinearL
 # Model
 pretrained_model_name_or_path = "internlm/POLAR-7B-Base"
 use_varlen_attn = True
-# Shared prefixes (polar_xtuner/data/groups.py) are refused with sequence parallel.
-share_prefix = False
+# Shared prefixes (polar_xtuner/data/shared_prefix.py) are refused with sequence parallel.
+shared_prefix = False
 # Activation checkpointing: True recomputes every layer's forward in backward
 # (activations of one layer at a time), False keeps them all, k recomputes the
 # first k layers. Each of the 4 ranks holds 32768 tokens of a
@@ -140,7 +140,7 @@ train_dataset = dict(
     shuffle_before_pack=True,
     seed=pack_seed,
     cache_dir=data_cache_dir,
-    share_prefix=share_prefix,
+    shared_prefix=shared_prefix,
 )
 
 train_dataloader = dict(
@@ -200,7 +200,7 @@ if val_files:
             interval=evaluation_freq,
             max_length=max_length,
             max_response_length=max_response_length,
-            share_prefix=share_prefix,
+            shared_prefix=shared_prefix,
         ),
     ]
 if use_varlen_attn:

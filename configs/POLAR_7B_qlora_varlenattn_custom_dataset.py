@@ -48,7 +48,7 @@ use_varlen_attn = True
 # True: each prompt and reference is encoded once per row and the candidates
 # sharing them are scored after that one copy (docs/training.md, "Shared
 # prefixes"); the loss of every pair is unchanged. Needs use_varlen_attn.
-share_prefix = True
+shared_prefix = True
 # Activation checkpointing: True recomputes every layer's forward in backward
 # (activations of one layer at a time), False keeps them all, k recomputes the
 # first k layers. At max_packed_length = 32768 a 7B row keeps
@@ -168,7 +168,7 @@ train_dataset = dict(
     shuffle_before_pack=True,
     seed=pack_seed,
     cache_dir=data_cache_dir,
-    share_prefix=share_prefix,
+    shared_prefix=shared_prefix,
 )
 
 train_dataloader = dict(
@@ -228,7 +228,7 @@ if val_files:
             interval=evaluation_freq,
             max_length=max_length,
             max_response_length=max_response_length,
-            share_prefix=share_prefix,
+            shared_prefix=shared_prefix,
         ),
     ]
 if use_varlen_attn:

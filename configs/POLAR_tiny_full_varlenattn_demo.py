@@ -40,7 +40,7 @@ use_varlen_attn = True
 # prefixes"); the loss of every pair is unchanged. Needs use_varlen_attn. On
 # CPU the candidates attend through SDPA over segments; a demo epoch is 53 rows
 # instead of 168 (bench/demo_seeds.json).
-share_prefix = True
+shared_prefix = True
 # Activation checkpointing: True recomputes every layer's forward in backward
 # (activations of one layer at a time), False keeps them all, k recomputes the
 # first k layers. The tiny CPU model's activations are a few MB: False.
@@ -132,7 +132,7 @@ train_dataset = dict(
     shuffle_before_pack=True,
     seed=pack_seed,
     cache_dir=data_cache_dir,
-    share_prefix=share_prefix,
+    shared_prefix=shared_prefix,
 )
 
 train_dataloader = dict(
@@ -186,7 +186,7 @@ custom_hooks = [
         interval=evaluation_freq,
         max_length=max_length,
         max_response_length=max_response_length,
-        share_prefix=share_prefix,
+        shared_prefix=shared_prefix,
     ),
 ]
 if use_varlen_attn:

@@ -29,6 +29,8 @@ if __name__ == "__main__":  # first, run as a tool: Ctrl-C, a missing module, re
 
 import sys
 
+from polar_xtuner.cli.entry import cli, entry_point
+from polar_xtuner.cli.flags import ArgumentParser, float_in, int_at_least, non_empty, seed
 from polar_xtuner.constants import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_MAX_RESPONSE_LENGTH,
@@ -37,9 +39,7 @@ from polar_xtuner.constants import (
 )
 from polar_xtuner.data.check import build
 from polar_xtuner.data.formats import DEFAULT_PAIRS_PER_PROMPT, FORMATS
-from polar_xtuner.cli.entry import cli, entry_point
 from polar_xtuner.errors import UserError
-from polar_xtuner.cli.flags import ArgumentParser, float_in, int_at_least, non_empty, seed
 from polar_xtuner.hf_layout import TRUST_FLAG, hub_unreachable, remote_code_allowed, training_run_problem
 from polar_xtuner.outputs import check_writable_dir, refuse_overlap
 

@@ -97,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", type=non_empty,
                    help="draw score distributions and the margin histogram (both models' with --compare) to this "
                         ".png, .svg or .pdf")
-    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+    p.add_argument("--no-shared-prefix", "--no-share-prefix", dest="shared_prefix", action="store_false",
                    help="local scoring: score every answer as a whole sequence (default: the answers of one "
                         "prompt and reference after one copy of it, the same scores within float rounding)")
     p.add_argument("--server-type", choices=SERVER_TYPES, help="score on a served model")

@@ -13,9 +13,9 @@ if __name__ == "__main__":  # first, run as a tool: Ctrl-C, a missing module, re
 
     start_tool()
 
-from polar_xtuner.demo.data import write_demo_data
 from polar_xtuner.cli.entry import cli, entry_point
 from polar_xtuner.cli.flags import ArgumentParser, int_at_least, non_empty, seed
+from polar_xtuner.demo.data import write_demo_data
 
 
 @entry_point

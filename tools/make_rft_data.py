@@ -25,8 +25,8 @@ import os
 import sys
 
 from polar_xtuner.cli.entry import cli, entry_point
-from polar_xtuner.errors import UserError
 from polar_xtuner.cli.flags import ArgumentParser, non_empty
+from polar_xtuner.errors import UserError
 from polar_xtuner.outputs import check_writable, refuse_overlap
 from polar_xtuner.rl.prompts import FORMATS, rl_rows, write_rows
 

@@ -20,10 +20,10 @@ if __name__ == "__main__":  # first, run as a tool: Ctrl-C, a missing module, re
 
 import os
 
-from polar_xtuner.demo.tiny_model import TINY_REWARD_TOKEN_ID, make_tiny_model
 from polar_xtuner.cli.entry import cli, entry_point
-from polar_xtuner.errors import UserError
 from polar_xtuner.cli.flags import ArgumentParser, non_empty, seed
+from polar_xtuner.demo.tiny_model import TINY_REWARD_TOKEN_ID, make_tiny_model
+from polar_xtuner.errors import UserError
 from polar_xtuner.hf_layout import model_dir_entry
 from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_foreign
 

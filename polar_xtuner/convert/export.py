@@ -38,14 +38,26 @@ import json
 import os
 
 from polar_xtuner.cli.entry import entry_point
-from polar_xtuner.errors import UserError, VerificationError
 from polar_xtuner.cli.flags import ArgumentParser, non_empty, size
-from polar_xtuner.hf_layout import model_dir_entry
+from polar_xtuner.convert.lora import adapted_model, is_lora_state_dict, LoraCheckpointError, merge, save_adapter
+from polar_xtuner.encoding import EncodingSettings
+from polar_xtuner.errors import UserError, VerificationError
+from polar_xtuner.hf_layout import (
+    AUTO_MAP,
+    check_files_whole,
+    copy_remote_code,
+    load_failure,
+    model_dir_entry,
+    remember_code,
+    remote_code_allowed,
+)
 from polar_xtuner.outputs import atomic_dir, check_writable_dir, output_target, refuse_foreign, refuse_overlap
 from polar_xtuner.precision import (
     HF_NAMES,  # short name -> HF config name
     to_dtype,
 )
+from polar_xtuner.records import iter_records
+from polar_xtuner.scoring.local import load_model, score_records
 from polar_xtuner.train.checkpoint import (
     Checkpoint,
     assign_state_dict,
@@ -78,8 +90,6 @@ VERIFY_PAIRS = 8
 
 def verify_records(cfg, n: int = VERIFY_PAIRS) -> list[dict]:
     """A few pairs to compare scores on: the config's own data, if readable."""
-    from polar_xtuner.records import iter_records
-
     files = cfg.get("train_dataloader", {}).get("dataset", {}).get("data_files")
     for path in [files] if isinstance(files, str) else list(files or []):
         try:
@@ -133,8 +143,6 @@ followed by `[UNUSED_TOKEN_130]`; the score is the value head at that token
 
 def clean_config(out_dir: str, reward_token_id: int, dtype_name: str) -> None:
     """Drop training-only settings and point auto_map at the copied code."""
-    from polar_xtuner.hf_layout import AUTO_MAP
-
     path = os.path.join(out_dir, "config.json")
     with open(path) as f:
         c = json.load(f)
@@ -167,9 +175,6 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     from mmengine.config import Config
     from xtuner.registry import BUILDER
 
-    from polar_xtuner.convert.lora import LoraCheckpointError, adapted_model, is_lora_state_dict
-    from polar_xtuner.scoring.local import score_records
-
     if not os.path.isfile(config_path):
         raise ConvertError(f"config {config_path}: no such file")
     try:
@@ -178,16 +183,12 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad config
         raise ConvertError(f"config {config_path}: cannot read it ({e})") from None
     if os.path.isdir(str(model_dir)):  # the base model's code runs when it loads: ours, or the user's consent
-        from polar_xtuner.hf_layout import remote_code_allowed
-
         try:
             remote_code_allowed(model_dir, trust_remote_code)
         except UserError as e:
             raise ConvertError(f"the config's model {e}") from None
     ckpt = resolve_checkpoint(checkpoint)
     if os.path.isdir(str(model_dir)):  # its config and tokenizer are read (a LoRA's weights too): named if cut short
-        from polar_xtuner.hf_layout import check_files_whole
-
         check_files_whole(model_dir, "the config's model", "copy or download the base model again", weights=False)
     inputs = [("CONFIG", config_path), ("CHECKPOINT", checkpoint)]
     if os.path.isdir(str(model_dir)):
@@ -228,8 +229,6 @@ def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None =
     try:
         tokenizer = BUILDER.build(cfg.tokenizer)
     except Exception as e:  # noqa: BLE001 - a damaged tokenizer file fails in many ways
-        from polar_xtuner.hf_layout import load_failure
-
         raise load_failure(str(model_dir), "tokenizer", e, "the config's model") from None
     settings = training_encoding(cfg, model.config.reward_token_id)
     enc_kwargs = dict(max_length=settings.max_length, max_response_length=settings.max_response_length)
@@ -290,9 +289,6 @@ def _write_and_verify(work, out_dir, config_path, cfg, ckpt, held, tokenizer, se
     import torch
 
     model = held.pop()
-    from polar_xtuner.convert.lora import merge, save_adapter
-    from polar_xtuner.hf_layout import copy_remote_code, remember_code
-    from polar_xtuner.scoring.local import load_model
 
     verify = before is not None
     if adapter:
@@ -365,8 +361,6 @@ def _verify_scores(out_dir, dtype, load_dtype, records, before, enc_kwargs, load
     Raises:
         VerificationError: A score differs beyond the dtype's tolerance.
     """
-    from polar_xtuner.scoring.local import load_model, score_records
-
     fresh, fresh_tok = loaded or load_model(out_dir, device="cpu", dtype=load_dtype)
     after = score_records(fresh, fresh_tok, records, **enc_kwargs)
     max_diff = max_relative_diff(after, before)
@@ -417,8 +411,6 @@ def training_encoding(cfg, model_reward_token_id: int | None):
         ConvertError: The config names no lengths (conversion would otherwise
             write defaults the model was not trained with).
     """
-    from polar_xtuner.encoding import EncodingSettings
-
     dataset = cfg.get("train_dataloader", {}).get("dataset", {}) or {}
     values = {}
     for key in ("max_length", "max_response_length"):

@@ -23,6 +23,8 @@ import os
 import torch
 
 from polar_xtuner.errors import UserError
+from polar_xtuner.hf_layout import check_files_whole, load_failure
+from polar_xtuner.precision import SCORING_ATTENTION
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -112,9 +114,6 @@ def load_base(model_dir: str, dtype=torch.float32):
             or the weights do not load.
     """
     from transformers import AutoModel
-
-    from polar_xtuner.hf_layout import check_files_whole, load_failure
-    from polar_xtuner.precision import SCORING_ATTENTION
 
     flag = "the config's model"
     if os.path.isdir(model_dir):

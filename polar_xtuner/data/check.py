@@ -18,6 +18,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from polar_xtuner.data.formats import CONVERTERS, DEFAULT_PAIRS_PER_PROMPT, TAKES_OPTIONS
+from polar_xtuner.encoding import pair_items, PolarEncoder
 from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_foreign, refuse_overlap, write_json
 from polar_xtuner.records import DATA_SUFFIXES, DataError, Located, RecordError, check, iter_records
 
@@ -47,7 +49,6 @@ def iter_source(path: str, fmt: str = "polar", options: dict | None = None) -> I
     if fmt == "polar":
         yield from iter_records(path)
         return
-    from polar_xtuner.data.formats import CONVERTERS
 
     convert = CONVERTERS[fmt]
     if options:
@@ -117,8 +118,6 @@ class LengthMeter:
     def __init__(self, tokenizer, max_length: int, max_response_length: int, max_packed_length: int):
         from array import array
 
-        from polar_xtuner.encoding import PolarEncoder
-
         self.enc = PolarEncoder(tokenizer, max_length, max_response_length)
         self.max_length, self.max_response_length = max_length, max_response_length
         self.max_packed_length = max_packed_length
@@ -135,8 +134,6 @@ class LengthMeter:
         a field is over its limit by construction, so the truncation counts
         stay exact; the pair lengths come from the built sequences, as always.
         """
-        from polar_xtuner.encoding import pair_items
-
         items = pair_items(records)
         fields = self.enc.encode_fields(items)  # tokenized once, for lengths and features
         p_ids, r_ids, c_ids = fields
@@ -220,7 +217,6 @@ def build(sources: list[str], out_dir: str, val_ratio: float = 0.0, val_size: in
         raise DataError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     if drop_overlong and meter is None:
         raise DataError("--drop-overlong needs --tokenizer")
-    from polar_xtuner.data.formats import DEFAULT_PAIRS_PER_PROMPT, TAKES_OPTIONS
 
     options = None
     if fmt in TAKES_OPTIONS:

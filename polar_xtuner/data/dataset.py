@@ -27,8 +27,10 @@ from xtuner.utils import DEFAULT_PAD_TOKEN_INDEX
 
 from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, packed_length
 from polar_xtuner.data.cache import barrier, cache_key, cached, open_entry
-from polar_xtuner.data.groups import GroupRows, collate_group_row, columns_to_groups, group_records, groups_to_columns
-from polar_xtuner.errors import ConfigError, UserError, abort_training
+from polar_xtuner.data.shared_prefix import GroupRows, collate_group_row, columns_to_groups, group_records, groups_to_columns
+from polar_xtuner.encoding import PolarEncoder
+from polar_xtuner.errors import ConfigError, UserError, abort_training, renamed_setting
+from polar_xtuner.hf_layout import hub_unreachable, refuse_untrusted_code
 from polar_xtuner.records import DataError, load_records, require_regular_file
 
 ENCODE_CHUNK = 1000  # records per batched tokenizer call
@@ -37,8 +39,6 @@ ENCODE_CHUNK = 1000  # records per batched tokenizer call
 def build_tokenizer(tokenizer):
     if isinstance(tokenizer, dict):
         from xtuner.registry import BUILDER
-
-        from polar_xtuner.hf_layout import hub_unreachable, refuse_untrusted_code
 
         name = tokenizer.get("pretrained_model_name_or_path")
         refuse_untrusted_code(name, "the config's tokenizer")
@@ -142,7 +142,7 @@ def polar_collate_fn(instances, pad_index: int = DEFAULT_PAD_TOKEN_INDEX, return
     That is the order of the chosen reward tokens the model reads (row by
     row, left to right), whether the pairs are packed or padded.
     """
-    if instances and "groups" in instances[0]:  # share_prefix = True: a row of groups
+    if instances and "groups" in instances[0]:  # shared_prefix = True: a row of groups
         out = collate_group_row(instances)
         return out["data"] if return_hf_format else out
     out = preference_collate_fn(instances, pad_index=pad_index, return_hf_format=return_hf_format,
@@ -195,14 +195,12 @@ def encoded_pairs(data_files: list[str], tokenizer, max_length: int, max_respons
     and the others load it. Separate runs sharing a cache_dir may build one
     entry at the same time: one entry wins, all load it.
 
-    With ``group_tokens`` (share_prefix = True: the row length) the records
-    are encoded as shared-prefix groups (:mod:`polar_xtuner.data.groups`)
-    instead, as :data:`polar_xtuner.data.groups.GROUP_COLUMNS`, under a cache
+    With ``group_tokens`` (shared_prefix = True: the row length) the records
+    are encoded as shared-prefix groups (:mod:`polar_xtuner.data.shared_prefix`)
+    instead, as :data:`polar_xtuner.data.shared_prefix.GROUP_COLUMNS`, under a cache
     key of their own.
     """
     from mmengine.dist import get_rank, get_world_size
-
-    from polar_xtuner.encoding import PolarEncoder
 
     for path in data_files:
         if not os.path.exists(path):
@@ -258,7 +256,8 @@ def build_polar_dataset(
     shuffle_before_pack: bool = True,
     seed: int = 0,
     cache_dir: str | None = None,
-    share_prefix: bool = False,
+    shared_prefix: bool = False,
+    share_prefix: bool | None = None,
 ):
     """Validate, encode and (optionally) pack POLAR preference data.
 
@@ -275,10 +274,13 @@ def build_polar_dataset(
         cache_dir: Keep the encoded pairs here (HF datasets on disk,
             memory-mapped) and reuse them on restart and on every rank while
             the files, tokenizer and lengths are unchanged. None: no cache.
-        share_prefix: Encode each prompt and reference once per row: the
+        shared_prefix: Encode each prompt and reference once per row: the
             candidates of the records sharing them form one group
-            (:mod:`polar_xtuner.data.groups`), scored after one copy of their
+            (:mod:`polar_xtuner.data.shared_prefix`), scored after one copy of their
             prefix. Needs ``use_varlen_attn``. The loss per pair is unchanged.
+        share_prefix: The same switch under its earlier name, for configs
+            written before it was renamed; giving both with different values
+            is refused.
 
     Returns:
         A dataset of pair features, or of packed rows with ``use_varlen_attn``.
@@ -289,15 +291,16 @@ def build_polar_dataset(
     """
     files = [data_files] if isinstance(data_files, str) else list(data_files)
     try:
-        if not isinstance(share_prefix, bool):
-            raise ConfigError(f"share_prefix must be True or False, got {share_prefix!r}")
-        if share_prefix and not use_varlen_attn:
-            raise ConfigError("share_prefix = True needs use_varlen_attn = True (groups are packed into rows)")
+        shared_prefix = renamed_setting("shared_prefix", shared_prefix, "share_prefix", share_prefix)
+        if not isinstance(shared_prefix, bool):
+            raise ConfigError(f"shared_prefix must be True or False, got {shared_prefix!r}")
+        if shared_prefix and not use_varlen_attn:
+            raise ConfigError("shared_prefix = True needs use_varlen_attn = True (groups are packed into rows)")
         with _no_cyclic_gc():
             row = packed_length(max_length, max_packed_length)
             dataset = encoded_pairs(files, build_tokenizer(tokenizer), max_length, max_response_length,
-                                    reward_token_id, cache_dir, group_tokens=row if share_prefix else None)
-            if share_prefix:
+                                    reward_token_id, cache_dir, group_tokens=row if shared_prefix else None)
+            if shared_prefix:
                 dataset = GroupRows(columns_to_groups(dataset), row, shuffle_before_pack, seed)
             elif use_varlen_attn:
                 dataset = pack_pairs(dataset, packed_length(max_length, max_packed_length), shuffle_before_pack, seed)

@@ -15,6 +15,7 @@ import os
 import random
 from typing import Iterator
 
+from polar_xtuner.outputs import atomic_file, check_writable
 from polar_xtuner.records import join_contents
 
 # topic -> (answers, questions, reference templates, candidate templates).
@@ -171,8 +172,6 @@ def write_demo_data(out_dir: str, n_train: int = 2000, n_val: int = 200, seed: i
     Both destinations are checked before any record is made, and each file
     replaces its earlier version only once written whole.
     """
-    from polar_xtuner.outputs import atomic_file, check_writable
-
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "val")}
     for path in paths.values():

@@ -22,6 +22,7 @@ from polar_xtuner.constants import (
     REWARD_TOKEN,
     UNK_TOKEN,
 )
+from polar_xtuner.demo.data import corpus_for_tokenizer
 from polar_xtuner.hf_layout import AUTO_MAP, copy_remote_code
 
 # Fixed ids of the tiny tokenizer's special tokens. The real tokenizer keeps
@@ -48,8 +49,6 @@ TINY_MODEL_SIZES = dict(
 
 
 def _default_corpus() -> Iterable[str]:
-    from polar_xtuner.demo.data import corpus_for_tokenizer
-
     return corpus_for_tokenizer()
 
 

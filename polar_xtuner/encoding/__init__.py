@@ -50,8 +50,8 @@ from polar_xtuner.constants import (
     REWARD_TOKEN,
     TEMPLATE_RESERVED_TOKENS,
 )
-from polar_xtuner.records import join_contents, read_settings
 from polar_xtuner.encoding.windows import encode_kept
+from polar_xtuner.records import join_contents, read_settings
 
 # Written by the converter next to config.json: the lengths the model was
 # trained with travel with it, so evaluation and serving clients truncate as

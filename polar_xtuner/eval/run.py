@@ -95,7 +95,7 @@ def score(args, model_dir: str, loaded, server_address: str | None, flag: str = 
         model, tokenizer = load_model(model_dir, trust_remote_code=args.trust_remote_code)
         scores = score_answers(model, tokenizer, records, settings.max_length, settings.max_response_length,
                                args.batch_size or DEFAULT_EVAL_BATCH_SIZE, progress=True,
-                               share_prefix=args.share_prefix)
+                               shared_prefix=args.shared_prefix)
         del model
     for s, item in zip(scores, loaded.records):
         if not all(math.isfinite(v) for v in s):
@@ -187,7 +187,7 @@ def evaluate(args) -> int:
     report["data"] = args.data
     report["format"] = args.format
     report["backend"] = args.server_type or "local"
-    report["share_prefix"] = not args.server_type and args.share_prefix
+    report["shared_prefix"] = not args.server_type and args.shared_prefix
     report["encoding"] = {"max_length": settings.max_length, "max_response_length": settings.max_response_length,
                           "source": settings.source}
     if other is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
+from polar_xtuner.outputs import atomic_file
 from polar_xtuner.records import RecordError, iter_records, normalise_field
 
 FORMATS = ("verl", "openrlhf")
@@ -75,8 +76,6 @@ def write_rows(rows: list[dict], out: str, fmt: str) -> None:
     Raises:
         UserError: The folder of ``out`` does not exist (it is not created: see polar_xtuner.outputs).
     """
-    from polar_xtuner.outputs import atomic_file
-
     with atomic_file(out) as tmp:
         if fmt == "verl":
             import datasets

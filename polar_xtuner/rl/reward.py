@@ -22,16 +22,17 @@ from typing import Any, Sequence
 
 # Absolute imports: OpenRLHF (and verl given a file path) load this file on its
 # own, outside the package, where relative imports fail.
+from polar_xtuner.constants import STATS_FILE
+from polar_xtuner.encoding import EncodingSettings, PolarEncoder
+from polar_xtuner.errors import UserError
+from polar_xtuner.hf_layout import TRUST_ENV, remote_code_allowed, training_run_problem
+from polar_xtuner.records import read_settings
 from polar_xtuner.scoring.client import (
     SERVER_TYPES,
     RemoteScoringError,
     RemoteSettings,
     parse_addresses,
 )
-from polar_xtuner.constants import STATS_FILE
-from polar_xtuner.encoding import EncodingSettings, PolarEncoder
-from polar_xtuner.errors import UserError
-from polar_xtuner.records import read_settings
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,6 @@ class PolarReward:
         if tokenizer is None:
             if not settings.model:
                 raise RFTConfigError("POLAR_MODEL is not set (the converted model dir: tokenizer and lengths)")
-            from polar_xtuner.hf_layout import training_run_problem
 
             problem = training_run_problem(settings.model, f"POLAR_MODEL={settings.model}")
             if problem:  # transformers would answer with 500 characters about the hub
@@ -245,8 +245,6 @@ class PolarReward:
             if not os.path.isdir(settings.model):
                 raise RFTConfigError(f"POLAR_MODEL={settings.model}: no such directory")
             from transformers import AutoTokenizer
-
-            from polar_xtuner.hf_layout import TRUST_ENV, remote_code_allowed
 
             try:  # the tokenizer's code runs when it loads: ours, or the user's consent
                 trust = remote_code_allowed(settings.model, os.environ.get(TRUST_ENV) == "1", f"{TRUST_ENV}=1")

@@ -17,8 +17,10 @@ from tqdm import tqdm
 
 from polar_xtuner.constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 from polar_xtuner.encoding import PolarEncoder
-from polar_xtuner.precision import SCORING_ATTENTION, default_device, eval_dtype
 from polar_xtuner.encoding.shared_prefix import Group, dense_mask, group_answers, pack_groups, rows_by_length, scoring_parts, spread_scores
+from polar_xtuner.errors import UserError
+from polar_xtuner.hf_layout import check_files_whole, check_model_dir, load_failure, remote_code_allowed
+from polar_xtuner.precision import SCORING_ATTENTION, default_device, eval_dtype
 from polar_xtuner.records import record_answers
 
 
@@ -38,9 +40,6 @@ def load_model(path: str, device: str | None = None, dtype: torch.dtype | None =
             a piece is missing, or a file (named) is truncated; it is a training work dir.
     """
     from transformers import AutoTokenizer
-
-    from polar_xtuner.errors import UserError
-    from polar_xtuner.hf_layout import check_files_whole, check_model_dir, load_failure, remote_code_allowed
 
     device = device or default_device()
     if dtype is None:
@@ -77,8 +76,6 @@ def _adapter_base(path: str) -> str | None:
 
 def _load_weights(path, device, dtype, trust, trust_remote_code):
     from transformers import AutoModel
-
-    from polar_xtuner.hf_layout import remote_code_allowed
 
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         # A LoRA adapter directory (tools/convert.sh --adapter): its base model
@@ -213,11 +210,11 @@ def score_groups(model, groups: Sequence[Group], pad_id: int, row_tokens: int,
 def score_answers(model, tokenizer, records: Sequence[dict], max_length: int = DEFAULT_MAX_LENGTH,
                   max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH, batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
                   padding_side: str | None = None, progress: bool = False,
-                  share_prefix: bool = False) -> list[list[float]]:
+                  shared_prefix: bool = False) -> list[list[float]]:
     """Each validated record's answer scores: a pair's chosen and rejected, a group's responses, in order.
 
     The answers of one record share one prompt cut (the encoder's rule for
-    candidates of one item). With ``share_prefix`` the answers of every record
+    candidates of one item). With ``shared_prefix`` the answers of every record
     with the same prompt and reference are scored after one copy of it
     (:func:`score_groups`); the scores equal the unshared ones up to float
     rounding.
@@ -228,7 +225,7 @@ def score_answers(model, tokenizer, records: Sequence[dict], max_length: int = D
                        reward_token_id=getattr(model.config, "reward_token_id", None))
     items = [(r["prompt"], r["reference"], record_answers(r)) for r in records]
     wrappers = [r.get("wrapper", "sft") for r in records]
-    if share_prefix:
+    if shared_prefix:
         groups, where = group_answers(items, wrappers, enc)
         scores = score_groups(model, groups, pad_id(tokenizer), SHARED_ROW_TOKENS, batch_size, progress)
         return [[scores[g][k] for k in ks] for g, ks in where]
@@ -245,7 +242,7 @@ def score_answers(model, tokenizer, records: Sequence[dict], max_length: int = D
 def score_records(model, tokenizer, records: Sequence[dict], max_length: int = DEFAULT_MAX_LENGTH,
                   max_response_length: int = DEFAULT_MAX_RESPONSE_LENGTH, batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
                   padding_side: str | None = None, progress: bool = False,
-                  share_prefix: bool = False) -> list[tuple[float, float]]:
+                  shared_prefix: bool = False) -> list[tuple[float, float]]:
     """(chosen score, rejected score) for each validated pair record (:func:`score_answers`)."""
     return [(s[0], s[1]) for s in score_answers(model, tokenizer, records, max_length, max_response_length,
-                                                batch_size, padding_side, progress, share_prefix)]
+                                                batch_size, padding_side, progress, shared_prefix)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-from polar_xtuner.scoring.client import RemoteScorer
 from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH
 from polar_xtuner.encoding import PolarEncoder
 from polar_xtuner.records import record_answers
+from polar_xtuner.scoring.client import RemoteScorer
 
 
 def check_served_dtype(scorer: RemoteScorer, model_dir: str) -> str:

@@ -34,9 +34,11 @@ import sys
 import time
 
 from polar_xtuner.cli.entry import cli, entry_point, start_tool
-from polar_xtuner.errors import UserError
 from polar_xtuner.cli.flags import ArgumentParser, float_in, int_at_least, non_empty
+from polar_xtuner.encoding import EncodingSettings
+from polar_xtuner.errors import UserError
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
+from polar_xtuner.scoring.client import http_request
 
 ENGINES = ("vllm", "sglang", "lmdeploy")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # polar_xtuner/serve/ -> the repo
@@ -85,8 +87,6 @@ def model_dtype(model_dir: str) -> str:
 
 def model_max_length(model_dir: str) -> int | None:
     """The max_length the model was trained with, where the converter saved it."""
-    from polar_xtuner.encoding import EncodingSettings
-
     try:
         settings = EncodingSettings.from_model_dir(model_dir)
     except ValueError as e:
@@ -188,8 +188,6 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     Raises:
         ServeError: The process exited first, or the timeout passed.
     """
-    from polar_xtuner.scoring.client import http_request
-
     start = time.monotonic()
     deadline = start + timeout
     while True:

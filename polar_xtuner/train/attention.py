@@ -44,9 +44,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from polar_xtuner.train import shared_prefix_attention
 from polar_xtuner.errors import ConfigError
 from polar_xtuner.precision import backend_for, half_dtype
+from polar_xtuner.train import shared_prefix_attention
 from polar_xtuner.train.layout import WHOLE, SharedPrefix, require_layout
 
 BACKENDS = ("flash_attn", "torch_varlen", "sdpa")

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 
 from polar_xtuner.errors import UserError
+from polar_xtuner.hf_layout import file_damage
+from polar_xtuner.precision import SCORING_ATTENTION, dtype_name
 
 
 class CheckpointError(UserError):
@@ -131,8 +133,6 @@ def check_checkpoint_files(ckpt: Checkpoint) -> None:
     Raises:
         CheckpointError: naming the file.
     """
-    from polar_xtuner.hf_layout import file_damage
-
     for path in checkpoint_files(ckpt):
         reason = file_damage(path)
         if reason:
@@ -222,8 +222,6 @@ def to_hf_keys(state_dict: dict) -> dict:
 
 def training_dtype_name(cfg) -> str:
     """The dtype the config trained in: bf16/fp16 from AMP, else fp32."""
-    from polar_xtuner.precision import dtype_name
-
     dtype = cfg.get("optim_wrapper", {}).get("dtype")
     try:
         return dtype_name(dtype) if dtype else "fp32"
@@ -255,8 +253,6 @@ def build_empty_model(model_dir: str, dtype):
     """An InternLM2ForRewardModel with parameters on the meta device."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel
-
-    from polar_xtuner.precision import SCORING_ATTENTION
 
     # The kernel the saved model is loaded with, so verification compares weights, not kernels.
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True, attn_implementation=SCORING_ATTENTION)

@@ -18,7 +18,14 @@ from mmengine.dist import get_rank
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
+from polar_xtuner.data.dataset import build_tokenizer
+from polar_xtuner.encoding import EncodingSettings, PolarEncoder
+from polar_xtuner.encoding.shared_prefix import group_pairs, pack_groups, rows_by_length, spread_scores
+from polar_xtuner.errors import renamed_setting
+from polar_xtuner.eval.metrics import accuracy, mean_margin, unflatten
 from polar_xtuner.records import load_records, require_regular_file
+from polar_xtuner.scoring.local import pad_id, score_ids
+from polar_xtuner.train.attention import shared_prefix_backend
 from polar_xtuner.train.layout import WHOLE, SharedPrefix, row_layout
 
 
@@ -33,12 +40,14 @@ class PolarEvalHook(Hook):
             the tokenizer's model directory, else POLAR's defaults).
         max_response_length: Response cap, as in training (None: likewise).
         batch_size: Sequences per forward pass.
-        share_prefix: Score the answers of one prompt and reference after one
+        shared_prefix: Score the answers of one prompt and reference after one
             copy of their prefix, rows of groups through the model's own
             shared-prefix attention (a varlen model; a padded one scores
             whole sequences). The scores equal the unshared ones within
             float rounding.
         row_tokens: Tokens of a shared-prefix row (a longer group gets its own).
+        share_prefix: ``shared_prefix`` under its earlier name (configs
+            written before the rename).
     """
 
     # After the step's other hooks. Evaluation does not depend on the order: its
@@ -46,25 +55,21 @@ class PolarEvalHook(Hook):
     priority = "LOW"
 
     def __init__(self, data_files, tokenizer, interval: int = 500, max_length: int | None = None,
-                 max_response_length: int | None = None, batch_size: int = 16, share_prefix: bool = False,
-                 row_tokens: int = 8192):
+                 max_response_length: int | None = None, batch_size: int = 16, shared_prefix: bool = False,
+                 row_tokens: int = 8192, share_prefix: bool | None = None):
         self.data_files = data_files
         self.tokenizer = tokenizer
         self.interval = interval
         self.max_length = max_length
         self.max_response_length = max_response_length
         self.batch_size = batch_size
-        self.share_prefix = share_prefix
+        self.shared_prefix = renamed_setting("shared_prefix", shared_prefix, "share_prefix", share_prefix)
         self.row_tokens = row_tokens
         self._ids = None
         self._groups = None
         self.history: list[tuple[int, float]] = []
 
     def before_train(self, runner) -> None:
-        from polar_xtuner.data.dataset import build_tokenizer
-        from polar_xtuner.encoding import EncodingSettings, PolarEncoder
-        from polar_xtuner.scoring.local import pad_id
-
         # Validate and encode once: a bad val file fails before training starts. Every rank reads
         # it, so a pipe would be split between them: files only.
         for path in [self.data_files] if isinstance(self.data_files, str) else list(self.data_files):
@@ -76,9 +81,7 @@ class PolarEvalHook(Hook):
         settings = settings.override(self.max_length, self.max_response_length)
         encoder = PolarEncoder(tok, settings.max_length, settings.max_response_length)
         self._pad = pad_id(tok)
-        if self.share_prefix:
-            from polar_xtuner.encoding.shared_prefix import group_pairs
-
+        if self.shared_prefix:
             # the groups rebuild every whole sequence: the val file is encoded once either way
             self._groups, self._where = group_pairs(records, encoder)
             self._ids = [self._groups[g].sequence(k) for g, i, j in self._where for k in (i, j)]
@@ -97,9 +100,6 @@ class PolarEvalHook(Hook):
     @torch.no_grad()
     def evaluate(self, runner, step: int) -> float:
         """Score the val file with the current weights; log and return the accuracy."""
-        from polar_xtuner.eval.metrics import accuracy, mean_margin, unflatten
-        from polar_xtuner.scoring.local import score_ids
-
         model = runner.model
         while hasattr(model, "module"):  # DeepSpeed / DDP wrappers
             model = model.module
@@ -130,9 +130,6 @@ def score_shared_rows(model, groups, row_tokens: int) -> list[list[float]]:
     ``model`` is a ``PolarRewardModel`` with varlen attention (its patched
     attention reads the row's layout, given here); one row per forward pass.
     """
-    from polar_xtuner.encoding.shared_prefix import pack_groups, rows_by_length, spread_scores
-    from polar_xtuner.train.attention import shared_prefix_backend
-
     device = next(model.parameters()).device
     backend = shared_prefix_backend(getattr(model, "shared_prefix_attn_backend", None), device)
     out: list[list[float]] = [[] for _ in groups]

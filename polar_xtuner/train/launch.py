@@ -55,8 +55,8 @@ import os
 import socket
 import sys
 
-from polar_xtuner.constants import MKL_CBWR
 from polar_xtuner.cli.entry import cli, end_without_collection, entry_point, start_tool
+from polar_xtuner.constants import MKL_CBWR
 from polar_xtuner.errors import EXIT_USER, UserError
 
 DEFAULT_PORT = 29500  # torchrun's and DeepSpeed's; the nodes of a job must agree on it

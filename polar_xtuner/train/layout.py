@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from polar_xtuner.encoding.shared_prefix import dense_mask
-from polar_xtuner.train.shared_prefix_attention import block_mask, segments
 from polar_xtuner.errors import ConfigError, PolarError
+from polar_xtuner.train.shared_prefix_attention import block_mask, segments
 
 
 class MissingLayoutError(PolarError, RuntimeError):

@@ -262,10 +262,10 @@ class PolarRewardModel(RewardModel):
         if shared is not None:
             # inside the training loop: one line and exit 2 (abort_training), not a traceback
             if get_sequence_parallel_world_size() > 1:
-                abort_training(ConfigError("share_prefix = True does not work with sequence parallel "
-                                           "(sequence_parallel_size > 1): set share_prefix = False"))
+                abort_training(ConfigError("shared_prefix = True does not work with sequence parallel "
+                                           "(sequence_parallel_size > 1): set shared_prefix = False"))
             if not self.use_varlen_attn:
-                abort_training(ConfigError("share_prefix = True needs use_varlen_attn = True "
+                abort_training(ConfigError("shared_prefix = True needs use_varlen_attn = True "
                                            "(one packed row per step)"))
             device = data["input_ids"].device
             backend = shared_prefix_backend(self.shared_prefix_attn_backend, device)

@@ -27,7 +27,7 @@ log_processor = dict(by_epoch=False, window_size=1)
 default_hooks["logger"]["interval"] = 1
 """
 # Whole sequences: one pair a 256-token row, ~70 steps, so the resume test can kill at 50.
-SETTINGS = dict(max_epochs=1, max_length=256, max_packed_length=256, lr=1e-3, share_prefix=False,
+SETTINGS = dict(max_epochs=1, max_length=256, max_packed_length=256, lr=1e-3, shared_prefix=False,
                 save_steps=20, save_total_limit=10, evaluation_freq=1000)
 STEP = re.compile(r"Iter\(train\) \[\s*(\d+)/(\d+)\].*? loss: ([0-9.]+)  reduced_loss: ([0-9.]+)")
 

@@ -36,11 +36,11 @@ def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(
     assert [len(r["scores"]) for r in rows] == [3, 2, 3] and [r["line"] for r in rows] == [1, 2, 3]
 
     # the same records read back from the saved scores, scored whole this time: the same figures
-    proc = _eval("--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r2.json"), "--no-share-prefix",
+    proc = _eval("--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r2.json"), "--no-shared-prefix",
                  "--compare", str(tmp_path / "s.jsonl"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.load(open(tmp_path / "r2.json"))
-    assert again["share_prefix"] is False
+    assert again["shared_prefix"] is False
     for key in ("accuracy", "best_of_n", "mrr"):
         assert again[key] == report[key] and abs(again["compare"]["difference"][key]["difference"]) < 1e-9
 

@@ -28,9 +28,9 @@ def train(tmp_path, cfg):
 def trained(request, tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp(f"run_{request.param}")
     # rows of 512 tokens hold ~4 pairs: ~50 packed steps (the 3% warm-up needs >= 34). Whole
-    # sequences (share_prefix = False, the sp4 config's path); the demo, LoRA and loss-option
+    # sequences (shared_prefix = False, the sp4 config's path); the demo, LoRA and loss-option
     # tests train with shared prefixes (19 larger steps here)
-    cfg = copy_config(str(tmp), f"polar_it_{request.param}.py", tiny_dir, VAL, share_prefix=False,
+    cfg = copy_config(str(tmp), f"polar_it_{request.param}.py", tiny_dir, VAL, shared_prefix=False,
                       max_epochs=1, max_length=256, save_steps=20, evaluation_freq=20)
     work, proc = train(tmp, cfg)
     return {"tmp": tmp, "cfg": cfg, "work": work, "log": proc.stdout + proc.stderr}

@@ -65,7 +65,7 @@ ALLOWED = {
     # the long-context recipe's 4-way Ulysses split
     "sequence_parallel_size": {"POLAR_7B_full_varlenattn_sp4_custom_dataset.py"},
     # shared prefixes are refused with sequence parallel (polar_xtuner/train/model.py)
-    "share_prefix": {"POLAR_7B_full_varlenattn_sp4_custom_dataset.py"},
+    "shared_prefix": {"POLAR_7B_full_varlenattn_sp4_custom_dataset.py"},
     # policy discrimination trains on triples built by tools/build_dataset.py --from policies
     "data_files": {"POLAR_1_8B_policy_discrimination_pretrain.py"},
     # policy discrimination: ~1940 triples per optimizer step on 32 GPUs (the paper's global batch)

@@ -8,7 +8,7 @@ xtuner's own ``VarlenAttnArgsToMessageHubHook``, mmengine's data preprocessor
 and ``parse_losses`` (bench/recipe_gradients.py), with every other setting as
 shipped: shared prefixes, activation checkpointing, LoRA. Its loss and every
 gradient must equal those of the same pairs trained whole
-(``share_prefix = False``) without recompute (``activation_checkpointing =
+(``shared_prefix = False``) without recompute (``activation_checkpointing =
 False``), from the same weights, in fp32 on CPU, within 1e-5 relative.
 
 The step is also checked to be the one the config describes: the row is a
@@ -99,14 +99,14 @@ def test_config_as_shipped_trains_on_its_pairs_gradients(path, tiny_dir, records
     got = train_step(model, batch)
 
     # the step is the one the config describes
-    assert (batch["data"].get("shared_prefix") is not None) == bool(cfg.share_prefix)
+    assert (batch["data"].get("shared_prefix") is not None) == bool(cfg.shared_prefix)
     recompute = cfg.model.use_activation_checkpointing  # the PART 1 setting (its top-level name is dropped)
     want_calls = [2 if recompute is True or (recompute and i < recompute) else 1
                   for i in range(len(got["attention_calls"]))]
     assert got["attention_calls"] == want_calls, f"activation_checkpointing={recompute!r}"
 
     ref, ref_dataset, ref_collate, _ = _build(path, tmp_path, tiny_dir, records_file, "reference",
-                                              share_prefix=False, activation_checkpointing=False, **swap)
+                                              shared_prefix=False, activation_checkpointing=False, **swap)
     ref_batch = _one_row(ref_dataset, ref_collate)
     assert ref_batch["data"].get("shared_prefix") is None
     ref.load_state_dict(torch.nn.Module.state_dict(model))  # the same weights, LoRA adapters and head included

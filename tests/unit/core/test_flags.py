@@ -93,14 +93,14 @@ def test_two_flags_that_set_one_value_are_refused():
     from polar_xtuner.cli.flags import ArgumentParser
 
     p = ArgumentParser(prog="t")
-    p.add_argument("--share-prefix", dest="share", action="store_true")
-    p.add_argument("--no-share-prefix", dest="share", action="store_false")
+    p.add_argument("--shared-prefix", dest="share", action="store_true")
+    p.add_argument("--no-shared-prefix", dest="share", action="store_false")
     p.add_argument("--tag", action="append")
     p.add_argument("-v", action="count")
     assert p.parse_args(["--tag", "a", "--tag", "b", "-v", "-v"]).tag == ["a", "b"]  # declared repeatable
-    assert p.parse_args(["--share-prefix"]).share is True and p.parse_args([]).share is False
+    assert p.parse_args(["--shared-prefix"]).share is True and p.parse_args([]).share is False
     with pytest.raises(SystemExit):
-        p.parse_args(["--share-prefix", "--no-share-prefix"])
+        p.parse_args(["--shared-prefix", "--no-shared-prefix"])
     with pytest.raises(SystemExit):
         p.parse_args(["--tag=a", "--share-prefix", "--share-prefix"])
 

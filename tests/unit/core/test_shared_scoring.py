@@ -21,7 +21,7 @@ def _records():
 def test_shared_prefix_scores_equal_the_unshared_ones(tiny_model, tokenizer, max_length):
     records = _records()
     plain = score_records(tiny_model, tokenizer, records, max_length, 128)
-    shared = score_records(tiny_model, tokenizer, records, max_length, 128, share_prefix=True)
+    shared = score_records(tiny_model, tokenizer, records, max_length, 128, shared_prefix=True)
     assert len(shared) == len(plain) == len(records)
     worst = max(abs(a - b) / max(1.0, abs(b)) for p, s in zip(plain, shared) for a, b in zip(s, p))
     assert worst <= 1e-5, worst

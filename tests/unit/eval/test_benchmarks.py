@@ -115,7 +115,7 @@ def test_an_empty_response_is_an_answer_to_rank(tiny_model, tokenizer):
         {"response": "", "correct": False}, {"response": "r", "correct": True}]})
     assert rec["responses"][0]["response"] == [{"role": "assistant", "content": ""}]
     whole = scoring.score_answers(tiny_model, tokenizer, [rec], 256, 64)
-    shared = scoring.score_answers(tiny_model, tokenizer, [rec], 256, 64, share_prefix=True)
+    shared = scoring.score_answers(tiny_model, tokenizer, [rec], 256, 64, shared_prefix=True)
     torch.testing.assert_close(torch.tensor(shared), torch.tensor(whole), rtol=1e-5, atol=1e-5)
 
 
@@ -129,13 +129,13 @@ def test_groups_score_the_same_shared_and_whole_and_in_parts(tiny_model, tokeniz
 
     recs = [r.record for r in load_eval_records(asset("groups.jsonl"), "polar").records]
     recs += [r.record for r in load_eval_records(asset("ppe_mmlu_pro.jsonl"), "ppe").records]
-    whole = scoring.score_answers(tiny_model, tokenizer, recs, 256, 64, share_prefix=False)
-    shared = scoring.score_answers(tiny_model, tokenizer, recs, 256, 64, share_prefix=True)
+    whole = scoring.score_answers(tiny_model, tokenizer, recs, 256, 64, shared_prefix=False)
+    shared = scoring.score_answers(tiny_model, tokenizer, recs, 256, 64, shared_prefix=True)
     assert [len(s) for s in whole] == [len(s) for s in shared] == [3, 2, 3, 4, 4]
     torch.testing.assert_close(torch.tensor([x for s in shared for x in s]),
                                torch.tensor([x for s in whole for x in s]), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(scoring, "MAX_ROW_TOKENS", 40)  # every group in parts, its prefix repeated
-    parts = scoring.score_answers(tiny_model, tokenizer, recs, 256, 64, share_prefix=True)
+    parts = scoring.score_answers(tiny_model, tokenizer, recs, 256, 64, shared_prefix=True)
     torch.testing.assert_close(torch.tensor([x for s in parts for x in s]),
                                torch.tensor([x for s in whole for x in s]), rtol=1e-5, atol=1e-5)
 

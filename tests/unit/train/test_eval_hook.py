@@ -73,7 +73,7 @@ def test_a_bad_val_file_fails_before_training(tmp_path, tokenizer):
 
 
 def test_shared_prefix_evaluation_gives_the_unshared_scores(tiny_dir, tokenizer, tmp_path):
-    """share_prefix=True: rows of groups through the training model's own attention; same pairs, same scores."""
+    """shared_prefix=True: rows of groups through the training model's own attention; same pairs, same scores."""
     import torch
 
     from common import build_reward_model
@@ -88,7 +88,7 @@ def test_shared_prefix_evaluation_gives_the_unshared_scores(tiny_dir, tokenizer,
     path = tmp_path / "val.jsonl"
     path.write_text("".join(__import__("json").dumps(r) + "\n" for r in recs))
     model = build_reward_model(tiny_dir).train()  # checkpointing on, mid-training, as the shipped recipes
-    hooks = {s: PolarEvalHook(str(path), tokenizer, share_prefix=s, row_tokens=600) for s in (True, False)}
+    hooks = {s: PolarEvalHook(str(path), tokenizer, shared_prefix=s, row_tokens=600) for s in (True, False)}
     for hook in hooks.values():
         hook.before_train(_runner(model))
     assert len(hooks[True]._groups) < len(recs)  # the extra records joined their prompt's group

@@ -1,6 +1,6 @@
 """Shared-prefix training data: the pairs of one prompt and reference as one group, groups packed into rows.
 
-With ``share_prefix = True`` (a config's PART 1) the builder gathers the
+With ``shared_prefix = True`` (a config's PART 1) the builder gathers the
 distinct candidates of every record with the same prompt, reference, wrapper
 and prompt cut (the truncation rules of :class:`polar_xtuner.encoding.PolarEncoder`,
 unchanged) into a :class:`polar_xtuner.encoding.shared_prefix.Group`, with the

@@ -1,11 +1,11 @@
-"""Shared-prefix groups (polar_xtuner/data/groups.py): every pair kept exactly, rows of whole groups, the cache."""
+"""Shared-prefix groups (polar_xtuner/data/shared_prefix.py): every pair kept exactly, rows of whole groups, the cache."""
 import os
 
 import pytest
 
 from common import REPO
 from polar_xtuner.data.dataset import build_polar_dataset, polar_collate_fn
-from polar_xtuner.data.groups import GroupRows, columns_to_groups, group_records, groups_to_columns
+from polar_xtuner.data.shared_prefix import GroupRows, columns_to_groups, group_records, groups_to_columns
 from polar_xtuner.encoding import PolarEncoder
 from polar_xtuner.records import DataError, load_records
 
@@ -79,9 +79,9 @@ def test_rows_hold_whole_groups_in_a_seeded_order(tokenizer):
 def test_built_dataset_collates_rows_the_model_reads_and_caches_apart_from_pairs(tokenizer, tmp_path):
     cache = str(tmp_path / "cache")
     pairs = build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, cache_dir=cache)
-    shared = build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, cache_dir=cache, share_prefix=True)
+    shared = build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, cache_dir=cache, shared_prefix=True)
     assert len(os.listdir(cache)) == 2  # one entry each: the setting is in the key
-    again = build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, cache_dir=cache, share_prefix=True)
+    again = build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, cache_dir=cache, shared_prefix=True)
     assert [r["groups"] for r in again] == [r["groups"] for r in shared]
     assert len(shared) < len(pairs)
     batch = polar_collate_fn([shared[0]], use_varlen_attn=True)["data"]
@@ -94,7 +94,7 @@ def test_built_dataset_collates_rows_the_model_reads_and_caches_apart_from_pairs
 
 def test_share_prefix_without_packing_is_one_line_and_exit_2(tokenizer, capsys):
     with pytest.raises(SystemExit) as e:
-        build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=False, share_prefix=True)
-    assert e.value.code == 2 and "share_prefix = True needs use_varlen_attn = True" in capsys.readouterr().err
+        build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=False, shared_prefix=True)
+    assert e.value.code == 2 and "shared_prefix = True needs use_varlen_attn = True" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, share_prefix="yes")
+        build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, shared_prefix="yes")
