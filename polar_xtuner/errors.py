@@ -95,15 +95,15 @@ def abort_training(e: PolarError) -> None:
     raise SystemExit(e.exit_code) from None
 
 
-def renamed_setting(name: str, value, old_name: str, old_value):
-    """The value of a config setting that also answers to an earlier name (``old_value`` None: not given).
+def renamed_setting(name: str, value, old_name: str, old_value, default=None):
+    """The value of a config setting that also answers to an earlier name (None: that name not given).
 
     Raises:
         ConfigError: Both names given, with different values.
     """
     if old_value is None:
-        return value
-    if value != old_value and value is not None:
+        return default if value is None else value
+    if value is not None and value != old_value:
         raise ConfigError(f"{old_name} = {old_value!r} and {name} = {value!r} disagree; {old_name} is {name}'s "
                           f"earlier name: set {name} only")
     return old_value

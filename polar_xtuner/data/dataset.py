@@ -256,7 +256,7 @@ def build_polar_dataset(
     shuffle_before_pack: bool = True,
     seed: int = 0,
     cache_dir: str | None = None,
-    shared_prefix: bool = False,
+    shared_prefix: bool | None = None,
     share_prefix: bool | None = None,
 ):
     """Validate, encode and (optionally) pack POLAR preference data.
@@ -291,7 +291,7 @@ def build_polar_dataset(
     """
     files = [data_files] if isinstance(data_files, str) else list(data_files)
     try:
-        shared_prefix = renamed_setting("shared_prefix", shared_prefix, "share_prefix", share_prefix)
+        shared_prefix = renamed_setting("shared_prefix", shared_prefix, "share_prefix", share_prefix, False)
         if not isinstance(shared_prefix, bool):
             raise ConfigError(f"shared_prefix must be True or False, got {shared_prefix!r}")
         if shared_prefix and not use_varlen_attn:

@@ -55,7 +55,7 @@ class PolarEvalHook(Hook):
     priority = "LOW"
 
     def __init__(self, data_files, tokenizer, interval: int = 500, max_length: int | None = None,
-                 max_response_length: int | None = None, batch_size: int = 16, shared_prefix: bool = False,
+                 max_response_length: int | None = None, batch_size: int = 16, shared_prefix: bool | None = None,
                  row_tokens: int = 8192, share_prefix: bool | None = None):
         self.data_files = data_files
         self.tokenizer = tokenizer
@@ -63,7 +63,7 @@ class PolarEvalHook(Hook):
         self.max_length = max_length
         self.max_response_length = max_response_length
         self.batch_size = batch_size
-        self.shared_prefix = renamed_setting("shared_prefix", shared_prefix, "share_prefix", share_prefix)
+        self.shared_prefix = renamed_setting("shared_prefix", shared_prefix, "share_prefix", share_prefix, False)
         self.row_tokens = row_tokens
         self._ids = None
         self._groups = None

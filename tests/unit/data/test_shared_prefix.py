@@ -92,9 +92,20 @@ def test_built_dataset_collates_rows_the_model_reads_and_caches_apart_from_pairs
         polar_collate_fn([shared[0], shared[1]], use_varlen_attn=True)
 
 
-def test_share_prefix_without_packing_is_one_line_and_exit_2(tokenizer, capsys):
+def test_shared_prefix_without_packing_is_one_line_and_exit_2(tokenizer, capsys):
     with pytest.raises(SystemExit) as e:
         build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=False, shared_prefix=True)
     assert e.value.code == 2 and "shared_prefix = True needs use_varlen_attn = True" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, shared_prefix="yes")
+
+
+def test_the_earlier_name_share_prefix_still_works_and_a_contradiction_is_refused(tokenizer, capsys):
+    """Configs written before the rename pass share_prefix=...; it is the same switch."""
+    old = build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, share_prefix=True)
+    new = build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, shared_prefix=True)
+    assert len(old) == len(new) and old[0]["groups"] == new[0]["groups"]  # rows of shared-prefix groups
+    with pytest.raises(SystemExit) as e:
+        build_polar_dataset(VAL, tokenizer, 512, 128, use_varlen_attn=True, shared_prefix=False, share_prefix=True)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "share_prefix = True and shared_prefix = False disagree" in err, err
