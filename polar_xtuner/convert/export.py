@@ -33,13 +33,21 @@ left as it was).
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import hashlib
 import json
 import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+from mmengine.config import Config
+from xtuner.registry import BUILDER
 
 from polar_xtuner.cli.entry import entry_point
 from polar_xtuner.cli.flags import ArgumentParser, non_empty, size
-from polar_xtuner.convert.lora import adapted_model, is_lora_state_dict, LoraCheckpointError, merge, save_adapter
+from polar_xtuner.convert.lora import LoraCheckpointError, adapted_model, is_lora_state_dict, merge, save_adapter
 from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.errors import UserError, VerificationError
 from polar_xtuner.hf_layout import (
@@ -157,109 +165,184 @@ def clean_config(out_dir: str, reward_token_id: int, dtype_name: str) -> None:
         json.dump(c, f, indent=2)
 
 
-def convert(config_path: str, checkpoint: str, out_dir: str, dtype: str | None = None,
-            max_shard_size: str = "5GB", force: bool = False, verify: bool = True,
-            adapter: bool = False, trust_remote_code: bool = False) -> float | None:
+@dataclass(frozen=True)
+class ConvertSettings:
+    """What one conversion is asked to do: one field per flag of ``tools/convert.sh``.
+
+    Attributes:
+        config: The xtuner config the model was trained with.
+        checkpoint: A ``.pth`` file, a DeepSpeed checkpoint directory, or a work dir.
+        out_dir: The HF model directory to write (replaced whole, only when complete).
+        dtype: Weights dtype (``bf16``, ``fp16``, ``fp32``); None: the training dtype.
+        max_shard_size: Largest safetensors shard, e.g. ``"5GB"``.
+        force: Replace a non-empty ``out_dir`` that holds a model directory's files only.
+        verify: Score the written model against the trained weights (and compare them bit for bit).
+        adapter: Write a LoRA checkpoint as a PEFT adapter directory instead of merging it.
+        trust_remote_code: Run the config's model directory's own code where this project did not ship it.
+    """
+
+    config: str
+    checkpoint: str
+    out_dir: str
+    dtype: str | None = None
+    max_shard_size: str = "5GB"
+    force: bool = False
+    verify: bool = True
+    adapter: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraParts:
+    """A LoRA checkpoint on its base model (:func:`polar_xtuner.convert.lora.adapted_model`)."""
+
+    backbone: object  # the PEFT-wrapped backbone: merged into the model for a full-model output
+    adapters: dict
+    head: dict
+
+
+@dataclass
+class Conversion:
+    """One conversion under way: its settings and what has been read and scored for it."""
+
+    settings: ConvertSettings
+    cfg: object
+    model_dir: str
+    ckpt: Checkpoint
+    dtype: str
+    lora: LoraParts | None = None
+    tokenizer: object = None
+    encoding: EncodingSettings | None = None
+    records: list = field(default_factory=list)
+    before: list | None = None  # the trained weights' scores of ``records`` (None: no verification)
+
+    @property
+    def torch_dtype(self):
+        return to_dtype(self.dtype)
+
+    @property
+    def lengths(self) -> dict:
+        return dict(max_length=self.encoding.max_length, max_response_length=self.encoding.max_response_length)
+
+
+def convert(settings: ConvertSettings) -> float | None:
     """Convert and (by default) verify. Returns the largest score difference.
 
     A LoRA checkpoint (adapters plus the trained head) is merged into the
-    config's base model; with ``adapter`` it is written as a PEFT adapter
-    directory instead (see :mod:`polar_xtuner.convert.lora`). Verification scores the
-    un-merged adapted model before and the written output after.
+    config's base model; with ``settings.adapter`` it is written as a PEFT
+    adapter directory instead (see :mod:`polar_xtuner.convert.lora`).
+    Verification scores the un-merged adapted model before and the written
+    output after.
 
     Raises:
         ConvertError: Bad paths, config or checkpoint.
         VerificationError: The saved model scores differently beyond tolerance.
     """
-    import torch
-    from mmengine.config import Config
-    from xtuner.registry import BUILDER
-
-    if not os.path.isfile(config_path):
-        raise ConvertError(f"config {config_path}: no such file")
-    try:
-        cfg = Config.fromfile(config_path)
-        model_dir = cfg.model.llm.pretrained_model_name_or_path
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad config
-        raise ConvertError(f"config {config_path}: cannot read it ({e})") from None
-    if os.path.isdir(str(model_dir)):  # the base model's code runs when it loads: ours, or the user's consent
-        try:
-            remote_code_allowed(model_dir, trust_remote_code)
-        except UserError as e:
-            raise ConvertError(f"the config's model {e}") from None
-    ckpt = resolve_checkpoint(checkpoint)
-    if os.path.isdir(str(model_dir)):  # its config and tokenizer are read (a LoRA's weights too): named if cut short
-        check_files_whole(model_dir, "the config's model", "copy or download the base model again", weights=False)
-    inputs = [("CONFIG", config_path), ("CHECKPOINT", checkpoint)]
-    if os.path.isdir(str(model_dir)):
-        inputs.append(("the config's model", model_dir))
-    data = cfg.get("train_dataloader", {}).get("dataset", {}).get("data_files")
-    inputs += [("the config's data", f) for f in ([data] if isinstance(data, str) else list(data or []))]
-    refuse_overlap({"OUT_DIR": out_dir}, inputs)
-    check_writable_dir(out_dir, "OUT_DIR")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise ConvertError(f"OUT_DIR {out_dir} is not empty; pass --force to replace it whole")
-    refuse_foreign(out_dir, "OUT_DIR", model_dir_entry, ConvertError)  # --force replaces a model, nothing else
-    dtype = dtype or deepspeed_dtype_name(ckpt) or training_dtype_name(cfg)
-    if dtype not in HF_NAMES:
-        raise ConvertError(f"--dtype must be one of {', '.join(HF_NAMES)}, got {dtype}")
-    torch_dtype = to_dtype(dtype)
-
-    print(f"Loading {ckpt.kind} checkpoint {ckpt.path}", flush=True)
-    state_dict = load_training_state_dict(ckpt)
-    lora = is_lora_state_dict(state_dict)
-    if adapter and not lora:
-        raise ConvertError(f"--adapter needs a LoRA checkpoint; {ckpt.path} holds full weights")
-    try:
-        if lora:
-            model, peft_backbone, adapters, head = adapted_model(cfg, model_dir, state_dict)
-            print(f"LoRA checkpoint: {len(adapters)} adapter tensors and the trained v_head on {model_dir}",
-                  flush=True)
-        else:
-            model = build_empty_model(model_dir, torch.float32)
-            assign_state_dict(model, to_hf_keys(state_dict), torch.float32)
-    except OSError as e:
-        raise ConvertError(f"cannot load the config's model {model_dir} ({e})") from None
-    except LoraCheckpointError as e:
-        raise ConvertError(f"{ckpt.path}: {e}") from None
-    del state_dict
-    gc.collect()
-    model.eval()
-
-    try:
-        tokenizer = BUILDER.build(cfg.tokenizer)
-    except Exception as e:  # noqa: BLE001 - a damaged tokenizer file fails in many ways
-        raise load_failure(str(model_dir), "tokenizer", e, "the config's model") from None
-    settings = training_encoding(cfg, model.config.reward_token_id)
-    enc_kwargs = dict(max_length=settings.max_length, max_response_length=settings.max_response_length)
-    records = verify_records(cfg) if verify else []
-    before = score_records(model, tokenizer, records, **enc_kwargs) if verify else None
-    if verify and torch_dtype != torch.float32:
-        # The check compares like with like: the saved model against these weights
-        # rounded as they are saved (in place; the cast below leaves them as they are).
-        # What rounding itself moves is reported, not refused: a deep random model
-        # moved 0.24-0.96 in bf16 on an H200 run, while its weights were exact.
-        trained = before
-        round_weights(model, torch_dtype)
-        before = score_records(model, tokenizer, records, **enc_kwargs)
-        print(f"Rounding to {dtype} moves the trained weights' scores by up to {max_relative_diff(before, trained):.3g} "
-              f"(relative); --dtype fp32 keeps them exactly", flush=True)
-
+    job = plan(settings)
+    model = load_trained(job)
+    score_trained(job, model)
     # Everything is written and verified in a temporary sibling of OUT_DIR,
     # which replaces OUT_DIR whole only then: a killed, full-disk or failed
     # run leaves the previous output as it was, and --force never leaves an
     # earlier model's files (an old model.safetensors beside new shards would
     # be the one that loads).
-    check_free_space(out_dir, model, torch_dtype)
+    check_free_space(settings.out_dir, model, job.torch_dtype)
     held = [model]  # handed over, so that its memory goes when the writer drops it
     del model
-    with atomic_dir(out_dir) as work:
-        max_diff = _write_and_verify(work, out_dir, config_path, cfg, ckpt, held, tokenizer, settings, dtype,
-                                     torch_dtype, max_shard_size, adapter, lora, records, before, enc_kwargs,
-                                     peft_backbone if lora else None, adapters if lora else None,
-                                     head if lora else None, model_dir)
-    print(f"Wrote {out_dir}", flush=True)
+    with atomic_dir(settings.out_dir) as work:
+        max_diff = _write_and_verify(work, job, held)
+    print(f"Wrote {settings.out_dir}", flush=True)
     return max_diff
+
+
+def plan(settings: ConvertSettings) -> Conversion:
+    """Read the config and find the checkpoint; refuse bad inputs and outputs before loading anything.
+
+    Raises:
+        ConvertError: A missing or unreadable config, code run without consent, an output
+            over an input, a non-empty OUT_DIR without ``force``, an unknown dtype.
+    """
+    s = settings
+    if not os.path.isfile(s.config):
+        raise ConvertError(f"config {s.config}: no such file")
+    try:
+        cfg = Config.fromfile(s.config)
+        model_dir = cfg.model.llm.pretrained_model_name_or_path
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad config
+        raise ConvertError(f"config {s.config}: cannot read it ({e})") from None
+    if os.path.isdir(str(model_dir)):  # the base model's code runs when it loads: ours, or the user's consent
+        try:
+            remote_code_allowed(model_dir, s.trust_remote_code)
+        except UserError as e:
+            raise ConvertError(f"the config's model {e}") from None
+    ckpt = resolve_checkpoint(s.checkpoint)
+    inputs = [("CONFIG", s.config), ("CHECKPOINT", s.checkpoint)]
+    if os.path.isdir(str(model_dir)):  # its config and tokenizer are read (a LoRA's weights too): named if cut short
+        check_files_whole(model_dir, "the config's model", "copy or download the base model again", weights=False)
+        inputs.append(("the config's model", model_dir))
+    data = cfg.get("train_dataloader", {}).get("dataset", {}).get("data_files")
+    inputs += [("the config's data", f) for f in ([data] if isinstance(data, str) else list(data or []))]
+    refuse_overlap({"OUT_DIR": s.out_dir}, inputs)
+    check_writable_dir(s.out_dir, "OUT_DIR")
+    if os.path.isdir(s.out_dir) and os.listdir(s.out_dir) and not s.force:
+        raise ConvertError(f"OUT_DIR {s.out_dir} is not empty; pass --force to replace it whole")
+    refuse_foreign(s.out_dir, "OUT_DIR", model_dir_entry, ConvertError)  # --force replaces a model, nothing else
+    dtype = s.dtype or deepspeed_dtype_name(ckpt) or training_dtype_name(cfg)
+    if dtype not in HF_NAMES:
+        raise ConvertError(f"--dtype must be one of {', '.join(HF_NAMES)}, got {dtype}")
+    return Conversion(s, cfg, model_dir, ckpt, dtype)
+
+
+def load_trained(job: Conversion):
+    """The trained model in fp32: full weights assigned strictly, or a LoRA checkpoint on its base (``job.lora``).
+
+    Raises:
+        ConvertError: The base model does not load, ``adapter`` without a LoRA checkpoint, a bad LoRA checkpoint.
+    """
+    print(f"Loading {job.ckpt.kind} checkpoint {job.ckpt.path}", flush=True)
+    state_dict = load_training_state_dict(job.ckpt)
+    lora = is_lora_state_dict(state_dict)
+    if job.settings.adapter and not lora:
+        raise ConvertError(f"--adapter needs a LoRA checkpoint; {job.ckpt.path} holds full weights")
+    try:
+        if lora:
+            model, backbone, adapters, head = adapted_model(job.cfg, job.model_dir, state_dict)
+            job.lora = LoraParts(backbone, adapters, head)
+            print(f"LoRA checkpoint: {len(adapters)} adapter tensors and the trained v_head on {job.model_dir}",
+                  flush=True)
+        else:
+            model = build_empty_model(job.model_dir, torch.float32)
+            assign_state_dict(model, to_hf_keys(state_dict), torch.float32)
+    except OSError as e:
+        raise ConvertError(f"cannot load the config's model {job.model_dir} ({e})") from None
+    except LoraCheckpointError as e:
+        raise ConvertError(f"{job.ckpt.path}: {e}") from None
+    del state_dict
+    gc.collect()
+    return model.eval()
+
+
+def score_trained(job: Conversion, model) -> None:
+    """The tokenizer and training's encoding lengths, and (verifying) the trained weights' scores of a few pairs."""
+    try:
+        job.tokenizer = BUILDER.build(job.cfg.tokenizer)
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer file fails in many ways
+        raise load_failure(str(job.model_dir), "tokenizer", e, "the config's model") from None
+    job.encoding = training_encoding(job.cfg, model.config.reward_token_id)
+    if not job.settings.verify:
+        return
+    job.records = verify_records(job.cfg)
+    job.before = score_records(model, job.tokenizer, job.records, **job.lengths)
+    if job.torch_dtype != torch.float32:
+        # The check compares like with like: the saved model against these weights
+        # rounded as they are saved (in place; the cast below leaves them as they are).
+        # What rounding itself moves is reported, not refused: a deep random model
+        # moved 0.24-0.96 in bf16 on an H200 run, while its weights were exact.
+        trained = job.before
+        round_weights(model, job.torch_dtype)
+        job.before = score_records(model, job.tokenizer, job.records, **job.lengths)
+        print(f"Rounding to {job.dtype} moves the trained weights' scores by up to "
+              f"{max_relative_diff(job.before, trained):.3g} (relative); --dtype fp32 keeps them exactly", flush=True)
 
 
 def check_free_space(out_dir: str, model, torch_dtype) -> None:
@@ -268,10 +351,6 @@ def check_free_space(out_dir: str, model, torch_dtype) -> None:
     Raises:
         ConvertError: Less free space than the weights need (plus 5% and 64 MiB for the rest).
     """
-    import shutil
-
-    import torch
-
     need = sum(p.numel() for p in model.state_dict().values()) * torch.finfo(torch_dtype).bits // 8
     need = int(need * 1.05) + (64 << 20)
     parent = os.path.dirname(output_target(out_dir))  # through a symlinked OUT_DIR
@@ -282,54 +361,56 @@ def check_free_space(out_dir: str, model, torch_dtype) -> None:
                            f"or write elsewhere")
 
 
-def _write_and_verify(work, out_dir, config_path, cfg, ckpt, held, tokenizer, settings, dtype, torch_dtype,
-                      max_shard_size, adapter, lora, records, before, enc_kwargs, peft_backbone, adapters, head,
-                      model_dir):
-    """Write the HF directory into ``work`` and verify it; returns the largest score difference."""
-    import torch
+def _write_and_verify(work: str, job: Conversion, held: list):
+    """Write the HF directory into ``work`` and verify it; returns the largest score difference (None: unverified)."""
+    if job.settings.adapter:
+        held.clear()  # the adapters and head are written from the checkpoint's own tensors
+        return _write_adapter(work, job)
+    return _write_model(work, job, held.pop())
 
-    model = held.pop()
 
-    verify = before is not None
-    if adapter:
-        del model
-        save_adapter(cfg, model_dir, adapters, head, work)
-        tokenizer.save_pretrained(work)
-        settings.save(work)
-        print(f"Saved the LoRA adapters and the trained v_head (PEFT, base {model_dir})", flush=True)
-        max_diff = _verify_scores(work, "fp32", torch.float32, records, before, enc_kwargs) if verify else None
-        write_model_card(work, config_path, ckpt, "fp32 adapter", max_diff, cfg)
-        with open(os.path.join(work, "README.md"), "a", encoding="utf-8") as f:
-            f.write("\nThis is a LoRA adapter directory (adapters plus the trained `v_head` as a "
-                    "`modules_to_save` module), not a full model: load it with\n"
-                    "`PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), path)`, "
-                    "`base` being `base_model_name_or_path` in adapter_config.json.\n")
-        return max_diff
-    if lora:
-        merge(model, peft_backbone)
-    cast_releasing(model, torch_dtype, [ckpt.path] if ckpt.kind == "pth" else [])
+def _write_adapter(work: str, job: Conversion):
+    save_adapter(job.cfg, job.model_dir, job.lora.adapters, job.lora.head, work)
+    job.tokenizer.save_pretrained(work)
+    job.encoding.save(work)
+    print(f"Saved the LoRA adapters and the trained v_head (PEFT, base {job.model_dir})", flush=True)
+    max_diff = _verify_scores(work, "fp32", torch.float32, job) if job.settings.verify else None
+    write_model_card(work, job.settings.config, job.ckpt, "fp32 adapter", max_diff, job.cfg)
+    with open(os.path.join(work, "README.md"), "a", encoding="utf-8") as f:
+        f.write("\nThis is a LoRA adapter directory (adapters plus the trained `v_head` as a "
+                "`modules_to_save` module), not a full model: load it with\n"
+                "`PeftModel.from_pretrained(AutoModel.from_pretrained(base, trust_remote_code=True), path)`, "
+                "`base` being `base_model_name_or_path` in adapter_config.json.\n")
+    return max_diff
+
+
+def _write_model(work: str, job: Conversion, model):
+    verify = job.settings.verify
+    if job.lora is not None:
+        merge(model, job.lora.backbone)
+    cast_releasing(model, job.torch_dtype, [job.ckpt.path] if job.ckpt.kind == "pth" else [])
     expected = weight_digests(model) if verify else None
-    model.save_pretrained(work, max_shard_size=max_shard_size, safe_serialization=True)
+    model.save_pretrained(work, max_shard_size=job.settings.max_shard_size, safe_serialization=True)
     del model
     gc.collect()
-    tokenizer.save_pretrained(work)
+    job.tokenizer.save_pretrained(work)
     copy_remote_code(work)
-    clean_config(work, settings.reward_token_id, dtype)
-    settings.save(work)  # the lengths travel with the model to eval and serving
+    clean_config(work, job.encoding.reward_token_id, job.dtype)
+    job.encoding.save(work)  # the lengths travel with the model to eval and serving
     remember_code(work)  # the base model's tokenizer code, if any, loads later without --trust-remote-code
-    print(f"Saved {dtype} model", flush=True)
+    print(f"Saved {job.dtype} model", flush=True)
 
     max_diff = None
     if verify:
         # Load as saved, then score in fp32 like the trained weights: loading a
         # bf16 directory straight into fp32 would hold both copies at once.
-        fresh, fresh_tok = load_model(work, device="cpu", dtype=torch_dtype)
-        check_weights(expected, weight_digests(fresh), out_dir)
+        fresh, fresh_tok = load_model(work, device="cpu", dtype=job.torch_dtype)
+        check_weights(expected, weight_digests(fresh), job.settings.out_dir)
         shards = [os.path.join(work, n) for n in os.listdir(work) if n.endswith(".safetensors")]
         cast_releasing(fresh, torch.float32, shards)
-        max_diff = _verify_scores(out_dir, dtype, None, records, before, enc_kwargs, (fresh, fresh_tok))
+        max_diff = _verify_scores(job.settings.out_dir, job.dtype, None, job, (fresh, fresh_tok))
         del fresh
-    write_model_card(work, config_path, ckpt, dtype, max_diff, cfg)
+    write_model_card(work, job.settings.config, job.ckpt, job.dtype, max_diff, job.cfg)
     return max_diff
 
 
@@ -339,8 +420,6 @@ def round_weights(model, dtype) -> None:
     Parameters and persistent buffers: what save_pretrained writes. Buffers
     rebuilt at load (rotary frequencies) are left as they are.
     """
-    import torch
-
     with torch.no_grad():
         for value in model.state_dict().values():
             if value.is_floating_point() and value.dtype != dtype:
@@ -352,7 +431,7 @@ def max_relative_diff(after, before) -> float:
     return max(abs(a - b) / max(1.0, abs(b)) for pa, pb in zip(after, before) for a, b in zip(pa, pb))
 
 
-def _verify_scores(out_dir, dtype, load_dtype, records, before, enc_kwargs, loaded=None) -> float:
+def _verify_scores(out_dir, dtype, load_dtype, job: Conversion, loaded=None) -> float:
     """Score the written output and compare with the trained model's scores.
 
     Both sides are scored in fp32 on CPU, the trained side with its weights
@@ -362,10 +441,10 @@ def _verify_scores(out_dir, dtype, load_dtype, records, before, enc_kwargs, load
         VerificationError: A score differs beyond the dtype's tolerance.
     """
     fresh, fresh_tok = loaded or load_model(out_dir, device="cpu", dtype=load_dtype)
-    after = score_records(fresh, fresh_tok, records, **enc_kwargs)
-    max_diff = max_relative_diff(after, before)
+    after = score_records(fresh, fresh_tok, job.records, **job.lengths)
+    max_diff = max_relative_diff(after, job.before)
     tol = SCORE_TOLERANCE
-    print(f"Verify: {len(records)} pairs, largest relative score difference {max_diff:.3g} "
+    print(f"Verify: {len(job.records)} pairs, largest relative score difference {max_diff:.3g} "
           f"(tolerance {tol:g}; {dtype} weights, fp32 scoring on both sides)", flush=True)
     if max_diff > tol:
         raise VerificationError(
@@ -377,10 +456,6 @@ def _verify_scores(out_dir, dtype, load_dtype, records, before, enc_kwargs, load
 
 def weight_digests(model) -> dict[str, str]:
     """A digest of every tensor's bytes, by state-dict key."""
-    import hashlib
-
-    import torch
-
     return {k: hashlib.blake2b(v.detach().contiguous().view(-1).view(torch.uint8).numpy(), digest_size=16).hexdigest()
             for k, v in model.state_dict().items()}
 
@@ -429,8 +504,6 @@ def return_freed_memory() -> None:
     many 8-32 MB tensors of a conversion then live on the heap, and freeing
     the trained copy would not lower the peak of loading the saved one.
     """
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB (fixed)
     except OSError:  # not glibc: nothing to tune
@@ -461,8 +534,8 @@ def main(argv=None) -> int:
     if args.adapter and args.dtype not in (None, "fp32"):
         p.error("--adapter writes fp32 adapters; --dtype applies to merged models")
     try:
-        convert(args.config, args.checkpoint, args.out_dir, args.dtype,
-                args.max_shard_size, args.force, not args.no_verify, args.adapter, args.trust_remote_code)
+        convert(ConvertSettings(args.config, args.checkpoint, args.out_dir, args.dtype, args.max_shard_size,
+                                args.force, not args.no_verify, args.adapter, args.trust_remote_code))
     except VerificationError as e:
         raise VerificationError(f"verification failed: {e}; {args.out_dir} was left as it was") from None
     return 0

@@ -15,7 +15,7 @@ import torch
 
 from common import VAL, copy_config
 from polar_xtuner.train.checkpoint import CheckpointError
-from polar_xtuner.convert.export import ConvertError, convert, main
+from polar_xtuner.convert.export import ConvertError, ConvertSettings, convert, main
 from polar_xtuner.errors import UserError
 
 
@@ -133,7 +133,7 @@ def test_refusal_is_a_typed_error_and_exit_2_naming_the_fault(case, good, tmp_pa
     out = tmp_path / "hf"
 
     with pytest.raises((ConvertError, CheckpointError)) as e:  # the converter's or the checkpoint layer's
-        convert(cfg, ckpt, str(out), verify=False)
+        convert(ConvertSettings(cfg, ckpt, str(out), verify=False))
     assert isinstance(e.value, UserError) and e.value.exit_code == 2
     for message in messages:
         assert message in str(e.value), str(e.value)
@@ -154,7 +154,7 @@ def test_non_empty_out_dir_needs_force_and_force_replaces_it_whole(good, tmp_pat
     (busy / "x").write_text("keep me")
 
     with pytest.raises(ConvertError, match=f"OUT_DIR {busy} is not empty; pass --force"):
-        convert(good["cfg"], good["ckpt"], str(busy), verify=False)
+        convert(ConvertSettings(good["cfg"], good["ckpt"], str(busy), verify=False))
     capsys.readouterr()
     assert main([good["cfg"], good["ckpt"], str(busy), "--no-verify"]) == 2
     err = capsys.readouterr().err
@@ -177,7 +177,7 @@ def test_the_good_checkpoint_converts(good, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "hf"
-    convert(good["cfg"], good["ckpt"], str(out), verify=False)
+    convert(ConvertSettings(good["cfg"], good["ckpt"], str(out), verify=False))
     saved = load_file(str(out / "model.safetensors"))
     want = {("model." + k[4:] if k.startswith("llm.") else k): v for k, v in good["state"].items()}
     assert saved.keys() == want.keys()
