@@ -31,16 +31,11 @@ import sys
 
 from polar_xtuner.cli.entry import cli, entry_point
 from polar_xtuner.cli.flags import ArgumentParser, float_in, int_at_least, non_empty, seed
-from polar_xtuner.constants import (
-    DEFAULT_MAX_LENGTH,
-    DEFAULT_MAX_RESPONSE_LENGTH,
-    TEMPLATE_RESERVED_TOKENS,
-    packed_length,
-)
-from polar_xtuner.data.check import build
+from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, TEMPLATE_RESERVED_TOKENS
+from polar_xtuner.data.check import build, length_meter
 from polar_xtuner.data.formats import DEFAULT_PAIRS_PER_PROMPT, FORMATS
 from polar_xtuner.errors import UserError
-from polar_xtuner.hf_layout import TRUST_FLAG, hub_unreachable, remote_code_allowed, training_run_problem
+from polar_xtuner.hf_layout import TRUST_FLAG
 from polar_xtuner.outputs import check_writable_dir, refuse_overlap
 
 
@@ -79,48 +74,12 @@ def main(argv=None) -> int:
     # cheap checks first: the tokenizer can take a while to load
     refuse_overlap({"-o": args.out_dir}, [("SRC", src) for src in args.sources])
     check_writable_dir(args.out_dir, "-o")
-    meter = None
-    if args.tokenizer:
-        problem = training_run_problem(args.tokenizer, f"--tokenizer {args.tokenizer}")
-        if problem:  # before the code check, which would advise --trust-remote-code for xtuner's config copy
-            raise UserError(problem)
-        from transformers import AutoTokenizer
-
-        from polar_xtuner.data.check import LengthMeter
-
-        try:
-            tok = AutoTokenizer.from_pretrained(
-                args.tokenizer, trust_remote_code=remote_code_allowed(args.tokenizer, args.trust_remote_code))
-            meter = LengthMeter(tok, args.max_length, args.max_response_length,
-                                packed_length(args.max_length, args.max_packed_length))
-        except UserError:
-            raise
-        except OSError as e:  # a hub name on an offline machine, or a directory that does not load
-            raise hub_unreachable(args.tokenizer, "--tokenizer", e) from None
-        except ValueError as e:
-            raise UserError(f"--tokenizer {args.tokenizer}: cannot load it ({' '.join(str(e).split())})") from None
+    meter = length_meter(args.tokenizer, args.max_length, args.max_response_length, args.max_packed_length,
+                         args.trust_remote_code) if args.tokenizer else None
     res = build(args.sources, args.out_dir, args.val_ratio, args.val_size, args.seed,
                 args.dedupe, progress=sys.stderr.isatty(), meter=meter, drop_overlong=args.drop_overlong,
                 fmt=args.fmt, pairs_per_prompt=args.pairs_per_prompt)
-    print(f"kept {res.kept} record(s) ({res.kept - res.val} train, {res.val} val), "
-          f"rejected {res.rejected}, duplicates removed {res.duplicates} -> {args.out_dir}")
-    for reason, n in res.reasons.most_common():
-        print(f"  rejected {n:>6}  {reason}")
-    if res.rejected:
-        print(f"  details: {args.out_dir}/rejected.jsonl")
-    triples = res.report.get("policy_triples")
-    if triples:
-        print(f"  triples from {triples['prompts_with_triples']} prompt(s), at most {triples['pairs_per_prompt']} "
-              f"each (seed {triples['seed']}); per policy (reference+chosen / rejected):")
-        for policy, n in triples["per_policy"].items():
-            print(f"    {policy:<24} {n['reference_and_chosen']:>7} / {n['rejected']:<7}")
-    if meter is not None:
-        lengths = res.report["lengths"]
-        for field, st in lengths["tokens"].items():
-            if st:
-                print(f"  tokens {field:<10} mean {st['mean']:>8}  p95 {st['p95']:>6}  max {st['max']:>6}")
-        cut = ", ".join(f"{k} {v}" for k, v in lengths["truncated"].items())
-        print(f"  truncated: {cut}; over max_packed_length: {lengths['over_max_packed_length']}")
+    print("\n".join(res.summary(args.out_dir)))
     if res.kept == 0:
         raise UserError(f"no valid record kept from {', '.join(args.sources)}; "
                         f"see {args.out_dir}/rejected.jsonl for why each was rejected")

@@ -21,36 +21,13 @@ if __name__ == "__main__":  # first, run as a tool: Ctrl-C, a missing module, re
 
     start_tool()
 
-import os
 import sys
 
 from polar_xtuner.cli.entry import cli, entry_point
 from polar_xtuner.cli.flags import ArgumentParser, non_empty
 from polar_xtuner.errors import UserError
 from polar_xtuner.outputs import check_writable, refuse_overlap
-from polar_xtuner.rl.prompts import FORMATS, rl_rows, write_rows
-
-# The file each format is: the extension decides, so a name never lies about its content.
-EXTENSIONS = {".parquet": "verl", ".jsonl": "openrlhf"}
-
-
-def output_format(out: str, requested: str | None) -> str:
-    """The format --out's extension names; a --format that contradicts it is refused.
-
-    Raises:
-        UserError: An unknown extension, or a --format another than the extension's.
-    """
-    ext = os.path.splitext(out)[1].lower()
-    named = EXTENSIONS.get(ext)
-    if named is None:
-        raise UserError(f"--out {out}: the extension must be .parquet (verl) or .jsonl (openrlhf), "
-                        f"got {ext or 'none'}")
-    if requested is not None and requested != named:
-        want = next(e for e, f in EXTENSIONS.items() if f == requested)
-        raise UserError(f"--format {requested} writes {want}, but --out {out} names a {ext} file; "
-                        f"name the output *{want}, or drop --format")
-    return named
-
+from polar_xtuner.rl.prompts import FORMATS, output_format, rl_rows, write_rows
 
 @entry_point
 def main(argv=None) -> int:

@@ -18,14 +18,9 @@ if __name__ == "__main__":  # first, run as a tool: Ctrl-C, a missing module, re
 
     start_tool()
 
-import os
-
 from polar_xtuner.cli.entry import cli, entry_point
 from polar_xtuner.cli.flags import ArgumentParser, non_empty, seed
-from polar_xtuner.demo.tiny_model import TINY_REWARD_TOKEN_ID, make_tiny_model
-from polar_xtuner.errors import UserError
-from polar_xtuner.hf_layout import model_dir_entry
-from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_foreign
+from polar_xtuner.demo.tiny_model import TINY_REWARD_TOKEN_ID, write_tiny_model
 
 
 @entry_point
@@ -36,12 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty OUT_DIR whole when it holds a model directory's files only")
     args = p.parse_args(argv)
-    check_writable_dir(args.out_dir, "OUT_DIR")
-    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir) and not args.force:
-        raise UserError(f"OUT_DIR {args.out_dir} is not empty; pass --force to replace it whole")
-    refuse_foreign(args.out_dir, "OUT_DIR", model_dir_entry)  # --force replaces a model directory, nothing else
-    with atomic_dir(args.out_dir) as tmp:  # all of it or nothing, modes by the umask
-        make_tiny_model(tmp, seed=args.seed)
+    write_tiny_model(args.out_dir, seed=args.seed, force=args.force)
     print(f"wrote {args.out_dir} (reward token id {TINY_REWARD_TOKEN_ID})")
     return 0
 

@@ -17,9 +17,13 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
+from polar_xtuner.constants import packed_length
 from polar_xtuner.data.formats import CONVERTERS, DEFAULT_PAIRS_PER_PROMPT, TAKES_OPTIONS
-from polar_xtuner.encoding import pair_items, PolarEncoder
+from polar_xtuner.encoding import PolarEncoder, pair_items
+from polar_xtuner.errors import UserError
+from polar_xtuner.hf_layout import hub_unreachable, remote_code_allowed, training_run_problem
 from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_foreign, refuse_overlap, write_json
 from polar_xtuner.records import DATA_SUFFIXES, DataError, Located, RecordError, check, iter_records
 
@@ -78,6 +82,28 @@ class BuildResult:
     by_prompt: Counter = field(default_factory=Counter)
     by_policy: dict = field(default_factory=dict)
 
+    def summary(self, out_dir: str) -> list[str]:
+        """What the build kept and why it rejected the rest, as the tool prints it."""
+        lines = [f"kept {self.kept} record(s) ({self.kept - self.val} train, {self.val} val), "
+                 f"rejected {self.rejected}, duplicates removed {self.duplicates} -> {out_dir}"]
+        lines += [f"  rejected {n:>6}  {reason}" for reason, n in self.reasons.most_common()]
+        if self.rejected:
+            lines.append(f"  details: {out_dir}/rejected.jsonl")
+        triples = self.report.get("policy_triples")
+        if triples:
+            lines.append(f"  triples from {triples['prompts_with_triples']} prompt(s), at most "
+                         f"{triples['pairs_per_prompt']} each (seed {triples['seed']}); per policy "
+                         f"(reference+chosen / rejected):")
+            lines += [f"    {policy:<24} {n['reference_and_chosen']:>7} / {n['rejected']:<7}"
+                      for policy, n in triples["per_policy"].items()]
+        lengths = self.report.get("lengths")
+        if lengths:
+            lines += [f"  tokens {name:<10} mean {st['mean']:>8}  p95 {st['p95']:>6}  max {st['max']:>6}"
+                      for name, st in lengths["tokens"].items() if st]
+            cut = ", ".join(f"{k} {v}" for k, v in lengths["truncated"].items())
+            lines.append(f"  truncated: {cut}; over max_packed_length: {lengths['over_max_packed_length']}")
+        return lines
+
     def to_json(self) -> dict:
         return {
             "sources": self.files,
@@ -103,6 +129,28 @@ def _is_val(rec: dict, seed: int, ratio: float, key: str | None = None) -> bool:
 
 
 CHUNK = 1000  # records tokenized per batch
+
+
+def length_meter(tokenizer_dir: str, max_length: int, max_response_length: int, max_packed_length: int | None,
+                 trust_remote_code: bool = False) -> "LengthMeter":
+    """A :class:`LengthMeter` over the tokenizer in ``tokenizer_dir`` (``--tokenizer``), with the training lengths.
+
+    Raises:
+        UserError: The directory is a training run's, holds code run without consent, or does not load.
+    """
+    problem = training_run_problem(tokenizer_dir, f"--tokenizer {tokenizer_dir}")
+    if problem:  # before the code check, which would advise --trust-remote-code for xtuner's config copy
+        raise UserError(problem)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir,
+                                            trust_remote_code=remote_code_allowed(tokenizer_dir, trust_remote_code))
+    except UserError:
+        raise
+    except OSError as e:  # a hub name on an offline machine, or a directory that does not load
+        raise hub_unreachable(tokenizer_dir, "--tokenizer", e) from None
+    except ValueError as e:
+        raise UserError(f"--tokenizer {tokenizer_dir}: cannot load it ({' '.join(str(e).split())})") from None
+    return LengthMeter(tok, max_length, max_response_length, packed_length(max_length, max_packed_length))
 
 
 class LengthMeter:

@@ -23,7 +23,9 @@ from polar_xtuner.constants import (
     UNK_TOKEN,
 )
 from polar_xtuner.demo.data import corpus_for_tokenizer
-from polar_xtuner.hf_layout import AUTO_MAP, copy_remote_code
+from polar_xtuner.errors import UserError
+from polar_xtuner.hf_layout import AUTO_MAP, copy_remote_code, model_dir_entry
+from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_foreign
 
 # Fixed ids of the tiny tokenizer's special tokens. The real tokenizer keeps
 # BOS 1 and EOS 2 as well; its reward token is 92527, ours is 4.
@@ -172,3 +174,18 @@ def make_tiny_model(out_dir: str, seed: int = 0, with_weights: bool = True, **co
         json.dump(saved, f, indent=2)
     copy_remote_code(out_dir)
     return out_dir
+
+
+def write_tiny_model(out_dir: str, seed: int = 0, force: bool = False) -> None:
+    """``tools/make_tiny_model.py``: the tiny model written whole into ``out_dir``, or nothing written.
+
+    Raises:
+        UserError: ``out_dir`` is not writable, or not empty without ``force``, or holds files
+            other than a model directory's (``force`` replaces a model, nothing else).
+    """
+    check_writable_dir(out_dir, "OUT_DIR")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise UserError(f"OUT_DIR {out_dir} is not empty; pass --force to replace it whole")
+    refuse_foreign(out_dir, "OUT_DIR", model_dir_entry)
+    with atomic_dir(out_dir) as tmp:  # all of it or nothing, modes by the umask
+        make_tiny_model(tmp, seed=seed)

@@ -16,8 +16,10 @@ for ``--data.input_key prompt --data.label_key label --data.apply_chat_template`
 from __future__ import annotations
 
 import json
+import os
 from typing import Iterable
 
+from polar_xtuner.errors import UserError
 from polar_xtuner.outputs import atomic_file
 from polar_xtuner.records import RecordError, iter_records, normalise_field
 
@@ -88,3 +90,25 @@ def write_rows(rows: list[dict], out: str, fmt: str) -> None:
 
 
 __all__ = ["FORMATS", "rl_rows", "write_rows"]
+
+
+# The file each format is: the extension decides, so a name never lies about its content.
+EXTENSIONS = {".parquet": "verl", ".jsonl": "openrlhf"}
+
+
+def output_format(out: str, requested: str | None) -> str:
+    """The format --out's extension names; a --format that contradicts it is refused.
+
+    Raises:
+        UserError: An unknown extension, or a --format another than the extension's.
+    """
+    ext = os.path.splitext(out)[1].lower()
+    named = EXTENSIONS.get(ext)
+    if named is None:
+        raise UserError(f"--out {out}: the extension must be .parquet (verl) or .jsonl (openrlhf), "
+                        f"got {ext or 'none'}")
+    if requested is not None and requested != named:
+        want = next(e for e, f in EXTENSIONS.items() if f == requested)
+        raise UserError(f"--format {requested} writes {want}, but --out {out} names a {ext} file; "
+                        f"name the output *{want}, or drop --format")
+    return named
