@@ -218,19 +218,9 @@ def atomic_file(path: str) -> Iterator[str]:
     Raises:
         UserError: The folder of ``path`` does not exist.
     """
-    require_parent(path)
-    path = output_target(path)
-    remove_stale_temps(path)
-    tmp = _tmp_sibling(path)
-    try:
+    path = _prepared(path)
+    with _swapped_in(_tmp_sibling(path), path, is_dir=False) as tmp:
         yield tmp
-        _apply_umask(tmp)
-        _fsync(tmp)
-        _swap_in(tmp, path, is_dir=False)
-    finally:
-        with deferred_signals():  # cleaning up is not cut short by a second signal
-            if os.path.lexists(tmp):
-                remove_path(tmp)
 
 
 def write_json(path: str, obj, indent: int = 2) -> None:
@@ -324,16 +314,32 @@ def atomic_dir(path: str) -> Iterator[str]:
     Raises:
         UserError: The folder of ``path`` does not exist.
     """
+    path = _prepared(path)
+    tmp = _tmp_sibling(path, keep_ext=False)
+    os.mkdir(tmp)
+    with _swapped_in(tmp, path, is_dir=True):
+        yield tmp
+
+
+def _prepared(path: str) -> str:
+    """The path an output is written at (through a link), its parent checked and stale temporaries gone."""
     require_parent(path)
     path = output_target(path)
     remove_stale_temps(path)
-    tmp = _tmp_sibling(path, keep_ext=False)
-    os.mkdir(tmp)
+    return path
+
+
+@contextlib.contextmanager
+def _swapped_in(tmp: str, path: str, is_dir: bool):
+    """Yield ``tmp``; once the body is done, give it the umask's modes, flush it and put it at ``path``.
+
+    Whatever happens, ``tmp`` is gone afterwards (the output, or nothing).
+    """
     try:
         yield tmp
         _apply_umask(tmp)
         _fsync(tmp)
-        _swap_in(tmp, path, is_dir=True)
+        _swap_in(tmp, path, is_dir=is_dir)
     finally:
         with deferred_signals():  # cleaning up is not cut short by a second signal
             if os.path.lexists(tmp):

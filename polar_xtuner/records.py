@@ -642,6 +642,18 @@ def _iter_parquet(path: str, validate: bool) -> Iterator[Located]:
                 yield item
 
 
+def rows_for_flag(path: str, flag: str) -> list[Located]:
+    """Every row of the file a flag names, as read (unvalidated), for a reader of its own format.
+
+    Raises:
+        UserError: The file cannot be read, the message led by ``flag``.
+    """
+    try:
+        return list(iter_records(path, validate=False))
+    except DataError as e:
+        raise UserError(f"{flag} {e}") from None
+
+
 def load_records(paths: str | list[str], max_errors_shown: int = 5) -> list[dict]:
     """Read and validate jsonl files; fail on the first bad file with details.
 

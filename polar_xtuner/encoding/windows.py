@@ -88,32 +88,32 @@ def next_window(w: int) -> int:
     return w + w + (1 - w) % CLIP_PHASE_MODULUS
 
 
-def _run_forward(t: str, i: int, p: int, cap: int) -> int:
-    """Largest k <= cap with t[j] == t[j + p] for every j in [i, i + k)."""
-    limit, k, step = min(cap, len(t) - p - i), 0, 64
+def _longest_run(limit: int, same) -> int:
+    """Largest k <= limit such that ``same(k, s)`` holds over [k, k + s) for every step taken.
+
+    Steps double from 64 while the slices match and halve when they do not, so
+    a long periodic stretch costs O(log) bounded slice comparisons.
+    """
+    k, step = 0, 64
     while k < limit:
         s = min(step, limit - k)
-        if t[i + k:i + k + s] == t[i + p + k:i + p + k + s]:
+        if same(k, s):
             k, step = k + s, min(step * 2, 1 << 20)  # bounded slices
         elif s == 1:
             break
         else:
             step = s // 2
     return max(k, 0)
+
+
+def _run_forward(t: str, i: int, p: int, cap: int) -> int:
+    """Largest k <= cap with t[j] == t[j + p] for every j in [i, i + k)."""
+    return _longest_run(min(cap, len(t) - p - i), lambda k, s: t[i + k:i + k + s] == t[i + p + k:i + p + k + s])
 
 
 def _run_backward(t: str, i: int, p: int, cap: int) -> int:
     """Largest k <= cap with t[j] == t[j - p] for every j in [i - k, i)."""
-    limit, k, step = min(cap, i - p), 0, 64
-    while k < limit:
-        s = min(step, limit - k)
-        if t[i - k - s:i - k] == t[i - p - k - s:i - p - k]:
-            k, step = k + s, min(step * 2, 1 << 20)  # bounded slices
-        elif s == 1:
-            break
-        else:
-            step = s // 2
-    return max(k, 0)
+    return _longest_run(min(cap, i - p), lambda k, s: t[i - k - s:i - k] == t[i - p - k - s:i - p - k])
 
 
 def cut_outside_stretches(t: str, c: int, tail: bool) -> int:

@@ -41,13 +41,12 @@ from typing import Any, Iterable
 
 from polar_xtuner.errors import UserError
 from polar_xtuner.records import (
-    DataError,
     Located,
     RecordError,
-    iter_records,
     join_contents,
     normalise_field,
     record_answers,
+    rows_for_flag,
     validate_eval_record,
 )
 
@@ -99,10 +98,7 @@ def load_references(path: str) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     first: dict[str, str] = {}
-    try:
-        rows = list(iter_records(path, validate=False))
-    except DataError as e:
-        raise UserError(f"--references {e}") from None
+    rows = rows_for_flag(path, "--references")
     for item in rows:
         if item.error is not None:
             raise UserError(f"--references {item.where}: {item.error.reason}")
@@ -252,10 +248,7 @@ def load_eval_records(path: str, fmt: str = "polar", references: dict | None = N
     """
     if fmt not in _CONVERTERS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    try:
-        rows = list(iter_records(path, validate=False))
-    except DataError as e:
-        raise UserError(f"--data {e}") from None
+    rows = rows_for_flag(path, "--data")
     skipped = [(it.where, it.error.reason) for it in rows if it.error is not None]
     good = [it for it in rows if it.error is None]
     if fmt != "polar":

@@ -27,7 +27,7 @@ from polar_xtuner.eval.plot import plot_scores
 from polar_xtuner.eval.report import comparison, format_report, ranking_report
 from polar_xtuner.hf_layout import check_model_dir, load_failure, remote_code_allowed
 from polar_xtuner.outputs import atomic_file, check_writable, refuse_overlap, require_extension, write_json
-from polar_xtuner.records import DataError, iter_records, record_answers
+from polar_xtuner.records import record_answers, rows_for_flag
 from polar_xtuner.scoring.client import DEFAULT_BATCH_TEXTS, BadScoreError, RemoteSettings, TextTooLongError
 from polar_xtuner.scoring.local import load_model, score_answers
 from polar_xtuner.scoring.remote import check_served_dtype, score_answers_remote
@@ -112,10 +112,7 @@ def read_saved_scores(path: str, loaded) -> list[list[float]]:
     """
     by_digest: dict[str, list[float]] = {}
     where: dict[str, str] = {}
-    try:
-        rows = list(iter_records(path, validate=False))
-    except DataError as e:
-        raise UserError(f"--compare {e}") from None
+    rows = rows_for_flag(path, "--compare")
     for item in rows:
         row = item.record if item.error is None else None
         if isinstance(row, dict) and row.get("error") is not None and "line" in row:
