@@ -99,12 +99,12 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not integration and not slow and not serving and not gpu"
 
 bench: setup serve-setup
-	$(PY) bench/bench.py --out bench/results.json
+	$(PY) -m bench.cpu_suite --out bench/results/cpu.json
 
 # On a GPU machine: POLAR-1.8B-shaped training per ZeRO stage (tokens/s, MFU,
-# peak memory) and evaluation pairs/s; see bench/gpu.py.
+# peak memory) and evaluation pairs/s; see bench/gpu_suite.py.
 bench-gpu: setup
-	$(PY) bench/gpu.py --out bench/results_gpu.json
+	$(PY) -m bench.gpu_suite --out bench/results/gpu.json
 
 # The wheels the lent GPU machine lacks (xtuner, mmengine, DeepSpeed, transformers
 # 4.48 and their needs), in .whl/ for scripts/gpu_check.sh; see scripts/gpu_wheels.sh.

@@ -1,7 +1,7 @@
 """Activation memory of one POLAR layer per token, measured, and what each checkpointing setting needs.
 
 Usage:
-    .venv/bin/python bench/activation_memory.py [--tokens 256] [--out bench/results_activation_memory.json]
+    .venv/bin/python -m bench.activation_memory [--tokens 256] [--out bench/results/activation_memory.json]
 
 One InternLM2 decoder layer at the real 1.8B and 7B sizes runs forward in
 bf16 on the CPU over one sequence; every tensor autograd saves for backward
@@ -29,6 +29,13 @@ import argparse
 import json
 import os
 import sys
+import time
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+from bench.report import check, machine, run_command
+from bench.workloads import model_dir
 
 SHAPES = {  # the published POLAR configs' sizes
     "1.8B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
@@ -41,12 +48,7 @@ GiB = 2**30
 
 def layer_bytes_per_token(shape: dict, tokens: int) -> dict:
     """Bytes autograd saves per token in one decoder layer at ``shape``, in bf16."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    from polar_xtuner.demo.tiny_model import make_tiny_model
-
-    tiny = make_tiny_model(os.path.join(os.environ.get("TMPDIR", "/tmp"), "polar_actmem_tiny"))
+    tiny = model_dir(os.path.join(os.environ.get("TMPDIR", "/tmp"), "polar_actmem_tiny"))
     cfg = AutoConfig.from_pretrained(tiny, trust_remote_code=True)
     for k, v in shape.items():
         setattr(cfg, k, v)
@@ -73,6 +75,8 @@ def layer_bytes_per_token(shape: dict, tokens: int) -> dict:
 
     # the slope between two lengths: per-token bytes without fixed ones (rotary caches, buffers)
     per_token = (saved_bytes(2 * tokens) - saved_bytes(tokens)) / tokens
+    # the layer's input alone is 2d bytes a token: a count below it saved nothing of the forward
+    check(per_token > 2 * cfg.hidden_size, f"{per_token:.0f} bytes saved per token, less than the layer's input")
     return {"bytes_per_token": per_token, "input_bytes_per_token": 2 * cfg.hidden_size}
 
 
@@ -118,11 +122,13 @@ def main(argv=None) -> int:
         print(f"{name}: {m['bytes_per_token'] / 1024:.1f} KiB saved per token per layer (bf16), "
               f"{m['input_bytes_per_token'] / 1024:.1f} KiB of it the layer's input", file=sys.stderr)
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"tokens_measured": args.tokens, "tokens_per_row": 32768, "per_layer": measured,
+            json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "tokens_measured": args.tokens,
+                       "tokens_per_row": 32768, "per_layer": measured,
                        "parameters": {k: parameters(s) for k, s in SHAPES.items()}, "table": rows}, f, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

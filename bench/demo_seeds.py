@@ -1,8 +1,8 @@
 """How robustly `make demo` learns: the whole demo over seeds and torch thread counts.
 
 Usage:
-    python bench/demo_seeds.py [--seeds 0 1 2 3 4] [--threads 1 2] [--jobs 2]
-        [--config configs/POLAR_tiny_full_varlenattn_demo.py] [--out bench/demo_seeds.json]
+    python -m bench.demo_seeds [--seeds 0 1 2 3 4] [--threads 1 2] [--jobs 2]
+        [--config configs/POLAR_tiny_full_varlenattn_demo.py] [--out bench/results/demo_seeds.json]
 
 Each run is ``scripts/demo.sh`` with ``DEMO_SEED=S`` (the tiny model's random
 weights, xtuner's ``randomness.seed`` and the packing order all change with it)
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -28,19 +27,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
+from bench import REPO, RESULTS
+from bench.report import cpu_name
 
 DEFAULT_CONFIG = "configs/POLAR_tiny_full_varlenattn_demo.py"
 
@@ -73,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="one-thread runs at a time")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="demo config (scripts/demo.sh's DEMO_CONFIG)")
     p.add_argument("--root", default=os.path.join(REPO, "work_dirs", "demo_seeds"))
-    p.add_argument("--out", default=os.path.join(REPO, "bench", "demo_seeds.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "demo_seeds.json"))
     args = p.parse_args(argv)
     if args.jobs < 1 or min(args.threads) < 1:
         p.error("--jobs and --threads must be >= 1")
@@ -100,6 +88,7 @@ def main(argv=None) -> int:
         "median_accuracy": statistics.median(accs) if accs else None,
         "failed_runs": sum(r["accuracy"] is None for r in rows),
     }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
 

@@ -1,7 +1,7 @@
 """What each loss option does to the demo: `make demo` with it on, against the published loss.
 
 Usage:
-    python bench/objectives.py [--out bench/objectives.json] [--seed 0]
+    python -m bench.objectives [--out bench/results/objectives.json] [--seed 0]
 
 Runs ``scripts/demo.sh`` four times (same seed, same data): the published
 Bradley-Terry loss, ``margin`` (records get a margin of 2.0 on the English
@@ -22,12 +22,10 @@ import sys
 import tempfile
 import time
 
-from demo_seeds import cpu_name  # bench/ is the script's own directory
-
+from bench import REPO, RESULTS
+from bench.report import check, cpu_name, run_command
 from polar_xtuner.demo.data import with_margins, write_jsonl
 from polar_xtuner.records import load_records
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {
     "published (Bradley-Terry)": "",
@@ -45,17 +43,21 @@ def run(name: str, options: str, work: str, seed: int, margin_data: str) -> dict
         env["DEMO_TRAIN"] = margin_data
     t0 = time.time()
     proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"error: {name}: demo.sh failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    scores = [json.loads(line) for line in open(os.path.join(demo_dir, "scores.jsonl"))]
-    flat = [s[k] for s in scores for k in ("chosen", "rejected")]
+    last = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
+    check(proc.returncode == 0, f"{name}: scripts/demo.sh failed (exit {proc.returncode}): {last}")
+    with open(os.path.join(demo_dir, "scores.jsonl")) as f:
+        scores = [json.loads(line) for line in f]
     topics = [r["category"] for r in load_records(os.path.join(REPO, "data", "demo", "val.jsonl"))]
+    check(len(scores) == len(topics), f"{name}: {len(scores)} scored pairs of the {len(topics)} held out")
+    flat = [s[k] for s in scores for k in ("chosen", "rejected")]
     gap = {lang: statistics.fmean(s["chosen"] - s["rejected"] for s in scores
                                   if topics[s["line"] - 1].endswith(lang)) for lang in ("_en", "_zh")}
+    with open(os.path.join(demo_dir, "eval.json")) as f:
+        accuracy = json.load(f)["accuracy"]
     return {
         "variant": name,
         "cfg_options": options,
-        "accuracy": json.load(open(os.path.join(demo_dir, "eval.json")))["accuracy"],
+        "accuracy": accuracy,
         "score_mean": statistics.fmean(flat),
         "score_std": statistics.pstdev(flat),
         "mean_gap": statistics.fmean(s["chosen"] - s["rejected"] for s in scores),
@@ -67,14 +69,16 @@ def run(name: str, options: str, work: str, seed: int, margin_data: str) -> dict
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(REPO, "bench", "objectives.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "objectives.json"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         margin_data = os.path.join(work, "train_margins.jsonl")
         write_jsonl(margin_data, with_margins(load_records(os.path.join(REPO, "data", "demo", "train.jsonl"))))
         rows = [run(name, opts, work, args.seed, margin_data) for name, opts in VARIANTS.items()]
-    result = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "seed": args.seed, "runs": rows}
+    result = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+              "seed": args.seed, "runs": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print("| loss | held-out accuracy | score mean | score std | mean gap, English / Chinese topics |")
@@ -86,4 +90,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -1,7 +1,7 @@
 """One training step of a config as shipped against the same pairs trained whole without recompute.
 
 Usage (a library of the exactness test and scripts/gpu_check.sh's ``recipe_gradients`` step):
-    from recipe_gradients import build, train_step, compare
+    from bench.recipe_gradients import build, train_step, compare
 
 :func:`build` makes the model, the dataset and the collate function from a
 copy of a config in which only the given top-level settings (paths, sizes) are
@@ -35,6 +35,7 @@ def config_copy(src: str, dst_dir: str, name: str | None = None, **settings) -> 
 
 def build(config: str, work: str, seed: int = 0, **settings):
     """(model, dataset, collate_fn, cfg) built from a copy of ``config`` with ``settings`` swapped."""
+    # torch, mmengine and xtuner load here, not on import: config_copy serves the tests' light helpers
     import torch
     from mmengine.config import Config
     from xtuner.registry import BUILDER

@@ -1,11 +1,12 @@
 """Shared prefixes against whole sequences, on the same pairs and model, in one run (``make bench``).
 
 Usage:
-    python bench/shared_prefix.py [--tiny DIR] [--out bench/results_shared_prefix.json]
+    python -m bench.shared_prefix [--tiny DIR] [--out bench/results/shared_prefix.json]
 
-For each workload it builds both training layouts the way a config does
+For each workload (:func:`bench.workloads.shared_prefix_records`) it builds
+both training layouts the way a config does
 (:func:`polar_xtuner.data.dataset.pack_pairs` rows of pairs, and
-:class:`polar_xtuner.data.groups.GroupRows` rows of groups, the same row
+:class:`polar_xtuner.data.shared_prefix.GroupRows` rows of groups, the same row
 length), trains the tiny model over every row of each from the same weights
 (forward, backward, AdamW) and scores the same records locally both ways:
 
@@ -13,10 +14,9 @@ length), trains the tiny model over every row of each from the same weights
 * ``shared_prefix_train_speedup_*``: training pairs/s, shared over unshared;
 * ``shared_prefix_eval_speedup_*``: local scoring pairs/s, shared over unshared.
 
-Workloads: ``demo`` (the demo's training pairs), ``long_reference`` (prompts of
-about 200 tokens, references of about 800, candidates of about 400; one pair
-per prompt) and ``ranked5`` (ranked records of five responses: the best is the
-reference, the other four give six pairs).
+Before a workload's figures are recorded, both layouts are checked to hold
+every pair once, every training loss to be finite, and both scorings to give
+the same scores.
 """
 
 from __future__ import annotations
@@ -24,66 +24,45 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
+import tempfile
 import time
 
 import torch
+from mmengine import MessageHub
+from transformers import AutoTokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKLOADS = ("demo", "long_reference", "ranked5")
+from bench import RESULTS
+from bench.report import check, check_scores, run_command
+from bench.workloads import SHARED_PREFIX_WORKLOADS, model_dir, reward_model, shared_prefix_records
+from polar_xtuner.data.dataset import encode_columns, pack_pairs, polar_collate_fn
+from polar_xtuner.data.shared_prefix import GroupRows, group_records
+from polar_xtuner.encoding import PolarEncoder
+from polar_xtuner.scoring.local import load_model, score_records
+
 MAX_LENGTH, MAX_RESPONSE_LENGTH = 2048, 1024
-
-
-def _say(rng, vocab, tokens: int) -> str:
-    # about one token per word with the tiny tokenizer's word-level vocabulary
-    return " ".join(rng.choice(vocab) for _ in range(tokens))
-
-
-def workload(name: str, n: int, seed: int = 0) -> list[dict]:
-    """The workload's validated pair records (``n``: prompts, or pairs for ``demo``)."""
-    from polar_xtuner.data.formats import from_ranked
-    from polar_xtuner.records import load_records
-
-    if name == "demo":
-        return load_records(os.path.join(REPO, "data", "demo", "train.jsonl"))[:n]
-    from bench import demo_vocab  # bench/bench.py, a sibling script
-
-    rng, vocab = random.Random(seed), demo_vocab()
-    out = []
-    for i in range(n):
-        prompt = [{"role": "user", "content": f"Question {i}: {_say(rng, vocab, 200)}"}]
-        if name == "long_reference":
-            out.append({"prompt": prompt, "reference": [{"role": "assistant", "content": _say(rng, vocab, 800)}],
-                        "chosen": [{"role": "assistant", "content": _say(rng, vocab, 400)}],
-                        "rejected": [{"role": "assistant", "content": _say(rng, vocab, 400)}]})
-        elif name == "ranked5":
-            responses = [{"response": _say(rng, vocab, 150), "score": float(5 - k)} for k in range(5)]
-            out += list(from_ranked({"prompt": prompt[0]["content"], "responses": responses}))
-        else:
-            raise ValueError(f"unknown workload {name!r}")
-    return out
+# Local scores of one pair, with its prefix shared against whole: the same up to fp32 summation order.
+SCORE_TOLERANCE = 1e-3
 
 
 def _layouts(records, tokenizer, row: int):
-    """(unshared rows, shared rows, pairs): both as a config builds them, in record order."""
-    from polar_xtuner.data.dataset import encode_columns, pack_pairs, polar_collate_fn
-    from polar_xtuner.data.groups import GroupRows, group_records
-    from polar_xtuner.encoding import PolarEncoder
-
+    """(unshared rows, shared rows, report): both as a config builds them, in record order."""
     enc = PolarEncoder(tokenizer, MAX_LENGTH, MAX_RESPONSE_LENGTH)
     pairs = pack_pairs(encode_columns(records, enc), row, shuffle=False)
     groups, report = group_records(records, enc, row)
     shared = GroupRows(groups, row, shuffle=False)
     unshared_rows = [polar_collate_fn([pairs[i]], use_varlen_attn=True)["data"] for i in range(len(pairs))]
     shared_rows = [polar_collate_fn([shared[i]], use_varlen_attn=True)["data"] for i in range(len(shared))]
+    # every pair once in each layout: a figure over fewer pairs would be a faster nothing
+    counts = {"unshared": sum(len(r["margins"]) for r in unshared_rows),
+              "shared": sum(len(r["shared_prefix"].pairs) for r in shared_rows)}
+    for kind, n in counts.items():
+        check(n == len(records), f"the {kind} rows hold {n} pairs of the workload's {len(records)}")
     return unshared_rows, shared_rows, report
 
 
 def _train_seconds(model, rows, device: str = "cpu") -> float:
     """Seconds to train over ``rows`` (forward, backward, AdamW step), after one warm-up row."""
-    from mmengine import MessageHub
-
     hub = MessageHub.get_instance("varlen_attn_args")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
@@ -91,25 +70,31 @@ def _train_seconds(model, rows, device: str = "cpu") -> float:
         if device != "cpu":
             torch.cuda.synchronize()
 
-    def step(data):
+    def step(data) -> torch.Tensor:
         data = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
         hub.update_info("cumulative_len_rank_0", data.pop("cumulative_len")[0].to(device))
         hub.update_info("max_seqlen_rank_0", data.pop("max_seqlen"))
         try:
-            model(data, mode="loss")["loss"].backward()
+            loss = model(data, mode="loss")["loss"]
+            loss.backward()
         finally:
             hub.update_info("cumulative_len_rank_0", None)
             hub.update_info("max_seqlen_rank_0", None)
         opt.step()
         opt.zero_grad()
+        return loss.detach()
 
     step(rows[0])
     sync()
+    losses = []
     t0 = time.perf_counter()
     for data in rows:
-        step(data)
+        losses.append(step(data))
     sync()
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    bad = sum(not torch.isfinite(x).all() for x in losses)
+    check(bad == 0, f"{bad} of {len(rows)} training steps gave a non-finite loss")
+    return seconds
 
 
 def run(tiny_dir: str, sizes: dict | None = None, device: str = "cpu", eval_too: bool = True,
@@ -126,57 +111,55 @@ def run(tiny_dir: str, sizes: dict | None = None, device: str = "cpu", eval_too:
             GPU check passes the shipped recipes' True, so "shared" is the shipped
             default and "unshared" the packed path; ``make bench`` keeps the tiny
             CPU model's False (its activations are small; the figures compare layouts).
+
+    Raises:
+        CheckFailed: a layout lost a pair, a loss was not finite, or the two
+            scorings disagree; nothing of that workload is returned.
     """
-    from transformers import AutoTokenizer
-
-    from polar_xtuner.scoring.local import load_model, score_records
-    from polar_xtuner.train.model import PolarRewardModel
-
     sizes = sizes or {"demo": 400, "long_reference": 24, "ranked5": 16}
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     scorer = load_model(tiny_dir, device=device)[0] if eval_too else None
     out = {}
-    for name in WORKLOADS:
-        records = workload(name, sizes[name])
+    for name in SHARED_PREFIX_WORKLOADS:
+        records = shared_prefix_records(name, sizes[name])
         unshared, shared, report = _layouts(records, tokenizer, 2 * MAX_LENGTH)
-        out[f"shared_prefix_token_ratio_{name}"] = report.token_ratio
         times = {}
         for kind, rows in (("unshared", unshared), ("shared", shared)):
-            torch.manual_seed(0)
-            model = PolarRewardModel.from_model_dir(tiny_dir, use_varlen_attn=True,
-                                                    use_activation_checkpointing=activation_checkpointing,
-                                                    loss_type="ranking", penalty_type="none").to(device).train()
+            model = reward_model(tiny_dir, True, use_activation_checkpointing=activation_checkpointing).to(device)
             times[kind] = _train_seconds(model, rows, device)
             del model
-        out[f"shared_prefix_train_speedup_{name}"] = times["unshared"] / times["shared"]
-        out[f"shared_prefix_train_pairs_per_s_{name}"] = len(records) / times["shared"]
-        if not eval_too:
-            print(f"{name}: {report.line()}; train {times['unshared']:.1f} s -> {times['shared']:.1f} s",
-                  file=sys.stderr)
-            continue
-        score = {}
-        for kind in ("unshared", "shared", "unshared", "shared"):  # each twice, alternating; the faster counts
-            t0 = time.perf_counter()
-            score_records(scorer, tokenizer, records, MAX_LENGTH, MAX_RESPONSE_LENGTH, share_prefix=kind == "shared")
-            score[kind] = min(score.get(kind, float("inf")), time.perf_counter() - t0)
-        out[f"shared_prefix_eval_speedup_{name}"] = score["unshared"] / score["shared"]
-        print(f"{name}: {report.line()}; train {times['unshared']:.1f} s -> {times['shared']:.1f} s; "
-              f"scoring {score['unshared']:.2f} s -> {score['shared']:.2f} s", file=sys.stderr)
+        figures = {f"shared_prefix_token_ratio_{name}": report.token_ratio,
+                   f"shared_prefix_train_speedup_{name}": times["unshared"] / times["shared"],
+                   f"shared_prefix_train_pairs_per_s_{name}": len(records) / times["shared"]}
+        line = f"{name}: {report.line()}; train {times['unshared']:.1f} s -> {times['shared']:.1f} s"
+        if eval_too:
+            seconds, scores = {}, {}
+            for kind in ("unshared", "shared", "unshared", "shared"):  # each twice, alternating; the faster counts
+                t0 = time.perf_counter()
+                scores[kind] = score_records(scorer, tokenizer, records, MAX_LENGTH, MAX_RESPONSE_LENGTH,
+                                             shared_prefix=kind == "shared")
+                seconds[kind] = min(seconds.get(kind, float("inf")), time.perf_counter() - t0)
+            for kind, got in scores.items():
+                check_scores([s for pair in got for s in pair], 2 * len(records), f"{name}: {kind} scoring")
+            diff = max(abs(a - b) for x, y in zip(scores["shared"], scores["unshared"]) for a, b in zip(x, y))
+            check(diff <= SCORE_TOLERANCE, f"{name}: shared and unshared scoring differ by {diff:.3g} "
+                                           f"(tolerance {SCORE_TOLERANCE})")
+            figures[f"shared_prefix_eval_speedup_{name}"] = seconds["unshared"] / seconds["shared"]
+            line += f"; scoring {seconds['unshared']:.2f} s -> {seconds['shared']:.2f} s"
+        print(line, file=sys.stderr)
+        out.update(figures)
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", help="a tiny POLAR model dir (default: one built in a temporary dir)")
-    p.add_argument("--out", default=os.path.join(REPO, "bench", "results_shared_prefix.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "shared_prefix.json"))
     args = p.parse_args(argv)
-    import tempfile
-
-    from polar_xtuner.demo.tiny_model import make_tiny_model
-
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = args.tiny or make_tiny_model(os.path.join(tmp, "tiny"))
+        tiny = args.tiny or model_dir(os.path.join(tmp, "tiny"))
         results = run(tiny)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     for k, v in results.items():
@@ -185,4 +168,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

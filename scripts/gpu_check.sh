@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU path in one prepared run (bench/gpu_check.py has the steps).
+# Every GPU path in one prepared run (bench/gpu_check.py runs the steps of bench/gpu_steps.py).
 #
 # Usage:
 #   bash scripts/gpu_check.sh RESULTS_DIR [--cpu-smoke] [--only STEP,...] [--budget SECONDS] [--force]
@@ -53,4 +53,4 @@ export PYTHONUNBUFFERED=1 MKL_CBWR=${MKL_CBWR:-AUTO,STRICT}
 # `xtuner train`, the users' command, gets a free rendezvous port before DeepSpeed starts.
 "$PY" -m polar_xtuner.cpu_ranks --install > /dev/null \
   || echo "note: could not install the start-up file; a one-process xtuner train falls back to DeepSpeed's port 29500" >&2
-"$PY" bench/gpu_check.py "$results" "$@" --work "$scratch/work"
+"$PY" -m bench.gpu_check "$results" "$@" --work "$scratch/work"

@@ -12,7 +12,6 @@ from polar_xtuner.train.launch import free_port  # noqa: F401 - the project's on
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, "tests", "assets")
-BENCH = os.path.join(REPO, "bench")
 TINY_CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 
@@ -127,9 +126,7 @@ def config_as_shipped(src, dst_dir, name=None, append="", **settings):
     what users build, but for the model path, the data and the sizes a test
     swaps (bench/recipe_gradients.py's ``config_copy``, plus ``append``).
     """
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)
-    from recipe_gradients import config_copy
+    from bench.recipe_gradients import config_copy
 
     path = config_copy(src, dst_dir, name, **settings)
     if append:

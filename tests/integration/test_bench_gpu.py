@@ -1,4 +1,4 @@
-"""bench/gpu.py: its FLOP count against PyTorch's counter, and a CPU smoke run.
+"""bench/gpu_suite.py and bench/gpu_sections.py: the FLOP count against PyTorch's counter, and a CPU smoke run.
 
 The GPU section of `make bench` only runs where a GPU is lent; these tests keep
 its arithmetic and its code path honest on the CPU machines CI has.
@@ -11,13 +11,8 @@ import sys
 import pytest
 import torch
 
+from bench.gpu_sections import matmul_params, row_flops
 from common import REPO, free_port
-
-# bench/ is a directory of scripts, not a package: its scripts import their siblings
-# (`from bench import ...`) the way they do when run as `python bench/gpu.py`.
-sys.path.insert(0, os.path.join(REPO, "bench"))
-
-from gpu import matmul_params, row_flops  # noqa: E402
 
 
 def test_flops_per_token_match_pytorchs_counter(tiny_dir):
@@ -47,12 +42,12 @@ def test_flops_per_token_match_pytorchs_counter(tiny_dir):
 
 @pytest.mark.integration  # each ZeRO stage trains in a child process of its own
 def test_gpu_bench_runs_on_cpu(tmp_path, monkeypatch, capsys):
-    """bench/gpu.py's main() here (its argument checks run as a script below); the stage in its child."""
-    import gpu
+    """`make bench-gpu`'s main() here (its argument checks run as a command below); the stage in its child."""
+    from bench import gpu_suite
 
     out = tmp_path / "gpu.json"
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    rc = gpu.main(["--shape", "tiny", "--device", "cpu", "--stages", "2", "--steps", "3", "--eval-pairs", "16",
+    rc = gpu_suite.main(["--shape", "tiny", "--device", "cpu", "--stages", "2", "--steps", "3", "--eval-pairs", "16",
                    "--out", str(out)])
     assert rc == 0, capsys.readouterr().err[-3000:]
     res = json.loads(out.read_text())
@@ -67,7 +62,7 @@ def test_gpu_bench_runs_on_cuda(tmp_path):
     """`make bench-gpu`'s code path on a real GPU, at the tiny shape: figures, MFU and peak memory."""
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "gpu.py"), "--shape", "tiny", "--device", "cuda",
+        [sys.executable, "-m", "bench.gpu_suite", "--shape", "tiny", "--device", "cuda",
          "--stages", "2", "--steps", "3", "--eval-pairs", "16", "--peak-tflops", "100", "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, env=dict(os.environ, MASTER_PORT=str(free_port())), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -76,12 +71,10 @@ def test_gpu_bench_runs_on_cuda(tmp_path):
     assert 0 < res["zero2_mfu"] < 1 and res["zero2_peak_memory_gib"] > 0
 
 
-@pytest.mark.integration  # runs bench/gpu.py in a subprocess
+@pytest.mark.integration  # runs bench/gpu_suite.py in a subprocess
 def test_gpu_bench_refuses_bad_arguments():
-    script = os.path.join(REPO, "bench", "gpu.py")
-    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--stages", "4"],
-                          capture_output=True, text=True, cwd=REPO)
+    command = [sys.executable, "-m", "bench.gpu_suite"]
+    proc = subprocess.run([*command, "--device", "cpu", "--stages", "4"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "unknown ZeRO stage(s) 4" in proc.stderr
-    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--steps", "2"],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([*command, "--device", "cpu", "--steps", "2"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "--steps 2: at least 3" in proc.stderr

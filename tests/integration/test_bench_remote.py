@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from common import REPO
+from bench.remote import REMOTE_SETS, remote_throughput
+from bench.workloads import model_dir
 from polar_xtuner.serve.launcher import CPU_SERVE_VENV
 
 
@@ -20,26 +21,22 @@ def _need_serve_venv():
 @pytest.mark.integration
 @pytest.mark.serving  # two vLLM servers from .venv-serve
 @pytest.mark.slow
-def test_bench_remote_section_on_small_sets(tmp_path, monkeypatch):
+def test_bench_remote_section_on_small_sets(tmp_path):
     """`make bench`'s remote section end to end on a few records of each workload.
 
-    bench.remote_throughput raises when our client and POLAR's disagree on a
-    server's scores, or the plugin and stock servers disagree; every figure
-    must come back. Its speeds are benchmark figures, not asserted here.
+    bench.remote.remote_throughput raises CheckFailed when a client's scores
+    are missing, or our client and POLAR's disagree on a server's scores, or
+    the plugin and stock servers disagree; every figure must come back. Its
+    speeds are benchmark figures, not asserted here.
     """
     _need_serve_venv()
-    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))  # a directory of scripts, not a package
-    import bench
-
-    from polar_xtuner.demo.tiny_model import make_tiny_model
-
-    tiny = make_tiny_model(str(tmp_path / "tiny"))
+    tiny = model_dir(str(tmp_path / "tiny"))
     # Eager: what is checked here does not depend on vLLM's compiled graph, which costs each
     # server 8-17 s of its start on 2 cores; `make bench` and tools/serve.sh keep vLLM's default.
-    out = bench.remote_throughput(tiny, n_pairs=16, n_long=4, n_groups=2, n_rollouts=4, repeats=1,
+    out = remote_throughput(tiny, n_pairs=16, n_long=4, n_groups=2, n_rollouts=4, repeats=1,
                                   engine_args=("--enforce-eager",))
     expected = set()
-    for key, unit in bench.REMOTE_SETS.values():
+    for key, unit in REMOTE_SETS.values():
         expected |= {f"{key}_plugin_speedup", f"{key}_plugin_speedup_polar_client"}
         for suffix in ("", "_stock_vllm"):
             expected |= {f"{key}_{unit}_per_s{suffix}", f"{key}_{unit}_per_s_polar_client{suffix}",

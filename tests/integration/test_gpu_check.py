@@ -1,6 +1,6 @@
 """scripts/gpu_check.sh: the prepared GPU run, kept from rotting by its CPU smoke run.
 
-The GPU run happens only where a GPU is lent (bench/results_gpu.json holds its
+The GPU run happens only where a GPU is lent (bench/results/gpu.json holds its
 figures); here every one of its steps runs at the tiny shape on CPU, through the
 same code: the users' `xtuner train` command, the converter on ZeRO-2 and ZeRO-3
 checkpoints, the ZeRO throughput runs, packed against padded, scoring and pytest.
@@ -13,6 +13,9 @@ import sys
 
 import pytest
 
+from bench import gpu_check
+from bench.gpu_steps import STEPS
+from bench.workloads import SHARED_PREFIX_WORKLOADS
 from common import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "gpu_check.sh")
@@ -34,10 +37,7 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     failed = {k: v.get("error") or v.get("skipped") for k, v in steps.items() if not v.get("ok")}
     assert proc.returncode == 0 and not failed, (failed, proc.stdout[-2000:], (out / "log.txt").read_text()[-4000:])
     assert res["mode"] == "cpu-smoke" and res["all_ok"] is True
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    from gpu_check import STEPS
-
-    assert list(steps) == [name for name, *_ in STEPS]  # every step ran, in order
+    assert list(steps) == [step.name for step in STEPS]  # every step ran, in order
     assert "sdpa" in steps["versions"]["varlen_backends"] and steps["versions"]["xtuner"] == "0.2.0"
     assert steps["exactness"]["all_within_tolerance"] and len(steps["exactness"]["cases"]) == 4  # sdpa only on CPU
     train = steps["train_xtuner"]
@@ -50,6 +50,7 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     for conv in ("convert_zero2", "convert_zero3"):
         assert "largest relative score difference" in steps[conv]["verification"]
         assert "model.safetensors" in steps[conv]["files"]
+        assert steps[conv]["written"]["tensors"] == steps["model"]["tensors"]  # read back whole
     assert steps["packed_vs_padded"]["speedup_packed_vs_padded"] > 0
     recipe = steps["recipe_gradients"]["configs"]["POLAR_1_8B_full_varlenattn_custom_dataset.py"]
     # the 1.8B recipe as shipped: a shared-prefix row, every layer recomputed, every gradient within fp32's 1e-5
@@ -65,14 +66,12 @@ def _every_shared_prefix_figure(out):
     """`make bench`'s shared-prefix section (bench/shared_prefix.py) on the smoke's small workloads.
 
     Was tests/integration/test_bench_shared_prefix.py's own run of the same function on
-    the same sizes: every figure comes back, and the token ratios are the layouts'.
+    the same sizes: every figure comes back (each after its pairs and scores were
+    checked), and the token ratios are the layouts'.
     """
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    import shared_prefix
-
     out = {k: v for k, v in out.items() if k.startswith("shared_prefix_")}  # less the step's ok and wall_s
     keys = {f"shared_prefix_{kind}_{name}" for kind in ("token_ratio", "train_speedup", "train_pairs_per_s",
-                                                       "eval_speedup") for name in shared_prefix.WORKLOADS}
+                                                       "eval_speedup") for name in SHARED_PREFIX_WORKLOADS}
     assert set(out) == keys
     assert all(math.isfinite(v) and v > 0 for v in out.values()), out
     # the layouts, not timings: one copy of a 1,000-token prefix per pair; one per ranked record of six pairs
@@ -99,9 +98,6 @@ def test_refusals_are_one_line_with_exit_2(tmp_path):
 
 def test_a_step_that_fails_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
     """The driver keeps going: a failing step's error is in results.json, later steps still run."""
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    import gpu_check
-
     out = tmp_path / "r"
     rc = gpu_check.main([str(out), "--cpu-smoke", "--only", "model,zero1,pytest_unit", "--work",
                          str(tmp_path / "w"), "--budget", "1"])
@@ -113,9 +109,6 @@ def test_a_step_that_fails_is_recorded_and_the_next_one_runs(tmp_path, monkeypat
 
 
 def _main_in_process(args, capsys):
-    sys.path.insert(0, os.path.join(REPO, "bench"))
-    import gpu_check
-
     capsys.readouterr()
     try:
         code = gpu_check.main(args)

@@ -17,16 +17,13 @@ runs twice per step (forward and recompute) where it checkpoints.
 """
 import glob
 import os
-import sys
 
 import pytest
 import torch
 
-from common import BENCH, REPO, prompt_sharing_records
+from bench.recipe_gradients import build, compare, train_step
+from common import REPO, prompt_sharing_records
 from polar_xtuner.demo.tiny_model import TINY_REWARD_TOKEN_ID
-
-sys.path.insert(0, BENCH)
-from recipe_gradients import build, compare, train_step  # noqa: E402
 
 SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 TOLERANCE = 1e-5

@@ -126,7 +126,7 @@ def test_a_truncated_pth_in_a_work_dir_is_named(run_dir, tmp_path, capsys):
 def deepspeed_ckpt(tiny_dir, tmp_path_factory):
     """A real one-process ZeRO-2 checkpoint of the tiny model (bench/convert_memory.py), written once."""
     root = tmp_path_factory.mktemp("ds_faults")
-    proc = run_tool("python", "bench/convert_memory.py", "--write-deepspeed", tiny_dir, str(root), "2",
+    proc = run_tool("python", "-m", "bench.convert_memory", "--write-deepspeed", tiny_dir, str(root), "2",
                     env={"MASTER_PORT": str(free_port())})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root / "iter_1.pth"

@@ -1,4 +1,8 @@
-"""The converter's cast frees the memory-mapped fp32 pages as it goes (fast, no training)."""
+"""Conversion memory: the converter's cast frees the memory-mapped fp32 pages as it goes (fast, no training),
+and bench/convert_memory.py records a conversion's figures only once its directory is read back whole."""
+import os
+
+import pytest
 import torch
 
 from polar_xtuner.train.checkpoint import cast_releasing
@@ -72,3 +76,64 @@ def test_weight_check_names_any_tensor_that_is_not_the_trained_one():
         check_weights(expected, weight_digests(model), "out")
     with pytest.raises(VerificationError, match=r"missing: 0\.bias"):
         check_weights(expected, {k: v for k, v in expected.items() if k != "0.bias"}, "out")
+
+
+# -- bench/convert_memory.py: the conversion section records only a conversion it read back whole ----------
+
+
+def _converted_copy(tiny_dir, dst):
+    """The tiny model's directory as a conversion writes it, and the tensors its checkpoint holds."""
+    import shutil
+
+    from bench.convert_memory import checkpoint_tensors
+
+    shutil.copytree(tiny_dir, dst)
+    return checkpoint_tensors(tiny_dir)
+
+
+def test_a_written_directory_is_read_back_tensor_by_tensor(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from bench.convert_memory import verify_converted
+    from bench.report import CheckFailed
+
+    out = tmp_path / "hf"
+    expected = _converted_copy(tiny_dir, out)
+    got = verify_converted(str(out), expected, "fp32")
+    assert got == {"tensors": len(expected), "bytes": 4 * sum(torch.Size(s).numel() for s in expected.values())}
+    with pytest.raises(CheckFailed, match=r"is F32, expected BF16 \(bf16\)$"):
+        verify_converted(str(out), expected, "bf16")  # the dtype asked for, not what was written
+
+    weights = load_file(out / "model.safetensors")
+    dropped = sorted(weights)[-1]
+    save_file({k: v for k, v in weights.items() if k != dropped}, out / "model.safetensors")
+    with pytest.raises(CheckFailed) as e:
+        verify_converted(str(out), expected, "fp32")
+    assert str(e.value) == f"{out}: 1 of the checkpoint's {len(expected)} tensors missing ({dropped})"
+
+    (out / "model.safetensors").unlink()
+    with pytest.raises(CheckFailed, match=r": no \.safetensors file written$"):
+        verify_converted(str(out), expected, "fp32")
+
+
+def test_a_conversion_that_wrote_nothing_records_no_figure(tmp_path, monkeypatch):
+    """The section's old failure: a converter command that did nothing and exited 0 was timed as a conversion."""
+    import bench.convert_memory as section
+    from bench.report import CheckFailed
+
+    monkeypatch.setattr(section, "convert_peak", lambda cfg, ckpt, out, dtype: (os.makedirs(out) or 1, 0.1))
+    with pytest.raises(CheckFailed, match=r"hf_fp32: no \.safetensors file written$"):
+        section.measure("tiny", str(tmp_path))
+
+
+@pytest.mark.integration  # runs python -m polar_xtuner.convert in subprocesses
+def test_the_conversion_section_records_a_verified_conversion(tmp_path):
+    from bench.convert_memory import checkpoint_tensors, measure
+
+    got = measure("tiny", str(tmp_path))
+    assert got["convert_verified"] is True
+    n = len(checkpoint_tensors(str(tmp_path / "model")))
+    for dtype, size in (("fp32", 4), ("bf16", 2)):
+        assert got[f"convert_{dtype}_tensors"] == n and got[f"convert_{dtype}_bytes_written"] == size * got["params"]
+        assert got[f"convert_{dtype}_peak_rss_bytes"] > 100 * 2**20  # the converter's imports, at least
+        assert (tmp_path / f"hf_{dtype}" / "polar_encoding.json").is_file()  # what the converter writes

@@ -1,17 +1,10 @@
-"""GPU section of the benchmarks: a POLAR-1.8B-shaped random model on one GPU.
+"""The GPU sections: ZeRO training, packed against padded rows, and scoring, on a POLAR-shaped model.
 
-Usage:
-    python bench/gpu.py [--shape 1.8b] [--stages 1,2,3] [--steps 10] [--out bench/results_gpu.json]
-    python bench/gpu.py --shape tiny --device cpu --stages 2 --steps 3   # same code on CPU (smoke run)
-
-For each ZeRO stage, a fresh process trains ``PolarRewardModel`` under
-DeepSpeed with the repository's own JSON (``configs/deepspeed/polar_zero{N}.json``,
-its "auto" values filled as xtuner fills them, bf16 where the GPU has it; the
-``_cpu`` twin on CPU), as the 1.8B config sets it up: one packed row of
-2 x max_length tokens per step, chat-like pair lengths, the fastest varlen
-backend on the machine, activation checkpointing, AdamW. It reports real
-tokens/s per GPU, MFU and the peak GPU memory of the training steps. Then
-tools/eval_pref.py's scorer (length-sorted batches) gives evaluation pairs/s.
+Used by `make bench-gpu` (:mod:`bench.gpu_suite`) and the GPU check's steps
+(:mod:`bench.gpu_steps`); each runs on CPU too (the tiny shape), as the tests
+and the check's CPU smoke run them. Every section checks its work before it
+returns a figure: finite losses, every token of the rows trained, a score
+for every sequence.
 
 FLOPs per trained token (model FLOPs; the recomputation of activation
 checkpointing is not counted, as MFU is defined)::
@@ -25,30 +18,25 @@ context within its own sample, sum(s (s + 1) / 2) / sum(s) over the row's
 samples s (varlen attention attends within a sample only). MFU is achieved
 FLOP/s over the GPU's dense bf16 peak (989 TFLOP/s for H100/H200 SXM, from
 the name; ``--peak-tflops`` otherwise).
-
-With one GPU, ZeRO has one rank to partition over, so the per-stage peak
-memory shows each stage's own overhead on one GPU; docs/training.md's ZeRO table
-gives the per-GPU model-state arithmetic for N GPUs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
+from mmengine import MessageHub
+from transformers import AutoConfig, AutoModel
+from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
+from xtuner.dataset.preference_dataset import PackedDatasetWrapper
 
+from bench import REPO
+from bench.report import check, check_scores
+from bench.workloads import chat_like_lengths, pair_tokens, reward_model, synthetic_pairs
 from polar_xtuner.precision import bf16_supported, eval_dtype
-
-# `bench` and `convert_memory` below are this script's siblings (bench/ is its own directory
-# on sys.path); polar_xtuner is installed editable by `make setup`.
-BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
+from polar_xtuner.scoring.local import load_model, score_ids
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0}
 
@@ -71,8 +59,6 @@ def matmul_params(config) -> int:
     The embedding is a lookup and norm scales are element-wise, so neither
     counts in 6 N (the value head, a 1 x d matrix, does).
     """
-    from transformers import AutoModel
-
     with torch.device("meta"):
         model = AutoModel.from_config(config, trust_remote_code=True)
     return sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n)
@@ -88,14 +74,10 @@ def row_flops(n_params: int, config, sample_lengths) -> float:
 
 def packed_rows(config, steps: int, max_length: int) -> list[dict]:
     """``steps`` packed rows (2 x max_length tokens) of chat-like random pairs, collated."""
-    from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
-    from xtuner.dataset.preference_dataset import PackedDatasetWrapper
-
-    from bench import chat_like_lengths, synthetic_pairs
-
     lengths = chat_like_lengths(400 * steps, max_length, seed=2)
     feats = synthetic_pairs(lengths, config.vocab_size, config.reward_token_id)
     packed = PackedDatasetWrapper(feats, max_packed_length=2 * max_length, shuffle_before_pack=False)
+    check(len(packed) >= steps, f"{len(packed)} packed rows for {steps} steps")
     return [preference_collate_fn([packed[i]], use_varlen_attn=True)["data"] for i in range(steps)]
 
 
@@ -111,6 +93,12 @@ def ds_config(stage: str, device: str) -> dict:
     return cfg
 
 
+def _distributed_env(port: str) -> None:
+    # one process, its own rank 0: DeepSpeed's initialize reads these
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", port))
+
+
 def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length: int, profile: bool = False,
                 save_dir: str | None = None) -> dict:
     """Tokens/s, model FLOP/s and peak memory of ``steps`` DeepSpeed steps (this process).
@@ -120,24 +108,20 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
             kernels that took the most device time.
         save_dir: Save the DeepSpeed checkpoint there afterwards, as
             ``iter_1.pth/`` (the layout xtuner's runs write and the converter reads).
-    """
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29541"))
-    import deepspeed
-    from mmengine import MessageHub
-    from transformers import AutoConfig
 
-    from polar_xtuner.train.model import PolarRewardModel
+    Raises:
+        CheckFailed: a loss was not finite, or the checkpoint was not written.
+    """
+    _distributed_env("29541")
+    import deepspeed  # seconds to import, and it reads the environment just set
 
     on_gpu = device == "cuda"
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     rows = packed_rows(config, steps, max_length)
     n_params = matmul_params(config)
-    torch.manual_seed(0)
     # CPU tensors run SDPA whatever the machine has; name that backend, not the machine's best
-    model = PolarRewardModel.from_model_dir(model_dir, use_varlen_attn=True, loss_type="ranking",
-                                            penalty_type="none",
-                                            varlen_attn_backend=None if on_gpu else "sdpa").train()
+    model = reward_model(model_dir, True, use_activation_checkpointing=True,
+                         varlen_attn_backend=None if on_gpu else "sdpa")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, device),
                                       dist_init_required=True)
@@ -148,7 +132,7 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
     times, tokens, flops = [], [], []
     for row in rows:
         cu = row["cumulative_len"][0]
-        data = _feed(row, hub, engine.device)
+        data = feed(row, hub, engine.device)
         t0 = time.perf_counter()
         loss = engine(data, mode="loss")["loss"]
         engine.backward(loss)
@@ -159,12 +143,12 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
         sample_lengths = (cu[1:] - cu[:-1]).tolist()
         tokens.append(sum(sample_lengths))
         flops.append(row_flops(n_params, config, sample_lengths))
-        if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(f"ZeRO-{stage}: non-finite loss {loss.item()}")
+        check(bool(torch.isfinite(loss.detach()).all()), f"ZeRO-{stage}: non-finite loss {loss.item()}")
     top_kernels = _profile_step(engine, rows[-1], hub) if profile else None
     if save_dir:
         engine.save_checkpoint(save_dir, tag="iter_1.pth")
-    warm = 2  # first steps pay allocation and kernel selection (main() asks for at least 3)
+        check(os.path.isdir(os.path.join(save_dir, "iter_1.pth")), f"ZeRO-{stage}: no checkpoint in {save_dir}")
+    warm = 2  # first steps pay allocation and kernel selection (the suite asks for at least 3)
     seconds = sum(times[warm:])
     out = {"tokens_per_s": sum(tokens[warm:]) / seconds, "model_flops_per_s": sum(flops[warm:]) / seconds,
            "steps_timed": len(times) - warm, "backend": model.varlen_attn_backend,
@@ -176,7 +160,7 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
     return out
 
 
-def _feed(row: dict, hub, device) -> dict:
+def feed(row: dict, hub, device) -> dict:
     """A collated packed row for the model; its boundaries go where the varlen attention reads them."""
     data = dict(row)
     hub.update_info("cumulative_len_rank_0", data.pop("cumulative_len")[0].to(device))
@@ -191,7 +175,7 @@ def _profile_step(engine, row: dict, hub, top: int = 15) -> list[dict]:
     cuda = engine.device.type == "cuda" if hasattr(engine.device, "type") else "cuda" in str(engine.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        loss = engine(_feed(row, hub, engine.device), mode="loss")["loss"]
+        loss = engine(feed(row, hub, engine.device), mode="loss")["loss"]
         engine.backward(loss)
         engine.step()
         if cuda:
@@ -216,15 +200,8 @@ def packed_vs_padded(model_dir: str, device: str, max_length: int, steps: int = 
     2 x pairs x longest <= 2 x max_length). One model serves both (with no
     boundaries published, its attention is the stock padded SDPA). bf16 on a
     GPU, fp32 on CPU; no optimizer step, so the figure is the model's own.
+    Both layouts are checked to hold every pair's tokens, and every loss to be finite.
     """
-    from mmengine import MessageHub
-    from transformers import AutoConfig
-    from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
-    from xtuner.dataset.preference_dataset import PackedDatasetWrapper
-
-    from bench import chat_like_lengths, synthetic_pairs
-    from polar_xtuner.train.model import PolarRewardModel
-
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     on_gpu = device == "cuda"
     budget = 2 * max_length
@@ -242,9 +219,13 @@ def packed_vs_padded(model_dir: str, device: str, max_length: int, steps: int = 
         longest = max(longest, n)
     if cur:
         batches.append(preference_collate_fn(cur, use_varlen_attn=False)["data"])
-    model = PolarRewardModel.from_model_dir(model_dir, use_varlen_attn=True, loss_type="ranking",
-                                            penalty_type="none",
-                                            varlen_attn_backend=None if on_gpu else "sdpa").train()
+    tokens = pair_tokens(feats)
+    in_rows = sum(int(r["input_ids"].numel()) for r in rows)
+    in_batches = sum(int(b["attention_mask"].sum()) for b in batches)
+    check(in_rows == tokens and in_batches == tokens,
+          f"packed vs padded: {in_rows} tokens in the rows and {in_batches} in the batches of the pairs' {tokens}")
+    model = reward_model(model_dir, True, use_activation_checkpointing=True,
+                         varlen_attn_backend=None if on_gpu else "sdpa")
     model = model.to(device=device, dtype=torch.bfloat16 if bf16_supported(device) else torch.float32)
     hub = MessageHub.get_instance("varlen_attn_args")
 
@@ -252,7 +233,7 @@ def packed_vs_padded(model_dir: str, device: str, max_length: int, steps: int = 
         model.zero_grad(set_to_none=True)
         for i, item in enumerate(items + items[:1]):  # the first one again, as a warm-up, not timed
             if kind == "packed":
-                data = _feed(item, hub, device)
+                data = feed(item, hub, device)
             else:
                 hub.update_info("cumulative_len_rank_0", None)
                 data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in item.items()}
@@ -262,6 +243,7 @@ def packed_vs_padded(model_dir: str, device: str, max_length: int, steps: int = 
                 t0 = time.perf_counter()
             loss = model(data, mode="loss")["loss"]
             loss.backward()
+            check(bool(torch.isfinite(loss.detach()).all()), f"packed vs padded ({kind}): loss {loss.item()}")
         if on_gpu:
             torch.cuda.synchronize()
         hub.update_info("cumulative_len_rank_0", None)
@@ -270,7 +252,6 @@ def packed_vs_padded(model_dir: str, device: str, max_length: int, steps: int = 
     # warm-up is item 0; items 1.. and item 0 again are timed: every pair once
     t_packed = run("packed", rows)
     t_padded = run("padded", batches)
-    tokens = sum(len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in feats)
     padded_slots = sum(int(b["input_ids"].numel()) for b in batches)
     return {"pairs": len(feats), "real_tokens": tokens, "packed_rows": len(rows), "padded_batches": len(batches),
             "padded_real_fraction": tokens / padded_slots,
@@ -280,99 +261,18 @@ def packed_vs_padded(model_dir: str, device: str, max_length: int, steps: int = 
 
 def eval_throughput(model_dir: str, device: str, pairs: int, max_length: int) -> dict:
     """Pairs/s of tools/eval_pref.py's scorer on chat-like random pairs (length-sorted batches)."""
-    from transformers import AutoConfig
-
-    from bench import chat_like_lengths, synthetic_pairs
-    from polar_xtuner.scoring.local import load_model, score_ids
-
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
     feats = synthetic_pairs(chat_like_lengths(pairs, max_length, seed=3), config.vocab_size,
                             config.reward_token_id)
     ids = [f[k] for f in feats for k in ("chosen_ids", "rejected_ids")]
-    dtype = eval_dtype(device)
-    model, _ = load_model(model_dir, device=device, dtype=dtype)
+    model, _ = load_model(model_dir, device=device, dtype=eval_dtype(device))
     score_ids(model, ids[:32], pad_id=0)  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    score_ids(model, ids, pad_id=0)
+    scores = score_ids(model, ids, pad_id=0)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    check_scores(list(scores), len(ids), "scoring")
     return {"eval_pairs_per_s": pairs / seconds, "eval_tokens_per_s": sum(map(len, ids)) / seconds}
-
-
-def main(argv=None) -> int:
-    from convert_memory import SHAPES
-
-    from bench import write_results
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="1.8b", choices=sorted(SHAPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    p.add_argument("--stages", default="1,2,3", help="ZeRO stages, comma-separated (3_offload allowed)")
-    p.add_argument("--steps", type=int, default=10, help="training steps per stage (2 are warm-up)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="tokens per sequence; rows are twice this (default 16384, tiny: 1024)")
-    p.add_argument("--eval-pairs", type=int, default=256)
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU")
-    p.add_argument("--out", default=os.path.join(BENCH, "results_gpu.json"))
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)  # internal: one stage in a child process
-    p.add_argument("--stage-json", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    max_length = args.max_length or (1024 if args.shape == "tiny" else 16384)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU; use --device cpu for a smoke run", file=sys.stderr)
-        return 2
-    if args.steps < 3:
-        print(f"error: --steps {args.steps}: at least 3 (the first 2 are warm-up, left out of the figures)",
-              file=sys.stderr)
-        return 2
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in ("1", "2", "3", "3_offload")]
-    if bad:
-        print(f"error: --stages: unknown ZeRO stage(s) {', '.join(bad)} (1, 2, 3, 3_offload)", file=sys.stderr)
-        return 2
-
-    if args.stage_json:  # child: one stage, figures to a file
-        fig = train_stage(args.model_dir, stages[0], args.steps, args.device, max_length)
-        with open(args.stage_json, "w") as f:
-            json.dump(fig, f)
-        return 0
-
-    from polar_xtuner.demo.tiny_model import make_tiny_model
-
-    peak = peak_tflops(args.device, args.peak_tflops)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    results = {"shape": args.shape, "max_packed_length": 2 * max_length, "peak_tflops_bf16_dense": peak}
-    with tempfile.TemporaryDirectory(prefix="polar_gpu_bench_") as work:
-        model_dir = make_tiny_model(os.path.join(work, "model"), **SHAPES[args.shape])
-        for stage in stages:
-            out = os.path.join(work, f"stage_{stage}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--shape", args.shape, "--device", args.device,
-                   "--stages", stage, "--steps", str(args.steps), "--max-length", str(max_length),
-                   "--model-dir", model_dir, "--stage-json", out]
-            # DeepSpeed prints its whole config: keep the child's output for a failure only
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if proc.returncode != 0 or not os.path.exists(out):
-                print(f"error: ZeRO-{stage} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}",
-                      file=sys.stderr)
-                return 1
-            with open(out) as f:
-                fig = json.load(f)
-            results[f"zero{stage}_train_tokens_per_s_per_gpu"] = fig["tokens_per_s"]
-            if peak:
-                results[f"zero{stage}_mfu"] = fig["model_flops_per_s"] / (peak * 1e12)
-            if "peak_memory_bytes" in fig:
-                results[f"zero{stage}_peak_memory_gib"] = fig["peak_memory_bytes"] / 2 ** 30
-            results.setdefault("varlen_backend", fig["backend"])
-            results.setdefault("params_matmul", fig["params_matmul"])
-            results.setdefault("mean_row_tokens", fig["mean_row_tokens"])
-            print(f"ZeRO-{stage}: {fig['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
-        results.update(eval_throughput(model_dir, args.device, args.eval_pairs, max_length))
-    write_results(results, args.out, device_name)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
