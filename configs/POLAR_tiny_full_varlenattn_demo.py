@@ -39,7 +39,7 @@ use_varlen_attn = True
 # sharing them are scored after that one copy (docs/training.md, "Shared
 # prefixes"); the loss of every pair is unchanged. Needs use_varlen_attn. On
 # CPU the candidates attend through SDPA over segments; a demo epoch is 53 rows
-# instead of 168 (bench/demo_seeds.json).
+# instead of 168 (bench/results/demo_seeds.json).
 shared_prefix = True
 # Activation checkpointing: True recomputes every layer's forward in backward
 # (activations of one layer at a time), False keeps them all, k recomputes the
