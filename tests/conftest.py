@@ -1,5 +1,6 @@
 """Fixtures and hooks only; plain helpers and constants live in tests/common.py."""
 import os
+import socket
 
 # Bit-reproducible MKL results on CPU (see MKL_CBWR in polar_xtuner/constants.py), before anything imports torch.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
@@ -129,3 +130,12 @@ def demo_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     demo_dir.proc = proc
     return demo_dir
+
+
+@pytest.fixture
+def taken_port():
+    """A port something listens on (as another job's rendezvous would), for the test's duration."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]

@@ -8,9 +8,9 @@ import pytest
 from mmengine.config import Config
 from mmengine.config.lazy import LazyAttr, LazyObject
 
-from common import REPO, run_tool
-
+from common import REPO
 from polar_xtuner.constants import POLAR_REWARD_TOKEN_ID
+
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 DS_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "deepspeed", "*.json")))
@@ -99,15 +99,6 @@ def test_policy_discrimination_config_keeps_the_papers_values():
     assert recs and all(r["policy"] != r["rejected_policy"] for r in recs)
 
 
-@pytest.mark.integration  # runs a repository tool in a subprocess
-def test_example_triples_are_what_the_tool_builds(tmp_path):
-    proc = run_tool("python", "tools/build_dataset.py", "data/examples/policies.jsonl", "--from", "policies",
-                    "-o", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    assert open(tmp_path / "train.jsonl").read() == open(
-        os.path.join(REPO, "data", "examples", "policy_triples.jsonl")).read()
-
-
 @pytest.mark.parametrize("name,model,lr", [
     ("POLAR_1_8B_full_varlenattn_custom_dataset.py", "internlm/POLAR-1_8B-Base", 1e-5),
     ("POLAR_7B_full_varlenattn_custom_dataset.py", "internlm/POLAR-7B-Base", 2e-5),
@@ -160,3 +151,17 @@ def test_activation_checkpointing_is_set_with_its_memory_reason(path):
     comment = text[:text.index("activation_checkpointing = ")].rsplit("\n\n", 1)[-1]
     assert "GiB" in comment or "MB" in comment, "the setting's comment gives its memory reason"
     assert value is ("tiny" not in os.path.basename(path))
+
+
+SP_CONFIG = os.path.join(REPO, "configs", "POLAR_7B_full_varlenattn_sp4_custom_dataset.py")
+
+
+def test_sp_config_variant():
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(SP_CONFIG)
+    assert cfg.sequence_parallel_size == 4
+    assert cfg.max_length % 4 == 0 and cfg.max_length == 4 * 16384
+    assert cfg.accumulative_counts == 2 * 4  # rows per optimizer step as without it
+    assert cfg.train_dataloader.sampler.type.__name__ == "SequenceParallelSampler"
+    assert cfg.model.use_varlen_attn is True

@@ -7,6 +7,8 @@ import pytest
 from common import run_tool
 from samples import CJK, EMOJI, WORDS
 
+pytestmark = pytest.mark.integration
+
 
 # Peak memory of the tools on the ~20 MB record below (tiny tokenizer, 2-core
 # CPU, measured once with the windows switched off): build_dataset --tokenizer
@@ -44,7 +46,6 @@ def record_files(tmp_path_factory):
     return paths
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 @pytest.mark.parametrize("tool", ["build_dataset", "eval_pref"])
 def test_peak_memory_is_bounded_by_the_lengths(tiny_dir, record_files, tmp_path, tool):
     def run(name):

@@ -6,9 +6,9 @@ import pytest
 
 from common import ASSETS
 from polar_xtuner.demo.data import generate
+from polar_xtuner.demo.tiny_model import TINY_REWARD_TOKEN_ID
 from polar_xtuner.encoding import PolarEncoder, resolve_reward_token_id
 from polar_xtuner.records import validate_record
-from polar_xtuner.demo.tiny_model import TINY_REWARD_TOKEN_ID
 
 
 def _unicode_records():
@@ -132,3 +132,18 @@ def test_parity_follows_the_tokenizers_cleanup_setting(tiny_dir):
     assert got == want
     text = PolarEncoder(tok, 512, 128).texts([(rec["prompt"], rec["reference"], [rec["chosen"]])])[0][0]
     assert text.startswith("Hello, world.")
+
+
+def test_encoding_settings_file(tmp_path):
+    from polar_xtuner.encoding import ENCODING_FILE, EncodingSettings
+
+    assert EncodingSettings.from_model_dir(str(tmp_path)).source == "defaults"
+    assert EncodingSettings.from_model_dir(str(tmp_path)).max_length == 16384
+    EncodingSettings(2048, 256, 7).save(str(tmp_path))
+    got = EncodingSettings.from_model_dir(str(tmp_path))
+    assert (got.max_length, got.max_response_length, got.reward_token_id) == (2048, 256, 7)
+    assert got.override(max_length=512).max_length == 512 and got.override().source == got.source
+    for bad in ('{"max_length": "2048", "max_response_length": 256}', '{"max_length": true}', "[1]", "{"):
+        (tmp_path / ENCODING_FILE).write_text(bad)
+        with pytest.raises(ValueError, match=ENCODING_FILE):
+            EncodingSettings.from_model_dir(str(tmp_path))

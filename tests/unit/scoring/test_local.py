@@ -2,10 +2,13 @@
 import os
 
 import pytest
+import torch
 
 from common import REPO
+from polar_xtuner.demo.data import generate
 from polar_xtuner.records import load_records
-from polar_xtuner.scoring.local import pad_id, score_groups, score_records
+from polar_xtuner.scoring.local import pad_id, score_groups, score_ids, score_records
+
 
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 
@@ -37,3 +40,36 @@ def test_small_batches_and_rows_give_the_same_scores(tiny_model, tokenizer):
     small = score_groups(tiny_model, groups, pad_id(tokenizer), 1, batch_size=1)  # a row per group
     assert [len(s) for s in big] == [len(g.candidates) for g in groups]
     assert max(abs(a - b) for x, y in zip(big, small) for a, b in zip(x, y)) <= 1e-5
+
+
+def test_left_and_right_padding_give_equal_scores(tiny_model, tokenizer):
+    recs = list(generate(12, 3))
+    left = score_records(tiny_model, tokenizer, recs, 512, 128, batch_size=8, padding_side="left")
+    right = score_records(tiny_model, tokenizer, recs, 512, 128, batch_size=8, padding_side="right")
+    single = score_records(tiny_model, tokenizer, recs, 512, 128, batch_size=1)
+    flat = lambda s: torch.tensor(s).flatten()  # noqa: E731
+    assert torch.allclose(flat(left), flat(right), atol=1e-5)
+    assert torch.allclose(flat(left), flat(single), atol=1e-5)
+
+
+def test_scores_match_the_hf_forward(tiny_model, tokenizer):
+    from polar_xtuner.encoding import PolarEncoder
+
+    rec = list(generate(1, 5))
+    ids = PolarEncoder(tokenizer, 512, 128).encode_pairs(rec)[0]["chosen_ids"]
+    ours = score_ids(tiny_model, [ids], tokenizer.pad_token_id)[0]
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        hf = tiny_model(input_ids=t, attention_mask=torch.ones_like(t))[0].item()
+    assert ours == pytest.approx(hf, abs=1e-5)
+
+
+def test_an_empty_answer_is_one_whether_a_string_or_messages(tiny_model, tokenizer):
+    from polar_xtuner.records import validate_group_record
+
+    base = {"prompt": "q", "reference": "r"}
+    as_text = validate_group_record({**base, "responses": [{"response": "", "correct": False},
+                                                           {"response": "r", "correct": True}]})
+    as_messages = validate_group_record({**base, "responses": [
+        {"response": [{"role": "assistant", "content": ""}], "correct": False}, {"response": "r", "correct": True}]})
+    assert as_text["responses"] == as_messages["responses"]

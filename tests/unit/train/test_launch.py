@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from common import REPO, free_port, run_tool
+from common import REPO, free_port
 from polar_xtuner.train import launch
 from polar_xtuner.constants import MKL_CBWR
 from polar_xtuner.train.launch import LaunchError, command, ensure_rendezvous_env
@@ -25,15 +25,6 @@ def _env_prefix(cmd):
     while "=" in cmd[i]:
         i += 1
     return dict(a.split("=", 1) for a in cmd[1:i]), cmd[i:]
-
-
-@pytest.fixture
-def taken_port():
-    """A port something listens on (as another job's rendezvous would), for the test's duration."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield s.getsockname()[1]
 
 
 def test_one_process_runs_xtuner_train_py_directly_on_a_free_port():
@@ -92,19 +83,6 @@ def test_multi_node_checks_port_on_node_0_only(taken_port):
     assert f"--master_port={taken_port}" in command([CONFIG], env={**env, "NODE_RANK": "1"})
     # across nodes the default stays 29500 (the nodes must agree without talking)
     assert f"--master_port={launch.DEFAULT_PORT}" in command([CONFIG], env={"NNODES": "2", "NODE_RANK": "1"})
-
-
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
-def test_launcher_and_demo_scripts_name_a_taken_port(taken_port, tmp_path):
-    proc = run_tool("bash", "scripts/train.sh", CONFIG, env={"PORT": str(taken_port), "NPROC_PER_NODE": "1"})
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == [f"error: PORT {taken_port} is taken on this machine (another job?); "
-                                         "set PORT to a free port, or leave it unset to get one"]
-    proc = run_tool("bash", "scripts/demo.sh", env={"MASTER_PORT": str(taken_port), "DEMO_DIR": str(tmp_path / "d")})
-    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-    assert proc.stderr.splitlines() == [f"error: MASTER_PORT {taken_port} is taken on this machine (another "
-                                         "job?); set MASTER_PORT to a free port, or leave it unset to get one"]
-    assert not (tmp_path / "d").exists()
 
 
 TRAIN_PY = os.path.join("site-packages", "xtuner", "tools", "train.py")
@@ -229,40 +207,6 @@ def test_main_prints_nul_separated_command_or_exits_2(capsys):
     assert capsys.readouterr().err == "error: config missing.py: no such file\n"
     assert launch.main(["--port", "NO_SUCH_VARIABLE_HERE"]) == 0
     assert launch.port_is_free(int(capsys.readouterr().out))
-
-
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
-def test_launcher_scripts_name_missing_environment():
-    proc = run_tool("bash", "scripts/train_multi_node.sh", CONFIG, env={"NNODES": "", "NODE_RANK": "", "ADDR": ""})
-    assert proc.returncode != 0 and "set NNODES" in proc.stderr
-    proc = run_tool("bash", "scripts/train_slurm.sh", CONFIG, env={"SLURM_JOB_NODELIST": ""})
-    assert proc.returncode != 0 and "run inside a Slurm allocation" in proc.stderr
-    proc = run_tool("bash", "scripts/train.sh", "missing.py")
-    assert proc.returncode == 2 and "error: config missing.py: no such file" in proc.stderr
-
-
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
-def test_slurm_launcher_maps_slurm_variables(tmp_path):
-    """Fake srun/scontrol: srun runs its command as node 1; train.sh prints what it would run."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
-    (bin_dir / "srun").write_text(
-        '#!/bin/bash\necho "srun $*" >&2\nwhile [[ $1 == --* ]]; do shift; done\nSLURM_NODEID=1 exec "$@"\n')
-    # a `python` that answers the launcher's question with `echo` + the environment it got
-    (bin_dir / "python").write_text(
-        "#!/bin/bash\nprintf 'echo\\0NNODES=%s\\0NODE_RANK=%s\\0ADDR=%s\\0PORT=%s\\0NPROC=%s\\0' "
-        '"$NNODES" "$NODE_RANK" "$ADDR" "$PORT" "$NPROC_PER_NODE"\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
-           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8",
-           "SLURM_SUBMIT_DIR": REPO, "PORT": "29555", "NPROC_PER_NODE": "", "ADDR": ""}
-    proc = subprocess.run(["bash", "scripts/train_slurm.sh", CONFIG], cwd=REPO, env={**os.environ, **env},
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "srun --nodes=2 --ntasks-per-node=1" in proc.stderr
-    assert proc.stdout.split() == ["NNODES=2", "NODE_RANK=1", "ADDR=node-a", "PORT=29555", "NPROC=8"]
 
 
 def _init_dist_on_cpu(how: str):

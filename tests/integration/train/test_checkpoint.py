@@ -21,6 +21,8 @@ import torch
 
 from common import VAL, copy_config, free_port, run_tool
 
+pytestmark = pytest.mark.integration
+
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["wqkv", "wo", "w1", "w2", "w3"], bias="none")
 
 
@@ -132,7 +134,6 @@ def deepspeed_ckpt(tiny_dir, tmp_path_factory):
     return root / "iter_1.pth"
 
 
-@pytest.mark.integration  # runs tools/convert.sh in a subprocess
 @pytest.mark.parametrize("which", ["model_states.pt", "optim_states.pt"])
 def test_a_truncated_deepspeed_file_is_named_by_its_own_path(which, deepspeed_ckpt, run_dir, tmp_path):
     ckpt = tmp_path / "iter_1.pth"
@@ -157,7 +158,6 @@ def _sharded_copy(tiny_dir, dst):
     return shards
 
 
-@pytest.mark.integration  # runs tools/eval_pref.py in a subprocess
 def test_a_truncated_safetensors_shard_is_named_when_evaluating(tiny_dir, tmp_path):
     shards = _sharded_copy(tiny_dir, tmp_path / "model")
     _cut(shards[1])
@@ -183,7 +183,6 @@ def _lora_run(tiny_dir, tmp_path, base):
     return cfg, tmp_path / "lora.pth"
 
 
-@pytest.mark.integration  # runs tools/convert.sh in a subprocess
 def test_a_truncated_base_model_of_a_lora_conversion_is_named(tiny_dir, tmp_path):
     base = tmp_path / "base"
     shards = _sharded_copy(tiny_dir, base)
@@ -206,7 +205,6 @@ def test_a_truncated_tokenizer_of_the_base_model_is_named(run_dir, tiny_dir, tmp
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.integration  # runs tools/eval_pref.py in a subprocess
 @pytest.mark.parametrize("victim", ["adapter", "base"])
 def test_a_truncated_lora_adapter_or_its_base_is_named(victim, tiny_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
@@ -254,7 +252,6 @@ def test_polar_model_naming_a_work_dir_is_one_line(run_dir, tmp_path):
     _says_convert_first(str(e.value), f"POLAR_MODEL={work}")
 
 
-@pytest.mark.integration  # runs the tools in subprocesses
 def test_tokenizer_or_model_naming_a_work_dir_is_one_line(run_dir, tmp_path):
     work = _work_dir_with_config_copy(run_dir, tmp_path)
     proc = run_tool("python", "tools/build_dataset.py", VAL, "-o", str(tmp_path / "out"), "--tokenizer", str(work))

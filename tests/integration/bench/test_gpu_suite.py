@@ -14,6 +14,8 @@ import torch
 from bench.gpu_sections import matmul_params, row_flops
 from common import REPO, free_port
 
+pytestmark = pytest.mark.integration
+
 
 def test_flops_per_token_match_pytorchs_counter(tiny_dir):
     """One sequence, forward only: 2 N T for the matrices plus 4 L d T^2 for full attention.
@@ -40,7 +42,6 @@ def test_flops_per_token_match_pytorchs_counter(tiny_dir):
     assert row_flops(n, config, [t, t]) == 2 * row_flops(n, config, [t])  # samples attend only within themselves
 
 
-@pytest.mark.integration  # each ZeRO stage trains in a child process of its own
 def test_gpu_bench_runs_on_cpu(tmp_path, monkeypatch, capsys):
     """`make bench-gpu`'s main() here (its argument checks run as a command below); the stage in its child."""
     from bench import gpu_suite
@@ -57,7 +58,6 @@ def test_gpu_bench_runs_on_cpu(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.integration
 def test_gpu_bench_runs_on_cuda(tmp_path):
     """`make bench-gpu`'s code path on a real GPU, at the tiny shape: figures, MFU and peak memory."""
     out = tmp_path / "gpu.json"
@@ -71,7 +71,6 @@ def test_gpu_bench_runs_on_cuda(tmp_path):
     assert 0 < res["zero2_mfu"] < 1 and res["zero2_peak_memory_gib"] > 0
 
 
-@pytest.mark.integration  # runs bench/gpu_suite.py in a subprocess
 def test_gpu_bench_refuses_bad_arguments():
     command = [sys.executable, "-m", "bench.gpu_suite"]
     proc = subprocess.run([*command, "--device", "cpu", "--stages", "4"], capture_output=True, text=True, cwd=REPO)

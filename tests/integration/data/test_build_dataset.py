@@ -6,6 +6,7 @@ import pytest
 
 from common import ASSETS, REPO, run_tool
 
+
 pytestmark = pytest.mark.integration  # every test runs tools/build_dataset.py in a subprocess
 
 BAD = os.path.join(ASSETS, "bad_records.jsonl")
@@ -194,3 +195,11 @@ def test_margins_are_kept_and_bad_ones_rejected_by_line(tmp_path):
     assert [r.get("margin") for r in kept] == [2.5, None, 2.5]
     rejected = _lines(tmp_path / "o" / "rejected.jsonl")
     assert [(r["line"], r["field"]) for r in rejected] == [(3, "margin")]
+
+
+def test_example_triples_are_what_the_tool_builds(tmp_path):
+    proc = run_tool("python", "tools/build_dataset.py", "data/examples/policies.jsonl", "--from", "policies",
+                    "-o", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert open(tmp_path / "train.jsonl").read() == open(
+        os.path.join(REPO, "data", "examples", "policy_triples.jsonl")).read()

@@ -7,6 +7,8 @@ import torch
 
 from polar_xtuner.train.checkpoint import cast_releasing
 
+pytestmark = pytest.mark.integration
+
 
 def _rss() -> int:
     with open("/proc/self/status") as f:
@@ -126,7 +128,6 @@ def test_a_conversion_that_wrote_nothing_records_no_figure(tmp_path, monkeypatch
         section.measure("tiny", str(tmp_path))
 
 
-@pytest.mark.integration  # runs python -m polar_xtuner.convert in subprocesses
 def test_the_conversion_section_records_a_verified_conversion(tmp_path):
     from bench.convert_memory import checkpoint_tensors, measure
 

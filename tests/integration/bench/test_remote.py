@@ -12,15 +12,14 @@ from bench.remote import REMOTE_SETS, remote_throughput
 from bench.workloads import model_dir
 from polar_xtuner.serve.launcher import CPU_SERVE_VENV
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serving]
+
 
 def _need_serve_venv():
     if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".plugin")):
         pytest.fail(f"vLLM's CPU build is missing at {CPU_SERVE_VENV}: run `make serve-setup` (make test does)")
 
 
-@pytest.mark.integration
-@pytest.mark.serving  # two vLLM servers from .venv-serve
-@pytest.mark.slow
 def test_bench_remote_section_on_small_sets(tmp_path):
     """`make bench`'s remote section end to end on a few records of each workload.
 

@@ -7,6 +7,8 @@ import pytest
 
 from common import REPO
 
+pytestmark = pytest.mark.integration
+
 # Every figure of the section, on small workloads, is checked on scripts/gpu_check.sh's CPU smoke,
 # which runs this same function with these sizes: tests/integration/test_gpu_check.py.
 
@@ -51,7 +53,6 @@ def test_the_bench_commands_are_exactly_its_modules_with_a_command_line():
     assert found == set(bench.COMMANDS)
 
 
-@pytest.mark.integration  # runs bench modules in subprocesses
 def test_python_m_on_a_bench_module_without_a_command_line_refuses_in_one_line():
     for module in ("bench.workloads", "bench.report", "bench.gpu_steps"):
         proc = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, cwd=REPO, timeout=120)

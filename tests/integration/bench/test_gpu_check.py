@@ -18,6 +18,8 @@ from bench.gpu_steps import STEPS
 from bench.workloads import SHARED_PREFIX_WORKLOADS
 from common import REPO
 
+pytestmark = pytest.mark.integration
+
 SCRIPT = os.path.join(REPO, "scripts", "gpu_check.sh")
 
 
@@ -26,7 +28,6 @@ def _env():
     return dict(os.environ, PYTHON=sys.executable, PATH=venv_bin + os.pathsep + os.environ["PATH"])
 
 
-@pytest.mark.integration
 @pytest.mark.slow  # every step at the tiny shape: about 2.5 minutes on 2 cores
 def test_cpu_smoke_runs_every_step(tmp_path):
     out = tmp_path / "results"
@@ -42,7 +43,7 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     assert steps["exactness"]["all_within_tolerance"] and len(steps["exactness"]["cases"]) == 4  # sdpa only on CPU
     train = steps["train_xtuner"]
     assert train["iterations"] >= 3 and train["tokens_per_s"] > 0 and train["checkpoints"]
-    assert train["shared_prefix"].startswith("shared prefixes: ")  # the 1.8B recipe's share_prefix = True
+    assert train["shared_prefix"].startswith("shared prefixes: ")  # the 1.8B recipe's shared_prefix = True
     _every_shared_prefix_figure(steps["shared_prefix"])
     for stage in ("zero1", "zero2", "zero3"):
         assert steps[stage]["tokens_per_s"] > 0 and steps[stage]["backend"] == "sdpa"
@@ -80,7 +81,6 @@ def _every_shared_prefix_figure(out):
     assert out["shared_prefix_token_ratio_demo"] > 1.2
 
 
-@pytest.mark.integration  # runs the script in a subprocess
 def test_refusals_are_one_line_with_exit_2(tmp_path):
     import torch
 
@@ -157,7 +157,6 @@ def test_force_moves_the_earlier_run_aside(tmp_path, capsys):
     assert json.loads((res / "results.json").read_text())["steps"]["versions"]["skipped"]
 
 
-@pytest.mark.integration  # runs the script in a subprocess
 def test_a_relative_results_dir_is_taken_from_where_the_command_runs(tmp_path):
     proc = subprocess.run(["bash", SCRIPT, "rel_results", "--cpu-smoke", "--budget", "1", "--only", "versions"],
                           capture_output=True, text=True, cwd=str(tmp_path), env=_env())
