@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # config -> (the test that runs `xtuner train` on it as shipped, then converts and scores it; what it runs)
 TRAINED_AS_SHIPPED_BY = {
-    "POLAR_tiny_full_varlenattn_demo.py": ("tests/conftest.py", '"scripts/demo.sh"'),  # demo_run: e2e/test_demo.py
+    "POLAR_tiny_full_varlenattn_demo.py": ("tests/conftest.py", '"scripts/demo.sh"'),  # the session demo: e2e/test_demo.py
     "POLAR_tiny_lora_varlenattn_demo.py": ("tests/unit/convert/test_lora.py", "TINY_LORA"),
 }
 SHIPPED = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
