@@ -71,6 +71,30 @@ def run_in_process(main, args, capsys):
     return subprocess.CompletedProcess(list(args), code, *capsys.readouterr())
 
 
+def one_error_line(err: str) -> str:
+    """A tool's stderr after a clean failure: no traceback and exactly one ``error:`` line, which is returned."""
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def snapshot(path) -> dict:
+    """File name (relative to ``path``) -> SHA-1 of its bytes, for every file under ``path`` ({} if it does not exist).
+
+    Two snapshots are equal when a run left the folder exactly as it was.
+    """
+    import hashlib
+
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = hashlib.sha1(f.read()).hexdigest()
+    return out
+
+
 def assert_converted(out_dir, state_dict):
     """A converted model dir holds exactly training's weights (``llm.*`` named ``model.*``), in HF's layout."""
     import json

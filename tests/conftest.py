@@ -14,7 +14,7 @@ if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
 
 import pytest
 
-from common import run_tool
+from common import VAL, copy_config, run_tool
 
 
 # The files whose tests use the session's `demo_run` (minutes to build): under
@@ -112,6 +112,32 @@ def tiny_model(tiny_dir):
     from polar_xtuner.scoring.local import load_model
 
     return load_model(tiny_dir, device="cpu")[0]
+
+
+@pytest.fixture(scope="module")
+def pth_run(tiny_dir, tmp_path_factory):
+    """What a training run leaves, without training: a config copy and a work dir holding the tiny model.
+
+    Returns ``{"cfg", "ckpt", "root", "work", "state"}``: the config in
+    ``root`` (a Path); ``work`` (a Path) as xtuner leaves it, ``iter_1.pth``
+    (``ckpt``) and an absolute ``last_checkpoint``; ``state``, the
+    checkpoint's state dict (keys as PolarRewardModel names them, ``llm.*``).
+    Tests write their outputs elsewhere, and may check that ``root`` stays as
+    it was. Per module: tests that break it break one file's tests only, and
+    it takes well under a second to build.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("pth_run")
+    hf = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    state = {("llm." + k[len("model."):] if k.startswith("model.") else k): v for k, v in hf.items()}
+    work = root / "work"
+    work.mkdir()
+    torch.save({"state_dict": state, "meta": {}}, work / "iter_1.pth")
+    (work / "last_checkpoint").write_text(str(work / "iter_1.pth"))
+    return {"cfg": copy_config(str(root), "polar_pth_run.py", tiny_dir, VAL), "ckpt": str(work / "iter_1.pth"),
+            "root": root, "work": work, "state": state}
 
 
 class DemoRun(str):

@@ -6,41 +6,19 @@ listed in docs/reliability.md.
 """
 
 import gzip
-import hashlib
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
-from common import REPO, TINY_CONFIG, copy_config, load_tool, run_in_process, run_tool
+from common import REPO, TINY_CONFIG, VAL, copy_config, load_tool, one_error_line, run_in_process, run_tool, snapshot
+from fakes import FakeServer, reply
 
-VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 RECORD = {"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b"}
-
-
-def one_error_line(proc):
-    """The run failed cleanly: no traceback, and exactly one ``error:`` line."""
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    return errors[0]
-
-
-def snapshot(path):
-    """file name -> digest of every file under path (empty dict if it does not exist)."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, path)] = hashlib.sha1(f.read()).hexdigest()
-    return out
 
 
 def write_records(path, n, seed=0, pad=0):
@@ -67,13 +45,13 @@ def test_build_refuses_outputs_over_inputs_and_foreign_files(tmp_path):
         ((str(tmp_path), "-o", str(tmp_path / "sub")), "inside the input directory"),
     ]:
         proc = run_tool("python", "tools/build_dataset.py", *args)
-        assert proc.returncode == 2 and words in one_error_line(proc), (args, proc.stderr)
+        assert proc.returncode == 2 and words in one_error_line(proc.stderr), (args, proc.stderr)
     assert snapshot(out) == before
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     proc = run_tool("python", "tools/build_dataset.py", VAL, "-o", str(foreign))
-    assert proc.returncode == 2 and "did not write" in one_error_line(proc)
+    assert proc.returncode == 2 and "did not write" in one_error_line(proc.stderr)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
@@ -90,30 +68,14 @@ def test_eval_and_rft_data_refuse_outputs_over_inputs(tmp_path, tiny_dir):
     for flag, path in cases:
         proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), flag, path)
         assert proc.returncode == 2, (flag, proc.stderr)
-        one_error_line(proc)
+        one_error_line(proc.stderr)
     both = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
                     "--out", str(tmp_path / "r.json"), "--save-scores", str(tmp_path / "r.json"))
-    assert both.returncode == 2 and "each other" in one_error_line(both)
+    assert both.returncode == 2 and "each other" in one_error_line(both.stderr)
     assert data.read_bytes() == open(VAL, "rb").read() and snapshot(tiny_dir) == model_before
     proc = run_tool("python", "tools/make_rft_data.py", str(data), "-o", str(data))
-    assert proc.returncode == 2 and "would overwrite an input" in one_error_line(proc)
+    assert proc.returncode == 2 and "would overwrite an input" in one_error_line(proc.stderr)
     assert data.read_bytes() == open(VAL, "rb").read()
-
-
-@pytest.fixture(scope="module")
-def pth_run(tmp_path_factory, tiny_dir):
-    """A config and a .pth checkpoint of the tiny model, as a training run would leave them (no training)."""
-    import torch
-    from transformers import AutoModel
-
-    root = tmp_path_factory.mktemp("pth_run")
-    model = AutoModel.from_pretrained(tiny_dir, trust_remote_code=True)
-    state = {("llm." + k[6:] if k.startswith("model.") else k): v for k, v in model.state_dict().items()}
-    work = root / "work"
-    work.mkdir()
-    torch.save({"state_dict": state}, work / "iter_1.pth")
-    cfg = copy_config(str(root), "polar_faults_cfg.py", tiny_dir, VAL)
-    return {"cfg": cfg, "ckpt": str(work / "iter_1.pth"), "work": str(work), "root": root}
 
 
 @pytest.mark.integration  # runs a repository tool or script in a subprocess
@@ -122,7 +84,7 @@ def test_convert_refuses_outputs_over_inputs(pth_run):
         before = snapshot(pth_run["root"])
         proc = run_tool("bash", "tools/convert.sh", pth_run["cfg"], pth_run["ckpt"], out, "--force")
         assert proc.returncode == 2, proc.stderr
-        assert "overwrite an input" in one_error_line(proc) or "is a file" in proc.stderr
+        assert "overwrite an input" in one_error_line(proc.stderr) or "is a file" in proc.stderr
         assert snapshot(pth_run["root"]) == before
 
 
@@ -229,10 +191,10 @@ def test_full_disk_fails_with_one_line_and_keeps_the_previous_output(small_fs, t
     assert run_tool("python", "tools/build_dataset.py", str(small), "-o", str(out)).returncode == 0
     before = snapshot(out)
     proc = run_tool("python", "tools/build_dataset.py", str(src), "-o", str(out))
-    assert proc.returncode == 2 and "no space left" in one_error_line(proc)
+    assert proc.returncode == 2 and "no space left" in one_error_line(proc.stderr)
     assert snapshot(out) == before and sorted(os.listdir(small_fs)) == ["out"]
     proc = run_tool("bash", "tools/convert.sh", pth_run["cfg"], pth_run["ckpt"], str(small_fs / "hf"))
-    assert proc.returncode == 2 and "no space left" in one_error_line(proc)
+    assert proc.returncode == 2 and "no space left" in one_error_line(proc.stderr)
     assert sorted(os.listdir(small_fs)) == ["out"]
 
 
@@ -244,14 +206,14 @@ def test_venv_installs_are_refused_before_they_start_on_a_small_disk(small_fs):
         proc = subprocess.run(["make", "-s", "-C", REPO, target, f"{var}={venv}"],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr[-3000:]
-        line = one_error_line(proc)
+        line = one_error_line(proc.stderr)
         assert f" {venv}: it needs about" in line and f"GiB is free on {small_fs}" in line, line
     assert os.listdir(small_fs) == []
     # What an unfinished install already holds counts: pip keeps it on the next run.
     need = ["bash", os.path.join(REPO, "scripts", "need_space.sh"), str(small_fs / "venv"), "0.0002", "a venv"]
     (small_fs / "part").write_bytes(b"x" * 100 * 1024)  # 156 of 256 KiB left: too little for ~210
     proc = subprocess.run(need, capture_output=True, text=True)
-    assert proc.returncode == 2 and "a venv" in one_error_line(proc)
+    assert proc.returncode == 2 and "a venv" in one_error_line(proc.stderr)
     (small_fs / "venv").mkdir()
     os.rename(small_fs / "part", small_fs / "venv" / "part")  # the same 100 KiB, now the venv's
     proc = subprocess.run(need, capture_output=True, text=True)
@@ -295,12 +257,12 @@ def test_read_only_destinations_are_refused_before_any_work(tmp_path, tiny_dir, 
             pytest.skip("neither a read-only mount nor permissions can make a read-only directory here")
     try:
         proc = run_tool("python", "tools/build_dataset.py", VAL, "-o", str(ro / "out"))
-        assert proc.returncode == 2 and "not writable" in one_error_line(proc)
+        assert proc.returncode == 2 and "not writable" in one_error_line(proc.stderr)
         proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL,
                         "--out", str(ro / "r.json"))
-        assert proc.returncode == 2 and "not writable" in one_error_line(proc) and "Scoring" not in proc.stderr
+        assert proc.returncode == 2 and "not writable" in one_error_line(proc.stderr) and "Scoring" not in proc.stderr
         proc = run_tool("bash", "tools/convert.sh", pth_run["cfg"], pth_run["ckpt"], str(ro / "hf"))
-        assert proc.returncode == 2 and "not writable" in one_error_line(proc)
+        assert proc.returncode == 2 and "not writable" in one_error_line(proc.stderr)
         assert "Loading" not in proc.stdout  # refused before the checkpoint was read
     finally:
         subprocess.run(["umount", "-l", str(ro)], capture_output=True)
@@ -310,54 +272,13 @@ def test_read_only_destinations_are_refused_before_any_work(tmp_path, tiny_dir, 
 # -- scores that are not numbers, and servers that stall ---------------------------------------------------
 
 
-class RawServer:
-    """A loopback HTTP server that answers every POST with a fixed raw body, optionally trickled."""
-
-    def __init__(self, body: bytes, trickle: float = 0.0):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.body, self.trickle, self.stop = body, trickle, False
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while not self.stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn):
-        try:
-            conn.recv(1 << 20)
-            head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(self.body)}\r\n\r\n").encode()
-            if not self.trickle:
-                conn.sendall(head + self.body)
-                return
-            conn.sendall(head)
-            for b in self.body * 1000:  # never finishes in time
-                conn.sendall(bytes([b]))
-                time.sleep(self.trickle)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self):
-        self.stop = True
-        self.sock.close()
-
-
 @pytest.mark.parametrize("value", [pytest.param("NaN", marks=pytest.mark.integration),  # the tool's process
                                    "Infinity", "-Infinity", "true", '"1.5"', "null"])
 def test_a_score_that_is_not_a_finite_number_is_an_error_naming_the_record(value, tmp_path, tiny_dir, capsys):
     """The tool's own process for NaN; the other values through its main() here: the same code, 3 s less each."""
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps(RECORD) + "\n")
-    server = RawServer(f'[{{"embedding": [{value}]}}, {{"embedding": [0.5]}}]'.encode())
+    server = FakeServer(answer=reply(200, f'[{{"embedding": [{value}]}}, {{"embedding": [0.5]}}]'.encode()))
     out = tmp_path / "report.json"
     args = ["--model", tiny_dir, "--data", str(data), "--server-type", "sglang", "--server-address", server.address,
             "--out", str(out), "--max-retries", "1", "--concurrency", "1"]
@@ -368,7 +289,7 @@ def test_a_score_that_is_not_a_finite_number_is_an_error_naming_the_record(value
             proc = run_in_process(load_tool("eval_pref").main, args, capsys)
     finally:
         server.close()
-    line = one_error_line(proc)
+    line = one_error_line(proc.stderr)
     assert proc.returncode == 3 and f"{data}:1" in line and "chosen" in line, proc.stderr
     assert not out.exists()
 
@@ -407,7 +328,7 @@ def test_bom_gzip_parquet_and_duplicate_keys(tmp_path):
     blob = gzip.compress(("\n".join(lines * 200) + "\n").encode())
     (tmp_path / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
     proc = run_tool("python", "tools/build_dataset.py", str(tmp_path / "cut.jsonl.gz"), "-o", str(tmp_path / "o_cut"))
-    assert proc.returncode == 2 and "cut.jsonl.gz" in one_error_line(proc) and "truncated" in proc.stderr
+    assert proc.returncode == 2 and "cut.jsonl.gz" in one_error_line(proc.stderr) and "truncated" in proc.stderr
     assert not (tmp_path / "o_cut").exists()
 
 
@@ -424,7 +345,7 @@ def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir):
     code = (model / "modeling_internlm2.py").read_text()
     (model / "modeling_internlm2.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n" + code)
     proc = run_tool("python", "tools/eval_pref.py", "--model", str(model), "--data", VAL)
-    assert proc.returncode == 2 and "--trust-remote-code" in one_error_line(proc)
+    assert proc.returncode == 2 and "--trust-remote-code" in one_error_line(proc.stderr)
     assert "modeling_internlm2.py" in proc.stderr and not marker.exists()
     proc = run_tool("python", "tools/eval_pref.py", "--model", str(model), "--data", VAL, "--trust-remote-code")
     assert proc.returncode == 0 and marker.exists(), proc.stderr[-2000:]
@@ -550,7 +471,7 @@ def test_damaged_model_dir_is_one_line_naming_it(damage, tmp_path, tiny_dir):
     else:
         (model / "model.safetensors").unlink()
     proc = run_tool("python", "tools/eval_pref.py", "--model", str(model), "--data", VAL)
-    line = one_error_line(proc)
+    line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and str(model) in line, proc.stderr[-2000:]
 
 
@@ -587,7 +508,7 @@ def test_a_tool_run_by_an_interpreter_without_its_packages_says_so_in_one_line(t
     for cmd in cases:
         proc = run_tool(*cmd, env=env)
         assert proc.returncode == 2, (cmd, proc.stderr[-2000:])
-        assert "has no module 'torch'" in one_error_line(proc) and "make setup" in proc.stderr, cmd
+        assert "has no module 'torch'" in one_error_line(proc.stderr) and "make setup" in proc.stderr, cmd
     assert sorted(os.listdir(tmp_path)) == ["sitecustomize.py"]
 
 
@@ -626,7 +547,7 @@ def test_the_readmes_training_command_without_a_gpu_or_the_hub_is_one_line(tmp_p
     shipped = os.path.join(REPO, "configs", "POLAR_7B_full_varlenattn_custom_dataset.py")
     for ds in ("deepspeed_zero2", os.path.join(REPO, "configs", "deepspeed", "polar_zero2.json")):
         proc = run_tool("xtuner", "train", shipped, "--deepspeed", ds, cwd=str(tmp_path), timeout=300)
-        line = one_error_line(proc)
+        line = one_error_line(proc.stderr)
         assert "picks bf16 or fp16 from a CUDA GPU" in line and "polar_zero2_cpu.json" in line, proc.stderr[-2000:]
     code = ("import sys; from mmengine.config import Config; from xtuner.registry import BUILDER; "
             f"from polar_xtuner.data.dataset import build_tokenizer; cfg = Config.fromfile({shipped!r}); "
@@ -634,7 +555,7 @@ def test_the_readmes_training_command_without_a_gpu_or_the_hub_is_one_line(tmp_p
     for what in ("model", "tokenizer"):
         proc = run_tool(sys.executable, "-c", code, what, env={"HF_HUB_OFFLINE": "1"}, cwd=str(tmp_path))
         if what == "model":  # inside the training loop: the model ends the process, one line, exit 2
-            line = one_error_line(proc)
+            line = one_error_line(proc.stderr)
             assert proc.returncode == 2
         else:  # the dataset builder's error, which build_polar_dataset turns into the same one line
             assert "UserError" in proc.stderr
@@ -643,7 +564,7 @@ def test_the_readmes_training_command_without_a_gpu_or_the_hub_is_one_line(tmp_p
     # the README's first step, its --tokenizer a hub name
     proc = run_tool(sys.executable, os.path.join(REPO, "tools", "build_dataset.py"), VAL, "-o", "mine",
                     "--tokenizer", "internlm/POLAR-7B-Base", env={"HF_HUB_OFFLINE": "1"}, cwd=str(tmp_path))
-    assert proc.returncode == 2 and "huggingface-cli download internlm/POLAR-7B-Base" in one_error_line(proc)
+    assert proc.returncode == 2 and "huggingface-cli download internlm/POLAR-7B-Base" in one_error_line(proc.stderr)
 
 
 @pytest.mark.integration  # the README's commands in subprocesses
@@ -668,7 +589,7 @@ def test_the_readmes_quick_start_from_an_empty_folder_without_gpu_or_hub(tmp_pat
     }
     for step, cmd in steps.items():
         proc = run_tool(*cmd, cwd=str(tmp_path), env={"HF_HUB_OFFLINE": "1"}, timeout=300)
-        line = one_error_line(proc)
+        line = one_error_line(proc.stderr)
         # xtuner's CLI exits 0 whatever its child did; every other step exits 2
         assert proc.returncode == (0 if step == "train" else 2), (step, proc.stderr[-1500:])
         assert len(line) > 40, (step, line)  # a line that says what is missing and what to do

@@ -8,7 +8,6 @@ replaced OUT_DIR and exited 0. Now the interrupt is sticky (raised again until
 swap of an output runs with signals deferred.
 """
 import glob
-import hashlib
 import json
 import os
 import random
@@ -20,26 +19,9 @@ import time
 
 import pytest
 
-from common import REPO, VAL, copy_config
+from common import REPO, VAL, one_error_line, snapshot
 
 MOMENTS = [0.2, 1.0, 3.0, "mid-write"]
-
-
-def snapshot(path):
-    out = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, path)] = hashlib.sha1(f.read()).hexdigest()
-    return out
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
 
 
 def signal_at(cmd, moment, sig, writing):
@@ -67,19 +49,6 @@ def check_interrupted(rc, err, sig, out, before, moment):
     assert ("interrupted" if sig == signal.SIGINT else "terminated") in line, line
     assert snapshot(out) == before, (moment, sig)
     assert glob.glob(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.*")) == [], (moment, sig)
-
-
-@pytest.fixture(scope="module")
-def pth_run(tiny_dir, tmp_path_factory):
-    from safetensors.torch import load_file
-
-    import torch
-
-    root = tmp_path_factory.mktemp("interrupts")
-    hf = load_file(os.path.join(tiny_dir, "model.safetensors"))
-    state = {("llm." + k[len("model."):] if k.startswith("model.") else k): v for k, v in hf.items()}
-    torch.save({"state_dict": state, "meta": {}}, root / "iter_1.pth")
-    return {"ckpt": str(root / "iter_1.pth"), "cfg": copy_config(str(root), "polar_interrupts.py", tiny_dir, VAL)}
 
 
 @pytest.mark.integration  # runs tools/convert.sh in subprocesses

@@ -17,31 +17,11 @@ import stat
 
 import pytest
 
-from common import VAL, copy_config, run_tool
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
+from common import VAL, one_error_line, run_tool
 
 
 def leftovers(folder) -> list[str]:
     return sorted(p for p in os.listdir(folder) if ".tmp-" in p or ".old-" in p)
-
-
-@pytest.fixture(scope="module")
-def pth_run(tiny_dir, tmp_path_factory):
-    from safetensors.torch import load_file
-
-    import torch
-
-    root = tmp_path_factory.mktemp("output_paths")
-    hf = load_file(os.path.join(tiny_dir, "model.safetensors"))
-    state = {("llm." + k[len("model."):] if k.startswith("model.") else k): v for k, v in hf.items()}
-    torch.save({"state_dict": state, "meta": {}}, root / "iter_1.pth")
-    return {"ckpt": str(root / "iter_1.pth"), "cfg": copy_config(str(root), "polar_out_paths.py", tiny_dir, VAL)}
 
 
 # -- symbolic links ---------------------------------------------------------------------------------------

@@ -398,6 +398,10 @@ def test_serve_sh_stops_its_engine_on_sigterm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
     pid_file = tmp_path / "engine.pid"
     # A stand-in engine: whatever vLLM's arguments, it answers /health on the port it is given.
+    # Not tests/fakes.py's FakeServer (a thread in the test, on a port of its own choosing):
+    # serve.sh runs this file as the engine, in its own process, on the port serve.sh names, and
+    # the test checks that this very process ends. Importing the fake here would need tests/ on
+    # its path and would load torch and polar_xtuner (fakes.py's imports) into a bare stand-in.
     fake = tmp_path / "fake_python"
     fake.write_text(f"""#!{sys.executable}
 import http.server, os, sys

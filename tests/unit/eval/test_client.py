@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common import REPO, load_tool, run_tool
-from fakes import FakePolarServer
+from fakes import FakeServer
 from polar_xtuner.scoring.client import BadScoreError, RemoteScorer, RemoteScoringError, parse_scores
 from polar_xtuner.scoring.remote import score_records_remote
 from polar_xtuner.demo.data import generate
@@ -20,7 +20,7 @@ VAL = f"{REPO}/data/demo/val.jsonl"
 @pytest.mark.parametrize("mode", ["sglang", "vllm", "lmdeploy"])
 def test_remote_scores_equal_local_scores(mode, tiny_model, tokenizer):
     recs = list(generate(10, 9))
-    server = FakePolarServer(mode, tiny_model, tokenizer)
+    server = FakeServer(mode, tiny_model, tokenizer)
     try:
         scorer = RemoteScorer(mode, server.address, batch_size=6, concurrency=1)
         remote = score_records_remote(scorer, tokenizer, recs, 512, 128)
@@ -45,7 +45,7 @@ def test_remote_scores_equal_local_scores(mode, tiny_model, tokenizer):
 
 
 def test_retries_then_succeeds():
-    server = FakePolarServer("lmdeploy", fail_first=2)
+    server = FakeServer("lmdeploy", fail_first=2)
     try:
         scorer = RemoteScorer("lmdeploy", server.address, max_retries=3, backoff=0.01, concurrency=1)  # one request
         scores = scorer.score(["ab", "abc"])
@@ -55,7 +55,7 @@ def test_retries_then_succeeds():
 
 
 def test_failure_is_an_error_not_none():
-    server = FakePolarServer("fail")
+    server = FakeServer("fail")
     try:
         with pytest.raises(RemoteScoringError, match="failed after 2 attempt.*HTTP 500"):
             RemoteScorer("sglang", server.address, max_retries=2, backoff=0.01).score(["x"])
@@ -65,7 +65,7 @@ def test_failure_is_an_error_not_none():
 
 
 def test_wrong_shape_and_unreachable_are_errors():
-    server = FakePolarServer("bogus")
+    server = FakeServer("bogus")
     try:
         with pytest.raises(RemoteScoringError, match="unexpected shape"):
             RemoteScorer("vllm", server.address).score(["x"])
@@ -83,7 +83,7 @@ def test_eval_cli_against_servers(tiny_dir, tmp_path, capsys):
     from polar_xtuner.scoring.local import load_model
 
     model, tok = load_model(tiny_dir, device="cpu")
-    server = FakePolarServer("vllm", model, tok)
+    server = FakeServer("vllm", model, tok)
     try:
         out = tmp_path / "remote.json"
         proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL,
@@ -100,7 +100,7 @@ def test_eval_cli_against_servers(tiny_dir, tmp_path, capsys):
     assert remote_r["accuracy"] == local_r["accuracy"]
     assert (tmp_path / "scores.png").stat().st_size > 1000
 
-    dead = FakePolarServer("fail")
+    dead = FakeServer("fail")
     try:
         proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL, "--server-type",
                         "sglang", "--server-address", dead.address, "--max-retries", "2")
@@ -134,21 +134,21 @@ def test_vllm_sigmoid_trap_is_caught_or_avoided(tiny_model, tokenizer):
     recs = list(generate(6, 3))
     local = score_records(tiny_model, tokenizer, recs, 512, 128)
     # A server whose default is the sigmoid, as vLLM's: raw scores because we ask for them.
-    server = FakePolarServer("vllm", tiny_model, tokenizer, activation="honour")
+    server = FakeServer("vllm", tiny_model, tokenizer, activation="honour")
     try:
         remote = score_records_remote(RemoteScorer("vllm", server.address), tokenizer, recs, 512, 128)
     finally:
         server.close()
     assert torch.allclose(torch.tensor(remote), torch.tensor(local), atol=1e-5)
     # A server that ignores the field and squeezes every score into (0, 1): refused, not trusted.
-    server = FakePolarServer("vllm", tiny_model, tokenizer, activation="always")
+    server = FakeServer("vllm", tiny_model, tokenizer, activation="always")
     try:
         with pytest.raises(RemoteScoringError, match="does not give raw scores.*use_activation"):
             score_records_remote(RemoteScorer("vllm", server.address), tokenizer, recs, 512, 128)
     finally:
         server.close()
     # An older server that ignores the field but never had the activation: its raw scores are kept.
-    server = FakePolarServer("vllm", scores=[-3.5, 2.25], activation="never")
+    server = FakeServer("vllm", scores=[-3.5, 2.25], activation="never")
     try:
         assert RemoteScorer("vllm", server.address, concurrency=1).score(["a", "b", "c"]) == [-3.5, 2.25, -3.5]
     finally:
@@ -197,7 +197,7 @@ def test_requests_are_cut_by_texts_tokens_and_slots():
 
 
 def test_a_bad_score_is_named_by_its_place_in_the_whole_round():
-    class OneBadText(FakePolarServer):
+    class OneBadText(FakeServer):
         def score(self, texts):
             return [float("nan") if t == "bad" else 1.0 for t in texts]
 
@@ -213,14 +213,14 @@ def test_a_bad_score_is_named_by_its_place_in_the_whole_round():
 
 
 def test_batches_are_spread_over_servers_and_in_flight_together():
-    servers = [FakePolarServer("lmdeploy") for _ in range(2)]
+    servers = [FakeServer("lmdeploy") for _ in range(2)]
     try:
         scorer = RemoteScorer("lmdeploy", ",".join(s.address for s in servers), batch_size=2, concurrency=2)
         texts = ["x" * n for n in range(1, 21)]
         assert scorer.score(texts) == [float(n) for n in range(1, 21)]  # in order
         assert [len(s.requests) for s in servers] == [5, 5]
         # a dead first server: its batches move on to the live one
-        dead = FakePolarServer("fail")
+        dead = FakeServer("fail")
         scorer = RemoteScorer("lmdeploy", f"{dead.address},{servers[1].address}", batch_size=2, backoff=0.01)
         assert scorer.score(texts[:8]) == [float(n) for n in range(1, 9)]
         dead.close()
@@ -251,7 +251,7 @@ def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path
     finally:
         ro.chmod(0o700)
     # a server answering NaN: exit 3 naming the text, and no report that looks complete
-    server = FakePolarServer("vllm", scores=[float("nan")])
+    server = FakeServer("vllm", scores=[float("nan")])
     out = tmp_path / "r.json"
     try:
         proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),

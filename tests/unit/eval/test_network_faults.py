@@ -13,22 +13,18 @@
 * serve.sh refuses a taken port before the engine starts, and runs under a
   python without xtuner.
 """
-import base64
 import json
-import math
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from common import REPO, free_port, load_tool, run_tool
+from fakes import FakeServer, fault, reply, trickle
 from polar_xtuner.scoring.client import RemoteScorer, RemoteScoringError, TextTooLongError, http_request, post_json
 from polar_xtuner.rl.reward import PolarReward, RFTSettings
 from polar_xtuner.serve.launcher import ServeError, wait_ready
@@ -41,74 +37,13 @@ SLACK = 1.0  # seconds over timeout x attempts + backoff
 # as every case waits it out twice.
 TIMEOUT = 0.4
 TRICKLE_S = 0.1
-HOLD_S = 30.0  # how long a faulty server keeps a connection: a client without a deadline fails, not hangs
-
-
-class FaultServer:
-    """A loopback server (raw sockets) that answers every request with one fault.
-
-    silent: reads the request and never answers. stall: sends its headers,
-    then nothing. trickle: headers, then a byte every TRICKLE_S seconds, as
-    http.server does (HTTP/1.0: the client's connection closes with the
-    response); trickle_keepalive: the same over HTTP/1.1 keep-alive.
-    half_body: a Content-Length twice what it sends, then closes. empty:
-    HTTP 200 with an empty body.
-    """
-
-    def __init__(self, kind: str):
-        self.kind, self.requests = kind, 0
-        self.done = threading.Event()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while not self.done.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn):
-        body = b'{"data": [{"index": 0, "data": [[0.5]]}, {"index": 1, "data": [[0.1]]}]}'
-        try:
-            conn.recv(1 << 20)
-            self.requests += 1
-            if self.kind == "silent":
-                self.done.wait(HOLD_S)
-            elif self.kind in ("stall", "trickle", "trickle_keepalive"):
-                version = "1.1" if self.kind == "trickle_keepalive" else "1.0"
-                conn.sendall(f"HTTP/{version} 200 OK\r\nContent-Type: application/json\r\n"
-                             f"Content-Length: 1000000\r\n\r\n".encode())
-                for _ in range(int(HOLD_S / TRICKLE_S)):
-                    if self.done.wait(TRICKLE_S):
-                        break
-                    if self.kind != "stall":
-                        conn.sendall(b" ")
-            elif self.kind == "half_body":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             + f"Content-Length: {2 * len(body)}\r\n\r\n".encode() + body)
-            elif self.kind == "empty":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 0\r\n"
-                             b"Connection: close\r\n\r\n")
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self):
-        self.done.set()
-        self.sock.close()
 
 
 @pytest.fixture
 def fault_server(request):
-    server = FaultServer(request.param)
-    yield server
-    server.close()
+    """A server answering every request with one fault of KINDS (fakes.fault), trickling a byte every TRICKLE_S."""
+    with FakeServer(answer=fault(request.param, every=TRICKLE_S)) as server:
+        yield server
 
 
 def timed(fn, *args, **kw):
@@ -150,7 +85,7 @@ def test_remote_scoring_gives_up_within_its_deadline(fault_server, server_type):
     assert isinstance(err, RemoteScoringError) and "failed after 2 attempt(s)" in str(err), err
     assert "\n" not in str(err)
     assert took <= TIMEOUT * 2 + 0.2 + SLACK, took
-    assert fault_server.requests == 2  # bounded retries
+    assert len(fault_server.requests) == 2  # bounded retries
 
 
 @pytest.mark.slow  # each case waits out its deadline
@@ -160,27 +95,6 @@ def test_eval_pref_gives_up_within_its_deadline(fault_server, capsys, tiny_dir, 
                                          "--timeout", str(TIMEOUT), "--max-retries", "2")
     assert code == 3 and len(errors) == 1 and "failed after 2 attempt(s)" in errors[0], errors
     assert took <= TIMEOUT * 2 + 0.5 + SLACK, took  # eval_pref's backoff: 0.5 s before the second attempt
-
-
-class TrickleHandler(BaseHTTPRequestHandler):
-    """http.server's own way of answering (HTTP/1.0): headers, then one byte every half second."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", "100000")
-        self.end_headers()
-        for _ in range(200):  # 100 s
-            try:
-                self.wfile.write(b" ")
-                self.wfile.flush()
-            except OSError:
-                return
-            time.sleep(0.5)
 
 
 @pytest.mark.integration  # runs a repository tool in a subprocess
@@ -194,15 +108,10 @@ def test_the_issue_example_eval_pref_timeout_2_against_a_trickling_http_server(t
     refused = run_tool(*args, f"127.0.0.1:{free_port()}", timeout=120)
     start = time.monotonic() - t0
     assert refused.returncode == 3, refused.stderr[-2000:]
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), TrickleHandler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with FakeServer(answer=trickle(every=0.5)) as server:  # http.server's way (HTTP/1.0): a byte every half second
         t0 = time.monotonic()
-        proc = run_tool(*args, f"127.0.0.1:{httpd.server_address[1]}", timeout=120)
+        proc = run_tool(*args, server.address, timeout=120)
         took = time.monotonic() - t0
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 3 and len(errors) == 1 and "within 2 s" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -224,187 +133,71 @@ def test_rl_reward_functions_give_up_within_their_deadline(fault_server, tokeniz
     assert got == [-7.0] and took <= bound and fallback.fallback_uses == 1
 
 
-class ProbeStalls(BaseHTTPRequestHandler):
-    """Raw scores inside [0, 1] (so the probe is asked), and a probe that never answers."""
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if body.get("use_activation"):
-            time.sleep(10)
-            return
-        data = json.dumps({"data": [{"index": i, "data": [[0.25]]} for i in range(len(body["input"]))]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
 def test_the_sigmoid_probe_served_dtype_and_bench_calls_have_deadlines():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ProbeStalls)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    trickle = FaultServer("trickle")
-    try:
-        scorer = RemoteScorer("vllm", f"127.0.0.1:{httpd.server_address[1]}", timeout=1, max_retries=1)
+    # raw scores inside [0, 1] (so the probe is asked), and a probe that never answers
+    probe_stalls = FakeServer("vllm", scores=[0.25], activation="stall", vllm_lists=True, indices="order",
+                              protocol="HTTP/1.1")
+    with probe_stalls, FakeServer(answer=fault("trickle", TRICKLE_S)) as trickling:
+        scorer = RemoteScorer("vllm", probe_stalls.address, timeout=1, max_retries=1)
         err, took = timed(scorer.score, [[1], [2]])  # the batch answers at once; the probe gets its own timeout
         assert isinstance(err, RemoteScoringError) and "activation check failed" in str(err), err
         assert took <= 1 + SLACK, took
-        scorer = RemoteScorer("vllm", trickle.address, timeout=1)
+        scorer = RemoteScorer("vllm", trickling.address, timeout=1)
         got, took = timed(scorer.served_dtype)  # eval_pref's dtype note
         assert got is None and took <= 1 + SLACK, (got, took)
         # bench's direct call (POST /reset_prefix_cache) and any GET
-        err, took = timed(post_json, f"http://{trickle.address}/reset_prefix_cache", {}, 1)
+        err, took = timed(post_json, f"http://{trickling.address}/reset_prefix_cache", {}, 1)
         assert isinstance(err, TimeoutError) and took <= 1 + SLACK, (err, took)
-        err, took = timed(http_request, "GET", f"http://{trickle.address}/health", None, 1)
+        err, took = timed(http_request, "GET", f"http://{trickling.address}/health", None, 1)
         assert isinstance(err, TimeoutError) and took <= 1 + SLACK, (err, took)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        trickle.close()
-
-
-class HealthTrickles(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "100000")
-        self.end_headers()
-        for _ in range(120):
-            try:
-                self.wfile.write(b" ")
-                self.wfile.flush()
-            except OSError:
-                return
-            time.sleep(0.5)
 
 
 def test_serve_readiness_wait_has_a_deadline():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), HealthTrickles)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:  # each poll used a 5 s per-read timeout, which every trickled byte reset
-        err, took = timed(wait_ready, f"http://127.0.0.1:{httpd.server_address[1]}/health", None, 2, 0.2)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    # /health trickles a byte every half second: each poll used a 5 s per-read timeout, which every byte reset
+    with FakeServer(answer=trickle(every=0.5)) as server:
+        err, took = timed(wait_ready, f"http://{server.address}/health", None, 2, 0.2)
     assert isinstance(err, ServeError) and "did not answer within 2 s" in str(err) and took <= 2 + SLACK, (err, took)
 
 
 # -- 2. answers matched by their index ---------------------------------------------------------------------
 
 
-class IndexedServer:
-    """Scores each text by its length and answers in reverse order, with indices (or bad ones)."""
-
-    def __init__(self, mode, indices="reverse"):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                texts = body["input"]
-                scores = [-float(len(t)) for t in texts]  # raw (negative): no sigmoid probe needed
-                order = list(range(len(texts)))[::-1]
-                numbers = {"reverse": order, "duplicate": [0] * len(texts),
-                           "missing": [i + 1 for i in order], "some": order[:-1] + [None]}[server.indices]
-                if mode == "vllm":
-                    entries = [{"index": n, "object": "pooling",
-                                "data": base64.b64encode(struct.pack("<2f", 0.0, scores[i])).decode()}
-                               for i, n in zip(order, numbers)]
-                else:
-                    entries = [{"index": n, "data": scores[i]} for i, n in zip(order, numbers)]
-                for e in entries:
-                    if e["index"] is None:
-                        del e["index"]
-                data = json.dumps({"object": "list", "data": entries}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.indices = indices
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def indexed_server(mode, indices="reverse"):
+    """Scores each text by minus its length, raw (no probe needed); entries last first, numbered by ``indices``."""
+    return FakeServer(mode, scores=lambda texts: [-float(len(t)) for t in texts], activation="never", indices=indices)
 
 
 @pytest.mark.parametrize("mode", ["vllm", "lmdeploy"])
 def test_answers_in_reverse_order_follow_their_texts(mode):
-    server = IndexedServer(mode)
-    try:
+    with indexed_server(mode) as server:
         texts = [[0] * n for n in (1, 2, 3, 4, 5)] if mode == "vllm" else ["x" * n for n in (1, 2, 3, 4, 5)]
         assert RemoteScorer(mode, server.address, concurrency=1).score(texts) == [-1.0, -2.0, -3.0, -4.0, -5.0]
-    finally:
-        server.close()
 
 
 @pytest.mark.parametrize("indices", ["duplicate", "missing", "some"])
 def test_indices_that_are_not_a_permutation_are_refused(indices, capsys, tiny_dir, tmp_path):
-    server = IndexedServer("vllm", indices)
-    try:
+    with indexed_server("vllm", indices) as server:
         with pytest.raises(RemoteScoringError, match="indices .* not each of 0..2 once"):
             RemoteScorer("vllm", server.address, concurrency=1).score([[1], [2, 2], [3, 3, 3]])
         code, errors, _ = eval_in_process(capsys, tiny_dir, tmp_path, "vllm", server.address)
-    finally:
-        server.close()
     assert code == 3 and len(errors) == 1 and "cannot be matched to the texts" in errors[0], errors
 
 
 # -- 3. the sigmoid probe ----------------------------------------------------------------------------------
 
 
-class JitterServer:
+def jitter_server(scores, activation, drift):
     """A vLLM-shaped server whose scores move with the batch, as bf16 on a GPU does.
 
     A request of 8 texts (the scored batch) gets each score plus ``drift``;
     a smaller one (the probe's 4) gets it as is. activation: "never" (ignores
     the request field, answers raw), "honour" (sigmoid unless use_activation
-    is false), "always" (ignores the field, always sigmoid).
+    is false), "always" (ignores the field, always sigmoid). JSON lists, numbered.
     """
+    def drifting(texts):
+        return [scores[i % len(scores)] + (drift if len(texts) >= 8 else 0.0) for i in range(len(texts))]
 
-    def __init__(self, scores, activation, drift):
-        self.requests = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                n = len(body["input"])
-                raw = [scores[i % len(scores)] + (drift if n >= 8 else 0.0) for i in range(n)]
-                act = {"never": False, "always": True, "honour": body.get("use_activation", True)}[activation]
-                out = [1 / (1 + math.exp(-r)) for r in raw] if act else raw
-                data = json.dumps({"data": [{"index": i, "data": [[0.0], [s]]} for i, s in enumerate(out)]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return FakeServer("vllm", scores=drifting, activation=activation, vllm_lists=True, indices="order")
 
 
 @pytest.mark.parametrize("scores, activation, drift", [
@@ -415,23 +208,17 @@ class JitterServer:
     ([0.25, 0.75, 0.5, 0.125], "honour", 4e-3),  # bf16's step at 0.5-1
 ])
 def test_raw_scores_that_drift_between_batch_sizes_are_accepted(scores, activation, drift):
-    server = JitterServer(scores, activation, drift)
-    try:
+    with jitter_server(scores, activation, drift) as server:
         got = RemoteScorer("vllm", server.address, concurrency=1).score([[1]] * 8)
-    finally:
-        server.close()
     assert got == pytest.approx([scores[i % 4] + drift for i in range(8)], abs=1e-6)
 
 
 @pytest.mark.parametrize("scores", [[-3.5, -9.75, 2.25, -0.5], [-12.0, -11.5, -10.25, -8.0], [0.25, 0.75, 0.5, 0.125]])
 @pytest.mark.parametrize("drift", [0.0, 1e-4, 4e-3])
 def test_sigmoid_outputs_are_still_refused(scores, drift):
-    server = JitterServer(scores, "always", drift)
-    try:
+    with jitter_server(scores, "always", drift) as server:
         with pytest.raises(RemoteScoringError, match="does not give raw scores"):
             RemoteScorer("vllm", server.address, concurrency=1).score([[1]] * 8)
-    finally:
-        server.close()
 
 
 # -- 4. a text longer than the server's limit --------------------------------------------------------------
@@ -443,46 +230,16 @@ VLLM_TOO_LONG = {"error": {"message": "This model's maximum context length is 64
                            "type": "BadRequestError", "param": "input_tokens", "code": 400}}
 
 
-class RefusingServer:
-    def __init__(self, status, body):
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_a_400_for_a_text_over_the_servers_limit_names_max_length(capsys, tiny_dir, tmp_path):
-    server = RefusingServer(400, VLLM_TOO_LONG)
-    try:
+    with FakeServer(answer=reply(400, VLLM_TOO_LONG)) as server:
         with pytest.raises(TextTooLongError, match="limit of 64 tokens.*--max-length 64"):
             RemoteScorer("vllm", server.address).score([[1] * 70])
         code, errors, _ = eval_in_process(capsys, tiny_dir, tmp_path, "vllm", server.address)
-    finally:
-        server.close()
     assert code == 2 and len(errors) == 1, errors
     assert "--max-length 64" in errors[0] and "maximum context length is 64" in errors[0], errors
     # another 400 stays what it was: exit 3, the server's words
-    server = RefusingServer(400, {"error": {"message": "unknown field 'foo'", "code": 400}})
-    try:
+    with FakeServer(answer=reply(400, {"error": {"message": "unknown field 'foo'", "code": 400}})) as server:
         code, errors, _ = eval_in_process(capsys, tiny_dir, tmp_path, "vllm", server.address)
-    finally:
-        server.close()
     assert code == 3 and len(errors) == 1 and "--max-length" not in errors[0] and "unknown field" in errors[0]
 
 

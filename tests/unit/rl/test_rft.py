@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from common import REPO, load_tool, run_tool
-from fakes import FakePolarServer, local_candidate_scores, verl_reward_loop, verl_rows
+from fakes import FakeServer, local_candidate_scores, verl_reward_loop, verl_rows
 from polar_xtuner import rft
 from polar_xtuner.scoring.client import RemoteScorer, RemoteScoringError
 from polar_xtuner.demo.data import generate
@@ -45,7 +45,7 @@ def setup_env(monkeypatch, server, tiny_dir, **more):
 
 def test_verl_reward_loop_gathers_calls_and_equals_local(monkeypatch, tiny_dir, tiny_model, tokenizer):
     recs = list(generate(32, 21))
-    server = FakePolarServer("vllm", tiny_model, tokenizer)
+    server = FakeServer("vllm", tiny_model, tokenizer)
     setup_env(monkeypatch, server, tiny_dir, POLAR_BATCH_SIZE=16)
     try:
         responses = [r["chosen"][0]["content"] for r in recs]
@@ -61,7 +61,7 @@ def test_verl_reward_loop_gathers_calls_and_equals_local(monkeypatch, tiny_dir, 
 
 def test_a_verl_sized_batch_goes_out_in_few_requests(monkeypatch, tiny_dir):
     recs = list(generate(1024, 29))
-    server = FakePolarServer("vllm")  # scores each input by its length: cheap, still checked in order
+    server = FakeServer("vllm")  # scores each input by its length: cheap, still checked in order
     setup_env(monkeypatch, server, tiny_dir, POLAR_BATCH_SIZE=64)
     try:
         got = asyncio.run(verl_reward_loop(recs, [r["chosen"][0]["content"] for r in recs]))
@@ -79,7 +79,7 @@ def test_a_verl_sized_batch_goes_out_in_few_requests(monkeypatch, tiny_dir):
 
 def test_batch_manager_and_openrlhf_give_the_same_scores(monkeypatch, tiny_dir, tiny_model, tokenizer):
     recs = list(generate(12, 22))
-    servers = [FakePolarServer("vllm", tiny_model, tokenizer) for _ in range(2)]
+    servers = [FakeServer("vllm", tiny_model, tokenizer) for _ in range(2)]
     setup_env(monkeypatch, ",".join(s.address for s in servers), tiny_dir, POLAR_BATCH_SIZE=4)
     try:
         rows = verl_rows(recs)
@@ -111,7 +111,7 @@ def test_batch_manager_and_openrlhf_give_the_same_scores(monkeypatch, tiny_dir, 
 
 def test_reward_kwargs_from_verl_config_set_the_server(monkeypatch, tiny_dir, tiny_model, tokenizer):
     recs = list(generate(4, 28))
-    server = FakePolarServer("vllm", tiny_model, tokenizer)
+    server = FakeServer("vllm", tiny_model, tokenizer)
     try:  # nothing in the environment: verl's reward_kwargs carry the settings
         got = asyncio.run(verl_reward_loop(recs, [r["chosen"][0]["content"] for r in recs],
                                            polar_server_address=server.address, polar_model=tiny_dir))
@@ -125,8 +125,8 @@ def test_reward_kwargs_from_verl_config_set_the_server(monkeypatch, tiny_dir, ti
 
 def test_router_address_from_verl_is_used(monkeypatch, tiny_dir, tiny_model, tokenizer):
     recs = list(generate(4, 23))
-    configured = FakePolarServer("vllm", tiny_model, tokenizer)
-    router = FakePolarServer("vllm", tiny_model, tokenizer)
+    configured = FakeServer("vllm", tiny_model, tokenizer)
+    router = FakeServer("vllm", tiny_model, tokenizer)
     monkeypatch.setenv("POLAR_SERVER_ADDRESS", configured.address)  # no POLAR_MODEL: verl's tokenizer serves
     try:
         got = asyncio.run(verl_reward_loop(recs, [r["chosen"][0]["content"] for r in recs],
@@ -140,7 +140,7 @@ def test_router_address_from_verl_is_used(monkeypatch, tiny_dir, tiny_model, tok
 
 
 def test_dead_server_raises_and_fallback_is_opt_in_and_counted(monkeypatch, tiny_dir, caplog):
-    dead = FakePolarServer("fail")
+    dead = FakeServer("fail")
     recs = list(generate(3, 24))
     setup_env(monkeypatch, dead, tiny_dir, POLAR_MAX_RETRIES=2)
     monkeypatch.setattr(RemoteScorer, "backoff", 0.01)
@@ -167,7 +167,7 @@ def test_thinking_is_stripped_unless_turned_off(monkeypatch, tiny_dir, tiny_mode
     assert rft.strip_thinking("<think>never finished") == ""
     assert rft.strip_thinking("a <think>x</think>b<think>y</think> c") == "a b c"
     recs = list(generate(2, 25))
-    server = FakePolarServer("vllm", tiny_model, tokenizer)
+    server = FakeServer("vllm", tiny_model, tokenizer)
     setup_env(monkeypatch, server, tiny_dir)
     try:
         plain = [r["chosen"][0]["content"] for r in recs]
@@ -189,7 +189,7 @@ def test_normalisation_uses_the_saved_stats(monkeypatch, tmp_path, tiny_dir, tin
     model_dir = str(tmp_path / "model")
     shutil.copytree(tiny_dir, model_dir)
     recs = list(generate(4, 27))
-    server = FakePolarServer("vllm", tiny_model, tokenizer)
+    server = FakeServer("vllm", tiny_model, tokenizer)
     setup_env(monkeypatch, server, model_dir, POLAR_NORMALIZE=1)
     try:
         with pytest.raises(rft.RFTConfigError, match="--write-stats"):
