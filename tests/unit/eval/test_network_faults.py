@@ -16,7 +16,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -265,19 +264,13 @@ def model_dir_like(tiny_dir, dst):
 
 
 @pytest.mark.integration  # runs tools/serve.sh in a subprocess
-def test_serve_refuses_a_taken_port_before_starting_the_engine(tiny_dir, tmp_path):
+def test_serve_refuses_a_taken_port_before_starting_the_engine(tiny_dir, tmp_path, taken_port):
     model = model_dir_like(tiny_dir, tmp_path / "model")
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen(1)
-    port = holder.getsockname()[1]
-    try:
-        t0 = time.monotonic()
-        res = run_tool("bash", "tools/serve.sh", model, "--port", str(port), "--python", sys.executable,
-                       env={"PYTHON": sys.executable}, timeout=120)
-        took = time.monotonic() - t0
-    finally:
-        holder.close()
+    port = taken_port
+    t0 = time.monotonic()
+    res = run_tool("bash", "tools/serve.sh", model, "--port", str(port), "--python", sys.executable,
+                   env={"PYTHON": sys.executable}, timeout=120)
+    took = time.monotonic() - t0
     last = res.stderr.strip().splitlines()[-1]
     assert res.returncode == 2 and last.startswith("error:") and f"--port {port}" in last and "in use" in last, (
         res.stderr[-2000:])
@@ -285,35 +278,29 @@ def test_serve_refuses_a_taken_port_before_starting_the_engine(tiny_dir, tmp_pat
 
 
 @pytest.mark.integration  # runs tools/serve.sh in a subprocess
-def test_serve_runs_under_a_python_without_xtuner(tiny_dir, tmp_path):
+def test_serve_runs_under_a_python_without_xtuner(tiny_dir, tmp_path, taken_port):
     py = python_without_xtuner()
     model = model_dir_like(tiny_dir, tmp_path / "model")
-    holder = socket.socket()  # the port check is the last step before the engine: reaching it is enough
-    holder.bind(("127.0.0.1", 0))
-    holder.listen(1)
-    port = str(holder.getsockname()[1])
-    try:
-        # the shipped code is found without importing xtuner (the training venv's, beside the package)
-        res = run_tool("bash", "tools/serve.sh", model, "--port", port, "--python", py, env={"PYTHON": py})
-        assert res.returncode == 2 and "Traceback" not in res.stderr and f"--port {port}" in res.stderr, (
-            res.stderr[-2000:])
-        # and still checked: a planted file is refused
-        with open(os.path.join(model, "modeling_internlm2.py"), "a") as f:
-            f.write("\nimport os  # planted\n")
-        res = run_tool("bash", "tools/serve.sh", model, "--port", port, "--python", py, env={"PYTHON": py})
-        assert res.returncode == 2 and "did not ship" in res.stderr, res.stderr[-2000:]
-        # a clone without the training venv: one line naming xtuner, or the flag to go on unchecked
-        clone = tmp_path / "clone"
-        shutil.copytree(os.path.join(REPO, "polar_xtuner"), clone / "polar_xtuner",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copytree(os.path.join(REPO, "tools"), clone / "tools")
-        res = run_tool("bash", str(clone / "tools" / "serve.sh"), model, "--port", port, "--python", py,
-                       env={"PYTHON": py}, cwd=tmp_path)  # not REPO: `python -m` puts the cwd first
-        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-        assert res.returncode == 2 and len(errors) == 1 and "xtuner" in errors[0], res.stderr[-2000:]
-        assert "--trust-remote-code" in errors[0] and "Traceback" not in res.stderr
-        res = run_tool("bash", str(clone / "tools" / "serve.sh"), model, "--port", port, "--python", py,
-                       "--trust-remote-code", env={"PYTHON": py}, cwd=tmp_path)
-        assert res.returncode == 2 and f"--port {port}" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
-    finally:
-        holder.close()
+    port = str(taken_port)  # the port check is the last step before the engine: reaching it is enough
+    # the shipped code is found without importing xtuner (the training venv's, beside the package)
+    res = run_tool("bash", "tools/serve.sh", model, "--port", port, "--python", py, env={"PYTHON": py})
+    assert res.returncode == 2 and "Traceback" not in res.stderr and f"--port {port}" in res.stderr, (
+        res.stderr[-2000:])
+    # and still checked: a planted file is refused
+    with open(os.path.join(model, "modeling_internlm2.py"), "a") as f:
+        f.write("\nimport os  # planted\n")
+    res = run_tool("bash", "tools/serve.sh", model, "--port", port, "--python", py, env={"PYTHON": py})
+    assert res.returncode == 2 and "did not ship" in res.stderr, res.stderr[-2000:]
+    # a clone without the training venv: one line naming xtuner, or the flag to go on unchecked
+    clone = tmp_path / "clone"
+    shutil.copytree(os.path.join(REPO, "polar_xtuner"), clone / "polar_xtuner",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(REPO, "tools"), clone / "tools")
+    res = run_tool("bash", str(clone / "tools" / "serve.sh"), model, "--port", port, "--python", py,
+                   env={"PYTHON": py}, cwd=tmp_path)  # not REPO: `python -m` puts the cwd first
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1 and "xtuner" in errors[0], res.stderr[-2000:]
+    assert "--trust-remote-code" in errors[0] and "Traceback" not in res.stderr
+    res = run_tool("bash", str(clone / "tools" / "serve.sh"), model, "--port", port, "--python", py,
+                   "--trust-remote-code", env={"PYTHON": py}, cwd=tmp_path)
+    assert res.returncode == 2 and f"--port {port}" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
