@@ -237,3 +237,12 @@ def loss_and_grads(model, data, cu=None, max_seqlen=None):
         publish_varlen_args(None, None)
     out["loss"].backward()
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def polar_env(monkeypatch, server, model_dir, **more):
+    """The RL reward's settings for a served model: POLAR_SERVER_TYPE vllm, the server's address, the model dir."""
+    monkeypatch.setenv("POLAR_SERVER_TYPE", "vllm")
+    monkeypatch.setenv("POLAR_SERVER_ADDRESS", server if isinstance(server, str) else server.address)
+    monkeypatch.setenv("POLAR_MODEL", model_dir)
+    for k, v in more.items():
+        monkeypatch.setenv(k, str(v))

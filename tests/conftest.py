@@ -20,7 +20,7 @@ from common import VAL, copy_config, run_tool
 # The files whose tests use the session's `demo_run` (minutes to build): under
 # xdist they form one work unit, so the demo is trained once per run, not once per
 # worker. tests/unit/test_test_layout.py checks that no other file uses it.
-DEMO_FILES = ("tests/e2e/test_demo.py", "tests/integration/test_serving.py")
+DEMO_FILES = ("tests/e2e/test_demo.py", "tests/integration/serve/test_serve.py")
 
 
 def work_unit(nodeid: str) -> str:
@@ -165,3 +165,16 @@ def taken_port():
         s.bind(("127.0.0.1", 0))
         s.listen()
         yield s.getsockname()[1]
+
+
+@pytest.fixture
+def fresh_rft(monkeypatch):
+    """No POLAR_* variable from the machine, and no reward built under another test's settings."""
+    from polar_xtuner import rft
+
+    for key in list(os.environ):
+        if key.startswith("POLAR_"):
+            monkeypatch.delenv(key)
+    rft.forget_rewards()
+    yield
+    rft.forget_rewards()

@@ -18,6 +18,8 @@ import pytest
 from common import REPO, TINY_CONFIG, VAL, copy_config, load_tool, one_error_line, run_in_process, run_tool, snapshot
 from fakes import FakeServer, reply
 
+pytestmark = pytest.mark.integration
+
 RECORD = {"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b"}
 
 
@@ -32,7 +34,6 @@ def write_records(path, n, seed=0, pad=0):
 # -- overlapping paths ---------------------------------------------------------------------------------
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_build_refuses_outputs_over_inputs_and_foreign_files(tmp_path):
     out = tmp_path / "out"
     assert run_tool("python", "tools/build_dataset.py", VAL, "-o", str(out)).returncode == 0
@@ -55,7 +56,6 @@ def test_build_refuses_outputs_over_inputs_and_foreign_files(tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_eval_and_rft_data_refuse_outputs_over_inputs(tmp_path, tiny_dir):
     data = tmp_path / "val.jsonl"
     data.write_bytes(open(VAL, "rb").read())
@@ -78,7 +78,6 @@ def test_eval_and_rft_data_refuse_outputs_over_inputs(tmp_path, tiny_dir):
     assert data.read_bytes() == open(VAL, "rb").read()
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_convert_refuses_outputs_over_inputs(pth_run):
     for out in (pth_run["work"], os.path.dirname(pth_run["cfg"]), pth_run["ckpt"]):
         before = snapshot(pth_run["root"])
@@ -108,7 +107,6 @@ def _build_complete(out):
     return report["train"] == lines and (out / "rejected.jsonl").exists()
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_build_killed_at_random_points_leaves_old_or_new_outputs(tmp_path):
     src = tmp_path / "in.jsonl"
     write_records(src, 20000, pad=8)
@@ -139,7 +137,6 @@ def test_build_killed_at_random_points_leaves_old_or_new_outputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_convert_killed_at_random_points_leaves_old_or_new_model(pth_run, tmp_path):
     out = tmp_path / "hf"
     old_marker = out / "model-00001-of-00002.safetensors"  # an earlier sharded model's: --force replaces it
@@ -181,7 +178,6 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_full_disk_fails_with_one_line_and_keeps_the_previous_output(small_fs, tmp_path, pth_run):
     src = tmp_path / "big.jsonl"
     write_records(src, 4000, pad=4)
@@ -198,7 +194,6 @@ def test_full_disk_fails_with_one_line_and_keeps_the_previous_output(small_fs, t
     assert sorted(os.listdir(small_fs)) == ["out"]
 
 
-@pytest.mark.integration  # runs make and a repository script in a subprocess
 def test_venv_installs_are_refused_before_they_start_on_a_small_disk(small_fs):
     """A CI run once failed after a minute of pip, ENOSPC mid-install: now each venv is sized first."""
     for target, var in (("setup", "VENV"), ("serve-setup", "SERVE_VENV"), ("rl-setup", "RL_VENV")):
@@ -246,7 +241,6 @@ def test_injected_full_disk_in_process(tmp_path, monkeypatch, capsys):
     assert snapshot(out) == before
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_read_only_destinations_are_refused_before_any_work(tmp_path, tiny_dir, pth_run):
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -301,7 +295,6 @@ def test_a_score_that_is_not_a_finite_number_is_an_error_naming_the_record(value
 # -- data reading ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_bom_gzip_parquet_and_duplicate_keys(tmp_path):
     lines = [json.dumps(dict(RECORD, chosen=f"a{i}")) for i in range(3)]
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
@@ -335,7 +328,6 @@ def test_bom_gzip_parquet_and_duplicate_keys(tmp_path):
 # -- remote code ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir):
     import shutil
 
@@ -453,7 +445,6 @@ def test_code_an_auto_map_names_outside_the_directory_never_runs_without_consent
 # -- incomplete or damaged model directories -------------------------------------------------------------
 
 
-@pytest.mark.integration  # runs a repository tool or script in a subprocess
 @pytest.mark.parametrize("damage", ["no_tokenizer", "tokenizer_cut_at_4096", "weights_cut", "no_weights"])
 def test_damaged_model_dir_is_one_line_naming_it(damage, tmp_path, tiny_dir):
     import shutil
@@ -493,7 +484,6 @@ def test_temporaries_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
-@pytest.mark.integration  # starts the tools with an interpreter that lacks torch
 def test_a_tool_run_by_an_interpreter_without_its_packages_says_so_in_one_line(tmp_path, tiny_dir):
     # An interpreter outside the project's venv, as `python tools/...` from the wrong shell gives:
     # torch cannot be imported, whether a tool imports it at start or lazily inside main.
@@ -537,7 +527,6 @@ def test_a_module_an_auto_map_names_in_a_subfolder_is_checked_too(tmp_path, tiny
 # -- the README's commands on a machine that lacks what they need -------------------------------------------
 
 
-@pytest.mark.integration  # runs xtuner's CLI and python in subprocesses
 def test_the_readmes_training_command_without_a_gpu_or_the_hub_is_one_line(tmp_path):
     """A login node (no GPU) and an offline cluster (no hub): each ends in one line saying what to do."""
     import torch
@@ -567,7 +556,6 @@ def test_the_readmes_training_command_without_a_gpu_or_the_hub_is_one_line(tmp_p
     assert proc.returncode == 2 and "huggingface-cli download internlm/POLAR-7B-Base" in one_error_line(proc.stderr)
 
 
-@pytest.mark.integration  # the README's commands in subprocesses
 def test_the_readmes_quick_start_from_an_empty_folder_without_gpu_or_hub(tmp_path):
     """Each step of README's GPU quick start, as written, where nothing it needs exists: one line each, exit 2."""
     import torch

@@ -21,6 +21,8 @@ import pytest
 
 from common import REPO, VAL, one_error_line, snapshot
 
+pytestmark = pytest.mark.integration
+
 MOMENTS = [0.2, 1.0, 3.0, "mid-write"]
 
 
@@ -51,7 +53,6 @@ def check_interrupted(rc, err, sig, out, before, moment):
     assert glob.glob(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.*")) == [], (moment, sig)
 
 
-@pytest.mark.integration  # runs tools/convert.sh in subprocesses
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_convert_interrupted_at_any_moment_keeps_the_old_model(sig, pth_run, tmp_path):
     out = tmp_path / "hf"
@@ -81,7 +82,6 @@ def big_input(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.integration  # runs tools/build_dataset.py in subprocesses
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_build_interrupted_at_any_moment_keeps_the_old_outputs(sig, big_input, tmp_path):
     out = tmp_path / "out"
@@ -237,7 +237,6 @@ cli(main)
 """
 
 
-@pytest.mark.integration  # a tool in a subprocess, signalled during its shutdown
 def test_a_signal_after_the_output_is_complete_exits_0(tmp_path):
     """143 says "outputs left as they were": a SIGTERM once the new output is in place must not say it."""
     script = tmp_path / "tool.py"

@@ -19,6 +19,8 @@ import pytest
 
 from common import VAL, one_error_line, run_tool
 
+pytestmark = pytest.mark.integration
+
 
 def leftovers(folder) -> list[str]:
     return sorted(p for p in os.listdir(folder) if ".tmp-" in p or ".old-" in p)
@@ -27,7 +29,6 @@ def leftovers(folder) -> list[str]:
 # -- symbolic links ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.integration  # runs tools/build_dataset.py in a subprocess
 def test_build_writes_through_a_symlinked_output(tmp_path):
     real = tmp_path / "v1"
     assert run_tool("python", "tools/build_dataset.py", VAL, "-o", str(real)).returncode == 0
@@ -76,7 +77,6 @@ def test_a_file_output_is_written_through_its_symlink(tmp_path):
 # -- modes --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.integration  # runs tools/convert.sh in a subprocess
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_converted_files_follow_the_umask(umask, pth_run, tmp_path):
     out = tmp_path / "hf"
@@ -109,7 +109,6 @@ def test_atomic_outputs_follow_the_umask_whatever_the_writer_made(tmp_path):
 # -- the folder of an output must exist ---------------------------------------------------------------------
 
 
-@pytest.mark.integration  # runs the tools in subprocesses
 def test_a_missing_output_folder_is_one_line_naming_it_in_every_writer(tmp_path, tiny_dir, pth_run):
     missing = tmp_path / "no" / "such"
     src = tmp_path / "in.jsonl"

@@ -1,6 +1,8 @@
-"""The test suite's own layout rules, which `make test`'s two xdist workers rely on."""
+"""The test suite's own layout: files named for what they test, tiers by folder, and the demo files xdist relies on."""
+import ast
 import glob
 import os
+import re
 
 from common import REPO
 from conftest import DEMO_FILES, work_unit
@@ -35,3 +37,71 @@ def test_the_controller_writes_yapfs_grammar_cache_before_workers_start(tmp_path
     assert out.stdout.strip() == "True"
     pickles = sorted(p.name.split("-py")[0] for p in tmp_path.glob("YAPF/*/*.pickle"))
     assert pickles == ["Grammar", "PatternGrammar"]
+
+
+TESTS = os.path.join(REPO, "tests")
+# Subjects that are not a module of the package: each file says what it checks.
+UNIT_TOP = {"test_configs.py", "test_config_drift.py", "test_configs_exact.py", "test_docs.py", "test_layers.py",
+            "test_test_layout.py"}
+# Tests across tools and processes (a pipeline, a fault class, a round trip), not of one module.
+SYSTEM = {"test_configs_train.py", "test_distributed.py", "test_faults.py", "test_interrupts.py",
+          "test_output_paths.py", "test_pipeline.py", "test_round_trips.py"}
+
+
+def _subject(folder: str, name: str) -> str | None:
+    """The module or tool a test file in ``folder`` named ``test_<name>.py`` tests, if it exists."""
+    candidates = [os.path.join("polar_xtuner", folder, f"{name}.py"), os.path.join("tools", f"{name}.py"),
+                  os.path.join("tools", f"{name}.sh")]
+    if folder == "core":
+        candidates = [os.path.join("polar_xtuner", f"{name}.py")]
+    elif folder == "bench":
+        candidates = [os.path.join("bench", f"{name}.py")]
+    elif folder == name:
+        candidates.append(os.path.join("polar_xtuner", folder, "__init__.py"))
+    return next((c for c in candidates if os.path.isfile(os.path.join(REPO, c))), None)
+
+
+def _marks(path) -> set[str]:
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and \
+                ast.unparse(node.value) == "pytest.mark":
+            found.add(node.attr)
+    return found
+
+
+def _module_marks(path) -> set[str]:
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets):
+            return set(re.findall(r"pytest\.mark\.(\w+)", ast.unparse(node.value)))
+    return set()
+
+
+def test_each_test_file_is_named_for_what_it_tests_in_its_wings_folder():
+    wrong = []
+    for tier in ("unit", "integration"):
+        for path in sorted(glob.glob(os.path.join(TESTS, tier, "**", "test_*.py"), recursive=True)):
+            rel = os.path.relpath(path, os.path.join(TESTS, tier))
+            folder, name = os.path.dirname(rel), os.path.basename(rel)[len("test_"):-3]
+            if not folder:
+                if os.path.basename(rel) not in (UNIT_TOP if tier == "unit" else SYSTEM):
+                    wrong.append(f"{tier}/{rel}: not named for a module, nor a listed {tier} subject")
+            elif _subject(folder, name) is None:
+                wrong.append(f"{tier}/{rel}: no module polar_xtuner/{folder}/{name}.py (or bench/, tools/) to test")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_a_test_files_tier_is_its_folder():
+    """unit/: no integration, slow or serving test (make test-fast runs it all); integration/ and e2e/: marked whole."""
+    wrong = []
+    for path in glob.glob(os.path.join(TESTS, "unit", "**", "test_*.py"), recursive=True):
+        bad = _marks(path) & {"integration", "slow", "serving"}
+        if bad:
+            wrong.append(f"{os.path.relpath(path, TESTS)} is in unit/ but marks {sorted(bad)}")
+    for tier in ("integration", "e2e"):
+        for path in glob.glob(os.path.join(TESTS, tier, "**", "test_*.py"), recursive=True):
+            if "integration" not in _module_marks(path):
+                wrong.append(f"{os.path.relpath(path, TESTS)} is in {tier}/ without pytestmark = pytest.mark.integration")
+    assert not wrong, "\n".join(wrong)

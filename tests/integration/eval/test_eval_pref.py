@@ -1,10 +1,12 @@
 """tools/eval_pref.py in its own process: groups and benchmarks in one report, --compare, --plot, one-line refusals, shared prefixes by default."""
 import json
 import os
+import time
 
 import pytest
 
-from common import ASSETS, REPO, VAL, run_tool
+from common import ASSETS, REPO, VAL, free_port, load_tool, run_tool
+from fakes import FakeServer, trickle
 
 
 pytestmark = pytest.mark.integration  # runs tools/eval_pref.py in a subprocess
@@ -96,3 +98,108 @@ def test_eval_pref_shares_prefixes_and_the_scores_equal_the_unshared(tiny_dir, t
     a, b = runs["shared"][1], runs["whole"][1]
     assert len(a) == len(b) == 200
     assert max(abs(x - y) / max(1.0, abs(y)) for p, q in zip(a, b) for x, y in zip(p, q)) <= 1e-5
+
+
+def test_eval_cli_against_servers(tiny_dir, tmp_path, capsys):
+    """eval_pref's process against a served model and a dead server; the local baseline through its main() here."""
+    from polar_xtuner.scoring.local import load_model
+
+    model, tok = load_model(tiny_dir, device="cpu")
+    server = FakeServer("vllm", model, tok)
+    try:
+        out = tmp_path / "remote.json"
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL,
+                        "--server-type", "vllm", "--server-address", server.address, "--out", str(out),
+                        "--plot", str(tmp_path / "scores.png"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        local = tmp_path / "local.json"
+        code = load_tool("eval_pref").main(["--model", tiny_dir, "--data", VAL, "--out", str(local)])
+        assert code == 0, capsys.readouterr().err[-2000:]
+    finally:
+        server.close()
+    remote_r, local_r = json.load(open(out)), json.load(open(local))
+    assert remote_r["n"] == local_r["n"] == 200 and remote_r["backend"] == "vllm"
+    assert remote_r["accuracy"] == local_r["accuracy"]
+    assert (tmp_path / "scores.png").stat().st_size > 1000
+
+    dead = FakeServer("fail")
+    try:
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL, "--server-type",
+                        "sglang", "--server-address", dead.address, "--max-retries", "2")
+    finally:
+        dead.close()
+    assert proc.returncode == 3 and "failed after 2 attempt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path):
+    bad = f"{REPO}/tests/assets/bad_records.jsonl"
+    scores = tmp_path / "s.jsonl"
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", bad,
+                    "--save-scores", str(scores))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"skipped {bad}:2: invalid JSON" in proc.stderr
+    rows = [json.loads(line) for line in open(scores)]
+    assert [r["line"] for r in rows if r["chosen"] is not None] == [1, 12, 15]
+    assert len(rows) == 14  # every non-blank input line, in order
+    proc = run_tool("python", "tools/eval_pref.py", "--model", str(tmp_path), "--data", bad)
+    assert proc.returncode == 2 and "not a model directory" in proc.stderr
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(tmp_path / "no.jsonl"))
+    assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", bad, "--server-type", "vllm",
+                    "--batch-tokens", "0")
+    assert proc.returncode == 2 and "argument --batch-tokens: must be an integer of at least 1" in proc.stderr \
+        and "Traceback" not in proc.stderr
+
+
+def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "val.jsonl"
+    shutil.copy(VAL, data)
+    original = data.read_bytes()
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), "--out", str(data))
+    assert proc.returncode == 2 and "would overwrite an input" in proc.stderr and data.read_bytes() == original
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # root ignores directory permissions
+            proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
+                            "--out", str(ro / "r.json"))
+            assert proc.returncode == 2 and "not writable" in proc.stderr and "Scoring" not in proc.stderr
+    finally:
+        ro.chmod(0o700)
+    # a server answering NaN: exit 3 naming the text, and no report that looks complete
+    server = FakeServer("vllm", scores=[float("nan")])
+    out = tmp_path / "r.json"
+    try:
+        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
+                        "--server-type", "vllm", "--server-address", server.address, "--out", str(out))
+    finally:
+        server.close()
+    assert proc.returncode == 3 and "non-finite" in proc.stderr and not out.exists()
+    # a good run writes strict JSON and leaves no temporary file behind
+    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the report"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "ro", "val.jsonl"]
+
+
+def test_the_issue_example_eval_pref_timeout_2_against_a_trickling_http_server(tiny_dir, tmp_path):
+    """issue 27: ``--server-type vllm --timeout 2 --max-retries 1`` took 33 s; now 2 s past the tool's start."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "reference": "r", "chosen": "a", "rejected": "b"}) + "\n")
+    args = ["python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), "--server-type", "vllm",
+            "--timeout", "2", "--max-retries", "1", "--server-address"]
+    t0 = time.monotonic()  # the tool's own start: the same run against a closed port
+    refused = run_tool(*args, f"127.0.0.1:{free_port()}", timeout=120)
+    start = time.monotonic() - t0
+    assert refused.returncode == 3, refused.stderr[-2000:]
+    with FakeServer(answer=trickle(every=0.5)) as server:  # http.server's way (HTTP/1.0): a byte every half second
+        t0 = time.monotonic()
+        proc = run_tool(*args, server.address, timeout=120)
+        took = time.monotonic() - t0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 3 and len(errors) == 1 and "within 2 s" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert took <= start + 2 + 3, (took, start)  # 3 s for the noise between two starts of the tool

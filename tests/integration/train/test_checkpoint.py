@@ -19,18 +19,11 @@ import shutil
 import pytest
 import torch
 
-from common import VAL, copy_config, free_port, run_tool
+from common import VAL, copy_config, free_port, one_error_line, run_tool
 
 pytestmark = pytest.mark.integration
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["wqkv", "wo", "w1", "w2", "w3"], bias="none")
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
 
 
 def _cut(path) -> None:
@@ -38,22 +31,6 @@ def _cut(path) -> None:
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_dir, tmp_path_factory):
-    """A config, and a work dir as xtuner leaves it: iter_1.pth and an absolute last_checkpoint."""
-    from safetensors.torch import load_file
-
-    root = tmp_path_factory.mktemp("ckpt_faults")
-    hf = load_file(os.path.join(tiny_dir, "model.safetensors"))
-    state = {("llm." + k[len("model."):] if k.startswith("model.") else k): v for k, v in hf.items()}
-    work = root / "work"
-    work.mkdir()
-    torch.save({"state_dict": state, "meta": {}}, work / "iter_1.pth")
-    (work / "last_checkpoint").write_text(str(work / "iter_1.pth"))
-    return {"root": root, "work": work, "state": state,
-            "cfg": copy_config(str(root), "polar_ckpt_faults.py", tiny_dir, VAL)}
 
 
 def _convert(capsys, *args):
@@ -68,14 +45,14 @@ def _convert(capsys, *args):
 # -- class 1: pointers ----------------------------------------------------------------------------------
 
 
-def test_a_copied_work_dir_converts_its_own_checkpoint_and_says_so(run_dir, tmp_path, capsys):
+def test_a_copied_work_dir_converts_its_own_checkpoint_and_says_so(pth_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
     copy = tmp_path / "copy"
-    shutil.copytree(run_dir["work"], copy)  # its last_checkpoint still names the original's file
-    changed = dict(run_dir["state"], **{"v_head.weight": run_dir["state"]["v_head.weight"] + 1.0})
+    shutil.copytree(pth_run["work"], copy)  # its last_checkpoint still names the original's file
+    changed = dict(pth_run["state"], **{"v_head.weight": pth_run["state"]["v_head.weight"] + 1.0})
     torch.save({"state_dict": changed, "meta": {}}, copy / "iter_1.pth")
-    code, out, err = _convert(capsys, run_dir["cfg"], copy, tmp_path / "hf", "--no-verify")
+    code, out, err = _convert(capsys, pth_run["cfg"], copy, tmp_path / "hf", "--no-verify")
     assert code == 0, err
     notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and str(copy / "last_checkpoint") in notes[0] and str(copy / "iter_1.pth") in notes[0]
@@ -86,39 +63,39 @@ def test_a_copied_work_dir_converts_its_own_checkpoint_and_says_so(run_dir, tmp_
 
 @pytest.mark.parametrize("pointer", ["", "\n", "last_checkpoint", "{work}", "{work}/", ".", "..",
                                      "{original}/iter_9.pth", "iter_9.pth"])
-def test_a_bad_pointer_is_one_line_naming_it(pointer, run_dir, tmp_path, capsys):
+def test_a_bad_pointer_is_one_line_naming_it(pointer, pth_run, tmp_path, capsys):
     work = tmp_path / "work"
-    shutil.copytree(run_dir["work"], work)
-    (work / "last_checkpoint").write_text(pointer.format(work=work, original=run_dir["work"]))
-    code, out, err = _convert(capsys, run_dir["cfg"], work, tmp_path / "hf")
+    shutil.copytree(pth_run["work"], work)
+    (work / "last_checkpoint").write_text(pointer.format(work=work, original=pth_run["work"]))
+    code, out, err = _convert(capsys, pth_run["cfg"], work, tmp_path / "hf")
     assert code == 2, err
     line = one_error_line(err)
     assert line.startswith(f"error: {work / 'last_checkpoint'}") and "RecursionError" not in err, line
     assert not (tmp_path / "hf").exists()
 
 
-def test_resume_auto_reads_the_pointer_by_the_same_rule(run_dir, tmp_path, capsys):
+def test_resume_auto_reads_the_pointer_by_the_same_rule(pth_run, tmp_path, capsys):
     from polar_xtuner.train.launch import LaunchError, command
 
     work = tmp_path / "copy"
-    shutil.copytree(run_dir["work"], work)
-    cmd = command([run_dir["cfg"], "--work-dir", str(work), "--resume", "auto"], env={})
+    shutil.copytree(pth_run["work"], work)
+    cmd = command([pth_run["cfg"], "--work-dir", str(work), "--resume", "auto"], env={})
     assert cmd[cmd.index("--resume") + 1] == str(work / "iter_1.pth")  # not the original's
     assert "note:" in capsys.readouterr().err
     for bad in ("", "last_checkpoint", str(work)):
         (work / "last_checkpoint").write_text(bad)
         with pytest.raises(LaunchError, match=str(work / "last_checkpoint")):
-            command([run_dir["cfg"], "--work-dir", str(work), "--resume", "auto"], env={})
+            command([pth_run["cfg"], "--work-dir", str(work), "--resume", "auto"], env={})
 
 
 # -- class 2: truncated files are named -----------------------------------------------------------------
 
 
-def test_a_truncated_pth_in_a_work_dir_is_named(run_dir, tmp_path, capsys):
+def test_a_truncated_pth_in_a_work_dir_is_named(pth_run, tmp_path, capsys):
     work = tmp_path / "work"
-    shutil.copytree(run_dir["work"], work)
+    shutil.copytree(pth_run["work"], work)
     _cut(work / "iter_1.pth")
-    code, out, err = _convert(capsys, run_dir["cfg"], work, tmp_path / "hf")
+    code, out, err = _convert(capsys, pth_run["cfg"], work, tmp_path / "hf")
     line = one_error_line(err)
     assert code == 2 and f"checkpoint {work / 'iter_1.pth'}:" in line and "truncated" in line, line
     assert not (tmp_path / "hf").exists()
@@ -135,12 +112,12 @@ def deepspeed_ckpt(tiny_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("which", ["model_states.pt", "optim_states.pt"])
-def test_a_truncated_deepspeed_file_is_named_by_its_own_path(which, deepspeed_ckpt, run_dir, tmp_path):
+def test_a_truncated_deepspeed_file_is_named_by_its_own_path(which, deepspeed_ckpt, pth_run, tmp_path):
     ckpt = tmp_path / "iter_1.pth"
     shutil.copytree(deepspeed_ckpt, ckpt)
     victim = next(p for p in ckpt.iterdir() if p.name.endswith(which))
     _cut(victim)
-    proc = run_tool("bash", "tools/convert.sh", run_dir["cfg"], str(ckpt), str(tmp_path / "hf"))
+    proc = run_tool("bash", "tools/convert.sh", pth_run["cfg"], str(ckpt), str(tmp_path / "hf"))
     line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and f"checkpoint {victim}:" in line and "truncated" in line, line
     assert not (tmp_path / "hf").exists()
@@ -194,12 +171,12 @@ def test_a_truncated_base_model_of_a_lora_conversion_is_named(tiny_dir, tmp_path
     assert not (tmp_path / "hf").exists()
 
 
-def test_a_truncated_tokenizer_of_the_base_model_is_named(run_dir, tiny_dir, tmp_path, capsys):
+def test_a_truncated_tokenizer_of_the_base_model_is_named(pth_run, tiny_dir, tmp_path, capsys):
     base = tmp_path / "base"
     shutil.copytree(tiny_dir, base)
     _cut(base / "tokenizer.json")
     cfg = copy_config(str(tmp_path), "polar_cut_tokenizer.py", str(base), VAL)
-    code, out, err = _convert(capsys, cfg, run_dir["work"] / "iter_1.pth", tmp_path / "hf")
+    code, out, err = _convert(capsys, cfg, pth_run["work"] / "iter_1.pth", tmp_path / "hf")
     line = one_error_line(err)
     assert code == 2 and f"{base / 'tokenizer.json'} is truncated" in line, line
     assert not (tmp_path / "hf").exists()
@@ -230,10 +207,10 @@ def test_a_truncated_lora_adapter_or_its_base_is_named(victim, tiny_dir, tmp_pat
 # -- class 3: a training work dir where a converted model is needed ---------------------------------------
 
 
-def _work_dir_with_config_copy(run_dir, tmp_path):
+def _work_dir_with_config_copy(pth_run, tmp_path):
     work = tmp_path / "work"
-    shutil.copytree(run_dir["work"], work)
-    shutil.copy(run_dir["cfg"], work / "polar_ckpt_faults.py")  # xtuner keeps the config in the work dir
+    shutil.copytree(pth_run["work"], work)
+    shutil.copy(pth_run["cfg"], work / "polar_ckpt_faults.py")  # xtuner keeps the config in the work dir
     return work
 
 
@@ -242,18 +219,18 @@ def _says_convert_first(line: str, label: str):
     assert "--trust-remote-code" not in line and len(line) < 400, line
 
 
-def test_polar_model_naming_a_work_dir_is_one_line(run_dir, tmp_path):
+def test_polar_model_naming_a_work_dir_is_one_line(pth_run, tmp_path):
     from polar_xtuner.rl.reward import PolarReward, RFTConfigError, RFTSettings
 
-    work = _work_dir_with_config_copy(run_dir, tmp_path)
+    work = _work_dir_with_config_copy(pth_run, tmp_path)
     with pytest.raises(RFTConfigError) as e:
         PolarReward(RFTSettings(server_address="127.0.0.1:1", model=str(work)))
     assert "\n" not in str(e.value)
     _says_convert_first(str(e.value), f"POLAR_MODEL={work}")
 
 
-def test_tokenizer_or_model_naming_a_work_dir_is_one_line(run_dir, tmp_path):
-    work = _work_dir_with_config_copy(run_dir, tmp_path)
+def test_tokenizer_or_model_naming_a_work_dir_is_one_line(pth_run, tmp_path):
+    work = _work_dir_with_config_copy(pth_run, tmp_path)
     proc = run_tool("python", "tools/build_dataset.py", VAL, "-o", str(tmp_path / "out"), "--tokenizer", str(work))
     assert proc.returncode == 2
     _says_convert_first(one_error_line(proc.stderr), f"--tokenizer {work}")

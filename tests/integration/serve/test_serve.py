@@ -25,6 +25,8 @@ import pytest
 from common import REPO, free_port, load_tool, run_tool
 from polar_xtuner.serve.launcher import CPU_SERVE_VENV, ServeError, cuda_available, stop, wait_ready
 
+pytestmark = pytest.mark.integration
+
 
 def real_engine(test):
     """A test against a real vLLM server on the demo's model: integration, serving and slow
@@ -218,7 +220,6 @@ def test_plugin_answers_the_last_token_and_reuses_shared_prefixes(serve_sh, serv
     assert _close(list(zip(chosen, rejected)), [local_scores[0][i] for i in keep])
 
 
-@pytest.mark.integration
 @pytest.mark.serving  # vLLM from .venv-serve, in a subprocess; no server
 def test_plugin_stands_aside_on_a_vllm_it_does_not_fit():
     """Registered where vLLM has what it builds on; otherwise vLLM keeps its own class, with one warning."""
@@ -309,7 +310,6 @@ def test_bare_vllm_defaults_still_give_raw_scores(served_model, local_scores, tm
     assert _close(polar, sig) and not _close(polar, local)
 
 
-@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_serve_sh_refuses_bad_input(tmp_path):
     res = run_tool("bash", "tools/serve.sh", str(tmp_path / "missing"))
     assert res.returncode == 2 and res.stderr.startswith("error:") and "no such model directory" in res.stderr
@@ -390,7 +390,6 @@ def test_engine_commands(tmp_path):
     assert cmd[:4] == ["/x/bin/lmdeploy", "serve", "api_server", str(tmp_path)] and "--backend" in cmd
 
 
-@pytest.mark.integration  # runs a repository tool in a subprocess
 def test_serve_sh_stops_its_engine_on_sigterm(tmp_path):
     """SIGTERM (or Ctrl-C) to serve.sh ends the engine too, at once, and leaves nothing behind."""
     import time

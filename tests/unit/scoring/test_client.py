@@ -1,18 +1,21 @@
 """The remote path: a loopback server that answers like sglang, vllm and lmdeploy."""
 import base64
 import json
-import os
+import math
 import struct
 
 import pytest
 import torch
+from hypothesis import given, strategies as st
+from samples import FAST, json_values
 
-from common import REPO, load_tool, run_tool
+from common import REPO
 from fakes import FakeServer
-from polar_xtuner.scoring.client import BadScoreError, RemoteScorer, RemoteScoringError, parse_scores
-from polar_xtuner.scoring.remote import score_records_remote
 from polar_xtuner.demo.data import generate
+from polar_xtuner.scoring.client import BadScoreError, RemoteScorer, RemoteScoringError, SERVER_TYPES, parse_scores
 from polar_xtuner.scoring.local import score_records
+from polar_xtuner.scoring.remote import score_records_remote
+
 
 VAL = f"{REPO}/data/demo/val.jsonl"
 
@@ -75,59 +78,6 @@ def test_wrong_shape_and_unreachable_are_errors():
         RemoteScorer("vllm", "127.0.0.1:9", max_retries=1, timeout=2).score(["x"])
     with pytest.raises(RemoteScoringError, match="returned 1 scores for 2 texts"):
         parse_scores("lmdeploy", {"data": [{"data": 1.0}]}, 2)
-
-
-@pytest.mark.integration  # runs a repository tool in a subprocess
-def test_eval_cli_against_servers(tiny_dir, tmp_path, capsys):
-    """eval_pref's process against a served model and a dead server; the local baseline through its main() here."""
-    from polar_xtuner.scoring.local import load_model
-
-    model, tok = load_model(tiny_dir, device="cpu")
-    server = FakeServer("vllm", model, tok)
-    try:
-        out = tmp_path / "remote.json"
-        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL,
-                        "--server-type", "vllm", "--server-address", server.address, "--out", str(out),
-                        "--plot", str(tmp_path / "scores.png"))
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        local = tmp_path / "local.json"
-        code = load_tool("eval_pref").main(["--model", tiny_dir, "--data", VAL, "--out", str(local)])
-        assert code == 0, capsys.readouterr().err[-2000:]
-    finally:
-        server.close()
-    remote_r, local_r = json.load(open(out)), json.load(open(local))
-    assert remote_r["n"] == local_r["n"] == 200 and remote_r["backend"] == "vllm"
-    assert remote_r["accuracy"] == local_r["accuracy"]
-    assert (tmp_path / "scores.png").stat().st_size > 1000
-
-    dead = FakeServer("fail")
-    try:
-        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL, "--server-type",
-                        "sglang", "--server-address", dead.address, "--max-retries", "2")
-    finally:
-        dead.close()
-    assert proc.returncode == 3 and "failed after 2 attempt" in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.mark.integration  # runs a repository tool in a subprocess
-def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path):
-    bad = f"{REPO}/tests/assets/bad_records.jsonl"
-    scores = tmp_path / "s.jsonl"
-    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", bad,
-                    "--save-scores", str(scores))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"skipped {bad}:2: invalid JSON" in proc.stderr
-    rows = [json.loads(line) for line in open(scores)]
-    assert [r["line"] for r in rows if r["chosen"] is not None] == [1, 12, 15]
-    assert len(rows) == 14  # every non-blank input line, in order
-    proc = run_tool("python", "tools/eval_pref.py", "--model", str(tmp_path), "--data", bad)
-    assert proc.returncode == 2 and "not a model directory" in proc.stderr
-    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(tmp_path / "no.jsonl"))
-    assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", bad, "--server-type", "vllm",
-                    "--batch-tokens", "0")
-    assert proc.returncode == 2 and "argument --batch-tokens: must be an integer of at least 1" in proc.stderr \
-        and "Traceback" not in proc.stderr
 
 
 def test_vllm_sigmoid_trap_is_caught_or_avoided(tiny_model, tokenizer):
@@ -231,36 +181,29 @@ def test_batches_are_spread_over_servers_and_in_flight_together():
         RemoteScorer("vllm", "localhost")
 
 
-@pytest.mark.integration  # runs a repository tool in a subprocess
-def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path):
-    import shutil
+def _answer(server_type, scores, order):
+    if server_type == "sglang":
+        return [{"embedding": [scores[i]], "index": i} for i in order]
+    if server_type == "vllm":
+        return {"data": [{"index": i, "data": [[0.0], [scores[i]]]} for i in order]}
+    return {"data": [{"index": i, "data": scores[i]} for i in order]}
 
-    data = tmp_path / "val.jsonl"
-    shutil.copy(VAL, data)
-    original = data.read_bytes()
-    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), "--out", str(data))
-    assert proc.returncode == 2 and "would overwrite an input" in proc.stderr and data.read_bytes() == original
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+
+@FAST
+@given(server_type=st.sampled_from(SERVER_TYPES), body=json_values, n=st.integers(0, 4))
+def test_any_server_answer_is_scores_or_a_remote_error(server_type, body, n):
     try:
-        if not os.access(ro, os.W_OK):  # root ignores directory permissions
-            proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
-                            "--out", str(ro / "r.json"))
-            assert proc.returncode == 2 and "not writable" in proc.stderr and "Scoring" not in proc.stderr
-    finally:
-        ro.chmod(0o700)
-    # a server answering NaN: exit 3 naming the text, and no report that looks complete
-    server = FakeServer("vllm", scores=[float("nan")])
-    out = tmp_path / "r.json"
-    try:
-        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
-                        "--server-type", "vllm", "--server-address", server.address, "--out", str(out))
-    finally:
-        server.close()
-    assert proc.returncode == 3 and "non-finite" in proc.stderr and not out.exists()
-    # a good run writes strict JSON and leaves no temporary file behind
-    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the report"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "ro", "val.jsonl"]
+        out = parse_scores(server_type, body, n)
+    except RemoteScoringError as e:
+        assert server_type in str(e) or "score" in str(e)
+        return
+    assert len(out) == n and all(isinstance(s, float) and math.isfinite(s) for s in out)
+
+
+@FAST
+@given(server_type=st.sampled_from(SERVER_TYPES),
+       scores=st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=8), data=st.data())
+def test_answers_in_any_order_are_matched_by_index(server_type, scores, data):
+    order = data.draw(st.permutations(range(len(scores))))
+    assert parse_scores(server_type, _answer(server_type, scores, order), len(scores)) == \
+        pytest.approx(scores, abs=0)

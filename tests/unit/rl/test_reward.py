@@ -11,42 +11,25 @@ tests/integration/test_serving.py.
 """
 import asyncio
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-from common import REPO, load_tool, run_tool
+from common import load_tool, polar_env, run_tool
 from fakes import FakeServer, local_candidate_scores, verl_reward_loop, verl_rows
 from polar_xtuner import rft
 from polar_xtuner.scoring.client import RemoteScorer, RemoteScoringError
 from polar_xtuner.demo.data import generate
 
-
-@pytest.fixture(autouse=True)
-def fresh_rft(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("POLAR_"):
-            monkeypatch.delenv(key)
-    rft.forget_rewards()
-    yield
-    rft.forget_rewards()
-
-
-def setup_env(monkeypatch, server, tiny_dir, **more):
-    monkeypatch.setenv("POLAR_SERVER_TYPE", "vllm")
-    monkeypatch.setenv("POLAR_SERVER_ADDRESS", server if isinstance(server, str) else server.address)
-    monkeypatch.setenv("POLAR_MODEL", tiny_dir)
-    for k, v in more.items():
-        monkeypatch.setenv(k, str(v))
+pytestmark = pytest.mark.usefixtures("fresh_rft")
 
 
 def test_verl_reward_loop_gathers_calls_and_equals_local(monkeypatch, tiny_dir, tiny_model, tokenizer):
     recs = list(generate(32, 21))
     server = FakeServer("vllm", tiny_model, tokenizer)
-    setup_env(monkeypatch, server, tiny_dir, POLAR_BATCH_SIZE=16)
+    polar_env(monkeypatch, server, tiny_dir, POLAR_BATCH_SIZE=16)
     try:
         responses = [r["chosen"][0]["content"] for r in recs]
         got = asyncio.run(verl_reward_loop(recs, responses))
@@ -62,7 +45,7 @@ def test_verl_reward_loop_gathers_calls_and_equals_local(monkeypatch, tiny_dir, 
 def test_a_verl_sized_batch_goes_out_in_few_requests(monkeypatch, tiny_dir):
     recs = list(generate(1024, 29))
     server = FakeServer("vllm")  # scores each input by its length: cheap, still checked in order
-    setup_env(monkeypatch, server, tiny_dir, POLAR_BATCH_SIZE=64)
+    polar_env(monkeypatch, server, tiny_dir, POLAR_BATCH_SIZE=64)
     try:
         got = asyncio.run(verl_reward_loop(recs, [r["chosen"][0]["content"] for r in recs]))
     finally:
@@ -80,7 +63,7 @@ def test_a_verl_sized_batch_goes_out_in_few_requests(monkeypatch, tiny_dir):
 def test_batch_manager_and_openrlhf_give_the_same_scores(monkeypatch, tiny_dir, tiny_model, tokenizer):
     recs = list(generate(12, 22))
     servers = [FakeServer("vllm", tiny_model, tokenizer) for _ in range(2)]
-    setup_env(monkeypatch, ",".join(s.address for s in servers), tiny_dir, POLAR_BATCH_SIZE=4)
+    polar_env(monkeypatch, ",".join(s.address for s in servers), tiny_dir, POLAR_BATCH_SIZE=4)
     try:
         rows = verl_rows(recs)
         responses = [r[k][0]["content"] for r in recs for k in ("chosen", "rejected")]
@@ -142,7 +125,7 @@ def test_router_address_from_verl_is_used(monkeypatch, tiny_dir, tiny_model, tok
 def test_dead_server_raises_and_fallback_is_opt_in_and_counted(monkeypatch, tiny_dir, caplog):
     dead = FakeServer("fail")
     recs = list(generate(3, 24))
-    setup_env(monkeypatch, dead, tiny_dir, POLAR_MAX_RETRIES=2)
+    polar_env(monkeypatch, dead, tiny_dir, POLAR_MAX_RETRIES=2)
     monkeypatch.setattr(RemoteScorer, "backoff", 0.01)
     try:
         with pytest.raises(RemoteScoringError, match="HTTP 500"):
@@ -168,7 +151,7 @@ def test_thinking_is_stripped_unless_turned_off(monkeypatch, tiny_dir, tiny_mode
     assert rft.strip_thinking("a <think>x</think>b<think>y</think> c") == "a b c"
     recs = list(generate(2, 25))
     server = FakeServer("vllm", tiny_model, tokenizer)
-    setup_env(monkeypatch, server, tiny_dir)
+    polar_env(monkeypatch, server, tiny_dir)
     try:
         plain = [r["chosen"][0]["content"] for r in recs]
         thought = ["<think>Let me compare with something else.</think>" + p for p in plain]
@@ -180,32 +163,6 @@ def test_thinking_is_stripped_unless_turned_off(monkeypatch, tiny_dir, tiny_mode
     finally:
         server.close()
     assert a == b and c != a
-
-
-@pytest.mark.integration  # runs a repository tool in a subprocess
-def test_normalisation_uses_the_saved_stats(monkeypatch, tmp_path, tiny_dir, tiny_model, tokenizer):
-    import shutil
-
-    model_dir = str(tmp_path / "model")
-    shutil.copytree(tiny_dir, model_dir)
-    recs = list(generate(4, 27))
-    server = FakeServer("vllm", tiny_model, tokenizer)
-    setup_env(monkeypatch, server, model_dir, POLAR_NORMALIZE=1)
-    try:
-        with pytest.raises(rft.RFTConfigError, match="--write-stats"):
-            asyncio.run(verl_reward_loop(recs, ["x"] * 4))
-        proc = run_tool("python", "tools/eval_pref.py", "--model", model_dir, "--data",
-                        f"{REPO}/data/demo/val.jsonl", "--write-stats")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        stats = json.load(open(os.path.join(model_dir, rft.STATS_FILE)))
-        assert stats["n"] == 400 and stats["std"] > 0
-        rft.forget_rewards()
-        normed = asyncio.run(verl_reward_loop(recs, [r["chosen"][0]["content"] for r in recs]))
-    finally:
-        server.close()
-    raw = local_candidate_scores(tiny_model, tokenizer, recs)[0::2]
-    expected = [(x - stats["mean"]) / stats["std"] for x in raw]
-    assert torch.allclose(torch.tensor(normed), torch.tensor(expected), atol=1e-3)
 
 
 def test_settings_errors_name_the_variable(monkeypatch, tmp_path):
@@ -237,39 +194,6 @@ def test_settings_errors_name_the_variable(monkeypatch, tmp_path):
         asyncio.run(rft.compute_score("polar", "x", "ref", {"split": "train"}))
     with pytest.raises(ValueError, match="plain string"):
         rft.parse_label("just a reference")
-
-
-@pytest.mark.integration  # runs a repository tool in a subprocess
-def test_make_rft_data_rows_load_with_datasets(tmp_path):
-    import datasets
-
-    src = tmp_path / "in.jsonl"
-    recs = list(generate(5, 26))
-    lines = [json.dumps(r) for r in recs] + ['{"prompt": "q"}', "not json"]
-    src.write_text("\n".join(lines) + "\n")
-    out = tmp_path / "rl.parquet"
-    proc = run_tool("python", "tools/make_rft_data.py", str(src), "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert f"skipped {src}:6: missing field 'reference'" in proc.stderr and f"{src}:7: invalid JSON" in proc.stderr
-    ds = datasets.load_dataset("parquet", data_files=str(out), split="train")
-    assert len(ds) == 5
-    row = ds[0]
-    assert row["reward_model"]["style"] == "polar" and row["data_source"] == "polar"
-    assert row["reward_model"]["ground_truth"] == [{"role": m["role"], "content": m["content"]}
-                                                   for m in recs[0]["reference"]]
-    assert row["extra_info"]["prompt"] == row["prompt"] and row["extra_info"]["split"] == "train"
-    assert row["ability"] == row["extra_info"]["ability"] == "general"
-    # openrlhf: the label carries prompt and reference
-    out2 = tmp_path / "rl.jsonl"
-    assert run_tool("python", "tools/make_rft_data.py", str(src), "-o", str(out2), "--format", "openrlhf").returncode == 0
-    first = json.loads(open(out2).readline())
-    assert rft.parse_label(first["label"])[1] == [{"role": m["role"], "content": m["content"]}
-                                                  for m in recs[0]["reference"]]
-    # refusals
-    proc = run_tool("python", "tools/make_rft_data.py", str(src), "-o", str(src))
-    assert proc.returncode == 2 and "would overwrite an input" in proc.stderr and src.read_text().count("\n") == 7
-    proc = run_tool("python", "tools/make_rft_data.py", str(tmp_path / "none.jsonl"), "-o", str(out))
-    assert proc.returncode == 2 and "no such file" in proc.stderr
 
 
 def test_the_output_format_follows_the_extension(tmp_path):
