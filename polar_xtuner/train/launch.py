@@ -256,6 +256,8 @@ def resolve_resume(config: str, args: list[str]) -> tuple[list[str], bool]:
         if not os.path.exists(value):
             raise LaunchError(f"--resume {value}: no such checkpoint")
         return args, True
+    # Lazy: the start-up file imports this module in every Python process of the venv,
+    # and the checkpoint layer brings torch; only --resume auto needs it.
     from polar_xtuner.train.checkpoint import POINTER, CheckpointError, checkpoint_in_work_dir
 
     work_dir = work_dir_of(config, args)
@@ -289,6 +291,7 @@ def check_sequence_parallel(config: str) -> None:
     except Exception as e:  # noqa: BLE001 - xtuner will report the details
         raise LaunchError(f"config {config}: cannot read it ({e})") from None
     if size > 1:
+        # Lazy for the same reason: the model module brings torch and xtuner.
         from polar_xtuner.train.model import SP_NEEDS_GPU, flash_attn_available
 
         if not flash_attn_available():  # flash-attn importable and a CUDA device present
