@@ -93,10 +93,10 @@ TEST_WORKERS ?= 2
 test: setup serve-setup rl-setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -v -rs --durations=15
 
-# The unit tier: no subprocess tools, no training, no server, nothing over ~20 s, no GPU
-# (markers in pyproject.toml); under 3 minutes on 2 cores.
+# The unit tier is its folder: no subprocess tools, no training, no server, nothing over
+# ~20 s (tests/unit/test_test_layout.py holds it to that); gpu tests skip without CUDA.
 test-fast: setup
-	$(PY) -m pytest -q -m "not integration and not slow and not serving and not gpu"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests/unit
 
 bench: setup serve-setup
 	$(PY) -m bench.cpu_suite --out bench/results/cpu.json

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # config -> (the test that runs `xtuner train` on it as shipped, then converts and scores it; what it runs)
 TRAINED_AS_SHIPPED_BY = {
     "POLAR_tiny_full_varlenattn_demo.py": ("tests/conftest.py", '"scripts/demo.sh"'),  # the session demo: e2e/test_demo.py
-    "POLAR_tiny_lora_varlenattn_demo.py": ("tests/unit/convert/test_lora.py", "TINY_LORA"),
+    "POLAR_tiny_lora_varlenattn_demo.py": ("tests/integration/convert/test_lora.py", "TINY_LORA"),
 }
 SHIPPED = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
                  if os.path.basename(p) not in TRAINED_AS_SHIPPED_BY)
@@ -105,4 +105,4 @@ def test_the_configs_left_out_here_are_trained_as_shipped_by_the_tests_named():
         assert runs in text, (test, runs)
     assert "configs/POLAR_tiny_full_varlenattn_demo.py" in open(os.path.join(REPO, "scripts", "demo.sh")).read()
     assert 'TINY_LORA = os.path.join(REPO, "configs", "POLAR_tiny_lora_varlenattn_demo.py")' in open(
-        os.path.join(REPO, "tests", "unit", "convert", "test_lora.py")).read()
+        os.path.join(REPO, "tests", "integration", "convert", "test_lora.py")).read()

@@ -1,15 +1,21 @@
 """The launch scripts (scripts/train*.sh, scripts/demo.sh) in their own processes: a taken port, missing environment, Slurm's variables."""
 import os
+import socket
 import subprocess
+import sys
 
 import pytest
 
 from common import REPO, run_tool
+from polar_xtuner.constants import MKL_CBWR
+from polar_xtuner.train import launch
+
 
 pytestmark = pytest.mark.integration
 
 CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
 SP_CONFIG = os.path.join(REPO, "configs", "POLAR_7B_full_varlenattn_sp4_custom_dataset.py")
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def test_launcher_and_demo_scripts_name_a_taken_port(taken_port, tmp_path):
@@ -65,3 +71,38 @@ def test_launcher_refuses_sequence_parallel_on_cpu():
     assert proc.returncode == 2
     assert "runs on GPUs only" in proc.stderr and "sequence_parallel_size = 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_plain_xtuner_train_process_gets_a_free_deepspeed_port_not_29500(tmp_path):
+    """What `xtuner train` (one process) does: start xtuner's tools/train.py, then DeepSpeed's init.
+
+    Without ensure_rendezvous_env, DeepSpeed's MPI discovery sets MASTER_PORT=29500, so a second
+    run on the machine failed with EADDRINUSE (and xtuner's CLI still exited 0). The start-up file
+    that make setup installs sets the port before the script's first line (no import does).
+    """
+    script = tmp_path / "xtuner" / "tools" / "train.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(
+        "import os\n"
+        "os.environ.setdefault('LOCAL_RANK', '0')  # as xtuner's train.py does\n"
+        "import sys\n"
+        "assert not any(m.startswith('polar_xtuner.train.model') for m in sys.modules)\n"
+        "from deepspeed import comm\n"
+        "comm.init_distributed(dist_backend='gloo', verbose=False)\n"
+        "print('ok', os.environ['MASTER_PORT'], comm.get_world_size(), os.environ['MKL_CBWR'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS and k != "MKL_CBWR"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    holder = socket.socket()
+    try:  # 29500 taken, as by another run (if something else holds it already, just as well)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("0.0.0.0", launch.DEFAULT_PORT))
+        holder.listen()
+    except OSError:
+        pass
+    try:
+        proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    word, port, world, mkl = proc.stdout.split()[-4:]
+    assert word == "ok" and port != str(launch.DEFAULT_PORT) and world == "1" and mkl == MKL_CBWR
