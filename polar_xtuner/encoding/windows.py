@@ -55,7 +55,7 @@ from typing import Callable
 #    in different phases of any short period, so a regrouping tends to show as
 #    disagreement (and the windows grow) rather than as agreement.
 #
-# tests/unit/core/test_long_records.py compares the ids with whole-text tokenization on
+# tests/unit/encoding/test_windows.py compares the ids with whole-text tokenization on
 # ASCII, CJK, emoji, runs of spaces, giant words and periodic stretches, at
 # both kept ends, and checks the memory of the tools on a 20 MB record.
 CLIP_MARGIN_TOKENS = 64

@@ -1,6 +1,6 @@
 """Two CPU ranks check PolarRewardModel's sequence-parallel varlen attention.
 
-Run by tests/unit/train/test_sequence_parallel.py as
+Run by tests/integration/train/test_attention.py as
 ``torchrun --nproc_per_node=2 tests/assets/sp_worker.py MODEL_DIR``. Each rank
 feeds its half of one packed row through the model with xtuner's sequence
 parallel group of 2 (Ulysses all-to-all over gloo) and must get its half of

@@ -53,7 +53,7 @@ def _cannot_run_on_cpu(path) -> str | None:
     if cfg.model.llm.get("quantization_config") is not None:
         return "QLoRA's 4-bit base needs bitsandbytes' CUDA kernels (refused on CPU in one line: test_configs_exact)"
     if cfg.get("sequence_parallel_size", 1) > 1:
-        return "sequence parallel needs a rank per slice of a row on GPUs (refused on CPU: test_sequence_parallel)"
+        return "sequence parallel needs a rank per slice of a row on GPUs (refused on CPU: integration/train/test_launch.py)"
     return None
 
 

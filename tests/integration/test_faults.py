@@ -289,7 +289,7 @@ def test_a_score_that_is_not_a_finite_number_is_an_error_naming_the_record(value
 
 
 # A whole-request deadline against a trickling server, through the tool's own process: in
-# tests/unit/eval/test_network_faults.py (issue 27's example, and every fault kind per client).
+# tests/integration/scoring/test_client.py (issue 27's example, and every fault kind per client).
 
 
 # -- data reading ------------------------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def test_code_an_auto_map_names_outside_the_directory_never_runs_without_consent
 
 
 # A truncated DeepSpeed checkpoint file (model or optimizer states) through tools/convert.sh:
-# tests/unit/convert/test_checkpoint_faults.py, which also checks that the error names the file.
+# tests/integration/train/test_checkpoint.py, which also checks that the error names the file.
 
 
 # -- incomplete or damaged model directories -------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_written_statistics_are_read_by_the_rl_reward(written):
 
 @pytest.mark.parametrize("ext", ["parquet", "jsonl"])
 def test_rl_data_is_what_verl_and_openrlhf_read(ext, written):
-    """The prompts and references come back out (the frameworks' own loaders: tests/integration/test_serving.py)."""
+    """The prompts and references come back out (the frameworks' own loaders: tests/integration/serve/test_serve.py)."""
     path = written[f"make_rft_data .{ext}"]
     if ext == "parquet":
         import pyarrow.parquet as pq

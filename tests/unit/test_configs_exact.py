@@ -50,7 +50,7 @@ def cannot_run_here(cfg) -> str | None:
                 "in bf16")
     if cfg.get("sequence_parallel_size", 1) > 1:
         return ("sequence parallel splits each row over several ranks, and xtuner 0.2.0 gathers the scores with "
-                "a collective that refuses CPU tensors; tests/unit/train/test_sequence_parallel.py checks its "
+                "a collective that refuses CPU tensors; tests/integration/train/test_attention.py checks its "
                 "attention and gradients under activation checkpointing on two CPU ranks")
     return None
 

@@ -66,7 +66,7 @@ def test_cpu_smoke_runs_every_step(tmp_path):
 def _every_shared_prefix_figure(out):
     """`make bench`'s shared-prefix section (bench/shared_prefix.py) on the smoke's small workloads.
 
-    Was tests/integration/test_bench_shared_prefix.py's own run of the same function on
+    Was tests/integration/bench/test_shared_prefix.py's own run of the same function on
     the same sizes: every figure comes back (each after its pairs and scores were
     checked), and the token ratios are the layouts'.
     """

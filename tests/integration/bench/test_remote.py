@@ -1,6 +1,6 @@
 """`make bench`'s remote section end to end: its own two vLLM servers (plugin and stock) on a fresh tiny model.
 
-Apart from test_serving.py, which needs the session's trained demo: this one
+Apart from integration/serve/test_serve.py, which needs the session's trained demo: this one
 does not, so under xdist it runs beside the demo's work unit.
 """
 import math

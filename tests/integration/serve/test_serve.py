@@ -12,7 +12,7 @@ held-out demo pairs:
   and reads the prefix cache, and stands aside on a vLLM it does not fit.
 
 `make bench`'s remote section, which starts its own two servers on a fresh tiny
-model, is tests/integration/test_bench_remote.py.
+model, is tests/integration/bench/test_remote.py.
 """
 import json
 import math

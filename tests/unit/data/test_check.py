@@ -1,4 +1,4 @@
-"""The data checker in-process (tools/build_dataset.py runs it in a subprocess in test_build_dataset.py)."""
+"""The data checker in-process (tools/build_dataset.py runs it in a subprocess in integration/data/test_build_dataset.py)."""
 import json
 import os
 
