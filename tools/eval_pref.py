@@ -56,7 +56,6 @@ from polar_xtuner.constants import (
     TEMPLATE_RESERVED_TOKENS,
 )
 from polar_xtuner.eval.benchmarks import FORMATS
-from polar_xtuner.eval.run import evaluate
 from polar_xtuner.hf_layout import TRUST_FLAG
 from polar_xtuner.scoring.client import (
     DEFAULT_BATCH_TEXTS,
@@ -130,7 +129,11 @@ def parse_args(argv=None):
 
 @entry_point
 def main(argv=None) -> int:
-    return evaluate(parse_args(argv))
+    args = parse_args(argv)
+    # Lazy: the run brings torch and transformers (seconds to import); a bad flag is refused before.
+    from polar_xtuner.eval.run import evaluate
+
+    return evaluate(args)
 
 
 if __name__ == "__main__":

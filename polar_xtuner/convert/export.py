@@ -42,8 +42,6 @@ import shutil
 from dataclasses import dataclass, field
 
 import torch
-from mmengine.config import Config
-from xtuner.registry import BUILDER
 
 from polar_xtuner.cli.entry import entry_point
 from polar_xtuner.cli.flags import ArgumentParser, non_empty, size
@@ -262,6 +260,9 @@ def plan(settings: ConvertSettings) -> Conversion:
         ConvertError: A missing or unreadable config, code run without consent, an output
             over an input, a non-empty OUT_DIR without ``force``, an unknown dtype.
     """
+    # Lazy: xtuner brings transformers, peft and mmengine (seconds); a bad flag is refused before.
+    from mmengine.config import Config
+
     s = settings
     if not os.path.isfile(s.config):
         raise ConvertError(f"config {s.config}: no such file")
@@ -324,6 +325,8 @@ def load_trained(job: Conversion):
 
 def score_trained(job: Conversion, model) -> None:
     """The tokenizer and training's encoding lengths, and (verifying) the trained weights' scores of a few pairs."""
+    from xtuner.registry import BUILDER  # lazy, as in plan()
+
     try:
         job.tokenizer = BUILDER.build(job.cfg.tokenizer)
     except Exception as e:  # noqa: BLE001 - a damaged tokenizer file fails in many ways

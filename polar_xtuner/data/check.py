@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from polar_xtuner.constants import packed_length
 from polar_xtuner.data.formats import CONVERTERS, DEFAULT_PAIRS_PER_PROMPT, TAKES_OPTIONS
@@ -141,6 +140,9 @@ def length_meter(tokenizer_dir: str, max_length: int, max_response_length: int, 
     problem = training_run_problem(tokenizer_dir, f"--tokenizer {tokenizer_dir}")
     if problem:  # before the code check, which would advise --trust-remote-code for xtuner's config copy
         raise UserError(problem)
+    # Lazy: transformers takes seconds to import, and the checker without --tokenizer never needs it.
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir,
                                             trust_remote_code=remote_code_allowed(tokenizer_dir, trust_remote_code))
