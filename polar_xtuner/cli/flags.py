@@ -21,7 +21,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's one-line refusals: ``error: argument --x: ...``, exit 2.
 
     A flag given twice is refused, and so are two flags that set one value
-    (``--share-prefix --no-shared-prefix``): argparse keeps the last silently,
+    (``--shared-prefix --no-shared-prefix``): argparse keeps the last silently,
     which hides a mistake in a long command line. Flags declared with
     ``action="append"``, ``"extend"`` or ``"count"`` are repeatable.
     """

@@ -102,7 +102,7 @@ def test_two_flags_that_set_one_value_are_refused():
     with pytest.raises(SystemExit):
         p.parse_args(["--shared-prefix", "--no-shared-prefix"])
     with pytest.raises(SystemExit):
-        p.parse_args(["--tag=a", "--share-prefix", "--share-prefix"])
+        p.parse_args(["--tag=a", "--shared-prefix", "--shared-prefix"])
 
 
 # tool -> (its arguments, the positions of its positional arguments, by name): each is tried empty

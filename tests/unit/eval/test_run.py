@@ -28,3 +28,14 @@ def test_messages_name_the_flag_or_file_that_is_wrong(tiny_dir, tmp_path, capsys
     proc = run_in_process(main, ["--model", tiny_dir, "--data", str(one), "--out", "r.json"], capsys)
     assert proc.returncode == 0 and "95% CIs from 1 record(s)" in proc.stdout + proc.stderr
     assert "fewer than 30" in _json.load(open("r.json"))["ci95_warning"]
+
+
+def test_no_shared_prefix_and_its_earlier_name_set_the_same_switch():
+    """--no-share-prefix, the flag's name before the feature took one name, still works."""
+    from common import load_tool
+
+    parse = load_tool("eval_pref").parse_args
+    base = ["--model", "M", "--data", "D.jsonl"]
+    assert parse(base).shared_prefix is True
+    assert parse(base + ["--no-shared-prefix"]).shared_prefix is False
+    assert parse(base + ["--no-share-prefix"]).shared_prefix is False
