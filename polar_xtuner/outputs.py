@@ -125,6 +125,18 @@ def refuse_foreign(out_dir: str, flag: str, ours, error=UserError) -> None:
                     "choose a new or empty directory")
 
 
+def refuse_replacing(out_dir: str, flag: str, force: bool, ours, error=UserError) -> None:
+    """Check a directory a tool replaces whole: empty, or ``force`` and only the tool's own files in it.
+
+    Raises:
+        ``error``: Not empty without ``force`` (the message names ``--force``), or
+            holding files the tool did not write (:func:`refuse_foreign`).
+    """
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise error(f"{flag} {out_dir} is not empty; pass --force to replace it whole")
+    refuse_foreign(out_dir, flag, ours, error)  # --force replaces the tool's output, nothing else
+
+
 def require_extension(path: str, flag: str, allowed: dict[str, str]) -> str:
     """Refuse an output whose extension does not name what is written to it.
 

@@ -57,7 +57,7 @@ from polar_xtuner.hf_layout import (
     remember_code,
     remote_code_allowed,
 )
-from polar_xtuner.outputs import atomic_dir, check_writable_dir, output_target, refuse_foreign, refuse_overlap
+from polar_xtuner.outputs import atomic_dir, check_writable_dir, output_target, refuse_overlap, refuse_replacing
 from polar_xtuner.precision import (
     HF_NAMES,  # short name -> HF config name
     to_dtype,
@@ -285,9 +285,7 @@ def plan(settings: ConvertSettings) -> Conversion:
     inputs += [("the config's data", f) for f in ([data] if isinstance(data, str) else list(data or []))]
     refuse_overlap({"OUT_DIR": s.out_dir}, inputs)
     check_writable_dir(s.out_dir, "OUT_DIR")
-    if os.path.isdir(s.out_dir) and os.listdir(s.out_dir) and not s.force:
-        raise ConvertError(f"OUT_DIR {s.out_dir} is not empty; pass --force to replace it whole")
-    refuse_foreign(s.out_dir, "OUT_DIR", model_dir_entry, ConvertError)  # --force replaces a model, nothing else
+    refuse_replacing(s.out_dir, "OUT_DIR", s.force, model_dir_entry, ConvertError)
     dtype = s.dtype or deepspeed_dtype_name(ckpt) or training_dtype_name(cfg)
     if dtype not in HF_NAMES:
         raise ConvertError(f"--dtype must be one of {', '.join(HF_NAMES)}, got {dtype}")

@@ -23,9 +23,8 @@ from polar_xtuner.constants import (
     UNK_TOKEN,
 )
 from polar_xtuner.demo.data import corpus_for_tokenizer
-from polar_xtuner.errors import UserError
 from polar_xtuner.hf_layout import AUTO_MAP, copy_remote_code, model_dir_entry
-from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_foreign
+from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_replacing
 
 # Fixed ids of the tiny tokenizer's special tokens. The real tokenizer keeps
 # BOS 1 and EOS 2 as well; its reward token is 92527, ours is 4.
@@ -184,8 +183,6 @@ def write_tiny_model(out_dir: str, seed: int = 0, force: bool = False) -> None:
             other than a model directory's (``force`` replaces a model, nothing else).
     """
     check_writable_dir(out_dir, "OUT_DIR")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise UserError(f"OUT_DIR {out_dir} is not empty; pass --force to replace it whole")
-    refuse_foreign(out_dir, "OUT_DIR", model_dir_entry)
+    refuse_replacing(out_dir, "OUT_DIR", force, model_dir_entry)
     with atomic_dir(out_dir) as tmp:  # all of it or nothing, modes by the umask
         make_tiny_model(tmp, seed=seed)

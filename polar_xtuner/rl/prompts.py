@@ -89,8 +89,6 @@ def write_rows(rows: list[dict], out: str, fmt: str) -> None:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-__all__ = ["FORMATS", "rl_rows", "write_rows"]
-
 
 # The file each format is: the extension decides, so a name never lies about its content.
 EXTENSIONS = {".parquet": "verl", ".jsonl": "openrlhf"}
@@ -112,3 +110,6 @@ def output_format(out: str, requested: str | None) -> str:
         raise UserError(f"--format {requested} writes {want}, but --out {out} names a {ext} file; "
                         f"name the output *{want}, or drop --format")
     return named
+
+
+__all__ = ["EXTENSIONS", "FORMATS", "output_format", "rl_rows", "write_rows"]
