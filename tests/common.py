@@ -67,8 +67,13 @@ def run_in_process(main, args, capsys):
     import subprocess
 
     capsys.readouterr()  # what the test printed before is not the tool's
-    code = main(list(args))
-    return subprocess.CompletedProcess(list(args), code, *capsys.readouterr())
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's refusals exit; the interpreter would turn this into an exit code
+        code = e.code if isinstance(e.code, int) or e.code is None else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    return subprocess.CompletedProcess(list(args), code or 0, *capsys.readouterr())
 
 
 def one_error_line(err: str) -> str:

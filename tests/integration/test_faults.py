@@ -56,7 +56,10 @@ def test_build_refuses_outputs_over_inputs_and_foreign_files(tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_eval_and_rft_data_refuse_outputs_over_inputs(tmp_path, tiny_dir):
+def test_eval_and_rft_data_refuse_outputs_over_inputs(tmp_path, tiny_dir, capsys):
+    """The tools' main() here: their refusals are the subject, not their processes (a refusal's
+    exit 2 through a process: test_read_only_destinations_are_refused_before_any_work)."""
+    eval_pref = load_tool("eval_pref").main
     data = tmp_path / "val.jsonl"
     data.write_bytes(open(VAL, "rb").read())
     model_before = snapshot(tiny_dir)
@@ -66,14 +69,14 @@ def test_eval_and_rft_data_refuse_outputs_over_inputs(tmp_path, tiny_dir):
         ("--plot", str(tmp_path)),
     ]
     for flag, path in cases:
-        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), flag, path)
+        proc = run_in_process(eval_pref, ["--model", tiny_dir, "--data", str(data), flag, path], capsys)
         assert proc.returncode == 2, (flag, proc.stderr)
         one_error_line(proc.stderr)
-    both = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
-                    "--out", str(tmp_path / "r.json"), "--save-scores", str(tmp_path / "r.json"))
+    both = run_in_process(eval_pref, ["--model", tiny_dir, "--data", str(data), "--out", str(tmp_path / "r.json"),
+                                      "--save-scores", str(tmp_path / "r.json")], capsys)
     assert both.returncode == 2 and "each other" in one_error_line(both.stderr)
     assert data.read_bytes() == open(VAL, "rb").read() and snapshot(tiny_dir) == model_before
-    proc = run_tool("python", "tools/make_rft_data.py", str(data), "-o", str(data))
+    proc = run_in_process(load_tool("make_rft_data").main, [str(data), "-o", str(data)], capsys)
     assert proc.returncode == 2 and "would overwrite an input" in one_error_line(proc.stderr)
     assert data.read_bytes() == open(VAL, "rb").read()
 
@@ -446,7 +449,7 @@ def test_code_an_auto_map_names_outside_the_directory_never_runs_without_consent
 
 
 @pytest.mark.parametrize("damage", ["no_tokenizer", "tokenizer_cut_at_4096", "weights_cut", "no_weights"])
-def test_damaged_model_dir_is_one_line_naming_it(damage, tmp_path, tiny_dir):
+def test_damaged_model_dir_is_one_line_naming_it(damage, tmp_path, tiny_dir, capsys):
     import shutil
 
     model = tmp_path / "model"
@@ -461,7 +464,8 @@ def test_damaged_model_dir_is_one_line_naming_it(damage, tmp_path, tiny_dir):
         w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     else:
         (model / "model.safetensors").unlink()
-    proc = run_tool("python", "tools/eval_pref.py", "--model", str(model), "--data", VAL)
+    # main() here: the damaged directory's error is the subject (a process each: ~3 s of start-up)
+    proc = run_in_process(load_tool("eval_pref").main, ["--model", str(model), "--data", VAL], capsys)
     line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and str(model) in line, proc.stderr[-2000:]
 

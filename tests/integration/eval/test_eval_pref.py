@@ -1,11 +1,17 @@
-"""tools/eval_pref.py in its own process: groups and benchmarks in one report, --compare, --plot, one-line refusals, shared prefixes by default."""
+"""tools/eval_pref.py: groups and benchmarks in one report, --compare, --plot, one-line refusals, shared prefixes by default.
+
+The tool runs in its own process where the process is what is checked (a whole
+run's exit code and outputs, deadlines counted from the tool's start, a server
+that fails); its refusals of bad input run its main() in this process, the same
+code without ~3 s of start-up each.
+"""
 import json
 import os
 import time
 
 import pytest
 
-from common import ASSETS, REPO, VAL, free_port, load_tool, run_tool
+from common import ASSETS, REPO, VAL, free_port, load_tool, run_in_process, run_tool
 from fakes import FakeServer, trickle
 
 
@@ -16,6 +22,11 @@ BENCH = os.path.join(ASSETS, "benchmarks")
 
 def _eval(*args):
     return run_tool("python", "tools/eval_pref.py", *args, timeout=300)
+
+
+def _eval_here(capsys, *args):
+    """tools/eval_pref.py's main() in this process, as a CompletedProcess."""
+    return run_in_process(load_tool("eval_pref").main, args, capsys)
 
 
 def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(tiny_dir, tmp_path):
@@ -59,14 +70,14 @@ def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(
     (["--data", VAL, "--server-type", "vllm", "--compare", "TINY"], "pass --compare-server-address HOST:PORT"),
     (["--data", VAL, "--compare-server-address", "127.0.0.1:1"], "--compare-server-address needs --server-type"),
 ])
-def test_bad_inputs_fail_with_one_line_and_exit_2(tiny_dir, args, message):
-    proc = _eval("--model", tiny_dir, *[tiny_dir if a == "TINY" else a for a in args])
+def test_bad_inputs_fail_with_one_line_and_exit_2(tiny_dir, args, message, capsys):
+    proc = _eval_here(capsys, "--model", tiny_dir, *[tiny_dir if a == "TINY" else a for a in args])
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert message in lines[-1] and "Traceback" not in proc.stderr
 
 
-def test_one_response_groups_and_copied_references_are_refused(tiny_dir, tmp_path):
+def test_one_response_groups_and_copied_references_are_refused(tiny_dir, tmp_path, capsys):
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps({"prompt": "p", "reference": "r", "responses": [{"response": "a", "label": 1}]}) + "\n")
     copied = tmp_path / "refs.jsonl"
@@ -75,7 +86,7 @@ def test_one_response_groups_and_copied_references_are_refused(tiny_dir, tmp_pat
     for args, message in [(["--data", str(one)], "one.jsonl:1: 'responses' holds 1 response(s)"),
                           (["--data", f"{BENCH}/rewardbench2.jsonl", "--format", "rewardbench2", "--references",
                             str(copied)], "rewardbench2.jsonl:2: the reference is identical to response 1")]:
-        proc = _eval("--model", tiny_dir, *args, "--out", str(tmp_path / "r.json"))
+        proc = _eval_here(capsys, "--model", tiny_dir, *args, "--out", str(tmp_path / "r.json"))
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr
         assert message in proc.stderr and not (tmp_path / "r.json").exists()
 
@@ -131,7 +142,7 @@ def test_eval_cli_against_servers(tiny_dir, tmp_path, capsys):
     assert proc.returncode == 3 and "failed after 2 attempt" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path):
+def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path, capsys):
     bad = f"{REPO}/tests/assets/bad_records.jsonl"
     scores = tmp_path / "s.jsonl"
     proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", bad,
@@ -141,31 +152,29 @@ def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path):
     rows = [json.loads(line) for line in open(scores)]
     assert [r["line"] for r in rows if r["chosen"] is not None] == [1, 12, 15]
     assert len(rows) == 14  # every non-blank input line, in order
-    proc = run_tool("python", "tools/eval_pref.py", "--model", str(tmp_path), "--data", bad)
+    proc = _eval_here(capsys, "--model", str(tmp_path), "--data", bad)
     assert proc.returncode == 2 and "not a model directory" in proc.stderr
-    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(tmp_path / "no.jsonl"))
+    proc = _eval_here(capsys, "--model", tiny_dir, "--data", str(tmp_path / "no.jsonl"))
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", bad, "--server-type", "vllm",
-                    "--batch-tokens", "0")
+    proc = _eval_here(capsys, "--model", tiny_dir, "--data", bad, "--server-type", "vllm", "--batch-tokens", "0")
     assert proc.returncode == 2 and "argument --batch-tokens: must be an integer of at least 1" in proc.stderr \
         and "Traceback" not in proc.stderr
 
 
-def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path):
+def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path, capsys):
     import shutil
 
     data = tmp_path / "val.jsonl"
     shutil.copy(VAL, data)
     original = data.read_bytes()
-    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), "--out", str(data))
+    proc = _eval_here(capsys, "--model", tiny_dir, "--data", str(data), "--out", str(data))
     assert proc.returncode == 2 and "would overwrite an input" in proc.stderr and data.read_bytes() == original
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
         if not os.access(ro, os.W_OK):  # root ignores directory permissions
-            proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
-                            "--out", str(ro / "r.json"))
+            proc = _eval_here(capsys, "--model", tiny_dir, "--data", str(data), "--out", str(ro / "r.json"))
             assert proc.returncode == 2 and "not writable" in proc.stderr and "Scoring" not in proc.stderr
     finally:
         ro.chmod(0o700)
