@@ -62,6 +62,9 @@ shared_prefix = True
 # 84 GiB of activations without it and 6.5 GiB with it (measured per layer;
 # docs/training.md, "Activation checkpointing and memory"): True fits one 80 GB GPU.
 activation_checkpointing = True
+# Liger Kernel's fused Triton kernels for RMSNorm, SwiGLU and rotary (docs/performance.md):
+# CUDA only; on CPU the log says they are skipped and the eager modules run.
+use_liger_kernel = True
 reward_token_id = 92527  # [UNUSED_TOKEN_130]; checked against the tokenizer
 loss_type = "ranking"
 penalty_type = "none"
@@ -93,6 +96,9 @@ optim_type = AdamW
 lr = 1.4e-5  # paper, 1.8B pre-training
 betas = (0.9, 0.95)
 weight_decay = 0
+# Fused AdamW (torch.optim.AdamW(fused=True)): one kernel per step for all parameters, also as
+# DeepSpeed's client optimizer; the unfused update to fp32 rounding (tests/unit/test_configs.py).
+fused_adamw = True
 max_norm = 1  # gradient clipping
 warmup_ratio = 0.03
 amp_dtype = "bfloat16"  # without --deepspeed; fp16 is prone to NaN in reward training
@@ -124,6 +130,7 @@ model = dict(
     center_rewards_coefficient=center_rewards_coefficient,
     loss_in_fp32=loss_in_fp32,
     use_activation_checkpointing=activation_checkpointing,
+    use_liger_kernel=use_liger_kernel,
     llm=dict(
         type=AutoModel.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
@@ -166,7 +173,7 @@ train_dataloader = dict(
 # DeepSpeed JSON (bf16 on GPUs that have it).
 optim_wrapper = dict(
     type=AmpOptimWrapper,
-    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay),
+    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused_adamw),
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
     accumulative_counts=accumulative_counts,
     loss_scale="dynamic",

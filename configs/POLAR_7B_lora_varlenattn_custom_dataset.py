@@ -52,6 +52,9 @@ shared_prefix = True
 # 209 GiB of activations without it and 14.5 GiB with it (docs/training.md,
 # "Activation checkpointing and memory"): True, the only setting that fits.
 activation_checkpointing = True
+# Liger Kernel's fused Triton kernels for RMSNorm, SwiGLU and rotary (docs/performance.md):
+# CUDA only; on CPU the log says they are skipped and the eager modules run.
+use_liger_kernel = True
 reward_token_id = 92527  # [UNUSED_TOKEN_130]; checked against the tokenizer
 loss_type = "ranking"
 penalty_type = "none"
@@ -90,6 +93,9 @@ optim_type = AdamW
 lr = 1e-4  # ours: LoRA trains few weights and wants a larger rate than full tuning
 betas = (0.9, 0.95)
 weight_decay = 0
+# Fused AdamW (torch.optim.AdamW(fused=True)): one kernel per step for all parameters, also as
+# DeepSpeed's client optimizer; the unfused update to fp32 rounding (tests/unit/test_configs.py).
+fused_adamw = True
 max_norm = 1  # gradient clipping
 warmup_ratio = 0.03
 amp_dtype = "bfloat16"  # without --deepspeed; fp16 is prone to NaN in reward training
@@ -121,6 +127,7 @@ model = dict(
     center_rewards_coefficient=center_rewards_coefficient,
     loss_in_fp32=loss_in_fp32,
     use_activation_checkpointing=activation_checkpointing,
+    use_liger_kernel=use_liger_kernel,
     lora=dict(
         type=LoraConfig,
         r=lora_r,
@@ -171,7 +178,7 @@ train_dataloader = dict(
 # DeepSpeed JSON (bf16 on GPUs that have it).
 optim_wrapper = dict(
     type=AmpOptimWrapper,
-    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay),
+    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused_adamw),
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
     accumulative_counts=accumulative_counts,
     loss_scale="dynamic",

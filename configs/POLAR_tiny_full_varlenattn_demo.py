@@ -45,6 +45,9 @@ shared_prefix = True
 # (activations of one layer at a time), False keeps them all, k recomputes the
 # first k layers. The tiny CPU model's activations are a few MB: False.
 activation_checkpointing = False
+# Liger Kernel's fused Triton kernels for RMSNorm, SwiGLU and rotary (docs/performance.md):
+# CUDA only; on CPU the log says they are skipped and the eager modules run.
+use_liger_kernel = False  # the CPU demo
 reward_token_id = 4  # [UNUSED_TOKEN_130] in the tiny tokenizer; checked against it
 loss_type = "ranking"
 penalty_type = "none"
@@ -78,6 +81,9 @@ optim_type = AdamW
 lr = 5e-4
 betas = (0.9, 0.95)
 weight_decay = 0
+# Fused AdamW (torch.optim.AdamW(fused=True)): one kernel per step for all parameters, also as
+# DeepSpeed's client optimizer; the unfused update to fp32 rounding (tests/unit/test_configs.py).
+fused_adamw = False  # the demo's learning curves were measured unfused (bench/README.md)
 max_norm = 1
 warmup_ratio = 0.03
 
@@ -108,6 +114,7 @@ model = dict(
     center_rewards_coefficient=center_rewards_coefficient,
     loss_in_fp32=loss_in_fp32,
     use_activation_checkpointing=activation_checkpointing,
+    use_liger_kernel=use_liger_kernel,
     llm=dict(
         type=AutoModel.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
@@ -149,7 +156,7 @@ train_dataloader = dict(
 # fp32 on CPU (AmpOptimWrapper needs a GPU); --deepspeed replaces this wrapper.
 optim_wrapper = dict(
     type=OptimWrapper,
-    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay),
+    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused_adamw),
     clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
     accumulative_counts=accumulative_counts,
 )

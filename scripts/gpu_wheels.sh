@@ -49,6 +49,8 @@ WHEELS=(
   termcolor==3.3.0
   hjson==3.1.0
   loguru==0.7.3
+  # Liger Kernel (Triton; pure Python): the GPU recipes' use_liger_kernel = True
+  liger_kernel==0.8.5
 )
 DEEPSPEED=deepspeed==0.16.2
 

@@ -253,7 +253,8 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
         sp = sequence_parallel_size()
         if layout.tokens != q_len * sp:
             raise ValueError(f"cumulative_len ends at {layout.tokens} but the row has {q_len * sp} tokens")
-        q, k, v = (x.transpose(1, 2) for x in _rotary_qkv(self, hidden_states, position_ids))  # (1, T/sp, H, D)
+        q, k, v = _rotary_qkv(self, hidden_states, position_ids, layout)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (1, T/sp, H, D)
         if sp > 1:
             # Ulysses: trade the sequence split for a head split, so every rank
             # sees whole samples (xtuner's all-to-all; it splits the rows).
@@ -277,8 +278,11 @@ def make_internlm2_varlen_forward(original_forward, backend: str):
     return forward
 
 
-def _rotary_qkv(attn, hidden_states, position_ids):
-    """InternLM2's queries, keys and values, rotary applied: each (B, heads, T, D)."""
+def _rotary_qkv(attn, hidden_states, position_ids, layout):
+    """InternLM2's queries, keys and values, rotary applied: each (B, heads, T, D).
+
+    cos and sin are the row's, computed by its first layer and kept in ``layout.rotary``.
+    """
     mod = _modeling_module(attn)
     bsz, q_len, _ = hidden_states.shape
     groups = attn.num_key_value_groups
@@ -287,7 +291,11 @@ def _rotary_qkv(attn, hidden_states, position_ids):
     q = qkv[..., :groups, :].reshape(bsz, q_len, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = qkv[..., -2, :].transpose(1, 2)
     v = qkv[..., -1, :].transpose(1, 2)
-    cos, sin = attn.rotary_emb(v, position_ids)
+    # the positions themselves, by storage: a row (or a sequence-parallel slice of it) has one set
+    key = (v.dtype, v.device, tuple(position_ids.shape), position_ids.data_ptr(), position_ids.storage_offset())
+    if key not in layout.rotary:
+        layout.rotary[key] = attn.rotary_emb(v, position_ids)
+    cos, sin = layout.rotary[key]
     q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
 
@@ -297,7 +305,7 @@ def _shared_prefix_forward(attn, hidden_states, position_ids, shared: SharedPref
     bsz, q_len, _ = hidden_states.shape
     if q_len != len(shared.group_ids):
         raise ValueError(f"the shared-prefix layout has {len(shared.group_ids)} tokens but the row has {q_len}")
-    q, k, v = _rotary_qkv(attn, hidden_states, position_ids)  # (1, H, T, D)
+    q, k, v = _rotary_qkv(attn, hidden_states, position_ids, shared)  # (1, H, T, D)
     if shared.backend == "flex" and q.device.type == "cpu" and q.requires_grad:
         raise ConfigError(FLEX_CPU_TRAINING)
     # compiled FlexAttention on CUDA; on CPU (forced there, scoring only) eager, exact but slow

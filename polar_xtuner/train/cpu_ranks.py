@@ -43,13 +43,16 @@ DS_COMM = "deepspeed.comm"
 DS_GATHERS = ("all_gather", "all_gather_into_tensor", "allgather_fn")
 PTH_NAME = "polar_xtuner_cpu_ranks.pth"
 # The whole .pth line runs at every interpreter's start-up: keep it to an environment
-# and an argv check. Two processes need set-up before any of their code runs: torchrun
-# workers (LOCAL_RANK set) and xtuner's tools/train.py, whose configs mmengine parses
-# lazily, so nothing in a config can run early enough.
+# and an argv check. Three processes need set-up before any of their code runs: torchrun
+# workers (LOCAL_RANK set), xtuner's tools/train.py, whose configs mmengine parses
+# lazily, so nothing in a config can run early enough, and the `xtuner` CLI itself
+# (polar_xtuner.train.launch.lighten_xtuner_cli).
 PTH_LINE = ("import os, sys; 'LOCAL_RANK' in os.environ and "
             "__import__('polar_xtuner.train.cpu_ranks').train.cpu_ranks.install(); "
             "sys.argv and sys.argv[0].endswith(os.path.join('xtuner', 'tools', 'train.py')) and "
-            "__import__('polar_xtuner.train.launch').train.launch.prepare_training_process()\n")
+            "__import__('polar_xtuner.train.launch').train.launch.prepare_training_process(); "
+            "sys.argv and os.path.basename(sys.argv[0]) == 'xtuner' and "
+            "__import__('polar_xtuner.train.launch').train.launch.lighten_xtuner_cli(sys.argv)\n")
 
 
 def _without_cuda_set_device(init):

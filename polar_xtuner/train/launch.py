@@ -168,6 +168,33 @@ def prepare_training_process() -> None:
     atexit.register(end_without_collection)
 
 
+def lighten_xtuner_cli(argv: list[str]) -> bool:
+    """Spare ``xtuner train``'s own process the import of the script it only starts; True if done.
+
+    xtuner 0.2.0's CLI finds ``tools/train.py`` by importing it (``from xtuner.tools
+    import train`` for its ``__file__``), which imports mmengine's runner, transformers
+    and DeepSpeed: about 4 s of CPU in a process that then only waits for the child
+    that imports them again (and, with NPROC_PER_NODE, for torchrun). The start-up file
+    calls this in the CLI's process: the module is registered by its file alone, so the
+    CLI starts the same script, with the same arguments, 4 s sooner.
+    """
+    if len(argv) < 2 or os.path.basename(argv[0]) != "xtuner" or argv[1].lower() != "train":
+        return False
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("xtuner")  # located, not imported
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    script = os.path.join(list(spec.submodule_search_locations)[0], "tools", "train.py")
+    if "xtuner.tools.train" in sys.modules or not os.path.isfile(script):
+        return False
+    stand_in = types.ModuleType("xtuner.tools.train", "xtuner's tools/train.py, by its path only (polar_xtuner)")
+    stand_in.__file__ = script
+    sys.modules["xtuner.tools.train"] = stand_in
+    return True
+
+
 def refuse_gpu_dtype_without_gpu(argv: list[str]) -> None:
     """Exit with one line where ``--deepspeed`` names a JSON that picks its dtype from a CUDA GPU, and there is none.
 

@@ -57,11 +57,14 @@ class Packed:
         cu_seqlens: (N+1,) int32 sample bounds on the row's device, 0 first.
         max_seqlen: The longest sample.
         tokens: ``cu_seqlens[-1]``, read once per row (not once per layer: a host sync on CUDA).
+        rotary: The row's rotary (cos, sin) per dtype, device and positions, computed by the first
+            layer and reused by the others and by every recompute (each layer's rotary embedding is the same).
     """
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
     tokens: int
+    rotary: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, cumulative_len, max_seqlen, device) -> "Packed":
@@ -83,12 +86,14 @@ class SharedPrefix:
     Attributes:
         group_ids, member_ids: (T,) the row's layout (:class:`polar_xtuner.encoding.shared_prefix.SharedPrefixRow`).
         backend: One of :data:`polar_xtuner.train.shared_prefix_attention.BACKENDS`.
+        rotary: As :attr:`Packed.rotary`.
     """
 
     group_ids: torch.Tensor
     member_ids: torch.Tensor
     backend: str
     _mask: object = field(default=None, repr=False)
+    rotary: dict = field(default_factory=dict, repr=False)
 
     @property
     def tokens(self) -> int:

@@ -66,6 +66,7 @@ from polar_xtuner.train.attention import (
     varlen_args,
 )
 from polar_xtuner.train.layout import WHOLE, Packed, SharedPrefix, checkpoint_setting, install_recompute, row_layout
+from polar_xtuner.train.liger import apply_liger_kernel
 from polar_xtuner.train.objectives import LossSettings, pair_loss_terms
 
 QLORA_NEEDS_GPU = (
@@ -90,7 +91,7 @@ class PolarRewardModel(RewardModel):
 
     Takes the arguments of ``xtuner.model.reward.RewardModel``, plus
     ``varlen_attn_backend`` ("flash_attn", "torch_varlen", "sdpa" or None for
-    the best available) and the loss options of
+    the best available), ``use_liger_kernel`` (:mod:`polar_xtuner.train.liger`) and the loss options of
     :class:`polar_xtuner.train.objectives.LossSettings` (``margin``,
     ``center_rewards_coefficient``, ``loss_in_fp32``).
     ``use_activation_checkpointing`` is a config's ``activation_checkpointing``:
@@ -123,6 +124,7 @@ class PolarRewardModel(RewardModel):
         center_rewards_coefficient=0.0,
         loss_in_fp32=False,
         shared_prefix_attn_backend=None,
+        use_liger_kernel=False,
     ):
         try:
             recompute = checkpoint_setting(use_activation_checkpointing)
@@ -171,6 +173,7 @@ class PolarRewardModel(RewardModel):
             if use_varlen_attn:
                 n = dispatch_varlen_attention(self.llm, backend)
                 print_log(f"PolarRewardModel: varlen attention backend '{backend}' on {n} layers", "current")
+            print_log(f"PolarRewardModel: {apply_liger_kernel(self.llm, use_liger_kernel)}", "current")
             # last: xtuner and PEFT (re)enable checkpointing above; each recompute must replay its row's layout
             self.activation_checkpointing = recompute
             if recompute != "off":

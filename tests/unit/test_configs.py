@@ -165,3 +165,45 @@ def test_sp_config_variant():
     assert cfg.accumulative_counts == 2 * 4  # rows per optimizer step as without it
     assert cfg.train_dataloader.sampler.type.__name__ == "SequenceParallelSampler"
     assert cfg.model.use_varlen_attn is True
+
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_the_optimizer_is_adamw_fused_on_the_gpu_recipes(path):
+    import torch
+
+    cfg = Config.fromfile(path)
+    spec = cfg.optim_wrapper.optimizer
+    assert _resolve(spec["type"]) is torch.optim.AdamW
+    assert spec["fused"] is cfg.fused_adamw is ("tiny" not in os.path.basename(path))
+
+
+def test_fused_adamw_is_the_unfused_update_to_fp32_rounding(tiny_dir, tokenizer):
+    """The 1.8B recipe's optimizer as its config builds it (fused) against the same AdamW unfused.
+
+    Five steps on the recipe's model (a shared-prefix row, every layer
+    recomputed), the learning rate raised to the demo's so that the steps
+    move the weights: they agree to 1% of one step's size (AdamW moves a
+    weight by about lr a step), where a wrong update (bias correction,
+    betas, decay) would be off by a whole step. Fused kernels only round
+    differently (CPU, fp32; CUDA runs the same update in its own kernel).
+    """
+    from common import build_reward_model, loss_and_grads, prompt_groups, shared_row_batch
+
+    cfg = Config.fromfile(os.path.join(REPO, "configs", "POLAR_1_8B_full_varlenattn_custom_dataset.py"))
+    spec = dict(cfg.optim_wrapper.optimizer, lr=1e-3)
+    build = _resolve(spec.pop("type"))
+    data = shared_row_batch(prompt_groups(tokenizer))
+    weights = {}
+    for fused in (True, False):
+        model = build_reward_model(tiny_dir).train()
+        opt = build(model.parameters(), **dict(spec, fused=fused or None, foreach=None if fused else False))
+        for _ in range(5):
+            loss_and_grads(model, data)
+            opt.step()
+        weights[fused] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = dict(build_reward_model(tiny_dir).named_parameters())
+    for name, w in weights[True].items():
+        ref = weights[False][name]
+        assert (w - ref).abs().max() <= 0.01 * spec["lr"], name
+        assert (ref - start[name]).abs().max() > spec["lr"], name  # the steps moved this weight

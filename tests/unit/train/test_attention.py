@@ -177,6 +177,29 @@ def test_packed_loss_and_gradients_equal_unpacked(varlen_model, tokenizer):
         assert torch.allclose(grads_p[name], grads_u[name], atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("row", ["packed", "shared_prefix"])
+def test_rotary_cos_sin_are_computed_once_per_row(varlen_model, tokenizer, monkeypatch, row):
+    """One rotary embedding per row, not one per layer and recompute: every layer's is the same."""
+    from xtuner.dataset.collate_fns.preference_collate_fn import preference_collate_fn
+    from xtuner.dataset.preference_dataset import PackedDatasetWrapper
+
+    from common import loss_and_grads, prompt_groups, shared_row_batch
+
+    calls = []
+    rotary = type(varlen_model.llm.layers[0].attention.rotary_emb)
+    original = rotary.forward
+    monkeypatch.setattr(rotary, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    model = varlen_model.train()  # every layer recomputed in backward, as the GPU recipes run
+    if row == "packed":
+        pairs = _pairs(tokenizer, 4, seed=3)
+        data = preference_collate_fn([PackedDatasetWrapper(pairs, max_packed_length=4096,
+                                                           shuffle_before_pack=False)[0]], use_varlen_attn=True)["data"]
+        loss_and_grads(model, data, data.pop("cumulative_len")[0], data.pop("max_seqlen"))
+    else:
+        loss_and_grads(model, shared_row_batch(prompt_groups(tokenizer)))
+    assert len(model.llm.layers) > 1 and len(calls) == 1
+
+
 def test_backend_choice_and_refusals(tiny_dir, capsys):
     assert select_backend() == available_backends()[0]
     if not torch.cuda.is_available():

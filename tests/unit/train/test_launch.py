@@ -276,3 +276,25 @@ def test_cpu_ranks_make_deepspeed_async_gathers_complete(monkeypatch):
     gpu.all_gather = original = lambda *a, **kw: None
     cpu_ranks.patch(gpu)
     assert gpu.all_gather is original
+
+
+def test_the_xtuner_cli_starts_train_py_without_importing_it(monkeypatch):
+    """`xtuner train`'s own process gets tools/train.py's path without its imports (~4 s of CPU a run).
+
+    xtuner's CLI asks ``from xtuner.tools import train`` only for ``train.__file__``; the
+    start-up file registers the module by that path, which is the real script's.
+    """
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "xtuner.tools.train", None)  # whatever was there comes back after
+    del sys.modules["xtuner.tools.train"]
+    for argv in (["python", "-c"], ["/venv/bin/xtuner", "chat"], ["/venv/bin/xtuner"], ["/venv/bin/not-xtuner", "train"]):
+        assert launch.lighten_xtuner_cli(argv) is False and "xtuner.tools.train" not in sys.modules, argv
+    heavy = "mmengine.runner" in sys.modules
+    assert launch.lighten_xtuner_cli(["/venv/bin/xtuner", "train", "cfg.py", "--deepspeed", "x"]) is True
+    from xtuner.tools import train  # what xtuner's entry_point.train() runs
+
+    real = os.path.join(os.path.dirname(importlib.util.find_spec("xtuner").origin), "tools", "train.py")
+    assert train.__file__ == real and os.path.isfile(real)
+    assert ("mmengine.runner" in sys.modules) == heavy  # nothing imported for it
+    assert launch.lighten_xtuner_cli(["/venv/bin/xtuner", "train"]) is False  # registered once
