@@ -11,8 +11,9 @@ installed, so the working directory puts it on the path). The modules:
 * libraries: ``workloads`` (the data and models the timed sections share),
   ``report`` (machine, results files, the check every section makes before it
   records), ``cpu_sections`` and ``remote`` (``make bench``'s other sections),
-  ``gpu_sections`` (ZeRO training, packing and scoring on a GPU), ``gpu_steps``
-  (the GPU check's steps) and ``recipe_gradients`` (one step of a config as shipped).
+  ``gpu_sections`` (ZeRO training, packing and scoring on a GPU), ``gpu_variants``
+  (each speed setting of the recipes), ``gpu_steps`` (the GPU check's steps) and
+  ``recipe_gradients`` (one step of a config as shipped).
 
 Figures go to bench/results/. ``python -m`` on a library module is refused in one
 line, as the package's own are (:func:`polar_xtuner.refuse_module_without_command_line`).

@@ -87,6 +87,27 @@ def parameters(shape: dict) -> int:
     return L * per_layer + v * d + d + d  # layers, embeddings, final norm, value head
 
 
+def fitting_setting(measured: dict, name: str, gpus: int = 1, budget_gib: float = 64.0,
+                    tokens_per_row: int = 32768):
+    """The fastest ``activation_checkpointing`` whose activations and ZeRO-2 model states fit ``budget_gib``.
+
+    False (nothing recomputed) if that fits, else the fewest recomputed layers k
+    that fit, else True (every layer). The default budget leaves about 14% of an
+    80 GB GPU (74.5 GiB) to the allocator's fragmentation, kernels' workspaces and
+    the optimizer's temporaries, which the activation count does not see.
+    """
+    shape, m = SHAPES[name], measured[name]
+    L, a, x = shape["num_hidden_layers"], m["bytes_per_token"], m["input_bytes_per_token"]
+    n = parameters(shape)
+    states = 4 * n + 12 * n / gpus
+    if (L * a * tokens_per_row + states) / GiB <= budget_gib:
+        return False
+    for k in range(1, L):
+        if ((k * x + (L - k) * a + a) * tokens_per_row + states) / GiB <= budget_gib:
+            return k
+    return True
+
+
 def table(measured: dict, tokens_per_row: int = 32768) -> list[dict]:
     rows = []
     for name, m in measured.items():

@@ -243,10 +243,37 @@ def main(argv=None) -> int:
         print(f"{name:18s} {res['wall_s']:7.1f} s  {status}", flush=True)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results["all_ok"] = all(r.get("ok") for r in results["steps"].values())
+    results["summary"] = summary(results)
     write_json(results_path, results)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if results["all_ok"] else 1
+
+
+def summary(results: dict) -> dict:
+    """The figures other checks read (issue #44's keys), from the steps' results; None where not measured."""
+    steps = results.get("steps", {})
+
+    def fig(step, *keys):
+        node = steps.get(step, {})
+        if not node.get("ok"):
+            return None
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    return {
+        "mfu_shipped_1_8b": fig("variants", "shared", "shipped", "mfu"),
+        "hfu_shipped_1_8b": fig("variants", "shared", "shipped", "hfu"),
+        "tokens_per_s_shipped_1_8b": fig("variants", "shared", "shipped", "tokens_per_s"),
+        "mfu_7b": None,  # no 7B step yet (bench/README.md, "Not measured")
+        "shared_prefix_train_speedup_long_reference_1_8b":
+            fig("shared_prefix", "shared_prefix_train_speedup_long_reference"),
+        "convert_bf16_ok": bool(steps.get("convert_zero2", {}).get("ok")) if "convert_zero2" in steps else None,
+        "pytest_gpu_ok": bool(steps.get("pytest_gpu", {}).get("ok")) if "pytest_gpu" in steps else None,
+        "device": fig("versions", "gpu") or ("cpu" if results.get("mode") == "cpu-smoke" else None),
+        "date": results.get("started", "")[:10] or None,
+    }
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ and the step whose output it needs:
   packed_vs_padded  real tokens/s of packed varlen rows against padded SDPA batches.
   shared_prefix     training pairs/s of the shipped default (shared prefixes, activation
                     checkpointing) against the packed path (whole pairs), the same pairs.
+  variants          tokens/s, MFU (strict, torchtitan's), HFU, peak memory and a profile by
+                    category of each speed setting (Liger, recompute, fused AdamW, all, as
+                    shipped) on shared-prefix and packed rows (bench/gpu_variants.py).
   recipe_gradients  one step of the 1.8B config as shipped against the same pairs whole
                     without recompute, every gradient (bf16 on the GPU, with the QLoRA
                     config too; fp32 in the smoke run).
@@ -434,6 +437,27 @@ def step_shared_prefix(ctx: Context) -> dict:
                              activation_checkpointing=not ctx.smoke)
 
 
+def step_variants(ctx: Context) -> dict:
+    """Each speed setting of the recipes on the same rows (bench/gpu_variants.py), shared and packed.
+
+    On the GPU: rows of the recipes' 32768 tokens, 8 timed steps after 2 of warm-up,
+    the ``fit`` setting the fastest activation_checkpointing that fits one 80 GB GPU
+    at the 1.8B shape (bench/activation_memory.py's measured bytes). The smoke run:
+    the tiny model on the demo's short pairs in rows of 1024 tokens, the baseline and the shipped
+    settings, one warm-up and one timed step each.
+    """
+    from bench.activation_memory import fitting_setting
+    from bench.gpu_sections import peak_tflops
+    from bench.gpu_variants import variants
+
+    if ctx.smoke:
+        return variants(ctx.model_dir, "cpu", 24, 1, None, row_tokens=1024, min_steps=1, warm_up=1, max_steps=1,
+                        names={"shared": ["baseline", "shipped"], "packed": ["shipped"]}, workload="demo")
+    with open(os.path.join(REPO, "bench", "results", "activation_memory.json")) as f:
+        fit = fitting_setting(json.load(f)["per_layer"], "1.8B", gpus=1)
+    return variants(ctx.model_dir, "cuda", 320, fit, peak_tflops("cuda", None), row_tokens=32768, min_steps=8)
+
+
 # bf16 tolerance of the recipe's gradients against the same pairs whole without recompute,
 # per parameter as max |a - b| / max |b|. Both runs are bf16 (unit roundoff 2^-8 = 3.9e-3)
 # through different kernels and summation orders (FlexAttention over groups against varlen
@@ -582,6 +606,7 @@ STEPS = [
     Step("convert_zero3", step_convert_zero3, 70, 200, needs="zero3"),
     Step("packed_vs_padded", step_packed_vs_padded, 40, 150, needs="model"),
     Step("shared_prefix", step_shared_prefix, 90, 150, needs="model"),
+    Step("variants", step_variants, 240, 150, needs="model"),
     Step("recipe_gradients", step_recipe_gradients, 90, 90, needs="model"),
     Step("scoring", step_scoring, 30, 120, needs="model"),
     Step("pytest_gpu", step_pytest_gpu, 150, 60),

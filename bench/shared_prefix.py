@@ -45,7 +45,7 @@ MAX_LENGTH, MAX_RESPONSE_LENGTH = 2048, 1024
 SCORE_TOLERANCE = 1e-3
 
 
-def _layouts(records, tokenizer, row: int):
+def layouts(records, tokenizer, row: int):
     """(unshared rows, shared rows, report): both as a config builds them, in record order."""
     enc = PolarEncoder(tokenizer, MAX_LENGTH, MAX_RESPONSE_LENGTH)
     pairs = pack_pairs(encode_columns(records, enc), row, shuffle=False)
@@ -122,7 +122,7 @@ def run(tiny_dir: str, sizes: dict | None = None, device: str = "cpu", eval_too:
     out = {}
     for name in SHARED_PREFIX_WORKLOADS:
         records = shared_prefix_records(name, sizes[name])
-        unshared, shared, report = _layouts(records, tokenizer, 2 * MAX_LENGTH)
+        unshared, shared, report = layouts(records, tokenizer, 2 * MAX_LENGTH)
         times = {}
         for kind, rows in (("unshared", unshared), ("shared", shared)):
             model = reward_model(tiny_dir, True, use_activation_checkpointing=activation_checkpointing).to(device)

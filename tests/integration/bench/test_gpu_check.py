@@ -57,8 +57,23 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     # the 1.8B recipe as shipped: a shared-prefix row, every layer recomputed, every gradient within fp32's 1e-5
     assert recipe["ok"] and recipe["shared_row"] and recipe["attention_calls"] == [2, 2]
     assert recipe["tokens_whole"] > 1.3 * recipe["tokens_shared"] and recipe["worst_grad"][1] <= 1e-5
+    variants = steps["variants"]  # the smoke's selection: the shipped settings on both layouts, the baseline shared
+    for layout, names in (("shared", ["baseline", "shipped"]), ("packed", ["shipped"])):
+        assert list(variants[layout]) == names
+        for fig in variants[layout].values():
+            assert fig["tokens_per_s"] > 0 and fig["pairs_per_s"] > 0 and fig["steps_timed"] >= 1
+            assert set(fig["profile"]["share"]) == {"gemm", "attention", "optimizer", "elementwise", "idle"}
+            assert fig["profile"]["seconds"]["gemm"] > 0 and fig["profile"]["seconds"]["attention"] > 0
+    shipped = variants["shared"]["shipped"]
+    assert (shipped["activation_checkpointing"], shipped["fused_adamw"], shipped["liger"]) == (True, True, False)
     assert steps["scoring"]["eval_pairs_per_s"] > 0
     assert "passed" in steps["pytest_gpu"]["summary"] and "passed" in steps["pytest_unit"]["summary"]
+    summary = res["summary"]  # the keys other checks read, None where a figure needs the GPU
+    assert set(summary) == {"mfu_shipped_1_8b", "hfu_shipped_1_8b", "tokens_per_s_shipped_1_8b", "mfu_7b",
+                            "shared_prefix_train_speedup_long_reference_1_8b", "convert_bf16_ok", "pytest_gpu_ok",
+                            "device", "date"}
+    assert summary["mfu_shipped_1_8b"] is None and summary["tokens_per_s_shipped_1_8b"] == shipped["tokens_per_s"]
+    assert summary["convert_bf16_ok"] is True and summary["pytest_gpu_ok"] is True and summary["device"] == "cpu"
     log = (out / "log.txt").read_text()
     assert "===== train_xtuner" in log and "===== pytest_unit" in log
 

@@ -34,12 +34,12 @@ def test_a_layout_that_loses_a_pair_is_not_timed(tiny_dir, monkeypatch):
 
     records = shared_prefix_records("ranked5", 1)
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    unshared, shared, report = section._layouts(records, tok, 4096)
+    unshared, shared, report = section.layouts(records, tok, 4096)
     assert sum(len(r["margins"]) for r in unshared) == len(records) == report.pairs
     real = section.group_records
     monkeypatch.setattr(section, "group_records", lambda recs, enc, row: real(recs[:-1], enc, row))
     with pytest.raises(CheckFailed, match=r"^the shared rows hold 5 pairs of the workload's 6$"):
-        section._layouts(records, tok, 4096)
+        section.layouts(records, tok, 4096)
 
 
 def test_the_bench_commands_are_exactly_its_modules_with_a_command_line():
