@@ -188,7 +188,7 @@ def run_variant(model_dir: str, rows: list, settings: dict, recompute_fit, devic
     if on_gpu:
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        out["profile"] = _profile(engine, lambda: _device_row(rows[-1], hub, engine.device), on_gpu)
+        out["profile"] = _profile(engine, lambda dev=engine.device: _device_row(rows[-1], hub, dev), on_gpu)
     del engine, model, optimizer
     if on_gpu:
         torch.cuda.empty_cache()
