@@ -266,7 +266,7 @@ def summary(results: dict) -> dict:
         "mfu_shipped_1_8b": fig("variants", "shared", "shipped", "mfu"),
         "hfu_shipped_1_8b": fig("variants", "shared", "shipped", "hfu"),
         "tokens_per_s_shipped_1_8b": fig("variants", "shared", "shipped", "tokens_per_s"),
-        "mfu_7b": None,  # no 7B step yet (bench/README.md, "Not measured")
+        "mfu_7b": fig("train_7b", "shared", "shipped", "mfu"),
         "shared_prefix_train_speedup_long_reference_1_8b":
             fig("shared_prefix", "shared_prefix_train_speedup_long_reference"),
         "convert_bf16_ok": bool(steps.get("convert_zero2", {}).get("ok")) if "convert_zero2" in steps else None,

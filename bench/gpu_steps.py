@@ -24,6 +24,8 @@ and the step whose output it needs:
   variants          tokens/s, MFU (strict, torchtitan's), HFU, peak memory and a profile by
                     category of each speed setting (Liger, recompute, fused AdamW, all, as
                     shipped) on shared-prefix and packed rows (bench/gpu_variants.py).
+  train_7b          POLAR-7B's width (16 of its 32 layers: one GPU's worth under ZeRO-2): the
+                    shipped settings' tokens/s and MFU, and the full model's projected figures.
   recipe_gradients  one step of the 1.8B config as shipped against the same pairs whole
                     without recompute, every gradient (bf16 on the GPU, with the QLoRA
                     config too; fp32 in the smoke run).
@@ -216,28 +218,35 @@ def step_exactness(ctx: Context) -> dict:
     return out
 
 
-def step_model(ctx: Context) -> dict:
-    """A random-weight model directory of the shape, weights made on the device, plus a data file."""
+def _write_model(ctx: Context, path: str, shape: str) -> tuple:
+    """A random-weight model directory of ``shape`` at ``path``, weights made on the device: (model, config)."""
     import torch
     from transformers import AutoConfig, AutoModel
 
     from bench.workloads import model_dir
     from polar_xtuner.hf_layout import AUTO_MAP
 
-    t0 = time.perf_counter()
     dtype = torch.bfloat16 if ctx.device == "cuda" else torch.float32
-    model_dir(ctx.model_dir, ctx.shape, with_weights=False)
-    config = AutoConfig.from_pretrained(ctx.model_dir, trust_remote_code=True)
+    model_dir(path, shape, with_weights=False)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     torch.manual_seed(0)
     with torch.device(ctx.device):
         model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(ctx.model_dir, safe_serialization=True)
-    with open(os.path.join(ctx.model_dir, "config.json")) as f:
+    model.save_pretrained(path, safe_serialization=True)
+    with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
     saved["auto_map"] = dict(AUTO_MAP)  # save_pretrained drops it
-    with open(os.path.join(ctx.model_dir, "config.json"), "w") as f:
+    with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(saved, f, indent=2)
+    return model, config
+
+
+def step_model(ctx: Context) -> dict:
+    """A random-weight model directory of the shape, weights made on the device, plus a data file."""
+    t0 = time.perf_counter()
+    model, config = _write_model(ctx, ctx.model_dir, ctx.shape)
+    n_params = sum(p.numel() for p in model.parameters())
+    dtype = next(model.parameters()).dtype
     # the demo's pairs, fewer in the smoke run
     n = 200 if ctx.smoke else 4000
     with open(os.path.join(REPO, "data", "demo", "train.jsonl")) as src, open(ctx.data, "w") as dst:
@@ -437,6 +446,47 @@ def step_shared_prefix(ctx: Context) -> dict:
                              activation_checkpointing=not ctx.smoke)
 
 
+def step_train_7b(ctx: Context) -> dict:
+    """POLAR-7B's width on one GPU: the shipped settings' tokens/s and MFU, and the 8-GPU projection.
+
+    The full 7B needs 16 bytes a parameter under ZeRO-2 on one GPU (bf16 weights
+    and gradients, fp32 master weights and AdamW's two moments: 118 GB) before
+    any activation, so this runs the 7B layer (width 4096, SwiGLU 14336, 32
+    query and 8 key/value heads) with 16 of its 32 layers, on the same
+    shared-prefix rows of 32768 tokens as the 1.8B variants. MFU per token at a
+    width depends on the layer, not on how many there are (the embedding and
+    the value head are under 3% of the FLOPs). The projection: per-GPU tokens/s
+    of the full model are these times (FLOPs per token at 16 layers) / (at 32),
+    at the same MFU; on 8 GPUs, times 8: ZeRO-2's gradient reduce-scatter and
+    all-gather (2 x 15 GB of bf16 a step) take about 0.1 s over NVLink
+    against a step of several seconds, overlapped with the backward.
+    """
+    from transformers import AutoConfig
+
+    from bench.gpu_sections import matmul_params, peak_tflops
+    from bench.gpu_variants import variants
+    from bench.workloads import SEVEN_B
+
+    path = ctx.model_dir if ctx.smoke else ctx.path("model_7b")  # the smoke: the tiny model stands in
+    if not ctx.smoke:
+        _write_model(ctx, path, "7b_16_layers")
+    if ctx.smoke:
+        out = variants(path, "cpu", 24, True, None, row_tokens=1024, min_steps=1, warm_up=1, max_steps=1,
+                       names={"shared": ["shipped"], "packed": []}, workload="demo")
+    else:
+        out = variants(path, "cuda", 320, True, peak_tflops("cuda", None), row_tokens=32768, min_steps=8,
+                       names={"shared": ["shipped"], "packed": []})
+    config, full = (AutoConfig.from_pretrained(path, trust_remote_code=True) for _ in range(2))
+    for key, value in ({} if ctx.smoke else SEVEN_B).items():  # the smoke's tiny model stands for itself
+        setattr(full, key, value)
+    per_token_here, per_token_full = 6 * matmul_params(config), 6 * matmul_params(full)
+    shipped = out["shared"]["shipped"]
+    shipped["layers"] = f"{config.num_hidden_layers} of {full.num_hidden_layers}"
+    shipped["projected_tokens_per_s_full_model_one_gpu"] = shipped["tokens_per_s"] * per_token_here / per_token_full
+    shipped["projected_tokens_per_s_full_model_8_gpus"] = 8 * shipped["projected_tokens_per_s_full_model_one_gpu"]
+    return out
+
+
 def step_variants(ctx: Context) -> dict:
     """Each speed setting of the recipes on the same rows (bench/gpu_variants.py), shared and packed.
 
@@ -607,6 +657,7 @@ STEPS = [
     Step("packed_vs_padded", step_packed_vs_padded, 40, 150, needs="model"),
     Step("shared_prefix", step_shared_prefix, 90, 150, needs="model"),
     Step("variants", step_variants, 240, 150, needs="model"),
+    Step("train_7b", step_train_7b, 150, 120, needs="model"),
     Step("recipe_gradients", step_recipe_gradients, 90, 90, needs="model"),
     Step("scoring", step_scoring, 30, 120, needs="model"),
     Step("pytest_gpu", step_pytest_gpu, 150, 60),

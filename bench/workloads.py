@@ -28,9 +28,13 @@ from polar_xtuner.demo.tiny_model import make_tiny_model
 from polar_xtuner.records import load_records
 from polar_xtuner.train.model import PolarRewardModel
 
-# Model shapes by name: POLAR-1.8B's real dimensions, a 0.5B one of the same family, and
-# the demo's tiny model ({}: make_tiny_model's own sizes).
+# Model shapes by name: POLAR-1.8B's real dimensions, a 0.5B one of the same family, POLAR-7B's
+# layer at its width with 16 of its 32 layers (what one GPU holds with ZeRO-2's optimizer states:
+# bench/gpu_steps.py, step train_7b), and the demo's tiny model ({}: make_tiny_model's own sizes).
+SEVEN_B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768)
 SHAPES = {
+    "7b_16_layers": dict(SEVEN_B, num_hidden_layers=16),
     "1.8b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
                  num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768),
     "0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,

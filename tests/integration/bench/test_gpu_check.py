@@ -64,6 +64,9 @@ def test_cpu_smoke_runs_every_step(tmp_path):
             assert fig["tokens_per_s"] > 0 and fig["pairs_per_s"] > 0 and fig["steps_timed"] >= 1
             assert set(fig["profile"]["share"]) == {"gemm", "attention", "optimizer", "elementwise", "idle"}
             assert fig["profile"]["seconds"]["gemm"] > 0 and fig["profile"]["seconds"]["attention"] > 0
+    seven = steps["train_7b"]["shared"]["shipped"]  # the smoke's tiny model stands in for the 7B layers
+    assert seven["tokens_per_s"] > 0 and seven["layers"] == "2 of 2"
+    assert seven["projected_tokens_per_s_full_model_8_gpus"] == 8 * seven["projected_tokens_per_s_full_model_one_gpu"]
     shipped = variants["shared"]["shipped"]
     assert (shipped["activation_checkpointing"], shipped["fused_adamw"], shipped["liger"]) == (True, True, False)
     assert steps["scoring"]["eval_pairs_per_s"] > 0
