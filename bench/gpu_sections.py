@@ -132,14 +132,8 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
     times, tokens, flops = [], [], []
     for row in rows:
         cu = row["cumulative_len"][0]
-        data = feed(row, hub, engine.device)
-        t0 = time.perf_counter()
-        loss = engine(data, mode="loss")["loss"]
-        engine.backward(loss)
-        engine.step()
-        if on_gpu:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        loss, seconds = timed_step(engine, feed(row, hub, engine.device))
+        times.append(seconds)
         sample_lengths = (cu[1:] - cu[:-1]).tolist()
         tokens.append(sum(sample_lengths))
         flops.append(row_flops(n_params, config, sample_lengths))
@@ -158,6 +152,18 @@ def train_stage(model_dir: str, stage: str, steps: int, device: str, max_length:
     if top_kernels is not None:
         out["top_kernels"] = top_kernels
     return out
+
+
+def timed_step(engine, data: dict) -> tuple:
+    """One DeepSpeed training step on ``data``: (its loss, its seconds, the device synchronised)."""
+    cuda = torch.cuda.is_available() and getattr(engine.device, "type", str(engine.device)).startswith("cuda")
+    t0 = time.perf_counter()
+    loss = engine(data, mode="loss")["loss"]
+    engine.backward(loss)
+    engine.step()
+    if cuda:
+        torch.cuda.synchronize()
+    return loss, time.perf_counter() - t0
 
 
 def feed(row: dict, hub, device) -> dict:

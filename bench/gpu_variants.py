@@ -42,7 +42,7 @@ from mmengine import MessageHub
 from transformers import AutoConfig, AutoTokenizer
 
 from bench import REPO
-from bench.gpu_sections import ds_config, feed, matmul_params
+from bench.gpu_sections import ds_config, feed, matmul_params, timed_step
 from bench.report import check
 from bench.shared_prefix import MAX_LENGTH, layouts
 from bench.workloads import reward_model, shared_prefix_records
@@ -155,14 +155,7 @@ def run_variant(model_dir: str, rows: list, settings: dict, recompute_fit, devic
         torch.cuda.reset_peak_memory_stats()
     times, tokens, pairs_done, model_flops, hw_flops, titan_flops = [], [], [], [], [], []
     for i, row in enumerate(rows):
-        data = _device_row(row, hub, engine.device)
-        t0 = time.perf_counter()
-        loss = engine(data, mode="loss")["loss"]
-        engine.backward(loss)
-        engine.step()
-        if on_gpu:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        loss, seconds = timed_step(engine, _device_row(row, hub, engine.device))
         check(bool(torch.isfinite(loss.detach()).all()), f"variant {settings}: non-finite loss at step {i}")
         if i < warm_up:
             continue
