@@ -16,8 +16,9 @@ embedding; 1.51e9 of POLAR-1.8B's 1.70e9 parameters),
 L: layers, d: attention width (heads x head dim), c: a token's mean causal
 context within its own sample, sum(s (s + 1) / 2) / sum(s) over the row's
 samples s (varlen attention attends within a sample only). MFU is achieved
-FLOP/s over the GPU's dense bf16 peak (989 TFLOP/s for H100/H200 SXM, from
-the name; ``--peak-tflops`` otherwise).
+FLOP/s over the GPU's dense bf16 peak, by its exact name (989 TFLOP/s for
+H100/H200 SXM, 835.5 for the NVL parts, 756 for H100 PCIe;
+``--peak-tflops`` otherwise).
 """
 
 from __future__ import annotations
@@ -38,19 +39,29 @@ from bench.workloads import chat_like_lengths, pair_tokens, reward_model, synthe
 from polar_xtuner.precision import bf16_supported, eval_dtype
 from polar_xtuner.scoring.local import load_model, score_ids
 
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0}
+# Dense bf16 peaks (NVIDIA's data sheets, half the sparse figure) by the name torch reports, the
+# most specific first: the PCIe and NVL parts of a chip run lower clocks and power than its SXM part
+# ("NVIDIA H100 80GB HBM3" and "NVIDIA H200" are SXM).
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H800 PCIe", 756.0), ("H100 NVL", 835.5), ("H200 NVL", 835.5),
+    ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
+    ("A100", 312.0), ("A800", 312.0),
+)
+
+
+def peak_for_name(name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name (:data:`PEAK_BF16_TFLOPS`), or None when unknown."""
+    for key, value in PEAK_BF16_TFLOPS:
+        if key.lower() in name.lower():
+            return value
+    return None
 
 
 def peak_tflops(device: str, given: float | None) -> float | None:
-    """Dense bf16 peak of the device, from --peak-tflops or the GPU's name."""
+    """Dense bf16 peak of the device, from --peak-tflops or the GPU's name; None (no MFU) when unknown."""
     if given:
         return given
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, value in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return value
-    return None
+    return peak_for_name(torch.cuda.get_device_name()) if device == "cuda" else None
 
 
 def matmul_params(config) -> int:

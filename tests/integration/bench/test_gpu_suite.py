@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from bench.gpu_sections import matmul_params, row_flops
+from bench.gpu_sections import matmul_params, peak_for_name, row_flops
 from common import REPO, free_port, run_in_process
 
 pytestmark = pytest.mark.integration
@@ -82,3 +82,13 @@ def test_gpu_bench_refuses_bad_arguments(capsys):
     assert proc.returncode == 2 and "unknown ZeRO stage(s) 4" in proc.stderr
     proc = run_in_process(gpu_suite.main, ["--device", "cpu", "--steps", "2"], capsys)
     assert proc.returncode == 2 and "--steps 2: at least 3" in proc.stderr
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.5),
+    ("NVIDIA H200", 989.4), ("NVIDIA H200 NVL", 835.5), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA GeForce RTX 4090", None),
+])
+def test_the_peak_is_the_exact_parts(name, peak):
+    """SXM, PCIe and NVL parts of one chip differ; an unknown GPU gets no made-up MFU."""
+    assert peak_for_name(name) == peak
