@@ -27,15 +27,15 @@ and ``packed`` (the same pairs whole, packed). Per variant and layout:
   attention, element-wise, optimizer; idle is the step's wall time the kernels
   leave).
 
-Every step's loss must be finite and every pair of the workload trained, else
-:class:`bench.report.CheckFailed`.
+Every step's loss must be finite, and each layout must hold every pair of the
+workload once (the GPU run trains all its rows; the CPU smoke, ``max_steps``
+of them), else :class:`bench.report.CheckFailed`.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import torch
 from mmengine import MessageHub
@@ -65,6 +65,8 @@ def shipped_settings(path: str = SHIPPED_CONFIG) -> dict:
     cfg = Config.fromfile(path)
     # the config deletes its top-level activation_checkpointing (mmengine's Runner reads that name): the model has it
     return dict(liger=cfg.use_liger_kernel, recompute=cfg.model.use_activation_checkpointing, fused=cfg.fused_adamw)
+
+
 WARM_UP = 2
 CATEGORIES = ("gemm", "attention", "optimizer", "elementwise")
 
@@ -106,18 +108,15 @@ def category(name: str) -> str:
 
 
 def _profile(engine, data_fn, cuda: bool) -> dict:
-    """One step under the profiler: seconds per category, and idle (wall time no kernel covers)."""
+    """One step under the profiler: seconds per category, and idle (wall time no kernel covers).
+
+    The profiler's own overhead lands in idle: read idle as an upper bound.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    t0 = time.perf_counter()
     with profile(activities=activities) as prof:
-        loss = engine(data_fn(), mode="loss")["loss"]
-        engine.backward(loss)
-        engine.step()
-        if cuda:
-            torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
+        _, wall = timed_step(engine, data_fn())
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     out = dict.fromkeys(CATEGORIES, 0.0)
     for e in prof.key_averages():
