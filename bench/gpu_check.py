@@ -262,6 +262,9 @@ def summary(results: dict) -> dict:
             node = node.get(key) if isinstance(node, dict) else None
         return node
 
+    def passed(step):  # None where the step was not in the run
+        return bool(steps[step].get("ok")) if step in steps else None
+
     return {
         "mfu_shipped_1_8b": fig("variants", "shared", "shipped", "mfu"),
         "hfu_shipped_1_8b": fig("variants", "shared", "shipped", "hfu"),
@@ -269,8 +272,8 @@ def summary(results: dict) -> dict:
         "mfu_7b": fig("train_7b", "shared", "shipped", "mfu"),
         "shared_prefix_train_speedup_long_reference_1_8b":
             fig("shared_prefix", "shared_prefix_train_speedup_long_reference"),
-        "convert_bf16_ok": bool(steps.get("convert_zero2", {}).get("ok")) if "convert_zero2" in steps else None,
-        "pytest_gpu_ok": bool(steps.get("pytest_gpu", {}).get("ok")) if "pytest_gpu" in steps else None,
+        "convert_bf16_ok": passed("convert_zero2"),
+        "pytest_gpu_ok": passed("pytest_gpu"),
         "device": fig("versions", "gpu") or ("cpu" if results.get("mode") == "cpu-smoke" else None),
         "date": results.get("started", "")[:10] or None,
     }

@@ -465,19 +465,13 @@ def step_train_7b(ctx: Context) -> dict:
     """
     from transformers import AutoConfig
 
-    from bench.gpu_sections import matmul_params, peak_tflops
-    from bench.gpu_variants import variants
+    from bench.gpu_sections import matmul_params
     from bench.workloads import SEVEN_B
 
     path = ctx.model_dir if ctx.smoke else ctx.path("model_7b")  # the smoke: the tiny model stands in
     if not ctx.smoke:
         _write_model(ctx, path, "7b_16_layers")
-    if ctx.smoke:
-        out = variants(path, "cpu", 24, True, None, row_tokens=1024, min_steps=1, warm_up=1, max_steps=1,
-                       names={"shared": ["shipped"], "packed": []}, workload="demo")
-    else:
-        out = variants(path, "cuda", 320, True, peak_tflops("cuda", None), row_tokens=32768, min_steps=8,
-                       names={"shared": ["shipped"], "packed": []})
+    out = _variants(ctx, path, True, {"shared": ["shipped"]})
     config, full = (AutoConfig.from_pretrained(path, trust_remote_code=True) for _ in range(2))
     for key, value in ({} if ctx.smoke else SEVEN_B).items():  # the smoke's tiny model stands for itself
         setattr(full, key, value)
@@ -499,15 +493,25 @@ def step_variants(ctx: Context) -> dict:
     settings, one warm-up and one timed step each.
     """
     from bench.activation_memory import fitting_setting
+
+    if ctx.smoke:
+        return _variants(ctx, ctx.model_dir, 1, {"shared": ["baseline", "shipped"], "packed": ["shipped"]})
+    with open(os.path.join(REPO, "bench", "results", "activation_memory.json")) as f:
+        fit = fitting_setting(json.load(f)["per_layer"], "1.8B", gpus=1)
+    return _variants(ctx, ctx.model_dir, fit, None)
+
+
+def _variants(ctx: Context, path: str, recompute_fit, names: dict | None) -> dict:
+    """bench.gpu_variants.variants at the run's sizes: on the GPU, 320 long-reference records in
+    rows of 32768 tokens, 8 timed steps or more; in the smoke, 24 demo records in rows of 1024, one."""
     from bench.gpu_sections import peak_tflops
     from bench.gpu_variants import variants
 
     if ctx.smoke:
-        return variants(ctx.model_dir, "cpu", 24, 1, None, row_tokens=1024, min_steps=1, warm_up=1, max_steps=1,
-                        names={"shared": ["baseline", "shipped"], "packed": ["shipped"]}, workload="demo")
-    with open(os.path.join(REPO, "bench", "results", "activation_memory.json")) as f:
-        fit = fitting_setting(json.load(f)["per_layer"], "1.8B", gpus=1)
-    return variants(ctx.model_dir, "cuda", 320, fit, peak_tflops("cuda", None), row_tokens=32768, min_steps=8)
+        return variants(path, "cpu", 24, recompute_fit, None, row_tokens=1024, names=names, min_steps=1,
+                        warm_up=1, max_steps=1, workload="demo")
+    return variants(path, "cuda", 320, recompute_fit, peak_tflops("cuda", None), row_tokens=32768, names=names,
+                    min_steps=8)
 
 
 # bf16 tolerance of the recipe's gradients against the same pairs whole without recompute,

@@ -220,6 +220,8 @@ def variants(model_dir: str, device: str, records: int, recompute_fit, peak_tflo
     names = names or {"shared": [*VARIANTS, "shipped"], "packed": ["baseline", "shipped"]}
     out = {}
     for layout, rows in (("shared", shared), ("packed", packed)):
+        if not names.get(layout):
+            continue  # a layout no variant runs on
         check(len(rows) >= warm_up + min_steps, f"{layout}: {len(rows)} rows for {warm_up} warm-up and "
                                                   f"{min_steps} timed steps; give more records")
         rows = rows if max_steps is None else rows[:warm_up + max_steps]

@@ -181,16 +181,15 @@ def lighten_xtuner_cli(argv: list[str]) -> bool:
     if len(argv) < 2 or os.path.basename(argv[0]) != "xtuner" or argv[1].lower() != "train":
         return False
     import importlib.util
-    import types
 
-    spec = importlib.util.find_spec("xtuner")  # located, not imported
-    if spec is None or not spec.submodule_search_locations:
+    if "xtuner.tools.train" in sys.modules:
         return False
-    script = os.path.join(list(spec.submodule_search_locations)[0], "tools", "train.py")
-    if "xtuner.tools.train" in sys.modules or not os.path.isfile(script):
-        return False
-    stand_in = types.ModuleType("xtuner.tools.train", "xtuner's tools/train.py, by its path only (polar_xtuner)")
-    stand_in.__file__ = script
+    try:
+        script = xtuner_train_script()  # located, not run (the CLI imports the xtuner package anyway)
+    except LaunchError:
+        return False  # the CLI then says what is missing itself
+    # the module with its spec and __file__, never executed
+    stand_in = importlib.util.module_from_spec(importlib.util.spec_from_file_location("xtuner.tools.train", script))
     sys.modules["xtuner.tools.train"] = stand_in
     return True
 
