@@ -51,6 +51,8 @@ class FakeServer:
             is the http.server handler, with ``.path``, ``.json`` (the body) and ``.fake``.
         protocol: "HTTP/1.1" keeps a connection open after an answer; "HTTP/1.0"
             (http.server's default) closes it.
+        workers: Answers ``GET /workers`` as vllm-router does, with ``{"workers": workers()}``;
+            None answers 404, as an engine does. Either way it is not recorded in ``requests``.
 
     Attributes:
         address: "127.0.0.1:PORT".
@@ -59,7 +61,8 @@ class FakeServer:
     """
 
     def __init__(self, mode="vllm", model=None, tokenizer=None, *, scores=None, activation="honour",
-                 fail_first=0, indices=None, vllm_lists=False, answer=None, protocol="HTTP/1.0"):
+                 fail_first=0, indices=None, vllm_lists=False, answer=None, protocol="HTTP/1.0", workers=None):
+        self.workers, self.lookups = workers, 0
         self.mode, self.model, self.tokenizer, self.fixed_scores = mode, model, tokenizer, scores
         self.activation, self.fail_first, self.indices, self.vllm_lists = activation, fail_first, indices, vllm_lists
         self.answer = answer or self.score_answer
@@ -145,6 +148,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self):
         length = int(self.headers.get("Content-Length") or 0)
         self.json = json.loads(self.rfile.read(length)) if length else None
+        if self.command == "GET" and self.path == "/workers":
+            # The client asks each address whether it is a router (vllm-router lists its workers
+            # there); a server answers 404, as vLLM, sglang and lmdeploy do. Not a scoring request.
+            self.fake.lookups += 1
+            if self.fake.workers is None:
+                return send(self, 404, {"detail": "Not Found"})
+            return send(self, 200, {"workers": self.fake.workers()})
         self.fake.requests.append((self.path, self.json))
         try:
             self.fake.answer(self)

@@ -27,6 +27,7 @@ from polar_xtuner.encoding import EncodingSettings, PolarEncoder
 from polar_xtuner.errors import UserError
 from polar_xtuner.hf_layout import TRUST_ENV, remote_code_allowed, training_run_problem
 from polar_xtuner.records import read_settings
+from polar_xtuner.scoring.fleet import ROUTINGS, group_key
 from polar_xtuner.scoring.client import (
     SERVER_TYPES,
     RemoteScoringError,
@@ -102,6 +103,8 @@ class RFTSettings(RemoteSettings):
         if settings.server_type not in SERVER_TYPES:
             raise RFTConfigError(f"POLAR_SERVER_TYPE must be one of {', '.join(SERVER_TYPES)}, "
                                  f"got {settings.server_type!r}")
+        if settings.routing not in ROUTINGS:
+            raise RFTConfigError(f"POLAR_ROUTING must be one of {', '.join(ROUTINGS)}, got {settings.routing!r}")
         return settings
 
 
@@ -261,7 +264,7 @@ class PolarReward:
         self.fallback_uses = 0
         self.gather_s = gather_ms / 1000
         self._lock = threading.Lock()
-        self._pending: list[tuple[str, Future]] = []
+        self._pending: list[tuple[Any, str, Future]] = []  # (text, group key, its future)
         self._wake = threading.Condition(self._lock)
         self._worker: threading.Thread | None = None
 
@@ -293,8 +296,9 @@ class PolarReward:
     def score(self, prompts: Sequence, references: Sequence, responses: Sequence[str]) -> list[float]:
         """Scores of many triples in one round (the batch entry points)."""
         texts = self.inputs(prompts, references, responses)
+        keys = [group_key(p, r) for p, r in zip(prompts, references)]
         try:
-            return self._finish(self.scorer.score(texts))
+            return self._finish(self.scorer.score(texts, keys))
         except RemoteScoringError as e:
             return self._fallback(len(texts), e)
 
@@ -303,7 +307,7 @@ class PolarReward:
         text = self.inputs([prompt], [reference], [response])[0]
         fut: Future = Future()
         with self._wake:
-            self._pending.append((text, fut))
+            self._pending.append((text, group_key(prompt, reference), fut))
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._run, name="polar-reward", daemon=True)
                 self._worker.start()
@@ -333,20 +337,20 @@ class PolarReward:
             with self._wake:
                 taken, self._pending = self._pending, []
             # a caller that gave up (a cancelled await) is dropped from the round
-            batch = [(t, f) for t, f in taken if f.set_running_or_notify_cancel()]
+            batch = [(t, k, f) for t, k, f in taken if f.set_running_or_notify_cancel()]
             if not batch:
                 continue
-            texts = [t for t, _ in batch]
+            texts = [t for t, _, _ in batch]
             try:
                 try:
-                    scores = self._finish(self.scorer.score(texts))
+                    scores = self._finish(self.scorer.score(texts, [k for _, k, _ in batch]))
                 except RemoteScoringError as e:
                     scores = self._fallback(len(texts), e)
             except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
-                for _, fut in batch:
+                for _, _, fut in batch:
                     fut.set_exception(e)
                 continue
-            for (_, fut), s in zip(batch, scores):
+            for (_, _, fut), s in zip(batch, scores):
                 fut.set_result(s)
 
 

@@ -27,8 +27,16 @@ request is bounded by a wall-clock deadline (connecting, sending, the first
 byte and the whole body, however slowly the server trickles it), retried a
 bounded number of times with backoff (on the next server when there are
 several), and then raises :class:`RemoteScoringError` with the last status and
-a snippet of the body. Several requests are kept in flight, spread over all
-the server addresses given.
+a snippet of the body. Several requests are kept in flight on every replica.
+
+Several replicas (a fleet, ``tools/serve.sh --replicas N``) are reached
+through the addresses given: an address that answers ``GET /workers`` as
+vllm-router does stands for the healthy workers it lists (read again every
+few seconds, and after a failure), any other address is a server itself.
+Texts are placed by :mod:`polar_xtuner.scoring.fleet`: those of one prompt
+and reference on one replica, where its prefix cache has their shared
+prefix, with bounded load; a request that fails moves to the key's next
+replica, and the one it failed on is left out for a while.
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from polar_xtuner.constants import REWARD_SEP
 from polar_xtuner.errors import EXIT_USER, EXIT_VERIFY, PolarError
+from polar_xtuner.scoring.fleet import ROUTINGS, ReplicaSet, group_key
 
 SERVER_TYPES = ("sglang", "vllm", "lmdeploy")
 # Request sizes. On vLLM's CPU build (2026-11-29, bench/README.md), requests of
@@ -58,6 +68,10 @@ DEFAULT_BATCH_TOKENS = 16384
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_MAX_RETRIES = 3
 DEFAULT_CONCURRENCY = 4  # requests in flight per server
+# Seconds between reads of a router's worker list (a replica that died or came back).
+MEMBERSHIP_S = 5.0
+# Seconds an address may take to say whether it is a router (once per scorer).
+LOOKUP_TIMEOUT_S = 2.0
 # Texts of a server's first batch asked again with the activation on (the
 # sigmoid check); a round is not cut finer than this, so the check has them.
 PROBE_TEXTS = 4
@@ -295,6 +309,12 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def _interleave(lanes: list[list]) -> list[list]:
+    """Rows of the lanes' i-th items: [[a0, b0], [a1, b1], [a2], ...]."""
+    depth = max((len(lane) for lane in lanes), default=0)
+    return [[lane[i] for lane in lanes if i < len(lane)] for i in range(depth)]
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
@@ -328,7 +348,10 @@ class RemoteSettings:
         max_retries: Attempts per batch before giving up.
         batch_size: The most texts per request.
         batch_tokens: The most tokens per request.
-        concurrency: Requests in flight per server address.
+        concurrency: Requests in flight per server (per replica of a fleet).
+        routing: "prefix" (texts of one prompt and reference on one replica
+            of a fleet) or "round_robin" (texts dealt to the replicas in
+            turn, the baseline ``make bench`` compares against).
     """
 
     server_type: str = "vllm"
@@ -338,12 +361,13 @@ class RemoteSettings:
     batch_size: int = DEFAULT_BATCH_TEXTS
     batch_tokens: int = DEFAULT_BATCH_TOKENS
     concurrency: int = DEFAULT_CONCURRENCY
+    routing: str = "prefix"
 
     def scorer(self, address: str | Sequence[str] | None = None, model_name: str = "POLAR") -> "RemoteScorer":
         """A :class:`RemoteScorer` with these settings (``address`` overrides ``server_address``)."""
         return RemoteScorer(self.server_type, address or self.server_address, model_name, timeout=self.timeout,
                             max_retries=self.max_retries, batch_size=self.batch_size,
-                            batch_tokens=self.batch_tokens, concurrency=self.concurrency)
+                            batch_tokens=self.batch_tokens, concurrency=self.concurrency, routing=self.routing)
 
 
 @dataclass
@@ -364,7 +388,8 @@ class RemoteScorer:
         batch_tokens: The most tokens per request; a longer text goes alone.
             Token-id inputs (vLLM) count their ids; text inputs count their
             characters, which bound their tokens from above.
-        concurrency: Requests in flight per server address.
+        concurrency: Requests in flight per server (per replica of a fleet).
+        routing: "prefix" or "round_robin" (see :class:`RemoteSettings`).
 
     A request's work on the server grows with its tokens, and each request
     has a fixed cost too: many short texts go in one request, long ones in
@@ -380,6 +405,7 @@ class RemoteScorer:
     batch_size: int = DEFAULT_BATCH_TEXTS
     batch_tokens: int = DEFAULT_BATCH_TOKENS
     concurrency: int = DEFAULT_CONCURRENCY
+    routing: str = "prefix"
     _checked: set = field(default_factory=set, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -392,10 +418,15 @@ class RemoteScorer:
             raise ValueError("batch_size, batch_tokens and concurrency must be >= 1")
         if not self.timeout > 0:
             raise ValueError("timeout must be > 0")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         self.urls = parse_addresses(self.address)
-        path = "/classify" if self.server_type == "sglang" else "/pooling"
-        self.endpoints = [u + path for u in self.urls]
-        self._session = None
+        self.path = "/classify" if self.server_type == "sglang" else "/pooling"
+        self.endpoints = [u + self.path for u in self.urls]
+        self.fleet = ReplicaSet(self.urls)
+        self._routers: list[str] | None = None  # None: not looked for yet
+        self._members_at = -math.inf
+        self._reading = False
 
     def _payload(self, texts, raw: bool = True):
         if self.server_type == "sglang":
@@ -414,7 +445,8 @@ class RemoteScorer:
         ``timeout * max_retries + backoff * (2 ** (max_retries - 1) - 1)``;
         a vLLM server's first batch may add one more ``timeout`` for the
         sigmoid probe (:meth:`_check_raw`), which is asked only when the
-        scores alone cannot tell.
+        scores alone cannot tell, and a scorer's first round up to
+        :data:`LOOKUP_TIMEOUT_S` to find out which addresses are routers.
         """
         return self.timeout * self.max_retries + self.backoff * (2 ** (self.max_retries - 1) - 1)
 
@@ -439,22 +471,31 @@ class RemoteScorer:
             raise RemoteScoringError(f"{endpoint} answered non-JSON: {_snippet(text)}") from None
         return parse_scores(self.server_type, body, n), None
 
-    def _post(self, texts: list[str], first: int = 0) -> list[float]:
-        """Score one batch, starting on server ``first`` and moving on when one fails.
+    def _post(self, texts: list, replicas: Sequence[str]) -> tuple[list[float], str]:
+        """Score one batch on the first of ``replicas``, moving down the list when one fails.
 
-        Gives up within :attr:`batch_deadline_s` (plus the probe's timeout).
+        Attempt i goes to ``replicas[i % len(replicas)]``; a replica a request
+        failed on is left out of the fleet's placement for a while. Gives up
+        within :attr:`batch_deadline_s` (plus the probe's timeout).
+
+        Returns:
+            The scores, and the replica that gave them.
         """
         last = "no attempt"
         start = time.monotonic()
         for attempt in range(self.max_retries):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            endpoint = self.endpoints[(first + attempt) % len(self.endpoints)]
+            replica = replicas[attempt % len(replicas)]
+            endpoint = replica + self.path
             scores, last = self._request(endpoint, self._payload(texts), len(texts))
             if scores is not None:
                 self._check_raw(endpoint, texts, scores)
-                return scores
+                return scores, replica
             last = f"{endpoint}: {last}"
+            if len(self.fleet.replicas) > 1:
+                self.fleet.mark_failed(replica)
+                self._refresh_members(force=True)
         raise RemoteScoringError(
             f"scoring failed after {self.max_retries} attempt(s) in {time.monotonic() - start:.1f} s (--timeout "
             f"{self.timeout:g} s each, at most {self.batch_deadline_s:g} s with the backoff); last error: {last}")
@@ -490,16 +531,17 @@ class RemoteScorer:
             f"(tools/serve.sh does)"
         )
 
-    def batches(self, texts: list) -> list[tuple[int, int]]:
+    def batches(self, texts: list, slots: int | None = None) -> list[tuple[int, int]]:
         """``(start, end)`` of each request's texts, in order.
 
         A request takes at most ``batch_size`` texts and ``batch_tokens``
         tokens (a longer text goes alone), and no more than its share of the
-        texts over every request slot (servers x ``concurrency``), so that a
-        small round still reaches every server; but not fewer than
-        ``PROBE_TEXTS`` for that share, which the sigmoid check reads.
+        texts over ``slots`` request slots (default: every address given x
+        ``concurrency``), so that a small round still fills every slot; but
+        not fewer than ``PROBE_TEXTS`` for that share, which the sigmoid
+        check reads.
         """
-        slots = len(self.endpoints) * self.concurrency
+        slots = slots or len(self.endpoints) * self.concurrency
         cap = min(self.batch_size, max(PROBE_TEXTS, -(-len(texts) // slots)))
         spans, start, tokens = [], 0, 0
         for i, text in enumerate(texts):
@@ -511,34 +553,152 @@ class RemoteScorer:
             spans.append((start, len(texts)))
         return spans
 
-    def score(self, texts: list) -> list[float]:
+    # -- the fleet --------------------------------------------------------
+    def _workers(self, url: str) -> list[str] | None:
+        """The healthy workers a vllm-router at ``url`` lists (``GET /workers``); None when it is no router."""
+        try:
+            status, raw = http_request("GET", url + "/workers", timeout=min(self.timeout, LOOKUP_TIMEOUT_S))
+            if status != 200:
+                return None
+            body = json.loads(raw)
+        except (OSError, ValueError):
+            return None
+        workers = body.get("workers") if isinstance(body, dict) else None
+        if not isinstance(workers, list) or not all(isinstance(w, dict) and isinstance(w.get("url"), str)
+                                                    for w in workers):
+            return None
+        return [w["url"].rstrip("/") for w in workers if w.get("is_healthy", True) is not False]
+
+    def _refresh_members(self, force: bool = False) -> None:
+        """Read the routers' worker lists (at most every :data:`MEMBERSHIP_S`, unless forced).
+
+        The first read, which finds out which addresses are routers, is
+        waited for (each address answers within :data:`LOOKUP_TIMEOUT_S`);
+        later ones run in the background, so a scoring round never waits on
+        a slow router.
+        """
+        with self._lock:
+            now = time.monotonic()
+            if self._routers == [] or (not force and now - self._members_at < MEMBERSHIP_S):
+                return  # no router among the addresses: the members are the addresses
+            if self._routers is not None and self._reading:
+                return
+            self._members_at = now
+            self._reading = True
+            first = self._routers is None
+        if first:
+            self._read_members(first)
+        else:
+            threading.Thread(target=self._read_members, args=(False,), name="polar-members", daemon=True).start()
+
+    def _read_members(self, first: bool) -> None:
+        try:
+            self._read_members_now(first)
+        finally:
+            with self._lock:
+                self._reading = False
+
+    def _read_members_now(self, first: bool) -> None:
+        members, routers = [], []
+        for url in self.urls:
+            workers = self._workers(url)
+            if workers is None:
+                members.append(url)
+            else:
+                routers.append(url)
+                members.extend(workers)
+        with self._lock:
+            if first:
+                self._routers = routers
+        if routers or not first:
+            self.fleet.set_members(members)
+
+    def _keys(self, texts: list, keys: Sequence[str] | None) -> list[str]:
+        if keys is not None:
+            if len(keys) != len(texts):
+                raise ValueError(f"{len(keys)} keys for {len(texts)} texts")
+            return [str(k) for k in keys]
+        # Texts: their prompt and reference part. Token ids carry no marker
+        # that survives every tokenizer, so each is its own key (spread, no affinity).
+        return [group_key(t.split(REWARD_SEP, 1)[0], None) if isinstance(t, str) else group_key(list(t), None)
+                for t in texts]
+
+    def score(self, texts: list, keys: Sequence[str] | None = None) -> list[float]:
         """Scores of texts (or, for vLLM, token-id lists), in order; raises instead of returning None.
 
-        Batches go out ``concurrency`` at a time per server, round-robin over
-        the servers; the first failure that survives its retries is raised.
+        Args:
+            texts: What the server is sent, one entry per answer.
+            keys: Each text's :func:`polar_xtuner.scoring.fleet.group_key` of
+                its prompt and reference: texts with equal keys go to one
+                replica of a fleet. Without keys, a text's part before
+                ``<|reward|>`` is its key (token ids: the whole ids).
+
+        On one server, batches go out ``concurrency`` at a time. On a fleet,
+        each replica gets its texts (grouped by key) in batches of its own,
+        ``concurrency`` in flight each; the first failure that survives its
+        retries (on the key's next replicas) is raised.
         """
-        spans = self.batches(texts)
-        if not spans:
+        if not texts:
             return []
-        workers = min(len(spans), self.concurrency * len(self.endpoints))
+        self._refresh_members()
+        keys = self._keys(texts, keys)
+        where = self.fleet.assign(keys, self.routing)
+        per: dict[str, list[int]] = {}
+        for i, r in enumerate(where):
+            per.setdefault(r, []).append(i)
+        first_seen: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            first_seen.setdefault(k, i)
+        lanes = []
+        for replica, idx in per.items():
+            # a key's texts side by side (in one request where they fit), keys in order of appearance
+            idx.sort(key=lambda i: first_seen[keys[i]])
+            sub = [texts[i] for i in idx]
+            slots = self.concurrency * (1 if len(self.fleet.replicas) > 1 else len(self.endpoints))
+            lanes.append([(replica, idx[s:e]) for s, e in self.batches(sub, slots)])
+        # one replica's batches after another's in turn, so every replica starts at once
+        jobs = [job for row in _interleave(lanes) for job in row]
+        live = self.fleet.live()
+        out: list = [None] * len(texts)
 
-        def post(i: int, span: tuple[int, int]) -> list[float]:
-            start, end = span
+        def post(job: tuple[str, list[int]]) -> None:
+            replica, idx = job
+            if self.routing == "prefix" and len(live) > 1:
+                order = self.fleet.fallbacks(keys[idx[0]], replica)
+            elif len(live) > 1:  # round robin: the next replicas in turn
+                at = live.index(replica) if replica in live else 0
+                order = live[at:] + live[:at]
+            else:  # one live replica; the others (left out for now) are the retries' last resort
+                order = [replica] + [r for r in self.fleet.replicas if r != replica]
+            batch = [texts[i] for i in idx]
+            self.fleet.begin(order[0], len(idx))
             try:
-                return self._post(texts[start:end], i % len(self.endpoints))
+                scores, got = self._post(batch, order)
             except BadScoreError as e:
-                raise e.shifted(start) from None  # the position in ``texts``, not in the batch
+                raise BadScoreError(e.server_type, e.value, idx[e.index]) from None  # its place in ``texts``
+            finally:
+                self.fleet.end(order[0], len(idx))
+            if got != replica and self.routing == "prefix":
+                for k in {keys[i] for i in idx}:
+                    self.fleet.moved(k, got)
+            for i, s in zip(idx, scores):
+                out[i] = s
 
+        workers = min(len(jobs), self.concurrency * max(len(per), len(self.endpoints)))
         if workers == 1:
-            return [s for i, span in enumerate(spans) for s in post(i, span)]
+            for job in jobs:
+                post(job)
+            return out
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(post, i, span) for i, span in enumerate(spans)]
+            futures = [pool.submit(post, job) for job in jobs]
             try:
-                return [s for f in futures for s in f.result()]
+                for f in futures:
+                    f.result()
             except BaseException:
                 for f in futures:
                     f.cancel()
                 raise
+        return out
 
     def served_dtype(self) -> str | None:
         """The dtype a vLLM server computes in, where it says (None otherwise).
@@ -550,7 +710,8 @@ class RemoteScorer:
         if self.server_type != "vllm":
             return None
         try:
-            status, body = http_request("GET", self.urls[0] + "/server_info?config_format=json",
+            self._refresh_members()
+            status, body = http_request("GET", self.fleet.live()[0] + "/server_info?config_format=json",
                                         timeout=self.timeout)
             if status != 200:
                 return None

@@ -9,6 +9,7 @@ from polar_xtuner.constants import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENG
 from polar_xtuner.encoding import PolarEncoder
 from polar_xtuner.records import record_answers
 from polar_xtuner.scoring.client import RemoteScorer
+from polar_xtuner.scoring.fleet import group_key
 
 
 def check_served_dtype(scorer: RemoteScorer, model_dir: str) -> str:
@@ -42,7 +43,9 @@ def score_answers_remote(scorer: RemoteScorer, tokenizer, records, max_length=DE
     """
     enc = PolarEncoder(tokenizer, max_length, max_response_length)
     items = [(r["prompt"], r["reference"], record_answers(r)) for r in records]
-    flat = scorer.score(enc.serving_inputs(items, scorer.server_type, [r.get("wrapper", "sft") for r in records]))
+    keys = [group_key(p, ref) for p, ref, answers in items for _ in answers]  # a record's answers on one replica
+    flat = scorer.score(enc.serving_inputs(items, scorer.server_type, [r.get("wrapper", "sft") for r in records]),
+                        keys)
     out, k = [], 0
     for _, _, answers in items:
         out.append(flat[k:k + len(answers)])

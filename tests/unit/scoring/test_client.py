@@ -2,7 +2,10 @@
 import base64
 import json
 import math
+import random
 import struct
+import time
+from collections import Counter
 
 import pytest
 import torch
@@ -168,7 +171,9 @@ def test_batches_are_spread_over_servers_and_in_flight_together():
         scorer = RemoteScorer("lmdeploy", ",".join(s.address for s in servers), batch_size=2, concurrency=2)
         texts = ["x" * n for n in range(1, 21)]
         assert scorer.score(texts) == [float(n) for n in range(1, 21)]  # in order
-        assert [len(s.requests) for s in servers] == [5, 5]
+        # 20 texts of 20 keys over two replicas: both busy, neither over the bounded load (1.25 x 10 texts)
+        placed = [sum(len(b["input"]) for _, b in s.requests) for s in servers]
+        assert sum(placed) == 20 and all(4 <= n <= 12 for n in placed), placed
         # a dead first server: its batches move on to the live one
         dead = FakeServer("fail")
         scorer = RemoteScorer("lmdeploy", f"{dead.address},{servers[1].address}", batch_size=2, backoff=0.01)
@@ -207,3 +212,87 @@ def test_answers_in_any_order_are_matched_by_index(server_type, scores, data):
     order = data.draw(st.permutations(range(len(scores))))
     assert parse_scores(server_type, _answer(server_type, scores, order), len(scores)) == \
         pytest.approx(scores, abs=0)
+
+
+def _group_texts(n_groups, n_rollouts, seed=0):
+    """Texts as a served POLAR model gets them (prompt, reference, <|reward|>, answer), shuffled."""
+    texts = [f"prompt {g}\nreference {g}<|reward|>prompt {g}\nanswer {k}" for g in range(n_groups)
+             for k in range(n_rollouts)]
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+def _sent(server):
+    return [t for path, body in server.requests if path == "/pooling" for t in body["input"]]
+
+
+def test_a_prompts_rollouts_go_to_one_replica_whatever_their_order():
+    servers = [FakeServer("lmdeploy") for _ in range(2)]
+    try:
+        scorer = RemoteScorer("lmdeploy", ",".join(s.address for s in servers), batch_size=8)
+        texts = _group_texts(16, 8)
+        assert scorer.score(texts) == [float(len(t)) for t in texts]
+        home = {}
+        for n, server in enumerate(servers):
+            for t in _sent(server):
+                home.setdefault(t.split("<|reward|>")[0], set()).add(n)
+        assert len(home) == 16 and all(len(v) == 1 for v in home.values())
+        assert {n for v in home.values() for n in v} == {0, 1}
+        # explicit keys (the RL functions' and eval_pref's group_key of prompt and reference) win over the text
+        for s in servers:
+            s.requests.clear()
+        scorer.score(["a", "b", "c", "d"] * 4, keys=["same"] * 16)
+        assert sorted(len(_sent(s)) for s in servers) == [0, 16]
+        with pytest.raises(ValueError, match="keys"):
+            scorer.score(["a", "b"], keys=["k"])
+    finally:
+        for s in servers:
+            s.close()
+
+
+def test_one_router_address_stands_for_its_healthy_workers():
+    workers = [FakeServer("lmdeploy") for _ in range(3)]
+    listed = {"healthy": [True, True, False]}
+
+    def listing():
+        return [{"url": f"http://{w.address}", "is_healthy": h} for w, h in zip(workers, listed["healthy"])]
+
+    router = FakeServer("fail", workers=listing)  # scores sent through it would fail
+    try:
+        scorer = RemoteScorer("lmdeploy", router.address, batch_size=4)
+        texts = _group_texts(12, 4)
+        assert scorer.score(texts) == [float(len(t)) for t in texts]
+        assert router.requests == [] and router.lookups == 1
+        assert len(_sent(workers[0])) > 0 and len(_sent(workers[1])) > 0 and _sent(workers[2]) == []
+        # the router reports the third back and the first gone: the next read of its list follows
+        listed["healthy"] = [False, True, True]
+        scorer._refresh_members(force=True)
+        for _ in range(100):
+            if scorer.fleet.replicas == [f"http://{workers[1].address}", f"http://{workers[2].address}"]:
+                break
+            time.sleep(0.02)
+        for w in workers:
+            w.requests.clear()
+        scorer.score(_group_texts(12, 4, seed=1))
+        assert _sent(workers[0]) == [] and len(_sent(workers[2])) > 0
+    finally:
+        for s in workers + [router]:
+            s.close()
+
+
+def test_a_dead_replicas_groups_move_to_the_next_and_stay_together():
+    live = FakeServer("lmdeploy")
+    dead = FakeServer("fail")
+    try:
+        scorer = RemoteScorer("lmdeploy", f"{dead.address},{live.address}", batch_size=8, backoff=0.01)
+        texts = _group_texts(16, 8)
+        assert scorer.score(texts) == [float(len(t)) for t in texts]  # no score lost
+        assert len(_sent(live)) == len(texts)
+        assert scorer.fleet.live() == [f"http://{live.address}"]  # left out for a while
+        # the moved groups went whole: each request holds whole groups (8 texts of one prompt each)
+        for path, body in live.requests:
+            prompts = Counter(t.split("<|reward|>")[0] for t in body["input"])
+            assert all(n == 8 for n in prompts.values()), prompts
+    finally:
+        live.close()
+        dead.close()
