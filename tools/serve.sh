@@ -3,7 +3,12 @@
 #
 # Usage:
 #   bash tools/serve.sh MODEL_DIR [--engine vllm|sglang|lmdeploy] [--port N] [--host ADDR]
-#        [--dtype D] [--python PY] [extra engine args]
+#        [--dtype D] [--python PY] [--replicas N [--router-policy P] [--advertise-host H]]
+#        [extra engine args]
+#
+# --replicas N starts N engines on the ports after --port, and vllm-router on --port in
+# front of them (health checks, one address); the scoring client places each prompt's
+# rollouts on one replica (docs/serving.md, "A fleet"). A replica that exits is restarted.
 #
 # vLLM gets --runner pooling --pooler-config '{"use_activation": false}' (raw scores,
 # not its default sigmoid), --trust-remote-code, the model's dtype and max_length;

@@ -445,8 +445,9 @@ class RemoteScorer:
         ``timeout * max_retries + backoff * (2 ** (max_retries - 1) - 1)``;
         a vLLM server's first batch may add one more ``timeout`` for the
         sigmoid probe (:meth:`_check_raw`), which is asked only when the
-        scores alone cannot tell, and a scorer's first round up to
-        :data:`LOOKUP_TIMEOUT_S` to find out which addresses are routers.
+        scores alone cannot tell, and a round up to :data:`LOOKUP_TIMEOUT_S`
+        per address to read a router's worker list (the first round, and then
+        at most every :data:`MEMBERSHIP_S`; a plain server is asked once).
         """
         return self.timeout * self.max_retries + self.backoff * (2 ** (self.max_retries - 1) - 1)
 
@@ -570,12 +571,9 @@ class RemoteScorer:
         return [w["url"].rstrip("/") for w in workers if w.get("is_healthy", True) is not False]
 
     def _refresh_members(self, force: bool = False) -> None:
-        """Read the routers' worker lists (at most every :data:`MEMBERSHIP_S`, unless forced).
-
-        The first read, which finds out which addresses are routers, is
-        waited for (each address answers within :data:`LOOKUP_TIMEOUT_S`);
-        later ones run in the background, so a scoring round never waits on
-        a slow router.
+        """Read the routers' worker lists: at the start of a round when the last read is over
+        :data:`MEMBERSHIP_S` old, waited for (each router answers within :data:`LOOKUP_TIMEOUT_S`);
+        and after a failed request (``force``), in the background, so the retry does not wait on it.
         """
         with self._lock:
             now = time.monotonic()
@@ -586,7 +584,7 @@ class RemoteScorer:
             self._members_at = now
             self._reading = True
             first = self._routers is None
-        if first:
+        if not force or first:
             self._read_members(first)
         else:
             threading.Thread(target=self._read_members, args=(False,), name="polar-members", daemon=True).start()

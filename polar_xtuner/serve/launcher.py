@@ -39,6 +39,17 @@ from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.errors import UserError
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
 from polar_xtuner.scoring.client import http_request
+from polar_xtuner.serve.fleet import (
+    ROUTER_POLICIES,
+    Fleet,
+    Replica,
+    advertised_host,
+    device_envs,
+    replica_ports,
+    router_binary,
+    router_command,
+    supervise,
+)
 
 ENGINES = ("vllm", "sglang", "lmdeploy")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # polar_xtuner/serve/ -> the repo
@@ -177,7 +188,7 @@ def pick_python(engine: str, on_gpu: bool, python: str | None = None) -> str:
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 600.0,
-               interval: float = 1.0) -> float:
+               interval: float = 1.0, what: str = "the engine") -> float:
     """Poll url until it answers 200; return the seconds it took.
 
     Gives up ``timeout`` seconds after it starts, whatever the server does:
@@ -192,7 +203,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     deadline = start + timeout
     while True:
         if proc is not None and proc.poll() is not None:
-            raise ServeError(f"the engine exited with code {proc.returncode} before answering {url}")
+            raise ServeError(f"{what} exited with code {proc.returncode} before answering {url}")
         left = deadline - time.monotonic()
         if left <= 0:
             raise ServeError(f"{url} did not answer within {timeout:.0f} s")
@@ -235,18 +246,44 @@ def check_port(host: str, port: int) -> None:
                              f"this machine and a port you may use") from None
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """Stop the engine and every process it started (its process group)."""
-    if proc.poll() is not None:
-        return
+    """Stop the engine and every process it started (its process group), and wait until all are gone.
+
+    SIGTERM to the group; whatever is left after ``grace`` seconds gets
+    SIGKILL. The group is waited for, not only the engine's own process:
+    vLLM's engine-core workers may outlive their API server by seconds.
+    """
+    deadline = time.monotonic() + grace
     try:
         os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        proc.poll()  # reaped, if it was ours
+        return
+    try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
         pass
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _group_alive(proc.pid):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        end = time.monotonic() + 10
+        while _group_alive(proc.pid) and time.monotonic() < end:
+            time.sleep(0.1)
 
 
 def parse_args(argv=None):
@@ -265,6 +302,15 @@ def parse_args(argv=None):
     p.add_argument("--ready-timeout", type=float_in(0, low_open=True), default=900.0, help="seconds to wait for the first answer")
     p.add_argument(TRUST_FLAG, action="store_true",
                    help="serve a directory whose Python code is not the code this project ships")
+    p.add_argument("--replicas", type=int_at_least(1), default=1,
+                   help="engines to start behind vllm-router on --port (replicas on the next ports); "
+                        "the scoring client keeps each prompt's rollouts on one replica (default: 1, no router)")
+    p.add_argument("--router-policy", choices=ROUTER_POLICIES, default="consistent_hash",
+                   help="vllm-router's policy for clients that post to the router itself (ours place texts "
+                        "on the replicas directly; docs/serving.md)")
+    p.add_argument("--advertise-host", type=non_empty,
+                   help="the host clients reach the replicas by (default: --host; this machine's address "
+                        "for 0.0.0.0)")
     args, extra = p.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -287,6 +333,8 @@ def main(argv=None) -> int:
         print(f"note: {TRUST_FLAG}: running {model_dir}'s Python code unchecked ({e})", file=sys.stderr)
     on_gpu = cuda_available()
     python = pick_python(args.engine, on_gpu, args.python)
+    if args.replicas > 1:
+        return serve_fleet(args, extra, model_dir, python, on_gpu)
     cmd = engine_command(args.engine, model_dir, args.host, args.port, python, extra, args.dtype, cpu=not on_gpu)
     check_port(args.host, args.port)
     address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
@@ -314,6 +362,75 @@ def main(argv=None) -> int:
         return proc.wait()
     finally:
         stop(proc)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_fleet(args, extra: list[str], model_dir: str, python: str, on_gpu: bool) -> int:
+    """``--replicas N``: N engines and vllm-router in front (see :mod:`polar_xtuner.serve.fleet`)."""
+    router_bin = router_binary(python)
+    ports = replica_ports(args.port, args.replicas)
+    for port in [args.port] + ports:
+        check_port(args.host, port)
+    shares = device_envs(args.replicas, on_gpu, extra)
+    public = advertised_host(args.host) if args.advertise_host is None else args.advertise_host
+    replicas = []
+    for i, (port, share) in enumerate(zip(ports, shares), 1):
+        cmd = engine_command(args.engine, model_dir, args.host, port, python, extra, args.dtype, cpu=not on_gpu)
+        env = dict(engine_env(args.engine, args.host, on_gpu), **share)
+        replicas.append(Replica(i, port, f"http://{public}:{port}", cmd, env))
+    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    fleet = Fleet(replicas, router_command(router_bin, args.host, args.port, [r.url for r in replicas],
+                                           HEALTH_PATH[args.engine], args.router_policy, _free_port()))
+    address = f"{local if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+
+    def _unwind(signum, _frame):
+        raise SystemExit(128 + signum)  # the `finally` below stops everything
+
+    signal.signal(signal.SIGTERM, _unwind)
+    signal.signal(signal.SIGINT, _unwind)
+    start = time.monotonic()
+    try:
+        for r in replicas:
+            print(f"$ {' '.join(r.cmd)}" + (f"  ({', '.join(f'{k}={v}' for k, v in shares[r.index - 1].items())})"
+                                              if shares[r.index - 1] else ""), flush=True)
+            r.start()
+        deadline = start + args.ready_timeout
+        for r in replicas:  # they start side by side; the slowest sets the time
+            try:
+                wait_ready(f"http://{local}:{r.port}{HEALTH_PATH[args.engine]}", r.proc,
+                           max(1.0, deadline - time.monotonic()))
+            except ServeError as e:
+                raise ServeError(f"replica {r.index} (port {r.port}): {e}") from None
+        print("$ " + " ".join(fleet.router_cmd), flush=True)
+        fleet.router = subprocess.Popen(fleet.router_cmd, start_new_session=True)
+        try:
+            wait_ready(f"http://{address}/health", fleet.router, max(30.0, deadline - time.monotonic()),
+                       what="vllm-router")
+        except ServeError as e:
+            raise ServeError(f"{e} (its own message is above)") from None
+        lines = "\n".join(f"  replica {r.index}: {r.url} (pid {r.proc.pid})" for r in replicas)
+        print(f"\nPOLAR reward fleet ready after {time.monotonic() - start:.0f} s: http://{address} "
+              f"(vllm-router, {args.replicas} {args.engine} replicas)\n{lines}\n"
+              f"evaluate with:\n  python tools/eval_pref.py --model {args.model_dir} --data PAIRS.jsonl "
+              f"--server-type {args.engine} --server-address {address}\n"
+              f"RL: POLAR_SERVER_ADDRESS={address} (each prompt's rollouts are scored on one replica)\n", flush=True)
+        return supervise(fleet)
+    finally:
+        procs = ([fleet.router] if fleet.router is not None else []) + [r.proc for r in replicas if r.proc]
+        for proc in procs:  # all told at once; then each group waited for
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for proc in procs:
+            stop(proc)
 
 
 if __name__ == "__main__":

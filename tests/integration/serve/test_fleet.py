@@ -1,0 +1,183 @@
+"""A real scoring fleet: `tools/serve.sh --replicas 2` (two vLLM CPU replicas behind vllm-router).
+
+One fleet for the module, started as a user starts it, on a fresh tiny model
+(its lengths recorded as tools/convert.sh records them). In order:
+
+* it starts from one command, and eval_pref through the router's one address
+  gives the local scores;
+* RL groups keep their prefix-cache hits on the fleet (`make bench`'s fleet
+  section on a few groups);
+* a replica that stalls, then one that is killed mid-run, cost no score, and
+  the killed one, restarted by the launcher, is used again;
+* SIGTERM to the launcher stops every process of the fleet.
+
+The replicas run with ``--enforce-eager``: nothing checked here depends on
+vLLM's compiled graph, which costs each start 8-17 s on 2 cores.
+tools/serve.sh's default (compiled) is what tests/integration/serve/test_serve.py
+serves.
+"""
+import json
+import math
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from bench.fleet import measure_fleet, prefix_cache_counters, shuffled_groups, start_fleet
+from bench.workloads import model_dir
+from common import run_tool
+from polar_xtuner.encoding import EncodingSettings
+from polar_xtuner.rl.reward import PolarReward, RFTSettings
+from polar_xtuner.scoring.client import http_request
+from polar_xtuner.serve.launcher import CPU_SERVE_VENV
+
+pytestmark = [pytest.mark.integration, pytest.mark.serving, pytest.mark.slow]
+
+# Remote vs local scores, relative (tests/integration/serve/test_serve.py says why 5e-3).
+REMOTE_TOL = 5e-3
+# Two replicas of one fp32 model on the same CPU kernels: float32 rounding.
+REPLICA_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".router")):
+        pytest.fail(f"vLLM's CPU build or vllm-router is missing at {CPU_SERVE_VENV}: run `make serve-setup` "
+                    "(make test does)")
+    root = tmp_path_factory.mktemp("fleet")
+    tiny = model_dir(str(root / "tiny"))
+    EncodingSettings(1024, 128).save(tiny)
+    with start_fleet(tiny, 2, ("--enforce-eager",), log_path=str(root / "fleet.log")) as running:
+        yield tiny, running
+
+
+def _workers(address):
+    status, body = http_request("GET", f"http://{address}/workers", timeout=10)
+    assert status == 200
+    return {w["url"]: w["is_healthy"] for w in json.loads(body)["workers"]}
+
+
+def _requests_done(replica):
+    status, body = http_request("GET", replica + "/metrics", timeout=10)
+    assert status == 200
+    return sum(float(v) for v in re.findall(r'^vllm:request_success_total\{[^}]*\} ([0-9.eE+-]+)$', body.decode(),
+                                            re.M))
+
+
+def _reward(tiny, address, **settings):
+    from transformers import AutoTokenizer
+
+    return PolarReward(RFTSettings(server_address=address, model=tiny, **settings),
+                       tokenizer=AutoTokenizer.from_pretrained(tiny))
+
+
+def _close(got, want, tol):
+    worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got, want))
+    return len(got) == len(want) and worst <= tol, worst
+
+
+def test_the_fleet_starts_from_one_command_and_scores_equal_local(fleet, tmp_path):
+    tiny, running = fleet
+    log = running.log()
+    assert len(running.replicas) == 2 and len(set(running.pids)) == 2
+    assert "--policy consistent_hash" in log and "--runner pooling" in log and "--pooler-config" in log
+    shares = re.findall(r"\(VLLM_CPU_OMP_THREADS_BIND=([0-9,]+)\)", log)  # the launcher's own lines
+    assert len(shares) == 2 and len(set(shares)) == 2  # a share of the cores each
+    assert _workers(running.address) == {u: True for u in running.replicas}
+    # pairs through the router's one address, against the model scored here
+    from polar_xtuner.demo.data import generate
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate(48, 5)))
+    outs = {}
+    for name, extra in (("local", ()), ("fleet", ("--server-type", "vllm", "--server-address", running.address))):
+        res = run_tool("python", "tools/eval_pref.py", "--model", tiny, "--data", str(data),
+                       "--save-scores", str(tmp_path / f"{name}.jsonl"), *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs[name] = [s for line in open(tmp_path / f"{name}.jsonl") for s in json.loads(line).values()
+                      if isinstance(s, float)]
+    ok, worst = _close(outs["fleet"], outs["local"], REMOTE_TOL)
+    assert ok, worst
+    assert all(_requests_done(r) > 0 for r in running.replicas)  # both replicas scored
+
+
+def test_rl_groups_keep_their_prefix_cache_hits_across_two_replicas(fleet):
+    tiny, running = fleet
+    out = measure_fleet(running, tiny, n_groups=8, n_rollouts=8, repeats=1)
+    assert {k for k in out if k.startswith("fleet_")} >= {
+        "fleet_prefix_cache_hit_rate_prefix", "fleet_prefix_cache_hit_rate_round_robin",
+        "fleet_prefix_cache_hit_rate_single", "fleet_rollouts_per_s_prefix", "fleet_rollouts_per_s_round_robin",
+        "fleet_speedup_prefix_vs_round_robin"}
+    assert all(math.isfinite(v) and v > 0 for v in out.values()), out
+    # Hit rates count tokens and do not depend on timing: each group's prefix is computed once
+    # with prefix routing (as on one replica), and on both replicas with round robin.
+    assert out["fleet_prefix_cache_hit_rate_prefix"] >= 0.8 * out["fleet_prefix_cache_hit_rate_single"], out
+    assert out["fleet_prefix_cache_hit_rate_prefix"] > out["fleet_prefix_cache_hit_rate_round_robin"], out
+
+
+def test_a_stalled_replica_costs_no_score(fleet):
+    tiny, running = fleet
+    work = shuffled_groups(16, 8, seed=31)
+    want = _reward(tiny, running.replicas[0].split("://")[1]).score(*work)  # one replica alone
+    reward = _reward(tiny, running.address, timeout=4, batch_size=8)
+    os.killpg(running.pids[1], signal.SIGSTOP)  # alive, connected, silent
+    try:
+        t0 = time.monotonic()
+        got = reward.score(*work)
+        took = time.monotonic() - t0
+    finally:
+        os.killpg(running.pids[1], signal.SIGCONT)
+    ok, worst = _close(got, want, REPLICA_TOL)
+    assert ok, worst
+    assert took < reward.scorer.batch_deadline_s, took  # moved on after one timeout, not after every attempt
+
+
+def test_a_killed_replica_costs_no_score_and_its_restart_is_used_again(fleet):
+    tiny, running = fleet
+    work = shuffled_groups(64, 8, seed=41)
+    want = _reward(tiny, running.replicas[1].split("://")[1]).score(*work)
+    reward = _reward(tiny, running.address, timeout=20, batch_size=4)  # many small requests: the kill lands mid-run
+    victim, before = running.replicas[0], _requests_done(running.replicas[0])
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(scores=reward.score(*work)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while _requests_done(victim) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.is_alive(), "the round ended before the kill; give it more work"
+    os.killpg(running.pids[0], signal.SIGKILL)  # the engine and its workers, as a lost machine
+    worker.join(timeout=300)
+    ok, worst = _close(result.get("scores", []), want, REPLICA_TOL)
+    assert ok, worst
+    # the launcher starts it again on its port; the router's health checks take it back
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if "replica 1 (" in running.log() and _workers(running.address).get(victim):
+            break
+        time.sleep(1)
+    assert "starting it again" in running.log() and _workers(running.address)[victim], running.log()[-3000:]
+    new_pid = int(re.findall(r"replica 1: \S+ \(pid (\d+)\)", running.log())[-1])
+    assert new_pid != running.pids[0]
+    running.pids[0] = new_pid
+    time.sleep(11)  # the client's own leave-out of the replica it saw fail (fleet.DEFAULT_DOWN_S) passes
+    fresh = shuffled_groups(32, 8, seed=43)
+    reward.score(*fresh)
+    assert _requests_done(victim) > 0  # a new process: its counters started at 0
+    hits, queries = prefix_cache_counters(victim)
+    assert queries > 0
+
+
+def test_sigterm_stops_every_process_of_the_fleet(fleet):
+    _, running = fleet
+    os.killpg(running.proc.pid, signal.SIGTERM)
+    assert running.proc.wait(timeout=120) == 128 + signal.SIGTERM
+    time.sleep(1)
+    for pid in running.pids:  # each replica's process group: the API server and its engine-core workers
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+    for url in running.replicas + [f"http://{running.address}"]:
+        with pytest.raises(OSError):
+            http_request("GET", url + "/health", timeout=5)
