@@ -2,7 +2,7 @@
 
 Usage:
     python -m bench.cpu_suite [--out bench/results/cpu.json] [--steps 30] [--pairs 100000]
-        [--skip-data] [--skip-serve] [--skip-shared-prefix] [--convert-shape 1.8b|tiny|none]
+        [--skip-data] [--skip-serve] [--skip-fleet] [--skip-shared-prefix] [--convert-shape 1.8b|tiny|none]
 
 Every speed figure is a ratio against a baseline measured in the same run,
 interleaved (A, B, A, B ...) so that machine noise hits both sides alike, and
@@ -20,6 +20,9 @@ every section checks that its work happened before its figures are recorded
   (:mod:`bench.shared_prefix`);
 * remote scoring against real vLLM servers, our client vs POLAR's, with our
   vLLM plugin and without (:mod:`bench.remote`);
+* a fleet of two vLLM replicas behind vllm-router (``tools/serve.sh
+  --replicas 2``) on RL groups: our client's prefix routing against round
+  robin on the same replicas, and against one replica (:mod:`bench.fleet`);
 * validating, tokenizing and packing N synthetic pairs with our builder vs
   xtuner's ``build_preference_dataset(is_reference=True)`` (token ids checked
   equal; two alternating rounds, best time of each side);
@@ -43,6 +46,7 @@ import tempfile
 
 from bench import RESULTS
 from bench.convert_memory import measure
+from bench.fleet import fleet_throughput
 from bench.cpu_sections import (
     data_build,
     eval_throughput,
@@ -64,7 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="training steps per side")
     p.add_argument("--pairs", type=int, default=100000, help="synthetic pairs for the data benchmarks")
     p.add_argument("--skip-data", action="store_true", help="skip the (minutes-long) data benchmarks")
-    p.add_argument("--skip-serve", action="store_true", help="skip the real-vLLM remote scoring benchmark")
+    p.add_argument("--skip-serve", action="store_true", help="skip the real-vLLM benchmarks (remote and fleet)")
+    p.add_argument("--skip-fleet", action="store_true", help="skip the two-replica fleet benchmark (bench/fleet.py)")
     p.add_argument("--skip-shared-prefix", action="store_true",
                    help="skip shared prefixes against whole sequences (bench/shared_prefix.py)")
     p.add_argument("--convert-shape", default="1.8b", choices=["1.8b", "tiny", "none"],
@@ -85,6 +90,8 @@ def main(argv=None) -> int:
             results.update(shared_prefix_run(tiny))
         if not args.skip_serve:
             results.update(remote_throughput(tiny))
+        if not (args.skip_serve or args.skip_fleet):
+            results.update(fleet_throughput(tiny))
         if not args.skip_data:
             data_file = os.path.join(tmp, "pairs.jsonl")
             write_jsonl(data_file, generate(args.pairs, 5))

@@ -40,6 +40,10 @@ SHAPES = {
     "0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                  num_key_value_heads=8, vocab_size=92544, max_position_embeddings=32768),
     "tiny": {},
+    # The fleet benchmark's: the tiny tokenizer and family, wide enough that a token's compute outweighs
+    # vLLM's handling of it on CPU (with "tiny", request handling is most of a replica's time).
+    "fleet_small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+                        num_key_value_heads=12),
 }
 
 # The shared-prefix section's workloads (:func:`shared_prefix_records`).

@@ -24,7 +24,11 @@ by ``POLAR_CONFIG`` whose keys are the lower-case names without ``POLAR_``
 
 ========================  ====================================================
 ``POLAR_SERVER_TYPE``     vllm (default), sglang or lmdeploy
-``POLAR_SERVER_ADDRESS``  HOST:PORT, or several comma-separated (load is spread)
+``POLAR_SERVER_ADDRESS``  HOST:PORT of a server or a fleet's router
+                          (``tools/serve.sh --replicas N``), or several
+                          comma-separated; each prompt's rollouts on one server
+``POLAR_ROUTING``         prefix (default): a prompt's rollouts on one replica;
+                          round_robin: each to the next replica (a baseline)
 ``POLAR_MODEL``           the converted model dir: tokenizer, the encoding
                           lengths it was trained with, its score statistics
 ``POLAR_STRIP_THINKING``  1 (default): drop ``<think>...</think>`` from responses

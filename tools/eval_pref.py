@@ -7,7 +7,7 @@ Usage:
         [--compare-server-address HOST:PORT] [--plot FILE.png|.svg|.pdf] [--batch-size N]
         [--batch-tokens N] [--max-length N --max-response-length N]
         [--server-type sglang|vllm|lmdeploy --server-address HOST:PORT[,HOST:PORT...]]
-        [--concurrency N] [--write-stats]
+        [--concurrency N] [--routing prefix|round_robin] [--write-stats]
 
 Records are pairs (prompt/reference/chosen/rejected: correct when the chosen
 answer outscores the rejected one under the same reference) or groups
@@ -66,6 +66,7 @@ from polar_xtuner.scoring.client import (
     SERVER_TYPES,
     parse_addresses,
 )
+from polar_xtuner.scoring.fleet import ROUTINGS
 
 
 def parse_args(argv=None):
@@ -101,7 +102,11 @@ def parse_args(argv=None):
                         "prompt and reference after one copy of it, the same scores within float rounding)")
     p.add_argument("--server-type", choices=SERVER_TYPES, help="score on a served model")
     p.add_argument("--server-address", default="127.0.0.1:30000", type=non_empty,
-                   help="HOST:PORT of the server, or several comma-separated (requests are spread over them)")
+                   help="HOST:PORT of the server or of a fleet's router (tools/serve.sh --replicas N), or several "
+                        "comma-separated; a record's answers are scored on one server")
+    p.add_argument("--routing", choices=ROUTINGS, default="prefix",
+                   help="over several servers: prefix (a record's answers on one, where its prefix is cached) or "
+                        "round_robin (each answer to the next)")
     p.add_argument("--concurrency", type=int_at_least(1), default=DEFAULT_CONCURRENCY, help="requests in flight per server")
     p.add_argument("--batch-tokens", type=int_at_least(1), default=DEFAULT_BATCH_TOKENS,
                    help="the most tokens per server request; a longer text goes alone (text servers: "

@@ -77,7 +77,8 @@ def score(args, model_dir: str, loaded, server_address: str | None, flag: str = 
             raise load_failure(model_dir, "tokenizer", e) from None
         remote = RemoteSettings(args.server_type, server_address, timeout=args.timeout,
                                 max_retries=args.max_retries, batch_size=args.batch_size or DEFAULT_BATCH_TEXTS,
-                                batch_tokens=args.batch_tokens, concurrency=args.concurrency)
+                                batch_tokens=args.batch_tokens, concurrency=args.concurrency,
+                                routing=args.routing)
         scorer = remote.scorer(model_name=os.path.basename(model_dir.rstrip("/")))
         try:
             scores = score_answers_remote(scorer, tokenizer, records, settings.max_length,

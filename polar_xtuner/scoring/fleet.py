@@ -37,7 +37,7 @@ from typing import Sequence
 
 ROUTINGS = ("prefix", "round_robin")
 # Placed load may exceed the mean by this fraction before a key moves on.
-DEFAULT_SLACK = 0.25
+DEFAULT_SLACK = 0.1
 # Seconds a replica that failed a request is left out.
 DEFAULT_DOWN_S = 10.0
 # Keys remembered with their replica (an RL step's prompts, many times over).

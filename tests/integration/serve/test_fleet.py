@@ -21,6 +21,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 
@@ -28,11 +29,13 @@ import pytest
 
 from bench.fleet import measure_fleet, prefix_cache_counters, shuffled_groups, start_fleet
 from bench.workloads import model_dir
-from common import run_tool
+from common import free_port, run_tool
+from fakes import FakeServer, send
 from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.rl.reward import PolarReward, RFTSettings
 from polar_xtuner.scoring.client import http_request
-from polar_xtuner.serve.launcher import CPU_SERVE_VENV
+from polar_xtuner.serve.fleet import router_binary, router_command
+from polar_xtuner.serve.launcher import CPU_SERVE_VENV, stop, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.serving, pytest.mark.slow]
 
@@ -181,3 +184,52 @@ def test_sigterm_stops_every_process_of_the_fleet(fleet):
     for url in running.replicas + [f"http://{running.address}"]:
         with pytest.raises(OSError):
             http_request("GET", url + "/health", timeout=5)
+
+
+@pytest.mark.parametrize("policy", ["cache_aware", "consistent_hash"])
+def test_vllm_router_does_not_route_pooling_by_its_content(policy, tmp_path):
+    """The evidence behind placing texts in the client (docs/serving.md, "A fleet"), kept true.
+
+    vllm-router sends /pooling through its transparent proxy: ``cache_aware`` finds no text to
+    match there and sends every request to one worker, and ``consistent_hash`` keeps a group
+    together only by a header the client sets. Two stand-in workers record what reaches them.
+    """
+    def answer(request):
+        if request.command == "GET":  # the router's health checks
+            return send(request, 200, {})
+        send(request, 200, {"data": [{"index": 0, "data": [[0.0]]}]})
+
+    workers = [FakeServer(answer=answer) for _ in range(2)]
+    port = free_port()
+    cmd = router_command(router_binary(os.path.join(CPU_SERVE_VENV, "bin", "python")), "127.0.0.1", port,
+                         [f"http://{w.address}" for w in workers], "/health", policy, free_port())
+    log = open(tmp_path / "router.log", "w")
+    router = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", router, timeout=60, what="vllm-router")
+        for keyed in (False, True):
+            for w in workers:
+                w.requests.clear()
+            for g in range(8):
+                for k in range(4):  # a group's requests share their first 40 tokens
+                    body = json.dumps({"input": [[g] * 40 + [100 + k]]}).encode()
+                    headers = {"Content-Type": "application/json", **({"X-Session-ID": f"group-{g}"} if keyed else {})}
+                    status, _ = http_request("POST", f"http://127.0.0.1:{port}/pooling", body, 10, headers)
+                    assert status == 200
+            homes = {}
+            for n, w in enumerate(workers):
+                for path, b in w.requests:
+                    if path == "/pooling":
+                        homes.setdefault(b["input"][0][0], set()).add(n)
+            assert len(homes) == 8
+            if policy == "cache_aware":  # one worker takes everything, keyed or not: no routing by content
+                assert len({n for v in homes.values() for n in v}) == 1, homes
+            elif keyed:  # the client's key keeps a group together
+                assert all(len(v) == 1 for v in homes.values()), homes
+            else:  # without one, groups are split
+                assert any(len(v) > 1 for v in homes.values()), homes
+    finally:
+        stop(router, grace=10)
+        log.close()
+        for w in workers:
+            w.close()
