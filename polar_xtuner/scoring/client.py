@@ -556,13 +556,17 @@ class RemoteScorer:
 
     # -- the fleet --------------------------------------------------------
     def _workers(self, url: str) -> list[str] | None:
-        """The healthy workers a vllm-router at ``url`` lists (``GET /workers``); None when it is no router."""
+        """The healthy workers a vllm-router at ``url`` lists (``GET /workers``); None when it is no router.
+
+        Raises:
+            OSError: ``url`` did not answer (it may be a router that is not up yet).
+        """
+        status, raw = http_request("GET", url + "/workers", timeout=min(self.timeout, LOOKUP_TIMEOUT_S))
+        if status != 200:
+            return None
         try:
-            status, raw = http_request("GET", url + "/workers", timeout=min(self.timeout, LOOKUP_TIMEOUT_S))
-            if status != 200:
-                return None
             body = json.loads(raw)
-        except (OSError, ValueError):
+        except ValueError:
             return None
         workers = body.get("workers") if isinstance(body, dict) else None
         if not isinstance(workers, list) or not all(isinstance(w, dict) and isinstance(w.get("url"), str)
@@ -597,16 +601,19 @@ class RemoteScorer:
                 self._reading = False
 
     def _read_members_now(self, first: bool) -> None:
-        members, routers = [], []
+        members, routers, unsure = [], [], False
         for url in self.urls:
-            workers = self._workers(url)
+            try:
+                workers = self._workers(url)
+            except OSError:  # down, or not up yet: a server for this round, asked again at the next
+                workers, unsure = None, True
             if workers is None:
                 members.append(url)
             else:
                 routers.append(url)
                 members.extend(workers)
         with self._lock:
-            if first:
+            if first and not (unsure and not routers):
                 self._routers = routers
         if routers or not first:
             self.fleet.set_members(members)

@@ -296,3 +296,26 @@ def test_a_dead_replicas_groups_move_to_the_next_and_stay_together():
     finally:
         live.close()
         dead.close()
+
+
+def test_a_router_that_did_not_answer_the_first_lookup_is_asked_again():
+    worker = FakeServer("lmdeploy")
+    calls = {"n": 0}
+
+    def listing():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("not up yet")  # the handler dies: the client's lookup gets no answer
+        return [{"url": f"http://{worker.address}", "is_healthy": True}]
+
+    router = FakeServer("lmdeploy", workers=listing)  # also scores, as the worker it proxies to would
+    try:
+        scorer = RemoteScorer("lmdeploy", router.address, backoff=0.01)
+        assert scorer.score(["ab", "abc"]) == [2.0, 3.0]
+        assert len(router.requests) == 1 and worker.requests == []  # a server, for this round
+        scorer._refresh_members(force=True)  # the next look (every few seconds, or after a failure)
+        assert scorer.score(["abcd"]) == [4.0]
+        assert len(router.requests) == 1 and len(worker.requests) == 1  # now known as a router
+    finally:
+        worker.close()
+        router.close()
