@@ -207,9 +207,6 @@ class BadScoreError(RemoteScoringError):
         super().__init__(f"{server_type} answered a {kind} score ({value!r}) for text {index}")
         self.server_type, self.value, self.index, self.kind = server_type, value, index, kind
 
-    def shifted(self, offset: int) -> "BadScoreError":
-        return BadScoreError(self.server_type, self.value, self.index + offset)
-
 
 def _as_score(value, server_type: str, index: int) -> float:
     # A bool is an int in Python, and "1.5" converts with float(): neither is a score.

@@ -3,7 +3,8 @@
 The engine is started with the flags a POLAR reward model needs, polled until
 it answers, and then left running in the foreground: the address and the
 matching ``tools/eval_pref.py`` command are printed once it is ready. Ctrl-C
-(or SIGTERM) stops the engine and its worker processes.
+(or SIGTERM) stops the engine and its worker processes. ``--replicas N``
+starts N engines behind vllm-router instead (:mod:`polar_xtuner.serve.fleet`).
 
 Standard library only (xtuner included: the shipped model code is found
 without importing it), so it runs under whichever interpreter holds the
