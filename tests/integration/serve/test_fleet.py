@@ -29,7 +29,7 @@ import pytest
 
 from bench.fleet import measure_fleet, prefix_cache_counters, shuffled_groups, start_fleet
 from bench.workloads import model_dir
-from common import free_port, run_tool
+from common import REPO, free_port, run_tool
 from fakes import FakeServer, send
 from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.rl.reward import PolarReward, RFTSettings
@@ -82,7 +82,25 @@ def _close(got, want, tol):
     return len(got) == len(want) and worst <= tol, worst
 
 
-def test_the_fleet_starts_from_one_command_and_scores_equal_local(fleet, tmp_path):
+VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
+RL_PY = os.path.join(REPO, ".venv-rl", "bin", "python")
+
+
+def _saved_scores(path):
+    return [s for line in open(path) for k, s in json.loads(line).items() if k in ("chosen", "rejected")]
+
+
+@pytest.fixture(scope="module")
+def local_val(fleet, tmp_path_factory):
+    """eval_pref's local scores of the held-out demo pairs on the fleet's model: chosen, rejected, ..."""
+    tiny, _ = fleet
+    out = tmp_path_factory.mktemp("local") / "local.jsonl"
+    res = run_tool("python", "tools/eval_pref.py", "--model", tiny, "--data", VAL, "--save-scores", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return _saved_scores(out)
+
+
+def test_the_fleet_starts_from_one_command_and_scores_equal_local(fleet, local_val, tmp_path):
     tiny, running = fleet
     log = running.log()
     assert len(running.replicas) == 2 and len(set(running.pids)) == 2
@@ -90,21 +108,32 @@ def test_the_fleet_starts_from_one_command_and_scores_equal_local(fleet, tmp_pat
     shares = re.findall(r"\(VLLM_CPU_OMP_THREADS_BIND=([0-9,]+)\)", log)  # the launcher's own lines
     assert len(shares) == 2 and len(set(shares)) == 2  # a share of the cores each
     assert _workers(running.address) == {u: True for u in running.replicas}
-    # pairs through the router's one address, against the model scored here
-    from polar_xtuner.demo.data import generate
-
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in generate(48, 5)))
-    outs = {}
-    for name, extra in (("local", ()), ("fleet", ("--server-type", "vllm", "--server-address", running.address))):
-        res = run_tool("python", "tools/eval_pref.py", "--model", tiny, "--data", str(data),
-                       "--save-scores", str(tmp_path / f"{name}.jsonl"), *extra)
-        assert res.returncode == 0, res.stderr[-3000:]
-        outs[name] = [s for line in open(tmp_path / f"{name}.jsonl") for s in json.loads(line).values()
-                      if isinstance(s, float)]
-    ok, worst = _close(outs["fleet"], outs["local"], REMOTE_TOL)
+    # the held-out pairs through the router's one address, against the model scored here
+    out = tmp_path / "fleet.jsonl"
+    res = run_tool("python", "tools/eval_pref.py", "--model", tiny, "--data", VAL, "--save-scores", str(out),
+                   "--server-type", "vllm", "--server-address", running.address)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ok, worst = _close(_saved_scores(out), local_val, REMOTE_TOL)
     assert ok, worst
+    assert "served dtype float32 matches" in res.stderr  # asked of a replica the router lists
     assert all(_requests_done(r) > 0 for r in running.replicas)  # both replicas scored
+
+
+def test_verl_and_openrlhf_score_through_the_fleet_unchanged(fleet, local_val, tmp_path):
+    """verl 0.9.1's reward loop and OpenRLHF 0.11.2's agent executor, given the fleet's one address."""
+    if not os.path.exists(os.path.join(REPO, ".venv-rl", ".installed")):
+        pytest.fail("verl/OpenRLHF are missing at .venv-rl: run `make rl-setup` (make test does)")
+    tiny, running = fleet
+    before = [_requests_done(r) for r in running.replicas]
+    out = tmp_path / "rl.json"
+    res = run_tool(RL_PY, "tests/assets/rl_frameworks.py", tiny, running.address, VAL, str(out),
+                   env={"PYTHONPATH": REPO}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.load(open(out))
+    for name in ("verl", "openrlhf"):
+        ok, worst = _close(got[name], local_val, REMOTE_TOL)
+        assert ok, (name, worst)
+    assert all(_requests_done(r) > b for r, b in zip(running.replicas, before))
 
 
 def test_rl_groups_keep_their_prefix_cache_hits_across_two_replicas(fleet):
