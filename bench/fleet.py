@@ -27,7 +27,6 @@ import contextlib
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
 import time
@@ -41,6 +40,7 @@ from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.rl.reward import PolarReward, RFTSettings
 from polar_xtuner.scoring.client import http_request, post_json
 from polar_xtuner.serve.launcher import REPO, stop
+from polar_xtuner.train.launch import free_port, port_is_free
 
 FLEET_MAX_LENGTH, FLEET_MAX_RESPONSE_LENGTH = 1024, 128
 # Scores of the same texts from two replicas of one model (fp32 on CPU): equal to float32 rounding.
@@ -67,19 +67,9 @@ class RunningFleet:
 def _free_run(n: int) -> int:
     """A port p with p..p+n all free now (the router's and the replicas')."""
     for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        try:
-            for port in range(base, base + n + 1):
-                with socket.socket() as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind(("127.0.0.1", port))
+        base = free_port()
+        if base + n <= 65535 and all(port_is_free(p) for p in range(base + 1, base + n + 1)):
             return base
-        except OSError:
-            continue
     raise RuntimeError(f"no run of {n + 1} free ports found")
 
 

@@ -43,7 +43,7 @@ def score_answers_remote(scorer: RemoteScorer, tokenizer, records, max_length=DE
     """
     enc = PolarEncoder(tokenizer, max_length, max_response_length)
     items = [(r["prompt"], r["reference"], record_answers(r)) for r in records]
-    keys = [group_key(p, ref) for p, ref, answers in items for _ in answers]  # a record's answers on one replica
+    keys = [k for p, ref, answers in items for k in [group_key(p, ref)] * len(answers)]  # a record's on one replica
     flat = scorer.score(enc.serving_inputs(items, scorer.server_type, [r.get("wrapper", "sft") for r in records]),
                         keys)
     out, k = [], 0

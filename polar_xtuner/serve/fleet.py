@@ -118,13 +118,15 @@ def replica_ports(port: int, n: int) -> list[int]:
 
 
 def gpu_count() -> int:
-    """GPUs nvidia-smi lists (0 without it)."""
+    """GPUs nvidia-smi lists (0 without it, or when it fails)."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return 0
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
+        return 0
+    if out.returncode != 0:
         return 0
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 

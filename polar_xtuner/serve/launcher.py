@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from polar_xtuner.serve.fleet import (
     Replica,
     advertised_host,
     device_envs,
+    gpu_count,
     replica_ports,
     router_binary,
     router_command,
@@ -70,14 +70,7 @@ class ServeError(UserError):
 
 def cuda_available() -> bool:
     """Whether an NVIDIA GPU is visible (nvidia-smi lists one)."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return False
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and "GPU" in out.stdout
+    return gpu_count() > 0
 
 
 def model_dtype(model_dir: str) -> str:
