@@ -302,10 +302,13 @@ def remove_path(path: str) -> None:
             os.remove(path)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists here (EPERM: it does, another user's)."""
+def pid_alive(pid: int, group: bool = False) -> bool:
+    """Whether a process with this pid (``group``: any process of this process group) exists here.
+
+    EPERM counts as alive: the process exists, another user's.
+    """
     try:
-        os.kill(pid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:

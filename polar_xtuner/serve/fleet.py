@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from polar_xtuner.errors import UserError
 
@@ -75,7 +75,6 @@ class Fleet:
     replicas: list[Replica]
     router_cmd: list[str]
     router: subprocess.Popen | None = None
-    log: list[str] = field(default_factory=list)
 
 
 def router_binary(python: str) -> str:

@@ -37,6 +37,7 @@ from polar_xtuner.cli.entry import cli, entry_point, start_tool
 from polar_xtuner.cli.flags import ArgumentParser, float_in, int_at_least, non_empty
 from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.errors import UserError
+from polar_xtuner.outputs import pid_alive
 from polar_xtuner.hf_layout import TRUST_FLAG, remote_code_allowed
 from polar_xtuner.scoring.client import http_request
 from polar_xtuner.serve.fleet import (
@@ -240,16 +241,6 @@ def check_port(host: str, port: int) -> None:
                              f"this machine and a port you may use") from None
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
     """Stop the engine and every process it started (its process group), and wait until all are gone.
 
@@ -267,17 +258,28 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while pid_alive(proc.pid, group=True) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _group_alive(proc.pid):
+    if pid_alive(proc.pid, group=True):
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
         end = time.monotonic() + 10
-        while _group_alive(proc.pid) and time.monotonic() < end:
+        while pid_alive(proc.pid, group=True) and time.monotonic() < end:
             time.sleep(0.1)
+
+
+def local_host(host: str) -> str:
+    """The address this machine reaches a server bound to ``host`` by (loopback for the wildcards)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def _unwind(signum, _frame):
+    # Only unwind here: the caller's `finally` stops what it started. Waiting on
+    # it inside the handler would deadlock with the wait() it interrupted.
+    raise SystemExit(128 + signum)
 
 
 def parse_args(argv=None):
@@ -331,14 +333,9 @@ def main(argv=None) -> int:
         return serve_fleet(args, extra, model_dir, python, on_gpu)
     cmd = engine_command(args.engine, model_dir, args.host, args.port, python, extra, args.dtype, cpu=not on_gpu)
     check_port(args.host, args.port)
-    address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    address = f"{local_host(args.host)}:{args.port}"
     print("$ " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=engine_env(args.engine, args.host, on_gpu), start_new_session=True)
-
-    def _unwind(signum, _frame):
-        # Only unwind here: the `finally` below stops the engine. Waiting on it
-        # inside the handler would deadlock with the proc.wait() it interrupted.
-        raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _unwind)
     signal.signal(signal.SIGINT, _unwind)
@@ -379,14 +376,10 @@ def serve_fleet(args, extra: list[str], model_dir: str, python: str, on_gpu: boo
         cmd = engine_command(args.engine, model_dir, args.host, port, python, extra, args.dtype, cpu=not on_gpu)
         env = dict(engine_env(args.engine, args.host, on_gpu), **share)
         replicas.append(Replica(i, port, f"http://{public}:{port}", cmd, env))
-    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    local = local_host(args.host)
     fleet = Fleet(replicas, router_command(router_bin, args.host, args.port, [r.url for r in replicas],
                                            HEALTH_PATH[args.engine], args.router_policy, _free_port()))
-    address = f"{local if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-
-    def _unwind(signum, _frame):
-        raise SystemExit(128 + signum)  # the `finally` below stops everything
-
+    address = f"{local}:{args.port}"
     signal.signal(signal.SIGTERM, _unwind)
     signal.signal(signal.SIGINT, _unwind)
     start = time.monotonic()
