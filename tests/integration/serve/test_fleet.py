@@ -34,6 +34,7 @@ from fakes import FakeServer, send
 from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.rl.reward import PolarReward, RFTSettings
 from polar_xtuner.scoring.client import http_request
+from polar_xtuner.scoring.fleet import DEFAULT_DOWN_S
 from polar_xtuner.serve.fleet import router_binary, router_command
 from polar_xtuner.serve.launcher import CPU_SERVE_VENV, stop, wait_ready
 
@@ -182,6 +183,7 @@ def test_a_killed_replica_costs_no_score_and_its_restart_is_used_again(fleet):
     assert worker.is_alive(), "the round ended before the kill; give it more work"
     os.killpg(running.pids[0], signal.SIGKILL)  # the engine and its workers, as a lost machine
     worker.join(timeout=300)
+    round_end = time.monotonic()  # every failure the client saw, and so every leave-out, began before this
     ok, worst = _close(result.get("scores", []), want, REPLICA_TOL)
     assert ok, worst
     # the launcher starts it again on its port; the router's health checks take it back
@@ -194,7 +196,8 @@ def test_a_killed_replica_costs_no_score_and_its_restart_is_used_again(fleet):
     new_pid = int(re.findall(r"replica 1: \S+ \(pid (\d+)\)", running.log())[-1])
     assert new_pid != running.pids[0]
     running.pids[0] = new_pid
-    time.sleep(11)  # the client's own leave-out of the replica it saw fail (fleet.DEFAULT_DOWN_S) passes
+    # the client's own leave-out of the replica it saw fail ends (most often while the restart ran)
+    time.sleep(max(0.0, round_end + DEFAULT_DOWN_S + 0.5 - time.monotonic()))
     fresh = shuffled_groups(32, 8, seed=43)
     reward.score(*fresh)
     assert _requests_done(victim) > 0  # a new process: its counters started at 0

@@ -433,23 +433,3 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
     assert code == 128 + 15 and took < 10, (code, took)
     assert not os.path.exists(f"/proc/{engine}") or open(f"/proc/{engine}/stat").read().split(")")[-1].split()[0] == "Z"
 
-
-RL_PY = os.path.join(REPO, ".venv-rl", "bin", "python")
-
-
-@real_engine
-def test_verl_and_openrlhf_code_paths_on_the_real_server(serve_sh, served_model, local_scores, tmp_path):
-    """verl 0.9.1's reward loop and OpenRLHF 0.11.2's agent executor, installed, call polar_xtuner.rft."""
-    if not os.path.exists(os.path.join(REPO, ".venv-rl", ".installed")):
-        pytest.fail("verl/OpenRLHF are missing at .venv-rl: run `make rl-setup` (make test does)")
-    out = tmp_path / "rl.json"
-    env = {"PYTHONPATH": REPO}
-    res = run_tool(RL_PY, "tests/assets/rl_frameworks.py", served_model, serve_sh[0], VAL, str(out), env=env,
-                   timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.load(open(out))
-    local = [s for pair in local_scores[0] for s in pair]
-    for name in ("verl", "openrlhf"):
-        assert len(got[name]) == 400
-        worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(got[name], local))
-        assert worst <= REMOTE_TOL, (name, worst)
