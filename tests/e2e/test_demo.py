@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from common import REPO, assert_converted, copy_config, run_tool
+from common import REPO, assert_converted, copy_config, load_tool, run_in_process
 
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 
@@ -35,7 +35,7 @@ def test_demo_learns(demo_run):
     assert report["compare"]["mcnemar"]["p_value"] < 1e-6 and "paired 95% CI" in proc.stdout
 
 
-def test_encoding_settings_travel_with_the_model(demo_run, tmp_path):
+def test_encoding_settings_travel_with_the_model(demo_run, tmp_path, capsys):
     """The converter saves training's lengths in the model dir, and eval_pref reads them from there."""
     saved = json.load(open(os.path.join(demo_run, "hf", "polar_encoding.json")))
     assert saved == {"max_length": 1024, "max_response_length": 128, "reward_token_id": 4}  # the demo config's
@@ -44,8 +44,10 @@ def test_encoding_settings_travel_with_the_model(demo_run, tmp_path):
     assert report["encoding"]["source"].endswith("polar_encoding.json")
     # an explicit flag still wins, and says so
     out = tmp_path / "r.json"
-    proc = run_tool("python", "tools/eval_pref.py", "--model", os.path.join(demo_run, "hf"), "--data",
-                    "data/demo/val.jsonl", "--max-response-length", "8", "--out", str(out))
+    # eval_pref's main() in this process (the demo ran its script's process)
+    proc = run_in_process(load_tool("eval_pref").main, ["--model", os.path.join(demo_run, "hf"), "--data",
+                                                        VAL, "--max-response-length", "8",
+                                                        "--out", str(out)], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
     enc = json.load(open(out))["encoding"]
     assert enc["max_response_length"] == 8 and enc["max_length"] == 1024 and "explicit" in enc["source"]
@@ -98,7 +100,7 @@ def test_convert_verify_and_evaluate(demo_run):
     assert float(during[-1][2]) == pytest.approx(report["margin"]["mean"], abs=1e-3)
 
 
-def test_convert_refuses_a_deepspeed_run_under_the_wrong_config(demo_run, tmp_path):
+def test_convert_refuses_a_deepspeed_run_under_the_wrong_config(demo_run, tmp_path, capsys):
     """The one refusal that needs a trained run: a real ZeRO-2 work dir, through tools/convert.sh.
 
     Every other refusal (paths, empty or foreign dirs, missing config, busy
@@ -107,15 +109,18 @@ def test_convert_refuses_a_deepspeed_run_under_the_wrong_config(demo_run, tmp_pa
     """
     from polar_xtuner.demo.tiny_model import make_tiny_model
 
+    from polar_xtuner.convert.export import main
+
     other = make_tiny_model(str(tmp_path / "wider"), hidden_size=96, intermediate_size=192)
     wrong_cfg = copy_config(str(tmp_path), "polar_demo_wrong.py", other, VAL)
-    proc = run_tool("bash", "tools/convert.sh", wrong_cfg, os.path.join(demo_run, "train"), str(tmp_path / "o5"))
+    # the converter's main() in this process: its logic is the subject; the demo ran tools/convert.sh's process
+    proc = run_in_process(main, [wrong_cfg, os.path.join(demo_run, "train"), str(tmp_path / "o5")], capsys)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "does not match" in proc.stderr and "mis-shaped: model.layers.0.attention.wo.weight" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o5").exists()
 
 
-def test_bf16_conversion_is_checked_against_the_rounded_weights(demo_run, tmp_path):
+def test_bf16_conversion_is_checked_against_the_rounded_weights(demo_run, tmp_path, capsys):
     """A bf16 output is compared with the trained weights rounded to bf16, scored alike.
 
     On an H200 run a random 1.8B-shaped model's bf16 output scored 0.24-0.96 apart
@@ -123,8 +128,11 @@ def test_bf16_conversion_is_checked_against_the_rounded_weights(demo_run, tmp_pa
     (fp32 scores against bf16 ones, tolerance 5e-2) refused it with exit 3. What
     rounding moves is reported; the check itself is like with like.
     """
-    proc = run_tool("bash", "tools/convert.sh", _trained_config(demo_run), os.path.join(demo_run, "train"),
-                    str(tmp_path / "hf_bf16"), "--dtype", "bf16")
+    from polar_xtuner.convert.export import main
+
+    # in this process, as above: the demo ran tools/convert.sh's process on the same work dir
+    proc = run_in_process(main, [_trained_config(demo_run), os.path.join(demo_run, "train"),
+                                 str(tmp_path / "hf_bf16"), "--dtype", "bf16"], capsys)
     assert proc.returncode == 0, proc.stderr[-3000:]
     moved = re.search(r"Rounding to bf16 moves the trained weights' scores by up to ([0-9.e+-]+)", proc.stdout)
     assert moved and float(moved.group(1)) > 0  # rounding does move them, and it is said
