@@ -20,18 +20,15 @@ pytestmark = pytest.mark.integration  # runs tools/eval_pref.py in a subprocess
 BENCH = os.path.join(ASSETS, "benchmarks")
 
 
-def _eval(*args):
-    return run_tool("python", "tools/eval_pref.py", *args, timeout=300)
-
-
 def _eval_here(capsys, *args):
     """tools/eval_pref.py's main() in this process, as a CompletedProcess."""
     return run_in_process(load_tool("eval_pref").main, args, capsys)
 
 
-def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(tiny_dir, tmp_path):
+def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(tiny_dir, tmp_path, capsys):
+    # main() in this process: the report is the subject (the script's process runs in the tests below)
     data = os.path.join(BENCH, "groups.jsonl")
-    proc = _eval("--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r.json"),
+    proc = _eval_here(capsys, "--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r.json"),
                  "--save-scores", str(tmp_path / "s.jsonl"), "--compare", tiny_dir,
                  "--plot", str(tmp_path / "both.png"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -50,7 +47,7 @@ def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(
     assert [len(r["scores"]) for r in rows] == [3, 2, 3] and [r["line"] for r in rows] == [1, 2, 3]
 
     # the same records read back from the saved scores, scored whole this time: the same figures
-    proc = _eval("--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r2.json"), "--no-shared-prefix",
+    proc = _eval_here(capsys, "--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r2.json"), "--no-shared-prefix",
                  "--compare", str(tmp_path / "s.jsonl"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.load(open(tmp_path / "r2.json"))
@@ -96,11 +93,11 @@ pytestmark = pytest.mark.integration  # runs tools/eval_pref.py in a subprocess
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 
 
-def test_eval_pref_shares_prefixes_and_the_scores_equal_the_unshared(tiny_dir, tmp_path):
+def test_eval_pref_shares_prefixes_and_the_scores_equal_the_unshared(tiny_dir, tmp_path, capsys):
     runs = {}
     for name, extra in (("shared", []), ("whole", ["--no-shared-prefix"])):
-        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL, *extra,
-                        "--out", str(tmp_path / f"{name}.json"), "--save-scores", str(tmp_path / f"{name}.jsonl"))
+        proc = _eval_here(capsys, "--model", tiny_dir, "--data", VAL, *extra,
+                          "--out", str(tmp_path / f"{name}.json"), "--save-scores", str(tmp_path / f"{name}.jsonl"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.load(open(tmp_path / f"{name}.json"))
         scores = [(r["chosen"], r["rejected"]) for r in map(json.loads, open(tmp_path / f"{name}.jsonl"))]
