@@ -40,7 +40,7 @@ SCORE_TOLERANCE = 1e-4
 
 
 def _remote_round(tiny_dir: str, work: dict, pooler: str | None, repeats: int,
-                  engine_args: tuple = ()) -> tuple[dict, dict]:
+                  engine_args: tuple = (), address: str | None = None) -> tuple[dict, dict]:
     """Median seconds per client and set against one vLLM server started as tools/serve.sh starts it.
 
     ``work`` maps a name of :data:`REMOTE_SETS` to its records (pair sets)
@@ -56,30 +56,37 @@ def _remote_round(tiny_dir: str, work: dict, pooler: str | None, repeats: int,
       server, so ``polar / server_only`` bounds any client's speedup.
 
     ``pooler`` overrides the server's pooler config (None: serve.sh's);
-    ``engine_args`` go to the engine after serve.sh's own. The
+    ``engine_args`` go to the engine after serve.sh's own. With ``address``
+    (HOST:PORT), a server already running there is used as it is and left
+    running, and neither applies. The
     prefix cache is emptied before every timed run, so each run computes
     what a first scoring of these texts computes. Returns the times and our
     client's scores per set (checked equal to POLAR's client's).
     """
-    python = os.path.join(CPU_SERVE_VENV, "bin", "python")
-    check(os.path.exists(python), f"no vLLM CPU build at {CPU_SERVE_VENV}; run `make serve-setup`")
     lengths = (REMOTE_MAX_LENGTH, REMOTE_MAX_RESPONSE_LENGTH)
-    port = free_port()
-    extra = (["--pooler-config", pooler] if pooler else []) + list(engine_args)
-    cmd = engine_command("vllm", tiny_dir, "127.0.0.1", port, python, extra, max_model_len=REMOTE_MAX_LENGTH, cpu=True)
-    log = open(os.path.join(os.path.dirname(tiny_dir), "vllm_bench.log"), "w")
-    proc = subprocess.Popen(cmd, env=engine_env("vllm", "127.0.0.1", False), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    proc = log = None
+    if address is None:
+        python = os.path.join(CPU_SERVE_VENV, "bin", "python")
+        check(os.path.exists(python), f"no vLLM CPU build at {CPU_SERVE_VENV}; run `make serve-setup`")
+        port = free_port()
+        extra = (["--pooler-config", pooler] if pooler else []) + list(engine_args)
+        cmd = engine_command("vllm", tiny_dir, "127.0.0.1", port, python, extra, max_model_len=REMOTE_MAX_LENGTH,
+                             cpu=True)
+        log = open(os.path.join(os.path.dirname(tiny_dir), "vllm_bench.log"), "w")
+        proc = subprocess.Popen(cmd, env=engine_env("vllm", "127.0.0.1", False), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        address = f"127.0.0.1:{port}"
+    base = f"http://{address}"
     times, scores = {}, {}
     try:
-        wait_ready(base + "/health", proc, timeout=900)
+        if proc is not None:
+            wait_ready(base + "/health", proc, timeout=900)
         tok = AutoTokenizer.from_pretrained(tiny_dir)
         theirs = RewardModelClient(tiny_dir, *lengths, response_cut_side="right", server_type="vllm",
-                                   server_address=f"127.0.0.1:{port}")
+                                   server_address=address)
         for name, recs in work.items():
             if REMOTE_SETS[name][1] == "pairs":
-                scorer = RemoteScorer("vllm", f"127.0.0.1:{port}")  # eval_pref's defaults
+                scorer = RemoteScorer("vllm", address)  # eval_pref's defaults
                 enc = PolarEncoder(tok, *lengths)
                 data = [{"prompt": r["prompt"], "reference": r["reference"], "output": r[k]}
                         for r in recs for k in ("chosen", "rejected")]
@@ -88,7 +95,7 @@ def _remote_round(tiny_dir: str, work: dict, pooler: str | None, repeats: int,
                 def ours(recs=recs, scorer=scorer):
                     return [s for pair in score_records_remote(scorer, tok, recs, *lengths) for s in pair]
             else:
-                reward = PolarReward(RFTSettings(server_address=f"127.0.0.1:{port}", model=tiny_dir), tokenizer=tok)
+                reward = PolarReward(RFTSettings(server_address=address, model=tiny_dir), tokenizer=tok)
                 scorer = reward.scorer
                 data = [{"prompt": p, "reference": r, "output": c} for p, r, c in zip(*recs)]
                 ids = reward.inputs(*recs)
@@ -121,13 +128,15 @@ def _remote_round(tiny_dir: str, work: dict, pooler: str | None, repeats: int,
             times[name] = {k: statistics.median(v) for k, v in runs.items()}
             scores[name] = got
     finally:
-        stop(proc)
-        log.close()
+        if proc is not None:
+            stop(proc)
+            log.close()
     return times, scores
 
 
 def remote_throughput(tiny_dir: str, n_pairs: int = 1000, n_long: int = 200, n_groups: int = 32,
-                      n_rollouts: int = 8, repeats: int = 3, engine_args: tuple = ()) -> dict:
+                      n_rollouts: int = 8, repeats: int = 3, engine_args: tuple = (),
+                      served_address: str | None = None) -> dict:
     """Pairs (or rollouts)/s of our remote scoring vs POLAR's client against real vLLM servers.
 
     Three workloads (:data:`REMOTE_SETS`): the demo's short pairs
@@ -140,12 +149,15 @@ def remote_throughput(tiny_dir: str, n_pairs: int = 1000, n_long: int = 200, n_g
     ``*_ceiling_vs_polar_client`` is POLAR's client's time over the server's
     own (see :func:`_remote_round`): the most any client could gain there.
     ``engine_args`` are passed to both servers (the tests' ``--enforce-eager``).
+    ``served_address`` (HOST:PORT): a server of ``tiny_dir`` that tools/serve.sh
+    started (the tests pass a fleet's replica), used for the plugin's round
+    instead of starting one; the stock server is started either way.
     """
     # As tools/convert.sh leaves a model: its lengths recorded, which the RL reward reads.
     EncodingSettings(REMOTE_MAX_LENGTH, REMOTE_MAX_RESPONSE_LENGTH).save(tiny_dir)
     work = {"short": list(generate(n_pairs, 11)), "long": long_records(n_long, 12),
             "rl": rollout_groups(n_groups, n_rollouts, 13)}
-    served, got = _remote_round(tiny_dir, work, None, repeats, engine_args)
+    served, got = _remote_round(tiny_dir, work, None, repeats, engine_args, served_address)
     stock, got_stock = _remote_round(tiny_dir, work, json.dumps({"use_activation": False, "task": "token_classify"}),
                                      repeats, engine_args)
     out = {}

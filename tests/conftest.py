@@ -21,12 +21,18 @@ from common import VAL, copy_config, run_tool
 # xdist they form one work unit, so the demo is trained once per run, not once per
 # worker. tests/unit/test_test_layout.py checks that no other file uses it.
 DEMO_FILES = ("tests/e2e/test_demo.py", "tests/integration/serve/test_serve.py")
+# The files whose tests use the session's `scoring_fleet` (two vLLM replicas behind
+# vllm-router: a minute of both cores to start), one work unit for the same reason.
+# Collection order runs bench/test_remote.py first, on replicas no fault was injected
+# into; serve/test_fleet.py kills a replica and ends by stopping the fleet.
+FLEET_FILES = ("tests/integration/bench/test_remote.py", "tests/integration/serve/test_fleet.py")
+SHARED_UNITS = {**{path: "demo_run" for path in DEMO_FILES}, **{path: "scoring_fleet" for path in FLEET_FILES}}
 
 
 def work_unit(nodeid: str) -> str:
-    """The xdist work unit of a test: its file (its module fixtures are built once), or the demo's."""
+    """The xdist work unit of a test: its file (its module fixtures are built once), or the shared fixture's."""
     path = nodeid.split("::")[0]
-    return "demo_run" if path in DEMO_FILES else path
+    return SHARED_UNITS.get(path, path)
 
 
 def pytest_configure(config):
@@ -156,6 +162,30 @@ def demo_run(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     demo_dir.proc = proc
     return demo_dir
+
+
+@pytest.fixture(scope="session")
+def scoring_fleet(tmp_path_factory):
+    """``tools/serve.sh TINY --replicas 2`` once per session: (the model dir, a bench.fleet.RunningFleet).
+
+    A fresh tiny model with its lengths recorded as tools/convert.sh records
+    them. The replicas run with ``--enforce-eager``: nothing checked on them
+    depends on vLLM's compiled graph, which costs each start 8-17 s on 2 cores;
+    tools/serve.sh's default (compiled) is what integration/serve/test_serve.py serves.
+    """
+    from bench.fleet import start_fleet
+    from bench.workloads import model_dir
+    from polar_xtuner.encoding import EncodingSettings
+    from polar_xtuner.serve.launcher import CPU_SERVE_VENV
+
+    if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".router")):
+        pytest.fail(f"vLLM's CPU build or vllm-router is missing at {CPU_SERVE_VENV}: run `make serve-setup` "
+                    "(make test does)")
+    root = tmp_path_factory.mktemp("fleet")
+    tiny = model_dir(str(root / "tiny"))
+    EncodingSettings(1024, 128).save(tiny)
+    with start_fleet(tiny, 2, ("--enforce-eager",), log_path=str(root / "fleet.log")) as running:
+        yield tiny, running
 
 
 @pytest.fixture

@@ -4,26 +4,32 @@ import glob
 import os
 import re
 
+import pytest
+
 from common import REPO
-from conftest import DEMO_FILES, work_unit
+from conftest import DEMO_FILES, FLEET_FILES, work_unit
 
 
-def test_only_the_demo_files_use_the_session_demo():
-    """A test elsewhere using ``demo_run`` would train the demo a second time on the other worker."""
+@pytest.mark.parametrize("fixture, files", [("demo_run", DEMO_FILES), ("scoring_fleet", FLEET_FILES)])
+def test_only_the_shared_units_files_use_their_session_fixture(fixture, files):
+    """A test elsewhere using ``demo_run`` (or ``scoring_fleet``) would build it a second time on the other worker."""
     users = set()
     for path in glob.glob(os.path.join(REPO, "tests", "**", "test_*.py"), recursive=True):
         if os.path.samefile(path, __file__):
             continue
         with open(path, encoding="utf-8") as f:
-            if "demo_run" in f.read():
+            if fixture in f.read():
                 users.add(os.path.relpath(path, REPO))
-    assert users == set(DEMO_FILES)
+    assert users == set(files)
 
 
-def test_work_units_are_files_with_the_demo_files_as_one():
+def test_work_units_are_files_with_each_shared_fixtures_files_as_one():
     assert work_unit("tests/unit/core/test_encoding.py::test_x[512-128]") == "tests/unit/core/test_encoding.py"
     assert work_unit("tests/integration/test_integration.py::test_y[zero1]") == "tests/integration/test_integration.py"
     assert {work_unit(f"{path}::test_z") for path in DEMO_FILES} == {"demo_run"}
+    assert {work_unit(f"{path}::test_z") for path in FLEET_FILES} == {"scoring_fleet"}
+    # the remote section measures on replicas no fault test has touched: collected (so run) first
+    assert sorted(FLEET_FILES) == list(FLEET_FILES) and FLEET_FILES[-1].endswith("serve/test_fleet.py")
 
 
 def test_the_controller_writes_yapfs_grammar_cache_before_workers_start(tmp_path):

@@ -1,7 +1,10 @@
-"""`make bench`'s remote section end to end: its own two vLLM servers (plugin and stock) on a fresh tiny model.
+"""`make bench`'s remote section end to end: plugin and stock vLLM servers of a fresh tiny model.
 
-Apart from integration/serve/test_serve.py, which needs the session's trained demo: this one
-does not, so under xdist it runs beside the demo's work unit.
+The plugin's server is a replica of the session's ``scoring_fleet`` (tests/conftest.py:
+tools/serve.sh's engine, on the model the fleet serves), so this file shares a work unit
+with integration/serve/test_fleet.py and runs before it; the stock server is started
+here, as `make bench` starts both. It does not need the session's trained demo, so
+under xdist it runs beside the demo's work unit.
 """
 import math
 import os
@@ -9,7 +12,6 @@ import os
 import pytest
 
 from bench.remote import REMOTE_SETS, remote_throughput
-from bench.workloads import model_dir
 from polar_xtuner.serve.launcher import CPU_SERVE_VENV
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serving]
@@ -20,7 +22,7 @@ def _need_serve_venv():
         pytest.fail(f"vLLM's CPU build is missing at {CPU_SERVE_VENV}: run `make serve-setup` (make test does)")
 
 
-def test_bench_remote_section_on_small_sets(tmp_path):
+def test_bench_remote_section_on_small_sets(scoring_fleet):
     """`make bench`'s remote section end to end on a few records of each workload.
 
     bench.remote.remote_throughput raises CheckFailed when a client's scores
@@ -29,11 +31,12 @@ def test_bench_remote_section_on_small_sets(tmp_path):
     speeds are benchmark figures, not asserted here.
     """
     _need_serve_venv()
-    tiny = model_dir(str(tmp_path / "tiny"))
-    # Eager: what is checked here does not depend on vLLM's compiled graph, which costs each
-    # server 8-17 s of its start on 2 cores; `make bench` and tools/serve.sh keep vLLM's default.
+    tiny, running = scoring_fleet
+    assert running.proc.poll() is None, "the session's fleet has stopped: this file runs before test_fleet.py"
+    # Eager, as the fleet's replicas: what is checked here does not depend on vLLM's compiled graph,
+    # which costs each server 8-17 s of its start on 2 cores; `make bench` and tools/serve.sh keep vLLM's default.
     out = remote_throughput(tiny, n_pairs=16, n_long=4, n_groups=2, n_rollouts=4, repeats=1,
-                                  engine_args=("--enforce-eager",))
+                            engine_args=("--enforce-eager",), served_address=running.replicas[0].split("://")[1])
     expected = set()
     for key, unit in REMOTE_SETS.values():
         expected |= {f"{key}_plugin_speedup", f"{key}_plugin_speedup_polar_client"}

@@ -11,10 +11,9 @@ One fleet for the module, started as a user starts it, on a fresh tiny model
   the killed one, restarted by the launcher, is used again;
 * SIGTERM to the launcher stops every process of the fleet.
 
-The replicas run with ``--enforce-eager``: nothing checked here depends on
-vLLM's compiled graph, which costs each start 8-17 s on 2 cores.
-tools/serve.sh's default (compiled) is what tests/integration/serve/test_serve.py
-serves.
+The fleet is the session's ``scoring_fleet`` (tests/conftest.py), shared
+with integration/bench/test_remote.py, which runs first; its replicas run with
+``--enforce-eager`` (the fixture says why).
 """
 import json
 import math
@@ -27,11 +26,9 @@ import time
 
 import pytest
 
-from bench.fleet import measure_fleet, prefix_cache_counters, shuffled_groups, start_fleet
-from bench.workloads import model_dir
+from bench.fleet import measure_fleet, prefix_cache_counters, shuffled_groups
 from common import REPO, free_port, run_tool
 from fakes import FakeServer, send
-from polar_xtuner.encoding import EncodingSettings
 from polar_xtuner.rl.reward import PolarReward, RFTSettings
 from polar_xtuner.scoring.client import http_request
 from polar_xtuner.scoring.fleet import DEFAULT_DOWN_S
@@ -47,15 +44,12 @@ REPLICA_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    if not os.path.exists(os.path.join(CPU_SERVE_VENV, ".router")):
-        pytest.fail(f"vLLM's CPU build or vllm-router is missing at {CPU_SERVE_VENV}: run `make serve-setup` "
-                    "(make test does)")
-    root = tmp_path_factory.mktemp("fleet")
-    tiny = model_dir(str(root / "tiny"))
-    EncodingSettings(1024, 128).save(tiny)
-    with start_fleet(tiny, 2, ("--enforce-eager",), log_path=str(root / "fleet.log")) as running:
-        yield tiny, running
+def fleet(scoring_fleet):
+    tiny, running = scoring_fleet
+    if running.proc.poll() is not None:
+        pytest.fail("the session's fleet has stopped: test_sigterm_stops_every_process_of_the_fleet stops it, "
+                    "and runs last")
+    return tiny, running
 
 
 def _workers(address):
