@@ -108,7 +108,10 @@ def _train(tmp_path, tiny_dir, stage, **overrides):
 
 @pytest.mark.slow  # ~180 s measured
 def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir, capsys):
-    """Merged through the tools' processes; the adapter through their main() here (the same code)."""
+    """Merged through tools/convert.sh's process; the adapter, and both evaluations, through main() here.
+
+    eval_pref's process on a converted model is the demo's (tests/e2e/test_demo.py).
+    """
     from safetensors.torch import load_file
 
     from polar_xtuner.convert.export import main as convert
@@ -139,11 +142,7 @@ def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir, capsys):
     for name, path in (("merged", merged), ("adapter", adapter)):
         args = ["--model", str(path), "--data", VAL, "--out", str(tmp_path / f"{name}.json"),
                 "--save-scores", str(tmp_path / f"{name}.jsonl")]
-        if name == "merged":
-            proc = run_tool("python", "tools/eval_pref.py", *args)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-        else:
-            assert load_tool("eval_pref").main(args) == 0, capsys.readouterr().err[-3000:]
+        assert load_tool("eval_pref").main(args) == 0, capsys.readouterr().err[-3000:]
         results[name] = (json.load(open(tmp_path / f"{name}.json")), _scores(tmp_path / f"{name}.jsonl"))
     m, a = results["merged"][1], results["adapter"][1]
     worst = max(abs(x - y) / max(1.0, abs(y)) for pm, pa in zip(m, a) for x, y in zip(pm, pa))

@@ -284,7 +284,7 @@ def test_rl_reward_functions_on_the_real_server(serve_sh, served_model, local_sc
 
 
 @real_engine
-def test_bare_vllm_defaults_still_give_raw_scores(served_model, local_scores, tmp_path):
+def test_bare_vllm_defaults_still_give_raw_scores(served_model, local_scores, tmp_path, capsys):
     port = free_port()
     cmd = [SERVE_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", served_model, "--runner", "pooling",
            "--trust-remote-code", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
@@ -295,10 +295,10 @@ def test_bare_vllm_defaults_still_give_raw_scores(served_model, local_scores, tm
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
         scores = tmp_path / "remote_scores.jsonl"
-        res = run_tool("python", "tools/eval_pref.py", "--model", served_model, "--data", VAL,
-                       "--server-type", "vllm", "--server-address", f"127.0.0.1:{port}",
-                       "--save-scores", str(scores))
-        assert res.returncode == 0, res.stderr[-3000:]
+        # eval_pref's main() in this process: its client is the subject (its process: the test above)
+        code = load_tool("eval_pref").main(["--model", served_model, "--data", VAL, "--server-type", "vllm",
+                                            "--server-address", f"127.0.0.1:{port}", "--save-scores", str(scores)])
+        assert code == 0, capsys.readouterr().err[-3000:]
         polar = _polar_client_scores(served_model, f"127.0.0.1:{port}")
     finally:
         stop(proc)
