@@ -165,7 +165,7 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def scoring_fleet(tmp_path_factory):
+def _fleet_session(tmp_path_factory):
     """``tools/serve.sh TINY --replicas 2`` once per session: (the model dir, a bench.fleet.RunningFleet).
 
     A fresh tiny model with its lengths recorded as tools/convert.sh records
@@ -186,6 +186,15 @@ def scoring_fleet(tmp_path_factory):
     EncodingSettings(1024, 128).save(tiny)
     with start_fleet(tiny, 2, ("--enforce-eager",), log_path=str(root / "fleet.log")) as running:
         yield tiny, running
+
+
+@pytest.fixture
+def scoring_fleet(_fleet_session):
+    """The session's fleet (see ``_fleet_session``), refused once stopped: SIGTERM is the last test of its unit."""
+    if _fleet_session[1].proc.poll() is not None:
+        pytest.fail("the session's fleet has stopped: test_fleet.py's test_sigterm_stops_every_process_of_the_fleet "
+                    "stops it, and FLEET_FILES' order runs it last")
+    return _fleet_session
 
 
 @pytest.fixture

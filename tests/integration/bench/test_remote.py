@@ -32,7 +32,6 @@ def test_bench_remote_section_on_small_sets(scoring_fleet):
     """
     _need_serve_venv()
     tiny, running = scoring_fleet
-    assert running.proc.poll() is None, "the session's fleet has stopped: this file runs before test_fleet.py"
     # Eager, as the fleet's replicas: what is checked here does not depend on vLLM's compiled graph,
     # which costs each server 8-17 s of its start on 2 cores; `make bench` and tools/serve.sh keep vLLM's default.
     out = remote_throughput(tiny, n_pairs=16, n_long=4, n_groups=2, n_rollouts=4, repeats=1,

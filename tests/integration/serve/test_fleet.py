@@ -43,15 +43,6 @@ REMOTE_TOL = 5e-3
 REPLICA_TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def fleet(scoring_fleet):
-    tiny, running = scoring_fleet
-    if running.proc.poll() is not None:
-        pytest.fail("the session's fleet has stopped: test_sigterm_stops_every_process_of_the_fleet stops it, "
-                    "and runs last")
-    return tiny, running
-
-
 def _workers(address):
     status, body = http_request("GET", f"http://{address}/workers", timeout=10)
     assert status == 200
@@ -86,17 +77,20 @@ def _saved_scores(path):
 
 
 @pytest.fixture(scope="module")
-def local_val(fleet, tmp_path_factory):
-    """eval_pref's local scores of the held-out demo pairs on the fleet's model: chosen, rejected, ..."""
-    tiny, _ = fleet
+def local_val(_fleet_session, tmp_path_factory):
+    """eval_pref's local scores of the held-out demo pairs on the fleet's model: chosen, rejected, ...
+
+    Module-scoped, so from the session's fixture itself: it reads the model dir, not the replicas.
+    """
+    tiny, _ = _fleet_session
     out = tmp_path_factory.mktemp("local") / "local.jsonl"
     res = run_tool("python", "tools/eval_pref.py", "--model", tiny, "--data", VAL, "--save-scores", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     return _saved_scores(out)
 
 
-def test_the_fleet_starts_from_one_command_and_scores_equal_local(fleet, local_val, tmp_path):
-    tiny, running = fleet
+def test_the_fleet_starts_from_one_command_and_scores_equal_local(scoring_fleet, local_val, tmp_path):
+    tiny, running = scoring_fleet
     log = running.log()
     assert len(running.replicas) == 2 and len(set(running.pids)) == 2
     assert "--policy consistent_hash" in log and "--runner pooling" in log and "--pooler-config" in log
@@ -114,11 +108,11 @@ def test_the_fleet_starts_from_one_command_and_scores_equal_local(fleet, local_v
     assert all(_requests_done(r) > 0 for r in running.replicas)  # both replicas scored
 
 
-def test_verl_and_openrlhf_score_through_the_fleet_unchanged(fleet, local_val, tmp_path):
+def test_verl_and_openrlhf_score_through_the_fleet_unchanged(scoring_fleet, local_val, tmp_path):
     """verl 0.9.1's reward loop and OpenRLHF 0.11.2's agent executor, given the fleet's one address."""
     if not os.path.exists(os.path.join(REPO, ".venv-rl", ".installed")):
         pytest.fail("verl/OpenRLHF are missing at .venv-rl: run `make rl-setup` (make test does)")
-    tiny, running = fleet
+    tiny, running = scoring_fleet
     before = [_requests_done(r) for r in running.replicas]
     out = tmp_path / "rl.json"
     res = run_tool(RL_PY, "tests/assets/rl_frameworks.py", tiny, running.address, VAL, str(out),
@@ -131,8 +125,8 @@ def test_verl_and_openrlhf_score_through_the_fleet_unchanged(fleet, local_val, t
     assert all(_requests_done(r) > b for r, b in zip(running.replicas, before))
 
 
-def test_rl_groups_keep_their_prefix_cache_hits_across_two_replicas(fleet):
-    tiny, running = fleet
+def test_rl_groups_keep_their_prefix_cache_hits_across_two_replicas(scoring_fleet):
+    tiny, running = scoring_fleet
     out = measure_fleet(running, tiny, n_groups=8, n_rollouts=8, repeats=1)
     assert {k for k in out if k.startswith("fleet_")} >= {
         "fleet_prefix_cache_hit_rate_prefix", "fleet_prefix_cache_hit_rate_round_robin",
@@ -145,8 +139,8 @@ def test_rl_groups_keep_their_prefix_cache_hits_across_two_replicas(fleet):
     assert out["fleet_prefix_cache_hit_rate_prefix"] > out["fleet_prefix_cache_hit_rate_round_robin"], out
 
 
-def test_a_stalled_replica_costs_no_score(fleet):
-    tiny, running = fleet
+def test_a_stalled_replica_costs_no_score(scoring_fleet):
+    tiny, running = scoring_fleet
     work = shuffled_groups(16, 8, seed=31)
     want = _reward(tiny, running.replicas[0].split("://")[1]).score(*work)  # one replica alone
     reward = _reward(tiny, running.address, timeout=4, batch_size=8)
@@ -162,8 +156,8 @@ def test_a_stalled_replica_costs_no_score(fleet):
     assert took < reward.scorer.batch_deadline_s, took  # moved on after one timeout, not after every attempt
 
 
-def test_a_killed_replica_costs_no_score_and_its_restart_is_used_again(fleet):
-    tiny, running = fleet
+def test_a_killed_replica_costs_no_score_and_its_restart_is_used_again(scoring_fleet):
+    tiny, running = scoring_fleet
     work = shuffled_groups(64, 8, seed=41)
     want = _reward(tiny, running.replicas[1].split("://")[1]).score(*work)
     reward = _reward(tiny, running.address, timeout=20, batch_size=4)  # many small requests: the kill lands mid-run
@@ -199,8 +193,8 @@ def test_a_killed_replica_costs_no_score_and_its_restart_is_used_again(fleet):
     assert queries > 0
 
 
-def test_sigterm_stops_every_process_of_the_fleet(fleet):
-    _, running = fleet
+def test_sigterm_stops_every_process_of_the_fleet(scoring_fleet):
+    _, running = scoring_fleet
     os.killpg(running.proc.pid, signal.SIGTERM)
     assert running.proc.wait(timeout=120) == 128 + signal.SIGTERM
     time.sleep(1)
