@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import pytest
 
@@ -57,6 +59,18 @@ def timed(fn, *args, **kw):
     return out, time.monotonic() - t0
 
 
+def side_by_side(calls):
+    """``timed`` of each named call, all at once: {name: (result or exception, seconds)}.
+
+    Each case waits out a deadline of its own against a server of its own, so
+    they run together: the test takes one deadline, not one per case, and each
+    case's time is still its own (the clock starts in its thread).
+    """
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = {name: pool.submit(timed, fn) for name, fn in calls.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
 def eval_in_process(capsys, tiny_dir, tmp_path, server_type, address, *flags):
     """tools/eval_pref.py's main in this process: (exit code, the error lines, seconds)."""
     data = tmp_path / "pairs.jsonl"
@@ -75,18 +89,20 @@ def eval_in_process(capsys, tiny_dir, tmp_path, server_type, address, *flags):
 # -- 1. deadlines ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # 18 cases that each wait out their deadline: about 20 s together
-@pytest.mark.parametrize("fault_server", KINDS, indirect=True)
 @pytest.mark.parametrize("server_type", ["vllm", "lmdeploy", "sglang"])
-def test_remote_scoring_gives_up_within_its_deadline(fault_server, server_type):
-    scorer = RemoteScorer(server_type, fault_server.address, timeout=TIMEOUT, max_retries=2, backoff=0.2,
-                          concurrency=1)
-    assert scorer.batch_deadline_s == pytest.approx(TIMEOUT * 2 + 0.2)
-    err, took = timed(scorer.score, ["a", "b"])
-    assert isinstance(err, RemoteScoringError) and "failed after 2 attempt(s)" in str(err), err
-    assert "\n" not in str(err)
-    assert took <= TIMEOUT * 2 + 0.2 + SLACK, took
-    assert len(fault_server.requests) == 2  # bounded retries
+def test_remote_scoring_gives_up_within_its_deadline(server_type):
+    """Every fault of KINDS, side by side, each against a server of its own."""
+    with ExitStack() as stack:
+        servers = {kind: stack.enter_context(FakeServer(answer=fault(kind, every=TRICKLE_S))) for kind in KINDS}
+        scorers = {kind: RemoteScorer(server_type, server.address, timeout=TIMEOUT, max_retries=2, backoff=0.2,
+                                      concurrency=1) for kind, server in servers.items()}
+        got = side_by_side({kind: lambda s=scorer: s.score(["a", "b"]) for kind, scorer in scorers.items()})
+    for kind, (err, took) in got.items():
+        assert scorers[kind].batch_deadline_s == pytest.approx(TIMEOUT * 2 + 0.2)
+        assert isinstance(err, RemoteScoringError) and "failed after 2 attempt(s)" in str(err), (kind, err)
+        assert "\n" not in str(err)
+        assert took <= TIMEOUT * 2 + 0.2 + SLACK, (kind, took)
+        assert len(servers[kind].requests) == 2, kind  # bounded retries
 
 
 @pytest.mark.slow  # each case waits out its deadline
@@ -103,14 +119,19 @@ def test_rl_reward_functions_give_up_within_their_deadline(fault_server, tokeniz
     settings = RFTSettings(server_address=fault_server.address, timeout=TIMEOUT, max_retries=2, concurrency=1)
     reward = PolarReward(settings, tokenizer=tokenizer)
     bound = TIMEOUT * 2 + reward.scorer.backoff + SLACK
-    err, took = timed(reward.score, ["q"], ["r"], ["a"])  # verl's batch manager
-    assert isinstance(err, RemoteScoringError) and took <= bound, (err, took)
-    err, took = timed(lambda: reward.submit("q", "r", "a").result())  # verl's reward loop, OpenRLHF
-    assert isinstance(err, RemoteScoringError) and took <= bound + reward.gather_s, (err, took)
     fallback = PolarReward(RFTSettings(server_address=fault_server.address, timeout=TIMEOUT, max_retries=2,
                                        fallback_score=-7.0), tokenizer=tokenizer)
-    got, took = timed(fallback.score, ["q"], ["r"], ["a"])
-    assert got == [-7.0] and took <= bound and fallback.fallback_uses == 1
+    got = side_by_side({
+        "batch": lambda: reward.score(["q"], ["r"], ["a"]),  # verl's batch manager
+        "one": lambda: reward.submit("q", "r", "a").result(),  # verl's reward loop, OpenRLHF
+        "fallback": lambda: fallback.score(["q"], ["r"], ["a"]),
+    })
+    err, took = got["batch"]
+    assert isinstance(err, RemoteScoringError) and took <= bound, (err, took)
+    err, took = got["one"]
+    assert isinstance(err, RemoteScoringError) and took <= bound + reward.gather_s, (err, took)
+    scores, took = got["fallback"]
+    assert scores == [-7.0] and took <= bound and fallback.fallback_uses == 1
 
 
 def test_the_sigmoid_probe_served_dtype_and_bench_calls_have_deadlines():
@@ -118,18 +139,22 @@ def test_the_sigmoid_probe_served_dtype_and_bench_calls_have_deadlines():
     probe_stalls = FakeServer("vllm", scores=[0.25], activation="stall", vllm_lists=True, indices="order",
                               protocol="HTTP/1.1")
     with probe_stalls, FakeServer(answer=fault("trickle", TRICKLE_S)) as trickling:
-        scorer = RemoteScorer("vllm", probe_stalls.address, timeout=1, max_retries=1)
-        err, took = timed(scorer.score, [[1], [2]])  # the batch answers at once; the probe gets its own timeout
-        assert isinstance(err, RemoteScoringError) and "activation check failed" in str(err), err
-        assert took <= 1 + SLACK, took
-        scorer = RemoteScorer("vllm", trickling.address, timeout=1)
-        got, took = timed(scorer.served_dtype)  # eval_pref's dtype note
-        assert got is None and took <= 1 + SLACK, (got, took)
-        # bench's direct call (POST /reset_prefix_cache) and any GET
-        err, took = timed(post_json, f"http://{trickling.address}/reset_prefix_cache", {}, 1)
-        assert isinstance(err, TimeoutError) and took <= 1 + SLACK, (err, took)
-        err, took = timed(http_request, "GET", f"http://{trickling.address}/health", None, 1)
-        assert isinstance(err, TimeoutError) and took <= 1 + SLACK, (err, took)
+        probing = RemoteScorer("vllm", probe_stalls.address, timeout=1, max_retries=1)
+        got = side_by_side({
+            "probe": lambda: probing.score([[1], [2]]),  # the batch answers at once; the probe gets its own timeout
+            "dtype": RemoteScorer("vllm", trickling.address, timeout=1).served_dtype,  # eval_pref's dtype note
+            # bench's direct call (POST /reset_prefix_cache) and any GET
+            "post": lambda: post_json(f"http://{trickling.address}/reset_prefix_cache", {}, 1),
+            "get": lambda: http_request("GET", f"http://{trickling.address}/health", None, 1),
+        })
+    err, took = got["probe"]
+    assert isinstance(err, RemoteScoringError) and "activation check failed" in str(err), err
+    assert took <= 1 + SLACK, took
+    dtype, took = got["dtype"]
+    assert dtype is None and took <= 1 + SLACK, (dtype, took)
+    for call in ("post", "get"):
+        err, took = got[call]
+        assert isinstance(err, TimeoutError) and took <= 1 + SLACK, (call, err, took)
 
 
 def test_serve_readiness_wait_has_a_deadline():
