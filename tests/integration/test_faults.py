@@ -331,7 +331,7 @@ def test_bom_gzip_parquet_and_duplicate_keys(tmp_path):
 # -- remote code ---------------------------------------------------------------------------------------------
 
 
-def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir):
+def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir, capsys):
     import shutil
 
     model = tmp_path / "model"
@@ -344,8 +344,8 @@ def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir):
     assert "modeling_internlm2.py" in proc.stderr and not marker.exists()
     proc = run_tool("python", "tools/eval_pref.py", "--model", str(model), "--data", VAL, "--trust-remote-code")
     assert proc.returncode == 0 and marker.exists(), proc.stderr[-2000:]
-    # the shipped code, unchanged, needs no flag
-    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL)
+    # the shipped code, unchanged, needs no flag (main() here: no planted code runs in this process)
+    proc = run_in_process(load_tool("eval_pref").main, ["--model", tiny_dir, "--data", VAL], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

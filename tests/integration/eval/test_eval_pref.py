@@ -131,9 +131,9 @@ def test_eval_cli_against_servers(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "scores.png").stat().st_size > 1000
 
     dead = FakeServer("fail")
-    try:
-        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", VAL, "--server-type",
-                        "sglang", "--server-address", dead.address, "--max-retries", "2")
+    try:  # main() here: the process's exit codes are the remote run's above and integration/scoring's
+        proc = _eval_here(capsys, "--model", tiny_dir, "--data", VAL, "--server-type", "sglang",
+                          "--server-address", dead.address, "--max-retries", "2")
     finally:
         dead.close()
     assert proc.returncode == 3 and "failed after 2 attempt" in proc.stderr and "Traceback" not in proc.stderr
@@ -175,17 +175,18 @@ def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path
             assert proc.returncode == 2 and "not writable" in proc.stderr and "Scoring" not in proc.stderr
     finally:
         ro.chmod(0o700)
-    # a server answering NaN: exit 3 naming the text, and no report that looks complete
+    # a server answering NaN: exit 3 naming the text, and no report that looks complete (the tool's
+    # process on a NaN: test_faults.py); main() here, as the refusals above
     server = FakeServer("vllm", scores=[float("nan")])
     out = tmp_path / "r.json"
     try:
-        proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data),
-                        "--server-type", "vllm", "--server-address", server.address, "--out", str(out))
+        proc = _eval_here(capsys, "--model", tiny_dir, "--data", str(data), "--server-type", "vllm",
+                          "--server-address", server.address, "--out", str(out))
     finally:
         server.close()
     assert proc.returncode == 3 and "non-finite" in proc.stderr and not out.exists()
     # a good run writes strict JSON and leaves no temporary file behind
-    proc = run_tool("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(data), "--out", str(out))
+    proc = _eval_here(capsys, "--model", tiny_dir, "--data", str(data), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the report"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "ro", "val.jsonl"]

@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 
-from common import VAL, copy_config, free_port, one_error_line, run_tool
+from common import VAL, copy_config, free_port, load_tool, one_error_line, run_in_process, run_tool
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +31,11 @@ def _cut(path) -> None:
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
+
+
+def _eval(capsys, *args):
+    """tools/eval_pref.py's main() in this process (its logic is the subject; its process: integration/eval)."""
+    return run_in_process(load_tool("eval_pref").main, [str(a) for a in args], capsys)
 
 
 def _convert(capsys, *args):
@@ -135,10 +140,10 @@ def _sharded_copy(tiny_dir, dst):
     return shards
 
 
-def test_a_truncated_safetensors_shard_is_named_when_evaluating(tiny_dir, tmp_path):
+def test_a_truncated_safetensors_shard_is_named_when_evaluating(tiny_dir, tmp_path, capsys):
     shards = _sharded_copy(tiny_dir, tmp_path / "model")
     _cut(shards[1])
-    proc = run_tool("python", "tools/eval_pref.py", "--model", str(tmp_path / "model"), "--data", VAL)
+    proc = _eval(capsys, "--model", tmp_path / "model", "--data", VAL)
     line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and f"{shards[1]} is truncated" in line, line
 
@@ -183,7 +188,7 @@ def test_a_truncated_tokenizer_of_the_base_model_is_named(pth_run, tiny_dir, tmp
 
 
 @pytest.mark.parametrize("victim", ["adapter", "base"])
-def test_a_truncated_lora_adapter_or_its_base_is_named(victim, tiny_dir, tmp_path):
+def test_a_truncated_lora_adapter_or_its_base_is_named(victim, tiny_dir, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
@@ -199,7 +204,7 @@ def test_a_truncated_lora_adapter_or_its_base_is_named(victim, tiny_dir, tmp_pat
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     file = adapter / "adapter_model.safetensors" if victim == "adapter" else base / "model.safetensors"
     _cut(file)
-    proc = run_tool("python", "tools/eval_pref.py", "--model", str(adapter), "--data", VAL)
+    proc = _eval(capsys, "--model", adapter, "--data", VAL)
     line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and f"{file} is truncated" in line, line
 
@@ -229,11 +234,11 @@ def test_polar_model_naming_a_work_dir_is_one_line(pth_run, tmp_path):
     _says_convert_first(str(e.value), f"POLAR_MODEL={work}")
 
 
-def test_tokenizer_or_model_naming_a_work_dir_is_one_line(pth_run, tmp_path):
+def test_tokenizer_or_model_naming_a_work_dir_is_one_line(pth_run, tmp_path, capsys):
     work = _work_dir_with_config_copy(pth_run, tmp_path)
     proc = run_tool("python", "tools/build_dataset.py", VAL, "-o", str(tmp_path / "out"), "--tokenizer", str(work))
     assert proc.returncode == 2
     _says_convert_first(one_error_line(proc.stderr), f"--tokenizer {work}")
-    proc = run_tool("python", "tools/eval_pref.py", "--model", str(work), "--data", VAL)
+    proc = _eval(capsys, "--model", work, "--data", VAL)
     assert proc.returncode == 2
     _says_convert_first(one_error_line(proc.stderr), f"--model {work}")
