@@ -17,7 +17,7 @@ import stat
 
 import pytest
 
-from common import VAL, one_error_line, run_tool
+from common import VAL, one_error_line, run_in_process, run_tool
 
 pytestmark = pytest.mark.integration
 
@@ -109,21 +109,25 @@ def test_atomic_outputs_follow_the_umask_whatever_the_writer_made(tmp_path):
 # -- the folder of an output must exist ---------------------------------------------------------------------
 
 
-def test_a_missing_output_folder_is_one_line_naming_it_in_every_writer(tmp_path, tiny_dir, pth_run):
+def test_a_missing_output_folder_is_one_line_naming_it_in_every_writer(tmp_path, tiny_dir, pth_run, capsys):
+    """Each tool's process once; eval_pref's other two outputs through its main() here (the same check)."""
     missing = tmp_path / "no" / "such"
     src = tmp_path / "in.jsonl"
     src.write_text(open(VAL, encoding="utf-8").read())
+    evaluate = ["--model", tiny_dir, "--data", str(src)]
     cases = [
         ("python", "tools/build_dataset.py", str(src), "-o", str(missing / "out")),
         ("bash", "tools/convert.sh", pth_run["cfg"], pth_run["ckpt"], str(missing / "hf")),
-        ("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(src), "--out", str(missing / "r.json")),
-        ("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(src), "--save-scores",
-         str(missing / "s.jsonl")),
-        ("python", "tools/eval_pref.py", "--model", tiny_dir, "--data", str(src), "--plot", str(missing / "p.png")),
+        ("python", "tools/eval_pref.py", *evaluate, "--out", str(missing / "r.json")),
+        ("eval_pref", *evaluate, "--save-scores", str(missing / "s.jsonl")),
+        ("eval_pref", *evaluate, "--plot", str(missing / "p.png")),
         ("python", "tools/make_rft_data.py", str(src), "-o", str(missing / "rl.jsonl")),
     ]
     for cmd in cases:
-        proc = run_tool(*cmd)
+        if cmd[0] == "eval_pref":
+            proc = run_in_process(_tool_main("eval_pref"), cmd[1:], capsys)
+        else:
+            proc = run_tool(*cmd)
         line = one_error_line(proc.stderr)
         assert proc.returncode == 2 and f"the folder {missing} does not exist" in line, (cmd, line)
         assert not (tmp_path / "no").exists(), cmd  # nothing created on the way
