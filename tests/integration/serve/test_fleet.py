@@ -27,7 +27,7 @@ import time
 import pytest
 
 from bench.fleet import measure_fleet, prefix_cache_counters, shuffled_groups
-from common import REPO, free_port, run_tool
+from common import REPO, free_port, load_tool, run_tool
 from fakes import FakeServer, send
 from polar_xtuner.rl.reward import PolarReward, RFTSettings
 from polar_xtuner.scoring.client import http_request
@@ -84,8 +84,8 @@ def local_val(_fleet_session, tmp_path_factory):
     """
     tiny, _ = _fleet_session
     out = tmp_path_factory.mktemp("local") / "local.jsonl"
-    res = run_tool("python", "tools/eval_pref.py", "--model", tiny, "--data", VAL, "--save-scores", str(out))
-    assert res.returncode == 0, res.stderr[-3000:]
+    # eval_pref's main() in this process: the local side is the reference here, not the subject
+    assert load_tool("eval_pref").main(["--model", tiny, "--data", VAL, "--save-scores", str(out)]) == 0
     return _saved_scores(out)
 
 
