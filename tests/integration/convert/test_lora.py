@@ -108,9 +108,10 @@ def _train(tmp_path, tiny_dir, stage, **overrides):
 
 @pytest.mark.slow  # ~180 s measured
 def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir, capsys):
-    """Merged through tools/convert.sh's process; the adapter, and both evaluations, through main() here.
+    """Both conversions and both evaluations through the tools' main() here.
 
-    eval_pref's process on a converted model is the demo's (tests/e2e/test_demo.py).
+    tools/convert.sh's process converts a LoRA checkpoint in test_lora_under_zero3_converts below, and
+    eval_pref's process evaluates a converted model in the demo's run (tests/e2e/test_demo.py).
     """
     from safetensors.torch import load_file
 
@@ -121,7 +122,7 @@ def test_tiny_lora_demo_trains_converts_and_learns(tmp_path, tiny_dir, capsys):
     work = _train(tmp_path, tiny_dir, "zero2", **{"train_cfg.max_epochs": 2})
     trained_cfg = os.path.join(work, os.path.basename(TINY_LORA))
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
-    proc = run_tool("bash", "tools/convert.sh", trained_cfg, work, str(merged))
+    proc = run_in_process(convert, [trained_cfg, work, str(merged)], capsys)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LoRA checkpoint" in proc.stdout and "bit for bit" in proc.stdout
     assert convert([trained_cfg, work, str(adapter), "--adapter"]) == 0, capsys.readouterr().err[-3000:]
