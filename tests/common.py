@@ -76,6 +76,11 @@ def run_in_process(main, args, capsys):
     return subprocess.CompletedProcess(list(args), code or 0, *capsys.readouterr())
 
 
+def run_tool_here(capsys, name, *args):
+    """``tools/<name>.py``'s main() on ``args`` in this process, as :func:`run_in_process` returns it."""
+    return run_in_process(load_tool(name).main, [str(a) for a in args], capsys)
+
+
 def one_error_line(err: str) -> str:
     """A tool's stderr after a clean failure: no traceback and exactly one ``error:`` line, which is returned."""
     assert "Traceback" not in err, err[-3000:]

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from common import REPO, assert_converted, copy_config, load_tool, run_in_process
+from common import REPO, assert_converted, copy_config, run_in_process, run_tool_here
 
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 
@@ -45,9 +45,8 @@ def test_encoding_settings_travel_with_the_model(demo_run, tmp_path, capsys):
     # an explicit flag still wins, and says so
     out = tmp_path / "r.json"
     # eval_pref's main() in this process (the demo ran its script's process)
-    proc = run_in_process(load_tool("eval_pref").main, ["--model", os.path.join(demo_run, "hf"), "--data",
-                                                        VAL, "--max-response-length", "8",
-                                                        "--out", str(out)], capsys)
+    proc = run_tool_here(capsys, "eval_pref", "--model", os.path.join(demo_run, "hf"), "--data", VAL,
+                         "--max-response-length", "8", "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     enc = json.load(open(out))["encoding"]
     assert enc["max_response_length"] == 8 and enc["max_length"] == 1024 and "explicit" in enc["source"]

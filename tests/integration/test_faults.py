@@ -15,7 +15,8 @@ import sys
 import time
 
 import pytest
-from common import REPO, TINY_CONFIG, VAL, copy_config, load_tool, one_error_line, run_in_process, run_tool, snapshot
+from common import (REPO, TINY_CONFIG, VAL, copy_config, load_tool, one_error_line, run_in_process, run_tool,
+                    run_tool_here, snapshot)
 from fakes import FakeServer, reply
 
 pytestmark = pytest.mark.integration
@@ -76,7 +77,7 @@ def test_eval_and_rft_data_refuse_outputs_over_inputs(tmp_path, tiny_dir, capsys
                                       "--save-scores", str(tmp_path / "r.json")], capsys)
     assert both.returncode == 2 and "each other" in one_error_line(both.stderr)
     assert data.read_bytes() == open(VAL, "rb").read() and snapshot(tiny_dir) == model_before
-    proc = run_in_process(load_tool("make_rft_data").main, [str(data), "-o", str(data)], capsys)
+    proc = run_tool_here(capsys, "make_rft_data", data, "-o", data)
     assert proc.returncode == 2 and "would overwrite an input" in one_error_line(proc.stderr)
     assert data.read_bytes() == open(VAL, "rb").read()
 
@@ -283,7 +284,7 @@ def test_a_score_that_is_not_a_finite_number_is_an_error_naming_the_record(value
         if value == "NaN":
             proc = run_tool("python", "tools/eval_pref.py", *args)
         else:
-            proc = run_in_process(load_tool("eval_pref").main, args, capsys)
+            proc = run_tool_here(capsys, "eval_pref", *args)
     finally:
         server.close()
     line = one_error_line(proc.stderr)
@@ -345,7 +346,7 @@ def test_planted_model_code_runs_only_with_the_flag(tmp_path, tiny_dir, capsys):
     proc = run_tool("python", "tools/eval_pref.py", "--model", str(model), "--data", VAL, "--trust-remote-code")
     assert proc.returncode == 0 and marker.exists(), proc.stderr[-2000:]
     # the shipped code, unchanged, needs no flag (main() here: no planted code runs in this process)
-    proc = run_in_process(load_tool("eval_pref").main, ["--model", tiny_dir, "--data", VAL], capsys)
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", VAL)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -465,7 +466,7 @@ def test_damaged_model_dir_is_one_line_naming_it(damage, tmp_path, tiny_dir, cap
     else:
         (model / "model.safetensors").unlink()
     # main() here: the damaged directory's error is the subject (a process each: ~3 s of start-up)
-    proc = run_in_process(load_tool("eval_pref").main, ["--model", str(model), "--data", VAL], capsys)
+    proc = run_tool_here(capsys, "eval_pref", "--model", model, "--data", VAL)
     line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and str(model) in line, proc.stderr[-2000:]
 

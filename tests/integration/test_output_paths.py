@@ -17,7 +17,7 @@ import stat
 
 import pytest
 
-from common import VAL, one_error_line, run_in_process, run_tool
+from common import VAL, one_error_line, run_in_process, run_tool, run_tool_here
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +135,7 @@ def test_a_missing_output_folder_is_one_line_naming_it_in_every_writer(tmp_path,
     ]
     for cmd in cases:
         if cmd[0] == "eval_pref":
-            proc = run_in_process(_tool_main("eval_pref"), cmd[1:], capsys)
+            proc = run_tool_here(capsys, *cmd)
         else:
             proc = run_tool(*cmd)
         line = one_error_line(proc.stderr)

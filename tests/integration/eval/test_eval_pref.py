@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from common import ASSETS, REPO, VAL, free_port, load_tool, run_in_process, run_tool
+from common import ASSETS, REPO, VAL, free_port, load_tool, run_tool, run_tool_here
 from fakes import FakeServer, trickle
 
 
@@ -20,15 +20,10 @@ pytestmark = pytest.mark.integration  # runs tools/eval_pref.py in a subprocess
 BENCH = os.path.join(ASSETS, "benchmarks")
 
 
-def _eval_here(capsys, *args):
-    """tools/eval_pref.py's main() in this process, as a CompletedProcess."""
-    return run_in_process(load_tool("eval_pref").main, args, capsys)
-
-
 def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(tiny_dir, tmp_path, capsys):
     # main() in this process: the report is the subject (the script's process runs in the tests below)
     data = os.path.join(BENCH, "groups.jsonl")
-    proc = _eval_here(capsys, "--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r.json"),
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r.json"),
                  "--save-scores", str(tmp_path / "s.jsonl"), "--compare", tiny_dir,
                  "--plot", str(tmp_path / "both.png"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -47,7 +42,7 @@ def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(
     assert [len(r["scores"]) for r in rows] == [3, 2, 3] and [r["line"] for r in rows] == [1, 2, 3]
 
     # the same records read back from the saved scores, scored whole this time: the same figures
-    proc = _eval_here(capsys, "--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r2.json"), "--no-shared-prefix",
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r2.json"), "--no-shared-prefix",
                  "--compare", str(tmp_path / "s.jsonl"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.load(open(tmp_path / "r2.json"))
@@ -68,7 +63,7 @@ def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(
     (["--data", VAL, "--compare-server-address", "127.0.0.1:1"], "--compare-server-address needs --server-type"),
 ])
 def test_bad_inputs_fail_with_one_line_and_exit_2(tiny_dir, args, message, capsys):
-    proc = _eval_here(capsys, "--model", tiny_dir, *[tiny_dir if a == "TINY" else a for a in args])
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, *[tiny_dir if a == "TINY" else a for a in args])
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert message in lines[-1] and "Traceback" not in proc.stderr
@@ -83,7 +78,7 @@ def test_one_response_groups_and_copied_references_are_refused(tiny_dir, tmp_pat
     for args, message in [(["--data", str(one)], "one.jsonl:1: 'responses' holds 1 response(s)"),
                           (["--data", f"{BENCH}/rewardbench2.jsonl", "--format", "rewardbench2", "--references",
                             str(copied)], "rewardbench2.jsonl:2: the reference is identical to response 1")]:
-        proc = _eval_here(capsys, "--model", tiny_dir, *args, "--out", str(tmp_path / "r.json"))
+        proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, *args, "--out", str(tmp_path / "r.json"))
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr
         assert message in proc.stderr and not (tmp_path / "r.json").exists()
 
@@ -96,7 +91,7 @@ VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 def test_eval_pref_shares_prefixes_and_the_scores_equal_the_unshared(tiny_dir, tmp_path, capsys):
     runs = {}
     for name, extra in (("shared", []), ("whole", ["--no-shared-prefix"])):
-        proc = _eval_here(capsys, "--model", tiny_dir, "--data", VAL, *extra,
+        proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", VAL, *extra,
                           "--out", str(tmp_path / f"{name}.json"), "--save-scores", str(tmp_path / f"{name}.jsonl"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.load(open(tmp_path / f"{name}.json"))
@@ -132,7 +127,7 @@ def test_eval_cli_against_servers(tiny_dir, tmp_path, capsys):
 
     dead = FakeServer("fail")
     try:  # main() here: the process's exit codes are the remote run's above and integration/scoring's
-        proc = _eval_here(capsys, "--model", tiny_dir, "--data", VAL, "--server-type", "sglang",
+        proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", VAL, "--server-type", "sglang",
                           "--server-address", dead.address, "--max-retries", "2")
     finally:
         dead.close()
@@ -149,11 +144,11 @@ def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path, ca
     rows = [json.loads(line) for line in open(scores)]
     assert [r["line"] for r in rows if r["chosen"] is not None] == [1, 12, 15]
     assert len(rows) == 14  # every non-blank input line, in order
-    proc = _eval_here(capsys, "--model", str(tmp_path), "--data", bad)
+    proc = run_tool_here(capsys, "eval_pref", "--model", str(tmp_path), "--data", bad)
     assert proc.returncode == 2 and "not a model directory" in proc.stderr
-    proc = _eval_here(capsys, "--model", tiny_dir, "--data", str(tmp_path / "no.jsonl"))
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", str(tmp_path / "no.jsonl"))
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _eval_here(capsys, "--model", tiny_dir, "--data", bad, "--server-type", "vllm", "--batch-tokens", "0")
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", bad, "--server-type", "vllm", "--batch-tokens", "0")
     assert proc.returncode == 2 and "argument --batch-tokens: must be an integer of at least 1" in proc.stderr \
         and "Traceback" not in proc.stderr
 
@@ -164,14 +159,14 @@ def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path
     data = tmp_path / "val.jsonl"
     shutil.copy(VAL, data)
     original = data.read_bytes()
-    proc = _eval_here(capsys, "--model", tiny_dir, "--data", str(data), "--out", str(data))
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", str(data), "--out", str(data))
     assert proc.returncode == 2 and "would overwrite an input" in proc.stderr and data.read_bytes() == original
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
         if not os.access(ro, os.W_OK):  # root ignores directory permissions
-            proc = _eval_here(capsys, "--model", tiny_dir, "--data", str(data), "--out", str(ro / "r.json"))
+            proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", str(data), "--out", str(ro / "r.json"))
             assert proc.returncode == 2 and "not writable" in proc.stderr and "Scoring" not in proc.stderr
     finally:
         ro.chmod(0o700)
@@ -180,13 +175,13 @@ def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path
     server = FakeServer("vllm", scores=[float("nan")])
     out = tmp_path / "r.json"
     try:
-        proc = _eval_here(capsys, "--model", tiny_dir, "--data", str(data), "--server-type", "vllm",
+        proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", str(data), "--server-type", "vllm",
                           "--server-address", server.address, "--out", str(out))
     finally:
         server.close()
     assert proc.returncode == 3 and "non-finite" in proc.stderr and not out.exists()
     # a good run writes strict JSON and leaves no temporary file behind
-    proc = _eval_here(capsys, "--model", tiny_dir, "--data", str(data), "--out", str(out))
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", str(data), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the report"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "ro", "val.jsonl"]

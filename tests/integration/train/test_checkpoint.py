@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 
-from common import VAL, copy_config, free_port, load_tool, one_error_line, run_in_process, run_tool
+from common import VAL, copy_config, free_port, one_error_line, run_tool, run_tool_here
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +31,6 @@ def _cut(path) -> None:
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
-
-
-def _eval(capsys, *args):
-    """tools/eval_pref.py's main() in this process (its logic is the subject; its process: integration/eval)."""
-    return run_in_process(load_tool("eval_pref").main, [str(a) for a in args], capsys)
 
 
 def _convert(capsys, *args):
@@ -143,7 +138,7 @@ def _sharded_copy(tiny_dir, dst):
 def test_a_truncated_safetensors_shard_is_named_when_evaluating(tiny_dir, tmp_path, capsys):
     shards = _sharded_copy(tiny_dir, tmp_path / "model")
     _cut(shards[1])
-    proc = _eval(capsys, "--model", tmp_path / "model", "--data", VAL)
+    proc = run_tool_here(capsys, "eval_pref", "--model", tmp_path / "model", "--data", VAL)
     line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and f"{shards[1]} is truncated" in line, line
 
@@ -204,7 +199,7 @@ def test_a_truncated_lora_adapter_or_its_base_is_named(victim, tiny_dir, tmp_pat
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     file = adapter / "adapter_model.safetensors" if victim == "adapter" else base / "model.safetensors"
     _cut(file)
-    proc = _eval(capsys, "--model", adapter, "--data", VAL)
+    proc = run_tool_here(capsys, "eval_pref", "--model", adapter, "--data", VAL)
     line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and f"{file} is truncated" in line, line
 
@@ -239,6 +234,6 @@ def test_tokenizer_or_model_naming_a_work_dir_is_one_line(pth_run, tmp_path, cap
     proc = run_tool("python", "tools/build_dataset.py", VAL, "-o", str(tmp_path / "out"), "--tokenizer", str(work))
     assert proc.returncode == 2
     _says_convert_first(one_error_line(proc.stderr), f"--tokenizer {work}")
-    proc = _eval(capsys, "--model", work, "--data", VAL)
+    proc = run_tool_here(capsys, "eval_pref", "--model", work, "--data", VAL)
     assert proc.returncode == 2
     _says_convert_first(one_error_line(proc.stderr), f"--model {work}")
