@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 from polar_xtuner.errors import UserError
 
@@ -32,6 +33,26 @@ AUTO_MAP = {
     "AutoModel": "modeling_internlm2.InternLM2ForRewardModel",
 }
 TRUST_FLAG = "--trust-remote-code"
+
+
+def text_only_transformers() -> None:
+    """Keep torchvision out of a scoring or conversion process: call before transformers' model classes import.
+
+    transformers 4.48 imports torchvision, which imports ``torch._dynamo``, for
+    its image utilities whenever it is installed (xtuner's training needs it),
+    on every ``import transformers.modeling_utils``: 0.7-0.9 s of CPU at each
+    start of eval_pref, the converter and make_tiny_model, which use text
+    models only. Marking it unavailable before that import skips it; once
+    modeling_utils is loaded (training, or a caller that imported it) this
+    changes nothing.
+    """
+    if "transformers.modeling_utils" in sys.modules:
+        return
+    try:
+        from transformers.utils import import_utils
+    except ImportError:  # the caller's own import reports it
+        return
+    import_utils._torchvision_available = False
 
 
 def modeling_code_dir() -> str:

@@ -23,7 +23,7 @@ import os
 import torch
 
 from polar_xtuner.errors import UserError
-from polar_xtuner.hf_layout import check_files_whole, load_failure
+from polar_xtuner.hf_layout import check_files_whole, load_failure, text_only_transformers
 from polar_xtuner.precision import SCORING_ATTENTION
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -113,6 +113,7 @@ def load_base(model_dir: str, dtype=torch.float32):
         UserError: A weight file of a local base model is truncated (named),
             or the weights do not load.
     """
+    text_only_transformers()
     from transformers import AutoModel
 
     flag = "the config's model"

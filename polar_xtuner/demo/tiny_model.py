@@ -23,7 +23,7 @@ from polar_xtuner.constants import (
     UNK_TOKEN,
 )
 from polar_xtuner.demo.data import corpus_for_tokenizer
-from polar_xtuner.hf_layout import AUTO_MAP, copy_remote_code, model_dir_entry
+from polar_xtuner.hf_layout import AUTO_MAP, copy_remote_code, model_dir_entry, text_only_transformers
 from polar_xtuner.outputs import atomic_dir, check_writable_dir, refuse_replacing
 
 # Fixed ids of the tiny tokenizer's special tokens. The real tokenizer keeps
@@ -149,6 +149,8 @@ def make_tiny_model(out_dir: str, seed: int = 0, with_weights: bool = True, **co
         out_dir.
     """
     import torch
+
+    text_only_transformers()
     from transformers import AutoConfig, AutoModel
 
     os.makedirs(out_dir, exist_ok=True)

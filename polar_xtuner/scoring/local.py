@@ -19,7 +19,8 @@ from polar_xtuner.constants import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_MAX_LENGTH, 
 from polar_xtuner.encoding import PolarEncoder
 from polar_xtuner.encoding.shared_prefix import Group, dense_mask, group_answers, pack_groups, rows_by_length, scoring_parts, spread_scores
 from polar_xtuner.errors import UserError
-from polar_xtuner.hf_layout import check_files_whole, check_model_dir, load_failure, remote_code_allowed
+from polar_xtuner.hf_layout import (check_files_whole, check_model_dir, load_failure, remote_code_allowed,
+                                    text_only_transformers)
 from polar_xtuner.precision import SCORING_ATTENTION, default_device, eval_dtype
 from polar_xtuner.records import record_answers
 
@@ -75,6 +76,7 @@ def _adapter_base(path: str) -> str | None:
 
 
 def _load_weights(path, device, dtype, trust, trust_remote_code):
+    text_only_transformers()
     from transformers import AutoModel
 
     if os.path.isfile(os.path.join(path, "adapter_config.json")):

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from polar_xtuner.errors import UserError
-from polar_xtuner.hf_layout import file_damage
+from polar_xtuner.hf_layout import file_damage, text_only_transformers
 from polar_xtuner.precision import SCORING_ATTENTION, dtype_name
 
 
@@ -161,6 +161,7 @@ def load_training_state_dict(ckpt: Checkpoint) -> dict:
 
     check_checkpoint_files(ckpt)
     if ckpt.kind == "deepspeed":
+        text_only_transformers()  # DeepSpeed imports transformers' model classes
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         parent, tag = os.path.split(os.path.abspath(ckpt.path))
@@ -251,6 +252,7 @@ def deepspeed_dtype_name(ckpt: Checkpoint) -> str | None:
 
 def build_empty_model(model_dir: str, dtype):
     """An InternLM2ForRewardModel with parameters on the meta device."""
+    text_only_transformers()
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel
 
