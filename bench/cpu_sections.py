@@ -1,4 +1,4 @@
-"""`make bench`'s local sections: packing, training, local scoring, the data builder and the cached start.
+"""`make bench`'s local sections: packing, training, local scoring, the data builder, the cached start and a tool's start.
 
 Every speed figure is a ratio against a baseline measured in the same run,
 the two sides interleaved (A, B, A, B ...) so that machine noise hits both
@@ -14,7 +14,10 @@ alike, and every section checks that its work happened before it returns
   against one pair at a time (the same scores both ways);
 * :func:`data_build`: our dataset builder against xtuner's (the same token ids);
 * :func:`startup`: a one-step ``xtuner train`` without and with the
-  pre-tokenized cache (a checkpoint written; the cache read only where it should be).
+  pre-tokenized cache (a checkpoint written; the cache read only where it should be);
+* :func:`tool_start`: the CPU time of a fresh process that loads a model and scores a pair as
+  eval_pref does, without torchvision against with it (the same score; torchvision imported
+  only where it should be).
 """
 
 from __future__ import annotations
@@ -211,3 +214,45 @@ def startup(tiny_dir: str, data_file: str, rounds: int = 2) -> dict:
             times[kind].append(run(kind))
     stock, cached = min(times["stock"]), min(times["cached"])
     return {"startup_s_stock": stock, "startup_s_cached": cached, "startup_speedup_cached": stock / cached}
+
+
+# A tool's model loading in a fresh interpreter (eval_pref's path: load_model, then one pair
+# scored); "as before" imports transformers' model classes first, as a process that needs
+# torchvision does, so that polar_xtuner.hf_layout.text_only_transformers finds them loaded.
+_TOOL_START = """
+import os, sys, time
+{before}
+from polar_xtuner.scoring.local import load_model, score_records
+model, tok = load_model({model!r}, device="cpu")
+pair = score_records(model, tok, [dict(prompt="q", reference="r", chosen="a", rejected="b")], 64, 16)[0]
+t = os.times()
+print("torchvision" in sys.modules, t.user + t.system, pair[0], pair[1])
+"""
+
+
+def tool_start(tiny_dir: str, rounds: int = 3) -> dict:
+    """CPU seconds of a tool process's start: transformers' model classes without torchvision vs with it.
+
+    The two sides alternate for ``rounds`` rounds; each side's median counts.
+    Each run must score the same pair the same, and import torchvision only
+    on the side that asks for it.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    sides = {"text_only": "", "with_torchvision": "import transformers.modeling_utils"}
+    cpu = {side: [] for side in sides}
+    scores = set()
+    for r in range(rounds):
+        for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            code = _TOOL_START.format(before=sides[side], model=tiny_dir)
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+            last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+            check(proc.returncode == 0, f"tool start ({side}) failed: {(proc.stderr.strip().splitlines() or [last])[-1]}")
+            imported, seconds, chosen, rejected = last.split()
+            check(imported == str(side == "with_torchvision"),
+                  f"tool start ({side}): torchvision {'was' if imported == 'True' else 'was not'} imported")
+            cpu[side].append(float(seconds))
+            scores.add((chosen, rejected))
+    check(len(scores) == 1, f"tool start: the two sides scored the pair differently: {sorted(scores)}")
+    text_only, with_tv = statistics.median(cpu["text_only"]), statistics.median(cpu["with_torchvision"])
+    return {"tool_start_cpu_s": text_only, "tool_start_cpu_s_with_torchvision": with_tv,
+            "tool_start_speedup_text_only": with_tv / text_only}

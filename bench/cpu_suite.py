@@ -16,6 +16,8 @@ every section checks that its work happened before its figures are recorded
   from the same distribution scaled to the tiny model's 1024 tokens;
 * evaluation pairs/s of tools/eval_pref.py's scorer, batched and length-sorted
   vs one pair at a time (the same scores both ways);
+* CPU seconds of a tool's start (a fresh process loading a model and scoring a
+  pair as eval_pref does) without torchvision vs with it (the same score);
 * shared prefixes against whole sequences, training and local scoring
   (:mod:`bench.shared_prefix`);
 * remote scoring against real vLLM servers, our client vs POLAR's, with our
@@ -53,6 +55,7 @@ from bench.cpu_sections import (
     packing_stats,
     padding_real_fraction,
     startup,
+    tool_start,
     train_throughput,
 )
 from bench.remote import remote_throughput
@@ -86,6 +89,7 @@ def main(argv=None) -> int:
         tiny = model_dir(os.path.join(tmp, "tiny"))
         results.update(train_throughput(tiny, args.steps))
         results.update(eval_throughput(tiny))
+        results.update(tool_start(tiny))
         if not args.skip_shared_prefix:
             results.update(shared_prefix_run(tiny))
         if not args.skip_serve:
