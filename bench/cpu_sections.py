@@ -220,7 +220,7 @@ def startup(tiny_dir: str, data_file: str, rounds: int = 2) -> dict:
 # scored); "as before" imports transformers' model classes first, as a process that needs
 # torchvision does, so that polar_xtuner.hf_layout.text_only_transformers finds them loaded.
 _TOOL_START = """
-import os, sys, time
+import os, sys
 {before}
 from polar_xtuner.scoring.local import load_model, score_records
 model, tok = load_model({model!r}, device="cpu")
