@@ -1,4 +1,4 @@
-"""`make bench`'s local sections: packing, training, local scoring, the data builder, the cached start and a tool's start.
+"""`make bench`'s local sections: packing, training, local scoring, the data builder, cached and tool starts.
 
 Every speed figure is a ratio against a baseline measured in the same run,
 the two sides interleaved (A, B, A, B ...) so that machine noise hits both
@@ -246,7 +246,8 @@ def tool_start(tiny_dir: str, rounds: int = 3) -> dict:
             code = _TOOL_START.format(before=sides[side], model=tiny_dir)
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
             last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
-            check(proc.returncode == 0, f"tool start ({side}) failed: {(proc.stderr.strip().splitlines() or [last])[-1]}")
+            error = (proc.stderr.strip().splitlines() or [last])[-1]
+            check(proc.returncode == 0, f"tool start ({side}) failed: {error}")
             imported, seconds, chosen, rejected = last.split()
             check(imported == str(side == "with_torchvision"),
                   f"tool start ({side}): torchvision {'was' if imported == 'True' else 'was not'} imported")

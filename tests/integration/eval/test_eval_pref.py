@@ -23,9 +23,9 @@ BENCH = os.path.join(ASSETS, "benchmarks")
 def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(tiny_dir, tmp_path, capsys):
     # main() in this process: the report is the subject (the script's process runs in the tests below)
     data = os.path.join(BENCH, "groups.jsonl")
-    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r.json"),
-                 "--save-scores", str(tmp_path / "s.jsonl"), "--compare", tiny_dir,
-                 "--plot", str(tmp_path / "both.png"))
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", data, "--out", tmp_path / "r.json",
+                         "--save-scores", tmp_path / "s.jsonl", "--compare", tiny_dir,
+                         "--plot", tmp_path / "both.png")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.load(open(tmp_path / "r.json"))
     assert report["records"] == 3 and report["n"] == 3 + 1 + 3  # labels 3>2>0, correct>wrong, scores .9>.2>.1
@@ -42,8 +42,8 @@ def test_groups_report_best_of_n_and_compare_with_a_model_and_with_saved_scores(
     assert [len(r["scores"]) for r in rows] == [3, 2, 3] and [r["line"] for r in rows] == [1, 2, 3]
 
     # the same records read back from the saved scores, scored whole this time: the same figures
-    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", data, "--out", str(tmp_path / "r2.json"), "--no-shared-prefix",
-                 "--compare", str(tmp_path / "s.jsonl"))
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", data, "--out", tmp_path / "r2.json",
+                         "--no-shared-prefix", "--compare", tmp_path / "s.jsonl")
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.load(open(tmp_path / "r2.json"))
     assert again["shared_prefix"] is False
@@ -92,7 +92,7 @@ def test_eval_pref_shares_prefixes_and_the_scores_equal_the_unshared(tiny_dir, t
     runs = {}
     for name, extra in (("shared", []), ("whole", ["--no-shared-prefix"])):
         proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", VAL, *extra,
-                          "--out", str(tmp_path / f"{name}.json"), "--save-scores", str(tmp_path / f"{name}.jsonl"))
+                             "--out", tmp_path / f"{name}.json", "--save-scores", tmp_path / f"{name}.jsonl")
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.load(open(tmp_path / f"{name}.json"))
         scores = [(r["chosen"], r["rejected"]) for r in map(json.loads, open(tmp_path / f"{name}.jsonl"))]
@@ -128,7 +128,7 @@ def test_eval_cli_against_servers(tiny_dir, tmp_path, capsys):
     dead = FakeServer("fail")
     try:  # main() here: the process's exit codes are the remote run's above and integration/scoring's
         proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", VAL, "--server-type", "sglang",
-                          "--server-address", dead.address, "--max-retries", "2")
+                             "--server-address", dead.address, "--max-retries", "2")
     finally:
         dead.close()
     assert proc.returncode == 3 and "failed after 2 attempt" in proc.stderr and "Traceback" not in proc.stderr
@@ -148,7 +148,8 @@ def test_eval_cli_skips_bad_records_and_rejects_bad_paths(tiny_dir, tmp_path, ca
     assert proc.returncode == 2 and "not a model directory" in proc.stderr
     proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", str(tmp_path / "no.jsonl"))
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", bad, "--server-type", "vllm", "--batch-tokens", "0")
+    proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", bad, "--server-type", "vllm",
+                         "--batch-tokens", "0")
     assert proc.returncode == 2 and "argument --batch-tokens: must be an integer of at least 1" in proc.stderr \
         and "Traceback" not in proc.stderr
 
@@ -166,7 +167,7 @@ def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path
     ro.chmod(0o500)
     try:
         if not os.access(ro, os.W_OK):  # root ignores directory permissions
-            proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", str(data), "--out", str(ro / "r.json"))
+            proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", data, "--out", ro / "r.json")
             assert proc.returncode == 2 and "not writable" in proc.stderr and "Scoring" not in proc.stderr
     finally:
         ro.chmod(0o700)
@@ -175,8 +176,8 @@ def test_eval_cli_outputs_are_checked_first_and_written_whole(tiny_dir, tmp_path
     server = FakeServer("vllm", scores=[float("nan")])
     out = tmp_path / "r.json"
     try:
-        proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", str(data), "--server-type", "vllm",
-                          "--server-address", server.address, "--out", str(out))
+        proc = run_tool_here(capsys, "eval_pref", "--model", tiny_dir, "--data", data, "--server-type", "vllm",
+                             "--server-address", server.address, "--out", out)
     finally:
         server.close()
     assert proc.returncode == 3 and "non-finite" in proc.stderr and not out.exists()
