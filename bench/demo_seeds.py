@@ -2,13 +2,17 @@
 
 Usage:
     python -m bench.demo_seeds [--seeds 0 1 2 3 4] [--threads 1 2] [--jobs 2]
-        [--config configs/POLAR_tiny_full_varlenattn_demo.py] [--out bench/results/demo_seeds.json]
+        [--config configs/POLAR_tiny_full_varlenattn_demo.py] [--options "KEY=VALUE ..."] [--margins]
+        [--out bench/results/demo_seeds.json]
 
 Each run is ``scripts/demo.sh`` with ``DEMO_SEED=S`` (the tiny model's random
 weights, xtuner's ``randomness.seed`` and the packing order all change with it)
 and ``OMP_NUM_THREADS=T`` (a different thread count sums in a different order,
 which is how the demo's result came to depend on the CPU). ``--config`` runs another
-demo config through the same pipeline (``DEMO_CONFIG``), e.g. the LoRA one. It records the
+demo config through the same pipeline (``DEMO_CONFIG``), e.g. the LoRA one; ``--options`` adds
+xtuner ``--cfg-options`` (``DEMO_OPTIONS``), and ``--margins`` trains on the demo data with
+margins (``DEMO_TRAIN``; ``polar_xtuner.demo.data.with_margins``), as
+tests/e2e/test_lora_demo.py trains. It records the
 held-out accuracy, the validation curve and the wall time of each run, and
 prints the table that bench/README.md keeps. Runs with one thread may go
 ``--jobs`` at a time; runs with more threads always go alone, so their wall
@@ -29,16 +33,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bench import REPO, RESULTS
 from bench.report import cpu_name
+from polar_xtuner.demo.data import with_margins, write_jsonl
+from polar_xtuner.records import load_records
 
 DEFAULT_CONFIG = "configs/POLAR_tiny_full_varlenattn_demo.py"
 
 
-def run_one(seed: int, threads: int, root: str, config: str = DEFAULT_CONFIG) -> dict:
-    """One whole demo; returns its figures (accuracy None when it failed)."""
+def run_one(seed: int, threads: int, root: str, config: str = DEFAULT_CONFIG, options: str = "",
+            train: str | None = None) -> dict:
+    """One whole demo; returns its figures (accuracy None when it failed).
+
+    ``options`` are scripts/demo.sh's DEMO_OPTIONS, ``train`` its DEMO_TRAIN (None: the demo data).
+    """
     demo_dir = os.path.join(root, f"seed{seed}_threads{threads}")
     env = dict(os.environ, DEMO_DIR=demo_dir, TINY_DIR=os.path.join(demo_dir, "tiny_polar"),
                DEMO_SEED=str(seed), MIN_ACCURACY="0", OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads), DEMO_CONFIG=config)
+               MKL_NUM_THREADS=str(threads), DEMO_CONFIG=config, DEMO_OPTIONS=options)
+    if train:
+        env["DEMO_TRAIN"] = train
     env.pop("MASTER_PORT", None)  # demo.sh picks a free one per run
     start = time.time()
     proc = subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True)
@@ -60,21 +72,28 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--jobs", type=int, default=2, help="one-thread runs at a time")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="demo config (scripts/demo.sh's DEMO_CONFIG)")
+    p.add_argument("--options", default="", help="xtuner --cfg-options, space-separated (DEMO_OPTIONS)")
+    p.add_argument("--margins", action="store_true", help="train on the demo data with margins (DEMO_TRAIN)")
     p.add_argument("--root", default=os.path.join(REPO, "work_dirs", "demo_seeds"))
     p.add_argument("--out", default=os.path.join(RESULTS, "demo_seeds.json"))
     args = p.parse_args(argv)
     if args.jobs < 1 or min(args.threads) < 1:
         p.error("--jobs and --threads must be >= 1")
 
+    train = None
+    if args.margins:
+        os.makedirs(args.root, exist_ok=True)
+        train = os.path.join(args.root, "train_margins.jsonl")
+        write_jsonl(train, with_margins(load_records(os.path.join(REPO, "data", "demo", "train.jsonl"))))
     rows = []
     single = [(s, 1) for s in args.seeds if 1 in args.threads]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for row in pool.map(lambda st: run_one(*st, args.root, args.config), single):
+        for row in pool.map(lambda st: run_one(*st, args.root, args.config, args.options, train), single):
             rows.append(row)
             print(json.dumps(row), flush=True)
     for t in sorted(set(args.threads) - {1}):
         for s in args.seeds:
-            row = run_one(s, t, args.root, args.config)
+            row = run_one(s, t, args.root, args.config, args.options, train)
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -82,6 +101,8 @@ def main(argv=None) -> int:
     summary = {
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "config": args.config,
+        "options": args.options,
+        "margins": args.margins,
         "date": time.strftime("%Y-%m-%d"),
         "runs": rows,
         "min_accuracy": min(accs) if accs else None,
