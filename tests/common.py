@@ -14,6 +14,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, "tests", "assets")
 TINY_CONFIG = os.path.join(REPO, "configs", "POLAR_tiny_full_varlenattn_demo.py")
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
+# The environment of the tests' eager vLLM servers (the fleet's replicas, bench's stock
+# server, the bare server): the engine core runs the model worker itself, the layout vLLM
+# gives one GPU, instead of in a third process that imports vLLM again (about 7 s of CPU a
+# start on 2 cores). vLLM's CPU platform keeps the worker apart for its OpenMP thread binding
+# unless VLLM_ENABLE_V1_MULTIPROCESSING is 0 (vllm/platforms/cpu.py); nothing these servers
+# are asked depends on that binding. tools/serve.sh sets nothing, and the serve.sh server of
+# tests/integration/serve/test_serve.py runs vLLM's CPU default, its worker apart.
+ONE_PROCESS_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def ranks_failure(stderr: str, tail: int = 3000) -> str:

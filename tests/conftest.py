@@ -14,7 +14,7 @@ if "PYTEST_XDIST_WORKER" in os.environ and "OMP_NUM_THREADS" not in os.environ:
 
 import pytest
 
-from common import VAL, copy_config, run_tool
+from common import ONE_PROCESS_ENGINE, VAL, copy_config, run_tool
 
 
 # The files whose tests use the session's `demo_run` (minutes to build): under
@@ -172,6 +172,7 @@ def _fleet_session(tmp_path_factory):
     them. The replicas run with ``--enforce-eager``: nothing checked on them
     depends on vLLM's compiled graph, which costs each start 8-17 s on 2 cores;
     tools/serve.sh's default (compiled) is what integration/serve/test_serve.py serves.
+    Each replica's engine runs its worker in one process (tests/common.py, ONE_PROCESS_ENGINE).
     """
     from bench.fleet import start_fleet
     from bench.workloads import model_dir
@@ -184,7 +185,8 @@ def _fleet_session(tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
     tiny = model_dir(str(root / "tiny"))
     EncodingSettings(1024, 128).save(tiny)
-    with start_fleet(tiny, 2, ("--enforce-eager",), log_path=str(root / "fleet.log")) as running:
+    with start_fleet(tiny, 2, ("--enforce-eager",), log_path=str(root / "fleet.log"),
+                     env=ONE_PROCESS_ENGINE) as running:
         yield tiny, running
 
 

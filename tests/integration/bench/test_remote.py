@@ -12,6 +12,7 @@ import os
 import pytest
 
 from bench.remote import REMOTE_SETS, remote_throughput
+from common import ONE_PROCESS_ENGINE
 from polar_xtuner.serve.launcher import CPU_SERVE_VENV
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serving]
@@ -22,7 +23,7 @@ def _need_serve_venv():
         pytest.fail(f"vLLM's CPU build is missing at {CPU_SERVE_VENV}: run `make serve-setup` (make test does)")
 
 
-def test_bench_remote_section_on_small_sets(scoring_fleet):
+def test_bench_remote_section_on_small_sets(scoring_fleet, monkeypatch):
     """`make bench`'s remote section end to end on a few records of each workload.
 
     bench.remote.remote_throughput raises CheckFailed when a client's scores
@@ -32,6 +33,8 @@ def test_bench_remote_section_on_small_sets(scoring_fleet):
     """
     _need_serve_venv()
     tiny, running = scoring_fleet
+    for key, value in ONE_PROCESS_ENGINE.items():  # the stock server's engine as the replicas' (tests/common.py)
+        monkeypatch.setenv(key, value)
     # Eager, as the fleet's replicas: what is checked here does not depend on vLLM's compiled graph,
     # which costs each server 8-17 s of its start on 2 cores; `make bench` and tools/serve.sh keep vLLM's default.
     out = remote_throughput(tiny, n_pairs=16, n_long=4, n_groups=2, n_rollouts=4, repeats=1,

@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from common import REPO, free_port, load_tool, run_tool
+from common import ONE_PROCESS_ENGINE, REPO, free_port, load_tool, run_tool
 from polar_xtuner.serve.launcher import CPU_SERVE_VENV, ServeError, cuda_available, stop, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -292,7 +292,8 @@ def test_bare_vllm_defaults_still_give_raw_scores(served_model, local_scores, tm
            # Eager only to skip a 17 s graph compile: no activation or pooler setting depends on it,
            # and the serve.sh server above runs vLLM's compiled default.
            "--enforce-eager"]
-    proc, log = _start(cmd, tmp_path / "vllm.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    # the worker inside the engine core (ONE_PROCESS_ENGINE): the pooler's defaults do not depend on it
+    proc, log = _start(cmd, tmp_path / "vllm.log", env={"VLLM_CPU_KVCACHE_SPACE": "1", **ONE_PROCESS_ENGINE})
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=600)
         scores = tmp_path / "remote_scores.jsonl"
