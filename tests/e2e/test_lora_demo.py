@@ -13,7 +13,7 @@ of one core each):
   model exercises them as a full one does.
 
 Held-out accuracy >= 0.80 (issue #18's LoRA bar) after two epochs (106 shared-prefix
-steps): seeds 0-5 ended at 0.845-0.930 (bench/README.md, "LoRA with the loss options").
+steps): seeds 0-5 ended at 0.845-0.930 (bench/README.md, "Demo robustness").
 The LoRA config as shipped trains in tests/integration/convert/test_lora.py (ZeRO-3, then
 tools/convert.sh); the full demo as shipped is the session's demo (tests/e2e/test_demo.py).
 """
