@@ -4,6 +4,7 @@ Import them as ``from common import ...``: pytest puts tests/ on sys.path
 (rootdir conftest, no __init__.py), so this module is found from every test
 file and from conftest.py alike.
 """
+import json
 import os
 import re
 import sys
@@ -54,6 +55,11 @@ def run_tool(*args, cwd=REPO, env=None, timeout=900):
     full_env.update(env or {})
     return subprocess.run(list(args), cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def saved_scores(path) -> list[tuple[float, float]]:
+    """(chosen, rejected) per pair from a ``tools/eval_pref.py --save-scores`` file."""
+    return [(r["chosen"], r["rejected"]) for r in map(json.loads, open(path))]
 
 
 def load_tool(name):
@@ -115,8 +121,6 @@ def snapshot(path) -> dict:
 
 def assert_converted(out_dir, state_dict):
     """A converted model dir holds exactly training's weights (``llm.*`` named ``model.*``), in HF's layout."""
-    import json
-
     import torch
     from safetensors.torch import load_file
 

@@ -23,17 +23,13 @@ import re
 
 import pytest
 
-from common import REPO, load_tool, run_tool
+from common import REPO, load_tool, run_tool, saved_scores
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # scripts/demo.sh, two epochs: ~60 s, measured
 
 LORA_DEMO = os.path.join(REPO, "configs", "POLAR_tiny_lora_varlenattn_demo.py")
 VAL = os.path.join(REPO, "data", "demo", "val.jsonl")
 OPTIONS = "model.margin=True model.center_rewards_coefficient=0.01 model.loss_in_fp32=True train_cfg.max_epochs=2"
-
-
-def _scores(path):
-    return [(r["chosen"], r["rejected"]) for r in map(json.loads, open(path))]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +93,7 @@ def test_merged_and_adapter_conversions_score_alike(lora_demo, capsys):
     out = lora_demo["root"] / "adapter.json"
     args = ["--model", str(adapter), "--data", VAL, "--out", str(out), "--save-scores", str(out) + "l"]
     assert load_tool("eval_pref").main(args) == 0, capsys.readouterr().err[-3000:]
-    m, a = _scores(lora_demo["dir"] / "scores.jsonl"), _scores(str(out) + "l")
+    m, a = saved_scores(lora_demo["dir"] / "scores.jsonl"), saved_scores(str(out) + "l")
     worst = max(abs(x - y) / max(1.0, abs(y)) for pm, pa in zip(m, a) for x, y in zip(pm, pa))
     assert len(m) == len(a) == 200 and worst < 1e-4, worst
     assert json.load(open(out))["accuracy"] == json.load(open(lora_demo["dir"] / "eval.json"))["accuracy"]

@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from common import ONE_PROCESS_ENGINE, REPO, free_port, load_tool, run_tool
+from common import ONE_PROCESS_ENGINE, REPO, free_port, load_tool, run_tool, saved_scores
 from polar_xtuner.serve.launcher import CPU_SERVE_VENV, ServeError, cuda_available, stop, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -56,10 +56,6 @@ def _start(cmd, log_path, env=None):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
                             start_new_session=True), log
-
-
-def _scores(path):
-    return [(r["chosen"], r["rejected"]) for r in map(json.loads, open(path))]
 
 
 # Remote vs local: 5e-3 relative. The sigmoid trap moves scores by 0.1 and more,
@@ -105,7 +101,7 @@ def local_scores(served_model, tmp_path_factory):
     code = load_tool("eval_pref").main(["--model", served_model, "--data", VAL, "--out", str(d / "local.json"),
                                         "--save-scores", str(d / "local.jsonl")])
     assert code == 0
-    return _scores(d / "local.jsonl"), json.load(open(d / "local.json"))
+    return saved_scores(d / "local.jsonl"), json.load(open(d / "local.json"))
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +131,7 @@ def test_serve_sh_scores_equal_local(serve_sh, served_model, local_scores, tmp_p
     assert "POLAR reward server ready" in served_log and "--pooler-config" in served_log
     assert "served dtype float32 matches" in res.stderr  # serve.sh passed --dtype, and the client checked it
     local, local_report = local_scores
-    remote = _scores(scores)
+    remote = saved_scores(scores)
     assert len(remote) == len(local) == 200
     assert _close(remote, local), max(abs(a - b) for pa, pb in zip(remote, local) for a, b in zip(pa, pb))
     assert json.load(open(out))["accuracy"] == local_report["accuracy"]
@@ -306,7 +302,7 @@ def test_bare_vllm_defaults_still_give_raw_scores(served_model, local_scores, tm
         stop(proc)
         log.close()
     local = local_scores[0]
-    assert _close(_scores(scores), local)
+    assert _close(saved_scores(scores), local)
     # The trap this guards against: POLAR's client gets sigmoid(score) from the same server.
     sig = [(1 / (1 + math.exp(-c)), 1 / (1 + math.exp(-r))) for c, r in local]
     assert _close(polar, sig) and not _close(polar, local)
