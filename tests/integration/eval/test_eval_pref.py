@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from common import ASSETS, REPO, VAL, free_port, load_tool, run_tool, run_tool_here
+from common import ASSETS, REPO, VAL, free_port, load_tool, run_tool, run_tool_here, saved_scores
 from fakes import FakeServer, trickle
 
 
@@ -95,7 +95,7 @@ def test_eval_pref_shares_prefixes_and_the_scores_equal_the_unshared(tiny_dir, t
                              "--out", tmp_path / f"{name}.json", "--save-scores", tmp_path / f"{name}.jsonl")
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.load(open(tmp_path / f"{name}.json"))
-        scores = [(r["chosen"], r["rejected"]) for r in map(json.loads, open(tmp_path / f"{name}.jsonl"))]
+        scores = saved_scores(tmp_path / f"{name}.jsonl")
         runs[name] = report, scores
     assert runs["shared"][0]["shared_prefix"] is True and runs["whole"][0]["shared_prefix"] is False
     a, b = runs["shared"][1], runs["whole"][1]
